@@ -1,0 +1,438 @@
+"""PromptBank: one frozen backbone, one trained soft prompt per task, routed by embedding keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import causal
+from .backbone import Backbone, load_backbone
+from .config import DEFAULT_LR, Method, PromptConfig, TrainConfig
+from .embed import Embedder, load_embedder
+from .errors import TaskExistsError, TaskNotFoundError
+from .inject import PrefixKV, prompt_kv
+from .prompts import build_prompt_module, vocab_init
+from .router import Router, calibrate_threshold, make_prototypes
+from .tasks import TaskData, load_task_data, split_dev, truncate_inputs
+from .train import train_soft_prompt
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def validate_task_name(name: str) -> str:
+    """Task names become folder names: letters, digits, ``_ . -``, no leading dot, at most 128 chars."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid task name {name!r}: use 1-128 letters, digits, '_', '.', '-' (not starting with '.' or '-', no '..')"
+        )
+    return name
+
+
+@dataclass
+class TaskRecord:
+    """What the bank knows about one task (stored in the manifest)."""
+
+    name: str
+    kind: str  # "classification" | "generation"
+    labels: list[str] | None
+    prompt_config: dict[str, Any]
+    train_config: dict[str, Any]
+    template: str
+    num_train: int
+    num_dev: int
+    steps: int
+    best_step: int
+    dev_loss: float | None
+    dev_accuracy: float | None
+    train_seconds: float
+    threshold: float
+    warm_start_from: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def method(self) -> Method:
+        return Method(self.prompt_config["method"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
+        return cls(**data)
+
+
+@dataclass
+class Routing:
+    """Result of :meth:`PromptBank.route`: the chosen task (``None`` = no task fits) and the ranking."""
+
+    task: str | None
+    score: float | None
+    ranked: list[tuple[str, float]]
+
+
+@dataclass
+class Prediction:
+    """One output of :meth:`PromptBank.predict`.
+
+    ``output`` is the predicted label (classification) or generated text (generation task), ``None`` when
+    routing found no task. ``route_score`` is set when the task was routed, ``label_scores`` (summed
+    log-likelihood per label) for classification.
+    """
+
+    output: str | None
+    task: str | None
+    route_score: float | None = None
+    label_scores: dict[str, float] | None = None
+
+
+@dataclass
+class _Task:
+    record: TaskRecord
+    prompt: dict[int, torch.Tensor]  # folded soft prompt, fp32 (P, d) per layer
+    keys: np.ndarray  # (k, d_embed) L2-normalised routing prototypes
+    train_state: dict[str, torch.Tensor]
+
+
+class PromptBank:
+    """A frozen backbone plus one soft prompt per task.
+
+    >>> bank = PromptBank.from_pretrained()          # SmolLM2-135M-Instruct + all-MiniLM-L6-v2
+    >>> bank.learn_task("tickets", "tickets.jsonl")  # rows {"text", "label"}
+    >>> bank.predict(["My card was charged twice"])  # routed to "tickets" automatically
+    """
+
+    def __init__(self, backbone: Backbone, embedder: Embedder):
+        if backbone.kind != "causal_lm":
+            raise ValueError(f"PromptBank supports causal LM backbones; got kind {backbone.kind!r}")
+        self.backbone = backbone
+        self.embedder = embedder
+        self.router = Router(embedder.dim)
+        self._tasks: dict[str, _Task] = {}
+        self._kv: dict[str, PrefixKV] = {}  # lazily computed prompt prefix cache per task (inference)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, backbone: str | os.PathLike | Backbone | None = None, *,
+                        embedder: str | Embedder | None = None, **backbone_kwargs) -> PromptBank:
+        """A new empty bank. ``backbone=None`` is SmolLM2-135M-Instruct (fetched and cached on first use);
+        ``embedder=None`` is all-MiniLM-L6-v2. A name, a local folder or a :class:`Backbone` work too."""
+        bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, **backbone_kwargs)
+        return cls(bb, load_embedder(embedder))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None, *,
+             embedder: str | Embedder | None = None, allow_mismatch: bool = False,
+             trust_index: bool = False) -> PromptBank:
+        """Load a bank saved by :meth:`save`. ``backbone=None`` loads the backbone named in the manifest."""
+        from .storage import load_bank
+
+        return load_bank(cls, path, backbone=backbone, embedder=embedder, allow_mismatch=allow_mismatch,
+                         trust_index=trust_index)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the bank atomically to folder ``path`` (safe to save into the folder it was loaded from)."""
+        from .storage import save_bank
+
+        save_bank(self, path)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def tasks(self) -> dict[str, TaskRecord]:
+        """Records of the stored tasks, by name, in insertion order."""
+        return {name: t.record for name, t in self._tasks.items()}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __repr__(self) -> str:
+        return f"PromptBank(backbone={self.backbone.name!r}, embedder={self.embedder.name!r}, tasks={list(self._tasks)})"
+
+    def soft_prompt(self, name: str) -> dict[int, torch.Tensor]:
+        """A copy of task ``name``'s soft prompt ``{layer: (P, d)}``."""
+        return {k: v.clone() for k, v in self._get(name).prompt.items()}
+
+    def _get(self, name: str) -> _Task:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            known = ", ".join(self._tasks) or "none"
+            raise TaskNotFoundError(f"no task named {name!r} in the bank (tasks: {known})") from None
+
+    # ------------------------------------------------------------------ learning
+    def learn_task(self, name: str, data: Any, method: str | Method = Method.PROMPT_TUNING, *,
+                   dev: Any = None, kind: str | None = None, labels: Sequence[str] | None = None,
+                   num_virtual_tokens: int = 20, layers: list[int] | None = None,
+                   encoder_hidden: int | None = None, template: str = causal.DEFAULT_TEMPLATE,
+                   **train_options) -> TaskRecord:
+        """Train a new soft prompt for task ``name`` on ``data`` and store it; other tasks are not touched.
+
+        ``data``: a JSONL/JSON/CSV path, a list of dicts (``{"text","label"}`` or ``{"input","target"}``) or of
+        tuples. ``dev``: optional dev data (else ``dev_fraction`` of ``data`` is held out). ``method``:
+        ``prompt_tuning`` | ``ptuning_mlp`` | ``ptuning_lstm`` | ``deep``. ``train_options`` are
+        :class:`TrainConfig` fields (``max_steps``, ``lr``, ``batch_size``, ``seed``, ``warm_start`` ...).
+        If training fails (bad data, NaN loss, interrupt) the bank is left exactly as it was.
+        """
+        validate_task_name(name)
+        if name in self._tasks:
+            raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
+        if "{input}" not in template:
+            raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        pconf = PromptConfig(method=method, num_virtual_tokens=num_virtual_tokens, layers=layers,
+                             encoder_hidden=encoder_hidden)
+        tconf = TrainConfig(**train_options)
+        model, tok = self.backbone.model, self.backbone.tokenizer
+
+        task_data = load_task_data(data, kind=kind, labels=labels)
+        task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens)
+        if dev is not None:
+            dev_data = truncate_inputs(load_task_data(dev, kind=task_data.kind, labels=task_data.labels), tok,
+                                       tconf.max_input_tokens)
+            train_data = task_data
+        elif tconf.dev_fraction > 0 and len(task_data) >= 4:
+            train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
+        else:
+            train_data, dev_data = task_data, None
+
+        enc = self._encoder(template, tconf.max_target_tokens)
+        train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
+        dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
+
+        # Routing keys and threshold: prototypes of the training inputs; threshold from held-out inputs.
+        train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+        keys = make_prototypes(train_emb, tconf.n_prototypes, seed=tconf.seed)
+        if dev_data:
+            dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
+            threshold = calibrate_threshold((dev_emb @ keys.T).max(axis=1), tconf.threshold_quantile)
+        else:
+            threshold = calibrate_threshold((train_emb @ keys.T).max(axis=1), tconf.threshold_quantile)
+
+        layer_set = pconf.resolved_layers(self.backbone.num_layers)
+        gen = torch.Generator().manual_seed(tconf.seed)
+        init = vocab_init(model, layer_set, pconf.num_virtual_tokens, generator=gen)
+        warm_from: list[dict[str, Any]] = []
+        if tconf.warm_start:
+            mixed, warm_from = self._warm_start(train_emb, init, tconf.warm_start_k)
+            if mixed is not None:
+                init = mixed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tconf.seed)
+            module = build_prompt_module(pconf, init)
+            lr = tconf.lr if tconf.lr is not None else DEFAULT_LR[pconf.method]
+            result = train_soft_prompt(model, tok, module, train_pairs, dev_pairs, tconf, lr=lr,
+                                       desc=f"learn {name} ({pconf.method.value})")
+
+        dev_acc = None
+        if dev_data and task_data.kind == "classification":
+            dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data)
+
+        record = TaskRecord(
+            name=name, kind=task_data.kind, labels=list(task_data.labels) if task_data.labels else None,
+            prompt_config=pconf.to_dict(), train_config=tconf.to_dict(), template=template,
+            num_train=len(train_pairs), num_dev=len(dev_pairs), steps=result.steps, best_step=result.best_step,
+            dev_loss=result.best_dev_loss, dev_accuracy=dev_acc, train_seconds=round(result.seconds, 3),
+            threshold=float(threshold), warm_start_from=warm_from, history=result.history,
+        )
+        self._insert(_Task(record, result.prompt, keys, result.train_state))
+        logger.info("learned task %r: %d steps, dev loss %s, dev accuracy %s", name, result.steps,
+                    result.best_dev_loss, dev_acc)
+        return record
+
+    def _encoder(self, template: str, max_target_tokens: int):
+        tok = self.backbone.tokenizer
+
+        def enc(inp: str, target: str) -> tuple[list[int], list[int]]:
+            return causal.encode_input(tok, inp, template), causal.encode_target(tok, target, max_target_tokens)
+
+        return enc
+
+    def _insert(self, task: _Task) -> None:
+        """Add a fully built task: router first (it validates), then the table. All or nothing."""
+        name = task.record.name
+        self.router.add(name, task.keys, task.record.threshold)
+        self._tasks[name] = task
+        self._kv.pop(name, None)
+
+    def _warm_start(self, train_emb: np.ndarray, init: dict[int, torch.Tensor], k: int):
+        """Similarity-weighted mix of the ``k`` stored prompts of the same shape whose keys are nearest."""
+        centroid = train_emb.mean(0)
+        centroid /= np.linalg.norm(centroid) + 1e-12
+        shape = {layer: tuple(t.shape) for layer, t in init.items()}
+        cands = []
+        for name, t in self._tasks.items():
+            if {layer: tuple(v.shape) for layer, v in t.prompt.items()} != shape:
+                continue
+            c = t.keys.mean(0)
+            c /= np.linalg.norm(c) + 1e-12
+            cands.append((float(centroid @ c), name))
+        cands = sorted(cands, reverse=True)[:k]
+        if not cands:
+            return None, []
+        sims = torch.tensor([s for s, _ in cands])
+        weights = torch.softmax(sims / 0.1, dim=0)  # temperature 0.1 on cosine: nearest tasks dominate
+        mixed = {layer: sum(w * self._tasks[n].prompt[layer] for w, (_, n) in zip(weights, cands)) for layer in init}
+        info = [{"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)]
+        return mixed, info
+
+    def remove_task(self, name: str) -> None:
+        """Delete task ``name`` (its soft prompt, keys and record)."""
+        self._get(name)
+        self.router.remove(name)
+        del self._tasks[name]
+        self._kv.pop(name, None)
+
+    # ------------------------------------------------------------------ inference
+    def _prompt_kv(self, name: str) -> PrefixKV:
+        kv = self._kv.get(name)
+        if kv is None:
+            with torch.no_grad():
+                kv = prompt_kv(self.backbone.model, self._tasks[name].prompt)
+            self._kv[name] = kv
+        return kv
+
+    def route(self, text: str, *, top_k: int = 3) -> Routing:
+        """Rank tasks for one query; ``task`` is ``None`` when the best score is under its threshold."""
+        return self.route_many([text], top_k=top_k)[0]
+
+    def route_many(self, texts: Sequence[str], *, top_k: int = 3) -> list[Routing]:
+        texts = _as_texts(texts)
+        if not self._tasks:
+            return [Routing(None, None, []) for _ in texts]
+        emb = self.embedder.encode(texts)
+        ranked = self.router.route(emb, top_k=top_k)
+        decided = self.router.decide(emb)
+        return [Routing(d, r[0][1] if r else None, r) for d, r in zip(decided, ranked)]
+
+    def _resolve_tasks(self, texts: list[str], task) -> tuple[list[str | None], list[float | None]]:
+        if task is None:
+            routes = self.route_many(texts)
+            return [r.task for r in routes], [r.score for r in routes]
+        names = [task] * len(texts) if isinstance(task, str) else list(task)
+        if len(names) != len(texts):
+            raise ValueError(f"got {len(names)} task names for {len(texts)} texts")
+        for n in names:
+            if n is not None:
+                self._get(n)
+        return names, [None] * len(texts)
+
+    def predict(self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *,
+                batch_size: int = 16) -> list[Prediction]:
+        """Predict for each text. ``task=None`` routes each text; a name applies that task to all; a list
+        gives one task (or ``None``) per text. Classification ranks the task's labels by likelihood; a
+        generation task generates. Texts with no task get ``output=None``."""
+        texts = _as_texts(texts)
+        names, scores = self._resolve_tasks(texts, task)
+        preds: list[Prediction | None] = [None] * len(texts)
+        tok, model = self.backbone.tokenizer, self.backbone.model
+        cls_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "classification"]
+        gen_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "generation"]
+        for s in range(0, len(cls_rows), batch_size):
+            rows = cls_rows[s : s + batch_size]
+            recs = [self._tasks[names[i]].record for i in rows]
+            inputs = [causal.encode_input(tok, texts[i], r.template) for i, r in zip(rows, recs)]
+            label_ids = [self._label_ids(r) for r in recs]
+            kv = [self._prompt_kv(names[i]) for i in rows]
+            ll = causal.rank_labels(model, tok, kv, inputs, label_ids)
+            for i, r, lp in zip(rows, recs, ll):
+                best = int(lp.argmax())
+                preds[i] = Prediction(r.labels[best], names[i], scores[i],
+                                      {lab: float(v) for lab, v in zip(r.labels, lp)})
+        if gen_rows:
+            outs = self.generate([texts[i] for i in gen_rows], [names[i] for i in gen_rows], batch_size=batch_size)
+            for i, out in zip(gen_rows, outs):
+                preds[i] = Prediction(out, names[i], scores[i])
+        for i, n in enumerate(names):
+            if n is None:
+                preds[i] = Prediction(None, None, scores[i])
+        return preds  # type: ignore[return-value]
+
+    def _label_ids(self, record: TaskRecord) -> list[list[int]]:
+        max_t = record.train_config.get("max_target_tokens")
+        return [causal.encode_target(self.backbone.tokenizer, lab, max_t) for lab in record.labels]
+
+    def generate(self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 batch_size: int = 16) -> list[str]:
+        """Generate a continuation for each text behind its task's soft prompt (routed when ``task=None``).
+
+        Texts with no task are answered by the plain backbone (through its chat template when it has one).
+        Rows of different tasks share each forward.
+        """
+        texts = _as_texts(texts)
+        names, _ = self._resolve_tasks(texts, task)
+        tok, model = self.backbone.tokenizer, self.backbone.model
+        gen = torch.Generator().manual_seed(seed)
+        outputs: list[str] = []
+        for s in range(0, len(texts), batch_size):
+            chunk = list(range(s, min(s + batch_size, len(texts))))
+            inputs, kv = [], []
+            for i in chunk:
+                n = names[i]
+                if n is None:
+                    inputs.append(self._plain_input(texts[i]))
+                    kv.append(None)
+                else:
+                    inputs.append(causal.encode_input(tok, texts[i], self._tasks[n].record.template))
+                    kv.append(self._prompt_kv(n))
+            ids = causal.generate(model, tok, kv, inputs, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, generator=gen)
+            outputs += [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+        return outputs
+
+    def _plain_input(self, text: str) -> list[int]:
+        tok = self.backbone.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, data: Any, task: str | None = None, *, batch_size: int = 16) -> dict[str, float]:
+        """Accuracy of ``predict`` on labelled classification data; with ``task=None`` the rows are routed
+        and the result also holds routing-free numbers only if ``task`` is given."""
+        td = load_task_data(data)
+        if td.kind != "classification":
+            raise ValueError("evaluate() needs classification data ({'text', 'label'} rows)")
+        preds = self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)
+        correct = sum(p.output == ex.target for p, ex in zip(preds, td.examples))
+        return {"accuracy": correct / len(td), "n": float(len(td))}
+
+    def _accuracy(self, prompt: dict[int, torch.Tensor], labels: list[str], template: str, data: TaskData,
+                  batch_size: int = 16) -> float:
+        """Accuracy of an (unstored) soft prompt on classification data."""
+        tok, model = self.backbone.tokenizer, self.backbone.model
+        with torch.no_grad():
+            kv = prompt_kv(model, prompt)
+        label_ids = [causal.encode_target(tok, lab) for lab in labels]
+        correct = 0
+        for s in range(0, len(data), batch_size):
+            chunk = data.examples[s : s + batch_size]
+            inputs = [causal.encode_input(tok, ex.input, template) for ex in chunk]
+            ll = causal.rank_labels(model, tok, [kv] * len(chunk), inputs, [label_ids] * len(chunk))
+            correct += sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, chunk))
+        return correct / len(data)
+
+
+def _as_texts(texts: str | Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    return out
+

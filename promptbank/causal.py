@@ -1,0 +1,185 @@
+"""Causal-LM operations behind per-row soft prompts: encode, loss, label ranking, generation.
+
+Every function takes ``row_kv``: one :func:`promptbank.inject.prompt_kv` result per row (the same object for rows
+sharing a task) or ``None`` for a row with no soft prompt. Logits are computed only where they are needed
+(target positions, label positions, the last position when decoding), never for the whole sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inject import PrefixKV, cache_kwargs, forward_hidden
+
+# How an example's input is shown to the model behind its soft prompt; the target follows after a space.
+DEFAULT_TEMPLATE = "{input}\nAnswer:"
+
+
+def encode_input(tokenizer, text: str, template: str = DEFAULT_TEMPLATE) -> list[int]:
+    return tokenizer(template.format(input=text), add_special_tokens=False)["input_ids"]
+
+
+def encode_target(tokenizer, target: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of ``" " + target`` followed by EOS (so label ranking prefers complete labels and
+    generation learns to stop). Over-long targets are cut to ``max_tokens`` (EOS kept)."""
+    ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None and len(ids) >= max_tokens:
+        ids = ids[: max_tokens - 1]
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if eos is not None else [])
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask of left-padded sequences."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+
+def target_logprobs(
+    model: nn.Module,
+    tokenizer,
+    row_kv: Sequence[PrefixKV | None],
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+) -> list[torch.Tensor]:
+    """Log-probability of each target token given its input, behind each row's soft prompt.
+
+    Returns one (len(target_b),) tensor per row. Only target positions go through the LM head.
+    """
+    seqs = [list(i) + list(t) for i, t in zip(inputs, targets)]
+    ids, mask = left_pad(seqs, _pad_id(tokenizer))
+    hidden, _, _ = forward_hidden(model, ids, mask, row_kv)  # (B, T, d)
+    width = ids.shape[1]
+    rows, pos, tgt, sizes = [], [], [], []
+    for b, (i, t) in enumerate(zip(inputs, targets)):
+        start = width - len(t) - 1  # the position that predicts the first target token
+        rows += [b] * len(t)
+        pos += list(range(start, start + len(t)))
+        tgt += list(t)
+        sizes.append(len(t))
+    selected = hidden[torch.tensor(rows), torch.tensor(pos)]  # (N, d)
+    logits = model.get_output_embeddings()(selected).float()  # (N, V)
+    logp = -F.cross_entropy(logits, torch.tensor(tgt), reduction="none")  # (N,)
+    return list(torch.split(logp, sizes))
+
+
+def lm_loss(model, tokenizer, row_kv, inputs, targets) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of the batch."""
+    return -torch.cat(target_logprobs(model, tokenizer, row_kv, inputs, targets)).mean()
+
+
+@torch.no_grad()
+def rank_labels(
+    model: nn.Module,
+    tokenizer,
+    row_kv: Sequence[PrefixKV | None],
+    inputs: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[Sequence[int]]],
+    *,
+    chunk: int = 32,
+) -> list[torch.Tensor]:
+    """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
+
+    All (row, label) pairs of a chunk go through one forward; rows may use different tasks and label sets.
+    """
+    flat_kv, flat_in, flat_t, owner = [], [], [], []
+    for b, (kv, inp, labels) in enumerate(zip(row_kv, inputs, label_ids)):
+        for lab in labels:
+            flat_kv.append(kv)
+            flat_in.append(inp)
+            flat_t.append(lab)
+            owner.append(b)
+    sums: list[float] = []
+    for s in range(0, len(flat_in), chunk):
+        lp = target_logprobs(model, tokenizer, flat_kv[s : s + chunk], flat_in[s : s + chunk], flat_t[s : s + chunk])
+        sums += [float(x.sum()) for x in lp]
+    out: list[list[float]] = [[] for _ in inputs]
+    for b, v in zip(owner, sums):
+        out[b].append(v)
+    return [torch.tensor(v) for v in out]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    row_kv: Sequence[PrefixKV | None],
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Decode new tokens for each row (greedy when ``temperature == 0``). Stops a row at EOS.
+
+    One forward per step for the whole (possibly mixed-task) batch; the prefix cache grows as usual.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    bsz = len(inputs)
+    outputs: list[list[int]] = [[] for _ in range(bsz)]
+    if max_new_tokens == 0 or bsz == 0:
+        return outputs
+    eos = tokenizer.eos_token_id
+    ids, mask = left_pad(inputs, _pad_id(tokenizer))
+    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
+    head = model.get_output_embeddings()
+    attn = prefix.attention_mask
+    next_pos = prefix.position_ids[:, -1] + 1  # (B,)
+    done = torch.zeros(bsz, dtype=torch.bool)
+    last = hidden[:, -1]  # (B, d)
+    base = model.base_model
+    for step in range(max_new_tokens):
+        logits = head(last).float()  # (B, V)
+        nxt = _sample(logits, temperature, top_p, generator)
+        for b in range(bsz):
+            if not done[b]:
+                tok = int(nxt[b])
+                if eos is not None and tok == eos:
+                    done[b] = True
+                else:
+                    outputs[b].append(tok)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(bsz, 1, dtype=attn.dtype)], dim=1)
+        out = base(
+            input_ids=nxt[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        )
+        cache = out.past_key_values
+        last = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+    return outputs
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

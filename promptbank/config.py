@@ -1,0 +1,155 @@
+"""Configuration dataclasses. Each validates itself in ``__post_init__`` and round-trips through JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+
+class Method(str, Enum):
+    """Soft-prompt methods."""
+
+    PROMPT_TUNING = "prompt_tuning"  # Lester et al. 2021: P free input vectors
+    PTUNING_MLP = "ptuning_mlp"  # Liu et al. 2021 (P-Tuning v1), MLP prompt encoder
+    PTUNING_LSTM = "ptuning_lstm"  # P-Tuning v1, bidirectional-LSTM prompt encoder
+    DEEP = "deep"  # Liu et al. 2022 (P-Tuning v2): prompt vectors at every (chosen) layer
+
+    @classmethod
+    def parse(cls, value: str | Method) -> Method:
+        if isinstance(value, Method):
+            return value
+        aliases = {"pt": "prompt_tuning", "ptuning": "ptuning_mlp", "p_tuning": "ptuning_mlp",
+                   "mlp": "ptuning_mlp", "lstm": "ptuning_lstm", "ptuning_v2": "deep", "prefix": "deep"}
+        key = str(value).strip().lower().replace("-", "_")
+        key = aliases.get(key, key)
+        try:
+            return cls(key)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown soft-prompt method {value!r}; choose one of: {choices}") from None
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
+@dataclass
+class PromptConfig:
+    """Shape of a soft prompt.
+
+    ``layers`` (deep prompts only): ``None`` = every decoder layer, else a list of layer indices; layer 0 (the
+    input embedding) is always included. ``encoder_hidden``: hidden size of the P-Tuning prompt encoder
+    (default: the model's hidden size).
+    """
+
+    method: Method = Method.PROMPT_TUNING
+    num_virtual_tokens: int = 20
+    layers: list[int] | None = None
+    encoder_hidden: int | None = None
+
+    def __post_init__(self) -> None:
+        self.method = Method.parse(self.method)
+        if not isinstance(self.num_virtual_tokens, int) or not 1 <= self.num_virtual_tokens <= 512:
+            raise ValueError(f"num_virtual_tokens must be an int in [1, 512], got {self.num_virtual_tokens!r}")
+        if self.layers is not None:
+            if self.method is not Method.DEEP:
+                raise ValueError(f"layers= applies to deep prompts only, not {self.method.value}")
+            if any(not isinstance(x, int) or x < 0 for x in self.layers):
+                raise ValueError(f"layers must be non-negative ints, got {self.layers!r}")
+            self.layers = sorted(set(self.layers) | {0})
+        if self.encoder_hidden is not None and self.encoder_hidden < 1:
+            raise ValueError(f"encoder_hidden must be positive, got {self.encoder_hidden}")
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers that receive prompt vectors, for a model with ``num_layers`` layers."""
+        if self.method is not Method.DEEP:
+            return [0]
+        layers = list(range(num_layers)) if self.layers is None else self.layers
+        bad = [x for x in layers if x >= num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a {num_layers}-layer model")
+        return layers
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["method"] = self.method.value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PromptConfig:
+        return _from_dict(cls, data)
+
+
+# Learning rates that work across backbones for each method (Lester et al. use 0.3 with Adafactor on T5;
+# with AdamW on decoder LMs, a few 1e-2 for free vectors, 1e-3 for reparameterised encoders).
+DEFAULT_LR = {
+    Method.PROMPT_TUNING: 3e-2,
+    Method.PTUNING_MLP: 3e-3,
+    Method.PTUNING_LSTM: 3e-3,
+    Method.DEEP: 1e-2,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Training options for :meth:`PromptBank.learn_task`.
+
+    ``max_steps`` optimizer steps of ``batch_size`` examples, AdamW with linear warm-up over ``warmup_ratio`` of
+    the steps then linear decay; every ``eval_every`` steps the dev loss is measured and the best soft prompt
+    kept; training stops after ``patience`` evaluations without improvement. ``dev_fraction`` of the data is
+    held out when no dev set is given. ``lr=None`` picks the method's default (:data:`DEFAULT_LR`).
+    """
+
+    max_steps: int = 100
+    batch_size: int = 8
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 10
+    patience: int = 5
+    dev_fraction: float = 0.1
+    max_dev: int = 64
+    max_input_tokens: int = 256
+    max_target_tokens: int = 64
+    seed: int = 0
+    progress: bool = True
+    warm_start: bool = True
+    warm_start_k: int = 3
+    n_prototypes: int = 16
+    threshold_quantile: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_steps": self.max_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr is None or self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "grad_clip": self.grad_clip >= 0,
+            "eval_every": self.eval_every >= 1,
+            "patience": self.patience >= 1,
+            "dev_fraction": 0 <= self.dev_fraction < 1,
+            "max_dev": self.max_dev >= 1,
+            "max_input_tokens": self.max_input_tokens >= 1,
+            "max_target_tokens": self.max_target_tokens >= 1,
+            "warm_start_k": self.warm_start_k >= 1,
+            "n_prototypes": self.n_prototypes >= 1,
+            "threshold_quantile": 0 <= self.threshold_quantile < 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid TrainConfig.{name}: {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)

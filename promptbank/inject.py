@@ -1,0 +1,202 @@
+"""The one mechanism that puts soft-prompt vectors into a frozen causal LM.
+
+A soft prompt is a dict ``{layer: (P, d) tensor}``: the hidden states of ``P`` reserved positions at the
+front of the sequence as they *enter* each listed decoder layer. Layer 0 only is prompt tuning / P-Tuning
+(the vectors are input embeddings); many layers is deep prompting (P-Tuning v2).
+
+Because the prompt positions come first and attention is causal, they attend only to themselves: their
+per-layer keys/values do not depend on the input. So we run the model's own forward over the ``P`` prompt
+positions once per task (forward pre-hooks overwrite the hidden states of listed layers), keep the resulting
+key/value cache, and run the real tokens with it as a prefix cache. The model builds that cache itself, so its
+layout (grouped-query attention, RoPE already applied at positions ``0..P-1``) is always right, and gradients
+flow back to the prompt vectors when they require grad.
+
+Rows of one batch may use different soft prompts of different lengths (or none): each row's prefix is
+left-padded to the longest one and masked, and the row's tokens get position ids starting at its own ``P``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+# A soft prompt: hidden states of P positions entering the given decoder layers.
+SoftPrompt = Mapping[int, torch.Tensor]
+# Per-layer (key, value), each (1, n_kv_heads, P, head_dim).
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a Hugging Face causal LM (Llama, Mistral, Qwen, GPT-2, ...)."""
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "h", "decoder.layers", "blocks"):
+        obj = base
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-style .layers, GPT-2 .h")
+
+
+@lru_cache(maxsize=32)
+def _cache_kwarg(forward_cls: type) -> str:
+    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); accept both.
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: DynamicCache | None) -> dict:
+    """Keyword arguments passing ``cache`` to ``model.forward`` under the name this transformers uses."""
+    return {_cache_kwarg(type(model)): cache}
+
+
+class _OverwriteHidden:
+    """Forward pre-hook: replace the layer's input hidden states with a fixed (1, P, d) tensor."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def __call__(self, module, args, kwargs):
+        if args:
+            hidden = args[0]
+            return (self.value.to(hidden.dtype).expand_as(hidden), *args[1:]), kwargs
+        hidden = kwargs["hidden_states"]
+        kwargs = dict(kwargs, hidden_states=self.value.to(hidden.dtype).expand_as(hidden))
+        return args, kwargs
+
+
+def prompt_kv(model: nn.Module, soft_prompt: SoftPrompt) -> PrefixKV:
+    """Run the frozen model over the ``P`` prompt positions alone and return their per-layer keys/values.
+
+    Differentiable with respect to the prompt tensors. Layer 0 must be present (it is the input embedding).
+    Returns one ``(key, value)`` pair per decoder layer, each ``(1, n_kv_heads, P, head_dim)``.
+    """
+    if 0 not in soft_prompt:
+        raise ValueError(f"a soft prompt needs layer 0 (input embeddings); got layers {sorted(soft_prompt)}")
+    layers = decoder_layers(model)
+    x0 = soft_prompt[0]
+    if x0.dim() != 2:
+        raise ValueError(f"soft prompt tensors must be (P, d); layer 0 has shape {tuple(x0.shape)}")
+    handles = []
+    try:
+        for layer_idx, value in soft_prompt.items():
+            if layer_idx == 0:
+                continue
+            if not 0 < layer_idx < len(layers):
+                raise ValueError(f"soft prompt layer {layer_idx} out of range for a {len(layers)}-layer model")
+            handles.append(
+                layers[layer_idx].register_forward_pre_hook(_OverwriteHidden(value[None]), with_kwargs=True)
+            )
+        base = model.base_model
+        cache = DynamicCache(config=model.config)
+        dtype = next(model.parameters()).dtype
+        base(inputs_embeds=x0[None].to(dtype), use_cache=True, **cache_kwargs(base, cache))  # (1, P, d)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@dataclass
+class PrefixBatch:
+    """Everything a forward over left-padded tokens needs to run behind per-row soft prompts."""
+
+    cache: DynamicCache | None  # None when no row has a prompt
+    attention_mask: torch.Tensor  # (B, P_max + T) long
+    position_ids: torch.Tensor  # (B, T)
+    prefix_len: int  # P_max
+
+
+def build_prefix_batch(
+    model: nn.Module,
+    row_kv: Sequence[PrefixKV | None],
+    token_mask: torch.Tensor,
+) -> PrefixBatch:
+    """Assemble the prefix cache, attention mask and position ids for a batch with per-row soft prompts.
+
+    ``row_kv[b]`` is the :func:`prompt_kv` output of row ``b``'s prompt (the same object for rows that share a
+    task, so each prompt is expanded once) or ``None`` for no prompt. ``token_mask`` is the (B, T) attention
+    mask of the left-padded tokens.
+    """
+    bsz = token_mask.shape[0]
+    if len(row_kv) != bsz:
+        raise ValueError(f"got {len(row_kv)} prompt entries for a batch of {bsz} rows")
+    token_mask = token_mask.long()
+    lens = [0 if kv is None else kv[0][0].shape[2] for kv in row_kv]
+    p_max = max(lens)
+    positions = torch.tensor(lens, device=token_mask.device)[:, None] + token_mask.cumsum(-1) - 1
+    positions = positions.clamp_min(0)  # (B, T); padding positions get a harmless value
+    prefix_mask = torch.zeros(bsz, p_max, dtype=torch.long, device=token_mask.device)
+    for b, n in enumerate(lens):
+        if n:
+            prefix_mask[b, p_max - n :] = 1
+    attention_mask = torch.cat([prefix_mask, token_mask], dim=1)  # (B, P_max + T)
+    if p_max == 0:
+        return PrefixBatch(None, attention_mask, positions, 0)
+
+    # Group rows by prompt object: each distinct prompt is padded once, then gathered per row.
+    distinct: list[PrefixKV | None] = []
+    slot_of: dict[int, int] = {}
+    row_slot = []
+    for kv in row_kv:
+        key = id(kv)
+        if key not in slot_of:
+            slot_of[key] = len(distinct)
+            distinct.append(kv)
+        row_slot.append(slot_of[key])
+    index = torch.tensor(row_slot, device=token_mask.device)
+
+    layers = []
+    template = next(kv for kv in distinct if kv is not None)
+    for layer_idx, (k_ref, v_ref) in enumerate(template):
+        ks, vs = [], []
+        for kv in distinct:
+            if kv is None:
+                k = k_ref.new_zeros(1, k_ref.shape[1], p_max, k_ref.shape[3])
+                v = v_ref.new_zeros(1, v_ref.shape[1], p_max, v_ref.shape[3])
+            else:
+                k, v = kv[layer_idx]
+                pad = p_max - k.shape[2]
+                if pad:  # left-pad the prefix: (1, kvh, P, hd) -> (1, kvh, P_max, hd)
+                    k = torch.cat([k.new_zeros(1, k.shape[1], pad, k.shape[3]), k], dim=2)
+                    v = torch.cat([v.new_zeros(1, v.shape[1], pad, v.shape[3]), v], dim=2)
+            ks.append(k)
+            vs.append(v)
+        keys = torch.cat(ks, 0).index_select(0, index)  # (B, kvh, P_max, hd)
+        values = torch.cat(vs, 0).index_select(0, index)
+        layers.append((keys, values))
+    cache = DynamicCache(layers, config=model.config)
+    return PrefixBatch(cache, attention_mask, positions, p_max)
+
+
+def forward_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    token_mask: torch.Tensor,
+    row_kv: Sequence[PrefixKV | None],
+    *,
+    use_cache: bool = False,
+) -> tuple[torch.Tensor, DynamicCache | None, PrefixBatch]:
+    """Final hidden states (B, T, d) of left-padded tokens behind per-row soft prompts.
+
+    The LM head is not applied: callers project only the positions they need.
+    """
+    prefix = build_prefix_batch(model, row_kv, token_mask)
+    base = model.base_model
+    out = base(
+        input_ids=input_ids,
+        attention_mask=prefix.attention_mask,
+        position_ids=prefix.position_ids,
+        use_cache=use_cache,
+        **cache_kwargs(base, prefix.cache),
+    )
+    cache = out.past_key_values if use_cache else None
+    return out.last_hidden_state, cache, prefix

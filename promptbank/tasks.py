@@ -1,0 +1,740 @@
+"""Task data: load JSONL / JSON / CSV / TSV files or Python lists into a validated :class:`TaskData`.
+
+Two kinds of task:
+
+* classification -- rows ``{"text": str, "label": str}``; the label set comes from the ``labels`` argument or,
+  failing that, from the data (order of first appearance).
+* generation -- rows ``{"input": str, "target": str}``.
+
+Every problem with the data raises :class:`~promptbank.errors.DataError` whose message starts with
+``"<source>:<line>: "`` (file path or ``"<list>"``, and the 1-based file line or list row), so a bad row can be
+found and fixed without guessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import heapq
+import json
+import logging
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from promptbank.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "Example",
+    "TaskData",
+    "TaskKind",
+    "load_task_data",
+    "split_dev",
+    "truncate_inputs",
+]
+
+logger = logging.getLogger(__name__)
+
+TaskKind = Literal["classification", "generation"]
+
+_KINDS: tuple[str, ...] = get_args(TaskKind)
+# (input field, target field) of a row, per kind.
+_FIELDS: dict[str, tuple[str, str]] = {
+    "classification": ("text", "label"),
+    "generation": ("input", "target"),
+}
+_LIST_SOURCE = "<list>"
+_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row of task data, already stripped and validated.
+
+    Attributes:
+        input: classification: the ``"text"`` field; generation: the ``"input"`` field.
+        target: classification: the label name; generation: the ``"target"`` field.
+        line: 1-based position for error messages (JSONL/JSON/CSV: the file line where the row starts;
+            list: row index + 1), or ``None`` when unknown.
+    """
+
+    input: str
+    target: str
+    line: int | None = None
+
+
+@dataclass
+class TaskData:
+    """The validated examples of one task.
+
+    Attributes:
+        kind: ``"classification"`` or ``"generation"``.
+        examples: the rows, in source order.
+        labels: classification only: the label names (as given, else in order of first appearance);
+            ``None`` for generation.
+        source: where the rows came from (a file path or ``"<list>"``); used in messages.
+    """
+
+    kind: TaskKind
+    examples: list[Example]
+    labels: list[str] | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.kind == "generation" and self.labels is not None:
+            raise ValueError("labels must be None for a generation task")
+        if self.kind == "classification" and self.labels is None:
+            raise ValueError("labels must be given for a classification task")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_task_data(
+    data: TaskData | str | os.PathLike[str] | Sequence[Any],
+    *,
+    kind: TaskKind | None = None,
+    labels: Sequence[str] | None = None,
+    source: str | None = None,
+) -> TaskData:
+    """Load and validate task data.
+
+    Args:
+        data: one of
+
+            * a :class:`TaskData` -- returned after checking it against ``kind`` and ``labels`` (a new object
+              carrying ``labels`` when those differ from its own);
+            * a path (``str`` or ``os.PathLike``) to ``.jsonl`` (one JSON object per line, blank lines skipped),
+              ``.json`` (a JSON list of objects), ``.csv`` or ``.tsv`` (header row required), all UTF-8;
+            * a list/tuple of dicts (rows as in the files);
+            * a list/tuple of 2-item tuples/lists ``(text, label)`` or ``(input, target)``.
+
+            Classification rows are ``{"text", "label"}``, generation rows ``{"input", "target"}``; other fields
+            are ignored. Text is stripped of surrounding whitespace; integer labels/targets become ``str(x)``.
+        kind: ``"classification"`` or ``"generation"``. Inferred from the first row's fields when ``None``
+            (2-item tuple rows default to classification).
+        labels: classification only: the allowed label names, in canonical order. Every row's label must be one
+            of them. When ``None``, the labels are those found in the data, in order of first appearance, and
+            there must be at least two.
+        source: name used for the data in messages. Default: the path as given, or ``"<list>"``.
+
+    Returns:
+        The validated :class:`TaskData`.
+
+    Raises:
+        DataError: anything wrong with the data (message starts with ``"<source>:<line>: "`` where a line is
+            known): missing file, unsupported extension, invalid JSON or UTF-8, missing fields/columns, empty or
+            non-string text, unknown or too few labels, no rows, duplicate names in ``labels``.
+        ValueError: ``kind`` is not a known kind.
+        TypeError: ``data`` is none of the accepted types.
+    """
+    if kind is not None and kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+
+    if isinstance(data, TaskData):
+        return _check_task_data(data, kind=kind, labels=labels, source=source)
+
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        src = source if source is not None else os.fspath(data)
+        rows = _read_file(path, src, kind)
+    elif isinstance(data, (list, tuple)):
+        src = source if source is not None else _LIST_SOURCE
+        rows = [(row, i + 1) for i, row in enumerate(data)]
+    else:
+        raise TypeError(
+            "data must be a TaskData, a path to a .jsonl/.json/.csv/.tsv file, or a list of dicts or "
+            f"(text, label) pairs; got {type(data).__name__}"
+        )
+
+    if not rows:
+        raise DataError("no rows: the data set is empty", source=src)
+
+    label_list = _check_labels_arg(labels, src)
+    if kind is None:
+        kind = _infer_kind(rows[0][0], rows[0][1], src)
+    if kind == "generation" and label_list is not None:
+        raise DataError(
+            "labels apply only to classification tasks, but kind is 'generation'",
+            source=src,
+        )
+
+    examples = [_make_example(row, line, kind, src) for row, line in rows]
+
+    if kind == "classification":
+        label_list = _resolve_labels(examples, label_list, src)
+    data_out = TaskData(kind=kind, examples=examples, labels=label_list, source=src)
+    logger.debug(
+        "loaded %d %s examples from %s%s",
+        len(data_out),
+        kind,
+        src,
+        f" ({len(label_list)} labels)" if label_list is not None else "",
+    )
+    return data_out
+
+
+def _check_task_data(
+    data: TaskData,
+    *,
+    kind: TaskKind | None,
+    labels: Sequence[str] | None,
+    source: str | None,
+) -> TaskData:
+    """Validate an existing TaskData against the requested ``kind``/``labels``."""
+    src = data.source
+    if kind is not None and data.kind != kind:
+        raise DataError(
+            f"the data is a {data.kind} task, but kind={kind!r} was requested",
+            source=src,
+        )
+    if not data.examples:
+        raise DataError("no rows: the data set is empty", source=src)
+    label_list = _check_labels_arg(labels, src)
+    changed: dict[str, Any] = {}
+    if label_list is not None:
+        if data.kind != "classification":
+            raise DataError(
+                "labels apply only to classification tasks, but kind is 'generation'",
+                source=src,
+            )
+        _resolve_labels(data.examples, label_list, src)
+        if label_list != data.labels:
+            changed["labels"] = label_list
+    if source is not None and source != data.source:
+        changed["source"] = source
+    return dataclasses.replace(data, **changed) if changed else data
+
+
+def _check_labels_arg(labels: Sequence[str] | None, src: str) -> list[str] | None:
+    """Normalise the ``labels`` argument: strings (ints allowed), stripped, non-empty, unique, at least 2."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        raise DataError(
+            f"labels must be a sequence of label names, not a string ({labels!r})",
+            source=src,
+        )
+    out: list[str] = []
+    for i, label in enumerate(labels):
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(
+                f"labels[{i}] must be a string, got {type(label).__name__} ({label!r})",
+                source=src,
+            )
+        name = str(label).strip()
+        if not name:
+            raise DataError(f"labels[{i}] is empty", source=src)
+        if name in out:
+            raise DataError(
+                f"duplicate label {name!r} in labels {list(labels)!r}", source=src
+            )
+        out.append(name)
+    if len(out) < 2:
+        raise DataError(
+            f"a classification task needs at least 2 labels, got {out!r}", source=src
+        )
+    return out
+
+
+def _resolve_labels(
+    examples: list[Example], label_list: list[str] | None, src: str
+) -> list[str]:
+    """Check every label against ``label_list``, or collect the labels in order of first appearance."""
+    if label_list is not None:
+        allowed = set(label_list)
+        for ex in examples:
+            if ex.target not in allowed:
+                raise DataError(
+                    _unknown_label_message(ex.target, label_list),
+                    source=src,
+                    line=ex.line,
+                )
+        return label_list
+    found = list(dict.fromkeys(ex.target for ex in examples))
+    if len(found) < 2:
+        raise DataError(
+            f"a classification task needs at least 2 distinct labels, but every row has label {found[0]!r}"
+            " (pass labels=[...] if the data holds only some of them)",
+            source=src,
+        )
+    return found
+
+
+def _unknown_label_message(label: str, allowed: list[str]) -> str:
+    return f"unknown label {label!r}; allowed labels: {', '.join(repr(x) for x in allowed)}"
+
+
+def _infer_kind(row: Any, line: int, src: str) -> TaskKind:
+    """Infer the kind from the first row: its field names, or classification for a (text, label) pair."""
+    if not isinstance(row, dict):
+        return "classification"
+    has_cls = "text" in row or "label" in row
+    has_gen = "input" in row or "target" in row
+    if has_cls and has_gen:
+        raise DataError(
+            f"cannot infer the task kind: the row has both classification and generation fields "
+            f"({_field_list(row)}); pass kind='classification' or kind='generation'",
+            source=src,
+            line=line,
+        )
+    if has_gen:
+        return "generation"
+    if has_cls:
+        return "classification"
+    raise DataError(
+        "cannot infer the task kind: expected fields 'text' and 'label' (classification) or 'input' and "
+        f"'target' (generation); the row has fields: {_field_list(row)}",
+        source=src,
+        line=line,
+    )
+
+
+def _field_list(row: dict[str, Any]) -> str:
+    return ", ".join(repr(k) for k in row) if row else "(none)"
+
+
+def _make_example(row: Any, line: int, kind: TaskKind, src: str) -> Example:
+    """Turn one raw row (dict or 2-item pair) into a stripped, validated Example."""
+    in_field, out_field = _FIELDS[kind]
+    if isinstance(row, dict):
+        for name in (in_field, out_field):
+            if name not in row:
+                raise DataError(
+                    f"missing field {name!r} (a {kind} row needs {in_field!r} and {out_field!r}); "
+                    f"the row has fields: {_field_list(row)}",
+                    source=src,
+                    line=line,
+                )
+        raw_in, raw_out = row[in_field], row[out_field]
+    elif isinstance(row, (list, tuple)):
+        if len(row) != 2:
+            raise DataError(
+                f"a row must be a dict or a 2-item ({in_field}, {out_field}) pair, got a "
+                f"{type(row).__name__} of {len(row)} items",
+                source=src,
+                line=line,
+            )
+        raw_in, raw_out = row
+    else:
+        raise DataError(
+            f"a row must be an object with fields {in_field!r} and {out_field!r}, got {type(row).__name__} "
+            f"({_short(row)})",
+            source=src,
+            line=line,
+        )
+
+    if not isinstance(raw_in, str):
+        raise DataError(
+            f"field {in_field!r} must be a string, got {type(raw_in).__name__} ({_short(raw_in)})",
+            source=src,
+            line=line,
+        )
+    text = raw_in.strip()
+    if not text:
+        raise DataError(f"field {in_field!r} is empty", source=src, line=line)
+
+    # Integer labels/targets (e.g. {"label": 3} in JSON) are accepted as their decimal string.
+    if isinstance(raw_out, bool) or not isinstance(raw_out, (str, int)):
+        raise DataError(
+            f"field {out_field!r} must be a string, got {type(raw_out).__name__} ({_short(raw_out)})",
+            source=src,
+            line=line,
+        )
+    target = str(raw_out).strip()
+    if not target:
+        raise DataError(f"field {out_field!r} is empty", source=src, line=line)
+    return Example(input=text, target=target, line=line)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def _read_file(path: Path, src: str, kind: TaskKind | None) -> list[tuple[Any, int]]:
+    """Read a data file into ``(row, line)`` pairs."""
+    if not path.exists():
+        raise DataError("file not found", source=src)
+    if not path.is_file():
+        raise DataError("not a regular file", source=src)
+    ext = path.suffix.lower()
+    if ext not in _EXTENSIONS:
+        raise DataError(
+            f"unsupported file extension {path.suffix!r}; supported: {', '.join(_EXTENSIONS)}",
+            source=src,
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the file: {exc.strerror or exc}", source=src
+        ) from exc
+    lines = _decode_lines(raw, src)
+    if ext == ".jsonl":
+        return _parse_jsonl(lines, src)
+    if ext == ".json":
+        return _parse_json("".join(lines), src)
+    return _parse_csv(lines, src, kind, delimiter="\t" if ext == ".tsv" else ",")
+
+
+def _decode_lines(raw: bytes, src: str) -> list[str]:
+    """Decode UTF-8 bytes line by line (keeping line ends), so a bad byte is reported with its line."""
+    if raw.startswith(
+        b"\xef\xbb\xbf"
+    ):  # UTF-8 byte-order mark, as written by some spreadsheet programs
+        raw = raw[3:]
+    lines: list[str] = []
+    for number, chunk in enumerate(raw.splitlines(keepends=True), start=1):
+        try:
+            lines.append(chunk.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"the file is not valid UTF-8: byte 0x{chunk[exc.start]:02x} at column {exc.start + 1} "
+                "(re-save the file as UTF-8)",
+                source=src,
+                line=number,
+            ) from None
+    return lines
+
+
+def _parse_jsonl(lines: list[str], src: str) -> list[tuple[Any, int]]:
+    rows: list[tuple[Any, int]] = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=number
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"each line must be a JSON object, got {_json_type(obj)} ({_short(obj)})",
+                source=src,
+                line=number,
+            )
+        rows.append((obj, number))
+    return rows
+
+
+def _parse_json(text: str, src: str) -> list[tuple[Any, int]]:
+    """Parse a JSON list of objects, recording the file line where each element starts."""
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = (
+            " (one object per line? name the file .jsonl)"
+            if exc.msg == "Extra data"
+            else ""
+        )
+        raise DataError(
+            f"invalid JSON: {exc.msg} (column {exc.colno}){hint}",
+            source=src,
+            line=exc.lineno,
+        ) from None
+    if not isinstance(top, list):
+        raise DataError(
+            f"expected a JSON list of objects, got {_json_type(top)}",
+            source=src,
+            line=1,
+        )
+
+    # The text is valid JSON and a list, so walking it with raw_decode cannot fail; it gives each
+    # element's offset, hence its line.
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    rows: list[tuple[Any, int]] = []
+    for _ in range(len(top)):
+        pos = _skip_json_space(text, pos)
+        line = text.count("\n", 0, pos) + 1
+        obj, pos = decoder.raw_decode(text, pos)
+        pos = _skip_json_space(text, pos) + 1  # past ',' or ']'
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"each list element must be a JSON object, got {_json_type(obj)} ({_short(obj)})",
+                source=src,
+                line=line,
+            )
+        rows.append((obj, line))
+    return rows
+
+
+def _skip_json_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _json_type(obj: Any) -> str:
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }
+    return names.get(type(obj), "a number")
+
+
+def _parse_csv(
+    lines: list[str], src: str, kind: TaskKind | None, *, delimiter: str
+) -> list[tuple[Any, int]]:
+    """Parse CSV/TSV with a header row (checked to have the columns ``kind`` needs); rows become dicts."""
+    reader = csv.reader(lines, delimiter=delimiter)
+    what = "TSV" if delimiter == "\t" else "CSV"
+    try:
+        header = next(reader, None)
+        # Skip leading blank lines.
+        while header is not None and not any(cell.strip() for cell in header):
+            header = next(reader, None)
+    except csv.Error as exc:
+        raise DataError(
+            f"invalid {what}: {exc}", source=src, line=reader.line_num
+        ) from None
+    if header is None:
+        return []
+    header_line = reader.line_num
+    columns = [name.strip() for name in header]
+    _check_csv_header(columns, header_line, kind, src, what)
+
+    rows: list[tuple[Any, int]] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader, None)
+        except csv.Error as exc:
+            raise DataError(
+                f"invalid {what}: {exc}", source=src, line=reader.line_num
+            ) from None
+        if cells is None:
+            break
+        # A blank line, or a row of empty cells as spreadsheets write them.
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(columns):
+            hint = " (an unquoted delimiter?)" if len(cells) > len(columns) else ""
+            raise DataError(
+                f"the row has {len(cells)} fields but the header has {len(columns)}{hint}",
+                source=src,
+                line=start,
+            )
+        rows.append((dict(zip(columns, cells, strict=True)), start))
+    return rows
+
+
+def _check_csv_header(
+    columns: list[str], line: int, kind: TaskKind | None, src: str, what: str
+) -> None:
+    """Raise unless the header has both columns of ``kind`` (of either kind when ``kind`` is None)."""
+    present = set(columns)
+    kinds = _KINDS if kind is None else (kind,)
+    if any(all(name in present for name in _FIELDS[k]) for k in kinds):
+        return
+    # Name the missing columns of the kind the header comes closest to.
+    best = max(kinds, key=lambda k: sum(name in present for name in _FIELDS[k]))
+    missing = [name for name in _FIELDS[best] if name not in present]
+    expected = " or ".join(f"{_FIELDS[k][0]!r} and {_FIELDS[k][1]!r}" for k in kinds)
+    raise DataError(
+        f"the {what} header is missing required column(s) {', '.join(repr(n) for n in missing)} "
+        f"(expected {expected}); the header has: {', '.join(repr(c) for c in columns) or '(nothing)'}",
+        source=src,
+        line=line,
+    )
+
+
+# -------------------------------------------------------------------------- dev split
+
+
+def split_dev(
+    data: TaskData,
+    fraction: float = 0.1,
+    *,
+    seed: int = 0,
+    min_dev: int = 1,
+    max_dev: int | None = None,
+) -> tuple[TaskData, TaskData]:
+    """Split off a held-out dev set, deterministically.
+
+    The dev size is ``clamp(round(fraction * n), min_dev, max_dev)``, and at most ``n - 1`` so that train is
+    never empty. Classification splits are stratified: dev takes from each label in proportion to its size,
+    every label with at least 2 examples gives at least one dev example when the dev size allows, and a label
+    keeps at least one train example whenever possible. Both parts keep the rows' original order.
+
+    Args:
+        data: the task data (at least 2 examples).
+        fraction: share of examples for dev, in ``[0, 1)``.
+        seed: seed of the ``random.Random`` that picks the dev rows.
+        min_dev: smallest dev size (``>= 0``).
+        max_dev: largest dev size, or ``None`` for no limit.
+
+    Returns:
+        ``(train, dev)``, two :class:`TaskData` with the same kind, labels and source as ``data``.
+
+    Raises:
+        DataError: ``data`` has fewer than 2 examples.
+        ValueError: ``fraction``, ``min_dev`` or ``max_dev`` out of range.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    if min_dev < 0:
+        raise ValueError(f"min_dev must be >= 0, got {min_dev!r}")
+    if max_dev is not None and max_dev < min_dev:
+        raise ValueError(f"max_dev ({max_dev!r}) must be >= min_dev ({min_dev!r})")
+    n = len(data)
+    if n < 2:
+        raise DataError(
+            f"need at least 2 examples to split off a dev set, got {n}",
+            source=data.source,
+        )
+
+    k = max(round(fraction * n), min_dev)
+    if max_dev is not None:
+        k = min(k, max_dev)
+    k = min(k, n - 1)
+
+    rng = random.Random(seed)
+    if data.kind == "classification":
+        groups: dict[str, list[int]] = {label: [] for label in data.labels or []}
+        for i, ex in enumerate(data.examples):
+            groups.setdefault(ex.target, []).append(i)
+        members = [idx for idx in groups.values() if idx]
+        for idx in members:
+            rng.shuffle(idx)
+        take = _allocate([len(idx) for idx in members], k)
+        dev_idx = {i for idx, t in zip(members, take, strict=True) for i in idx[:t]}
+    else:
+        dev_idx = set(rng.sample(range(n), k))
+
+    train = [ex for i, ex in enumerate(data.examples) if i not in dev_idx]
+    dev = [ex for i, ex in enumerate(data.examples) if i in dev_idx]
+    labels = list(data.labels) if data.labels is not None else None
+    logger.debug(
+        "split %s: %d train, %d dev (seed %d)", data.source, len(train), len(dev), seed
+    )
+    return (
+        TaskData(kind=data.kind, examples=train, labels=labels, source=data.source),
+        TaskData(
+            kind=data.kind,
+            examples=dev,
+            labels=list(labels) if labels is not None else None,
+            source=data.source,
+        ),
+    )
+
+
+def _allocate(counts: list[int], k: int) -> list[int]:
+    """How many dev examples each group gives: ``k`` in total, stratified.
+
+    First one from each group of >= 2 (largest groups first, while ``k`` lasts), then the rest by largest
+    deficit against the proportional share ``k * count / n``. Each group keeps one example for train unless
+    that makes ``k`` impossible.
+    """
+    n = sum(counts)
+    caps = [c - 1 for c in counts]
+    if sum(caps) < k:
+        caps = list(counts)
+    take = [0] * len(counts)
+    used = 0
+    for g in sorted(range(len(counts)), key=lambda g: (-counts[g], g)):
+        if used == k:
+            break
+        if counts[g] >= 2 and caps[g] >= 1:
+            take[g] = 1
+            used += 1
+    # Max-heap on (share - taken); ties go to the earlier group.
+    heap = [
+        (-(k * c / n - t), g)
+        for g, (c, t) in enumerate(zip(counts, take, strict=True))
+        if t < caps[g]
+    ]
+    heapq.heapify(heap)
+    while used < k:
+        _, g = heapq.heappop(heap)
+        take[g] += 1
+        used += 1
+        if take[g] < caps[g]:
+            heapq.heappush(heap, (-(k * counts[g] / n - take[g]), g))
+    return take
+
+
+# ------------------------------------------------------------------------- truncation
+
+
+def truncate_inputs(
+    data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int
+) -> TaskData:
+    """Cut every input longer than ``max_tokens`` tokens down to its first ``max_tokens`` tokens.
+
+    Tokens are counted with ``tokenizer(text, add_special_tokens=False)["input_ids"]``; a cut input is the
+    decoded prefix (``skip_special_tokens=True``), shortened further if re-tokenizing it would still exceed
+    ``max_tokens``. Targets are left alone. One ``UserWarning`` reports how many inputs were cut, the limit and
+    where the first one is.
+
+    Args:
+        data: the task data.
+        tokenizer: a Hugging Face tokenizer (the backbone's).
+        max_tokens: the largest input length in tokens (``>= 1``).
+
+    Returns:
+        A new :class:`TaskData` with the cut inputs, or ``data`` itself when no input was too long.
+
+    Raises:
+        ValueError: ``max_tokens < 1``.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+
+    def count(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    examples: list[Example] = []
+    first: tuple[int, Example] | None = None
+    n_cut = 0
+    for i, ex in enumerate(data.examples):
+        ids = count(ex.input)
+        if len(ids) <= max_tokens:
+            examples.append(ex)
+            continue
+        n_cut += 1
+        if first is None:
+            first = (i, ex)
+        # Decoding then re-tokenizing is not always the identity (BPE merges across the cut), so shorten
+        # until the result fits.
+        keep = max_tokens
+        text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        while keep > 1 and len(count(text)) > max_tokens:
+            keep -= 1
+            text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        examples.append(dataclasses.replace(ex, input=text))
+
+    if first is None:
+        return data
+    index, ex = first
+    where = (
+        f"{data.source}:{ex.line}"
+        if ex.line is not None
+        else f"{data.source} row {index + 1}"
+    )
+    warnings.warn(
+        f"truncated {n_cut} of {len(data)} inputs to {max_tokens} tokens (first: {where})",
+        UserWarning,
+        stacklevel=2,
+    )
+    return dataclasses.replace(data, examples=examples)
