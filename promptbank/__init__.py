@@ -11,7 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .backbone import Backbone, load_backbone
-from .bank import PromptBank, Prediction, Routing, TaskRecord
+from .bank import Prediction, PromptBank, Routing, TaskRecord
 from .config import Method, PromptConfig, TrainConfig
 from .errors import (
     BackboneMismatchError,
@@ -24,7 +24,7 @@ from .errors import (
 )
 from .tasks import TaskData, load_task_data
 
-__all__ = sorted([
+__all__ = [
     "Backbone",
     "BackboneMismatchError",
     "BankFormatError",
@@ -43,4 +43,4 @@ __all__ = sorted([
     "TrainingDivergedError",
     "load_backbone",
     "load_task_data",
-])
+]

@@ -121,22 +121,34 @@ class PromptBank:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, backbone: str | os.PathLike | Backbone | None = None, *,
-                        embedder: str | Embedder | None = None, **backbone_kwargs) -> PromptBank:
+    def from_pretrained(
+        cls,
+        backbone: str | os.PathLike | Backbone | None = None,
+        *,
+        embedder: str | Embedder | None = None,
+        **backbone_kwargs,
+    ) -> PromptBank:
         """A new empty bank. ``backbone=None`` is SmolLM2-135M-Instruct (fetched and cached on first use);
         ``embedder=None`` is all-MiniLM-L6-v2. A name, a local folder or a :class:`Backbone` work too."""
         bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, **backbone_kwargs)
         return cls(bb, load_embedder(embedder))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backbone: str | os.PathLike | Backbone | None = None, *,
-             embedder: str | Embedder | None = None, allow_mismatch: bool = False,
-             trust_index: bool = False) -> PromptBank:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        backbone: str | os.PathLike | Backbone | None = None,
+        *,
+        embedder: str | Embedder | None = None,
+        allow_mismatch: bool = False,
+        trust_index: bool = False,
+    ) -> PromptBank:
         """Load a bank saved by :meth:`save`. ``backbone=None`` loads the backbone named in the manifest."""
         from .storage import load_bank
 
-        return load_bank(cls, path, backbone=backbone, embedder=embedder, allow_mismatch=allow_mismatch,
-                         trust_index=trust_index)
+        return load_bank(
+            cls, path, backbone=backbone, embedder=embedder, allow_mismatch=allow_mismatch, trust_index=trust_index
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the bank atomically to folder ``path`` (safe to save into the folder it was loaded from)."""
@@ -157,7 +169,9 @@ class PromptBank:
         return name in self._tasks
 
     def __repr__(self) -> str:
-        return f"PromptBank(backbone={self.backbone.name!r}, embedder={self.embedder.name!r}, tasks={list(self._tasks)})"
+        return (
+            f"PromptBank(backbone={self.backbone.name!r}, embedder={self.embedder.name!r}, tasks={list(self._tasks)})"
+        )
 
     def soft_prompt(self, name: str) -> dict[int, torch.Tensor]:
         """A copy of task ``name``'s soft prompt ``{layer: (P, d)}``."""
@@ -171,11 +185,21 @@ class PromptBank:
             raise TaskNotFoundError(f"no task named {name!r} in the bank (tasks: {known})") from None
 
     # ------------------------------------------------------------------ learning
-    def learn_task(self, name: str, data: Any, method: str | Method = Method.PROMPT_TUNING, *,
-                   dev: Any = None, kind: str | None = None, labels: Sequence[str] | None = None,
-                   num_virtual_tokens: int = 20, layers: list[int] | None = None,
-                   encoder_hidden: int | None = None, template: str = causal.DEFAULT_TEMPLATE,
-                   **train_options) -> TaskRecord:
+    def learn_task(
+        self,
+        name: str,
+        data: Any,
+        method: str | Method = Method.PROMPT_TUNING,
+        *,
+        dev: Any = None,
+        kind: str | None = None,
+        labels: Sequence[str] | None = None,
+        num_virtual_tokens: int = 20,
+        layers: list[int] | None = None,
+        encoder_hidden: int | None = None,
+        template: str = causal.DEFAULT_TEMPLATE,
+        **train_options,
+    ) -> TaskRecord:
         """Train a new soft prompt for task ``name`` on ``data`` and store it; other tasks are not touched.
 
         ``data``: a JSONL/JSON/CSV path, a list of dicts (``{"text","label"}`` or ``{"input","target"}``) or of
@@ -189,16 +213,18 @@ class PromptBank:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
         if "{input}" not in template:
             raise ValueError(f"template must contain '{{input}}', got {template!r}")
-        pconf = PromptConfig(method=method, num_virtual_tokens=num_virtual_tokens, layers=layers,
-                             encoder_hidden=encoder_hidden)
+        pconf = PromptConfig(
+            method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
+        )
         tconf = TrainConfig(**train_options)
         model, tok = self.backbone.model, self.backbone.tokenizer
 
         task_data = load_task_data(data, kind=kind, labels=labels)
         task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens)
         if dev is not None:
-            dev_data = truncate_inputs(load_task_data(dev, kind=task_data.kind, labels=task_data.labels), tok,
-                                       tconf.max_input_tokens)
+            dev_data = truncate_inputs(
+                load_task_data(dev, kind=task_data.kind, labels=task_data.labels), tok, tconf.max_input_tokens
+            )
             train_data = task_data
         elif tconf.dev_fraction > 0 and len(task_data) >= 4:
             train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
@@ -230,23 +256,36 @@ class PromptBank:
             torch.manual_seed(tconf.seed)
             module = build_prompt_module(pconf, init)
             lr = tconf.lr if tconf.lr is not None else DEFAULT_LR[pconf.method]
-            result = train_soft_prompt(model, tok, module, train_pairs, dev_pairs, tconf, lr=lr,
-                                       desc=f"learn {name} ({pconf.method.value})")
+            result = train_soft_prompt(
+                model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=f"learn {name} ({pconf.method.value})"
+            )
 
         dev_acc = None
         if dev_data and task_data.kind == "classification":
             dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data)
 
         record = TaskRecord(
-            name=name, kind=task_data.kind, labels=list(task_data.labels) if task_data.labels else None,
-            prompt_config=pconf.to_dict(), train_config=tconf.to_dict(), template=template,
-            num_train=len(train_pairs), num_dev=len(dev_pairs), steps=result.steps, best_step=result.best_step,
-            dev_loss=result.best_dev_loss, dev_accuracy=dev_acc, train_seconds=round(result.seconds, 3),
-            threshold=float(threshold), warm_start_from=warm_from, history=result.history,
+            name=name,
+            kind=task_data.kind,
+            labels=list(task_data.labels) if task_data.labels else None,
+            prompt_config=pconf.to_dict(),
+            train_config=tconf.to_dict(),
+            template=template,
+            num_train=len(train_pairs),
+            num_dev=len(dev_pairs),
+            steps=result.steps,
+            best_step=result.best_step,
+            dev_loss=result.best_dev_loss,
+            dev_accuracy=dev_acc,
+            train_seconds=round(result.seconds, 3),
+            threshold=float(threshold),
+            warm_start_from=warm_from,
+            history=result.history,
         )
         self._insert(_Task(record, result.prompt, keys, result.train_state))
-        logger.info("learned task %r: %d steps, dev loss %s, dev accuracy %s", name, result.steps,
-                    result.best_dev_loss, dev_acc)
+        logger.info(
+            "learned task %r: %d steps, dev loss %s, dev accuracy %s", name, result.steps, result.best_dev_loss, dev_acc
+        )
         return record
 
     def _encoder(self, template: str, max_target_tokens: int):
@@ -282,7 +321,9 @@ class PromptBank:
         sims = torch.tensor([s for s, _ in cands])
         weights = torch.softmax(sims / 0.1, dim=0)  # temperature 0.1 on cosine: nearest tasks dominate
         mixed = {layer: sum(w * self._tasks[n].prompt[layer] for w, (_, n) in zip(weights, cands)) for layer in init}
-        info = [{"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)]
+        info = [
+            {"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)
+        ]
         return mixed, info
 
     def remove_task(self, name: str) -> None:
@@ -326,8 +367,9 @@ class PromptBank:
                 self._get(n)
         return names, [None] * len(texts)
 
-    def predict(self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *,
-                batch_size: int = 16) -> list[Prediction]:
+    def predict(
+        self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *, batch_size: int = 16
+    ) -> list[Prediction]:
         """Predict for each text. ``task=None`` routes each text; a name applies that task to all; a list
         gives one task (or ``None``) per text. Classification ranks the task's labels by likelihood; a
         generation task generates. Texts with no task get ``output=None``."""
@@ -346,8 +388,9 @@ class PromptBank:
             ll = causal.rank_labels(model, tok, kv, inputs, label_ids)
             for i, r, lp in zip(rows, recs, ll):
                 best = int(lp.argmax())
-                preds[i] = Prediction(r.labels[best], names[i], scores[i],
-                                      {lab: float(v) for lab, v in zip(r.labels, lp)})
+                preds[i] = Prediction(
+                    r.labels[best], names[i], scores[i], {lab: float(v) for lab, v in zip(r.labels, lp)}
+                )
         if gen_rows:
             outs = self.generate([texts[i] for i in gen_rows], [names[i] for i in gen_rows], batch_size=batch_size)
             for i, out in zip(gen_rows, outs):
@@ -361,9 +404,17 @@ class PromptBank:
         max_t = record.train_config.get("max_target_tokens")
         return [causal.encode_target(self.backbone.tokenizer, lab, max_t) for lab in record.labels]
 
-    def generate(self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 batch_size: int = 16) -> list[str]:
+    def generate(
+        self,
+        texts: str | Sequence[str],
+        task: str | Sequence[str | None] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> list[str]:
         """Generate a continuation for each text behind its task's soft prompt (routed when ``task=None``).
 
         Texts with no task are answered by the plain backbone (through its chat template when it has one).
@@ -385,16 +436,25 @@ class PromptBank:
                 else:
                     inputs.append(causal.encode_input(tok, texts[i], self._tasks[n].record.template))
                     kv.append(self._prompt_kv(n))
-            ids = causal.generate(model, tok, kv, inputs, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, generator=gen)
+            ids = causal.generate(
+                model,
+                tok,
+                kv,
+                inputs,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                generator=gen,
+            )
             outputs += [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
         return outputs
 
     def _plain_input(self, text: str) -> list[int]:
         tok = self.backbone.tokenizer
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True)
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -411,8 +471,9 @@ class PromptBank:
         correct = sum(p.output == ex.target for p, ex in zip(preds, td.examples))
         return {"accuracy": correct / len(td), "n": float(len(td))}
 
-    def _accuracy(self, prompt: dict[int, torch.Tensor], labels: list[str], template: str, data: TaskData,
-                  batch_size: int = 16) -> float:
+    def _accuracy(
+        self, prompt: dict[int, torch.Tensor], labels: list[str], template: str, data: TaskData, batch_size: int = 16
+    ) -> float:
         """Accuracy of an (unstored) soft prompt on classification data."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         with torch.no_grad():
@@ -435,4 +496,3 @@ def _as_texts(texts: str | Sequence[str]) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
     return out
-

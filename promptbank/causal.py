@@ -66,7 +66,7 @@ def target_logprobs(
     hidden, _, _ = forward_hidden(model, ids, mask, row_kv)  # (B, T, d)
     width = ids.shape[1]
     rows, pos, tgt, sizes = [], [], [], []
-    for b, (i, t) in enumerate(zip(inputs, targets)):
+    for b, t in enumerate(targets):
         start = width - len(t) - 1  # the position that predicts the first target token
         rows += [b] * len(t)
         pos += list(range(start, start + len(t)))

@@ -19,8 +19,15 @@ class Method(str, Enum):
     def parse(cls, value: str | Method) -> Method:
         if isinstance(value, Method):
             return value
-        aliases = {"pt": "prompt_tuning", "ptuning": "ptuning_mlp", "p_tuning": "ptuning_mlp",
-                   "mlp": "ptuning_mlp", "lstm": "ptuning_lstm", "ptuning_v2": "deep", "prefix": "deep"}
+        aliases = {
+            "pt": "prompt_tuning",
+            "ptuning": "ptuning_mlp",
+            "p_tuning": "ptuning_mlp",
+            "mlp": "ptuning_mlp",
+            "lstm": "ptuning_lstm",
+            "ptuning_v2": "deep",
+            "prefix": "deep",
+        }
         key = str(value).strip().lower().replace("-", "_")
         key = aliases.get(key, key)
         try:

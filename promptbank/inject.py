@@ -43,7 +43,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-style .layers, GPT-2 .h")
+    raise TypeError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-style .layers, GPT-2 .h"
+    )
 
 
 @lru_cache(maxsize=32)
@@ -92,9 +94,7 @@ def prompt_kv(model: nn.Module, soft_prompt: SoftPrompt) -> PrefixKV:
                 continue
             if not 0 < layer_idx < len(layers):
                 raise ValueError(f"soft prompt layer {layer_idx} out of range for a {len(layers)}-layer model")
-            handles.append(
-                layers[layer_idx].register_forward_pre_hook(_OverwriteHidden(value[None]), with_kwargs=True)
-            )
+            handles.append(layers[layer_idx].register_forward_pre_hook(_OverwriteHidden(value[None]), with_kwargs=True))
         base = model.base_model
         cache = DynamicCache(config=model.config)
         dtype = next(model.parameters()).dtype

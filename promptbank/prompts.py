@@ -75,7 +75,9 @@ class DeepPrompt(SoftPromptModule):
     def __init__(self, init: dict[int, torch.Tensor]):
         super().__init__()
         self.layers = sorted(init)
-        self.vectors = nn.ParameterDict({str(layer): nn.Parameter(init[layer].detach().float().clone()) for layer in self.layers})
+        self.vectors = nn.ParameterDict(
+            {str(layer): nn.Parameter(init[layer].detach().float().clone()) for layer in self.layers}
+        )
 
     def forward(self) -> dict[int, torch.Tensor]:
         return {layer: self.vectors[str(layer)] for layer in self.layers}
@@ -93,8 +95,9 @@ def build_prompt_module(config: PromptConfig, init: dict[int, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def vocab_init(model: nn.Module, layers: list[int], num_tokens: int, *, generator: torch.Generator,
-               max_vocab: int = 5000) -> dict[int, torch.Tensor]:
+def vocab_init(
+    model: nn.Module, layers: list[int], num_tokens: int, *, generator: torch.Generator, max_vocab: int = 5000
+) -> dict[int, torch.Tensor]:
     """Initial soft prompt from real tokens: embeddings of ``num_tokens`` token ids sampled from the first
     ``max_vocab`` of the vocabulary (frequent tokens in BPE vocabularies), and for deeper layers the hidden
     states those tokens produce entering each layer, so every vector starts at a natural scale.

@@ -55,7 +55,11 @@ def _versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"promptbank": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+    return {
+        "promptbank": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+    }
 
 
 def peft_export(backbone: Backbone, prompt: dict[int, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -77,8 +81,13 @@ def peft_export(backbone: Backbone, prompt: dict[int, torch.Tensor]) -> tuple[di
         "num_transformer_submodules": 1,
     }
     if list(prompt) == [0]:
-        config = dict(common, peft_type="PROMPT_TUNING", token_dim=int(d),
-                      num_attention_heads=int(cfg.num_attention_heads), prompt_tuning_init="RANDOM")
+        config = dict(
+            common,
+            peft_type="PROMPT_TUNING",
+            token_dim=int(d),
+            num_attention_heads=int(cfg.num_attention_heads),
+            prompt_tuning_init="RANDOM",
+        )
         return config, {"prompt_embeddings": prompt[0].float().contiguous()}
     from .inject import prompt_kv
 
@@ -88,8 +97,14 @@ def peft_export(backbone: Backbone, prompt: dict[int, torch.Tensor]) -> tuple[di
     per_layer = [torch.stack([k[0], v[0]]) for k, v in kv]  # each (2, H_kv, P, hd)
     stacked = torch.stack(per_layer)  # (L, 2, H_kv, P, hd)
     flat = stacked.permute(3, 0, 1, 2, 4).reshape(p, -1)  # (P, L * 2 * H_kv * hd)
-    config = dict(common, peft_type="PREFIX_TUNING", token_dim=int(kv_heads * head_dim),
-                  num_attention_heads=int(kv_heads), prefix_projection=False, encoder_hidden_size=int(d))
+    config = dict(
+        common,
+        peft_type="PREFIX_TUNING",
+        token_dim=int(kv_heads * head_dim),
+        num_attention_heads=int(kv_heads),
+        prefix_projection=False,
+        encoder_hidden_size=int(d),
+    )
     return config, {"prompt_embeddings": flat.float().contiguous()}
 
 
@@ -116,11 +131,19 @@ def _write_folder(bank: PromptBank, folder: Path) -> None:
     for name, task in bank._tasks.items():
         tdir = tasks_dir / name
         tdir.mkdir()
-        meta = {"format": "promptbank-soft-prompt", "method": task.record.prompt_config["method"]}
-        save_file({f"layer.{layer}": t.contiguous() for layer, t in sorted(task.prompt.items())},
-                  str(tdir / "prompt.safetensors"), metadata=meta)
-        save_np({"keys": np.ascontiguousarray(task.keys, dtype=np.float32),
-                 "ids": np.ascontiguousarray(bank.router.ids(name), dtype=np.int64)}, str(tdir / "keys.safetensors"))
+        meta = {"format": "promptbank-soft-prompt"}  # one key: safetensors does not keep metadata order
+        save_file(
+            {f"layer.{layer}": t.contiguous() for layer, t in sorted(task.prompt.items())},
+            str(tdir / "prompt.safetensors"),
+            metadata=meta,
+        )
+        save_np(
+            {
+                "keys": np.ascontiguousarray(task.keys, dtype=np.float32),
+                "ids": np.ascontiguousarray(bank.router.ids(name), dtype=np.int64),
+            },
+            str(tdir / "keys.safetensors"),
+        )
         if task.train_state:
             save_file({k: v.contiguous() for k, v in task.train_state.items()}, str(tdir / "train_state.safetensors"))
         peft_cfg, peft_tensors = peft_export(bank.backbone, task.prompt)
@@ -134,8 +157,12 @@ def _write_folder(bank: PromptBank, folder: Path) -> None:
         "written_by": _versions(),
         "backbone": {"name": bank.backbone.name, "kind": bank.backbone.kind, "fingerprint": bank.backbone.fingerprint},
         "embedder": {"name": bank.embedder.name, "dim": int(bank.embedder.dim)},
-        "index": {"file": INDEX_FILE, "type": "IndexIDMap2(IndexFlatIP)", "ntotal": int(bank.router.ntotal),
-                  "next_id": int(bank.router.next_id)},
+        "index": {
+            "file": INDEX_FILE,
+            "type": "IndexIDMap2(IndexFlatIP)",
+            "ntotal": int(bank.router.ntotal),
+            "next_id": int(bank.router.next_id),
+        },
         "tasks": {name: t.record.to_dict() for name, t in bank._tasks.items()},
         "task_order": list(bank._tasks),
     }
@@ -179,14 +206,22 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise BankFormatError(f"{mpath}: not a promptbank manifest")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BankFormatError(f"{mpath}: format version {version!r} is newer than this promptbank supports "
-                              f"({FORMAT_VERSION}); upgrade promptbank")
+        raise BankFormatError(
+            f"{mpath}: format version {version!r} is newer than this promptbank supports "
+            f"({FORMAT_VERSION}); upgrade promptbank"
+        )
     return manifest
 
 
-def load_bank(cls, path: str | os.PathLike, *, backbone: str | os.PathLike | Backbone | None = None,
-              embedder: str | Embedder | None = None, allow_mismatch: bool = False,
-              trust_index: bool = False) -> PromptBank:
+def load_bank(
+    cls,
+    path: str | os.PathLike,
+    *,
+    backbone: str | os.PathLike | Backbone | None = None,
+    embedder: str | Embedder | None = None,
+    allow_mismatch: bool = False,
+    trust_index: bool = False,
+) -> PromptBank:
     """Load a bank folder. Tensors are copied out of the files; the index is rebuilt from keys unless
     ``trust_index`` (and then only if it agrees with the keys)."""
     from .bank import TaskRecord, _Task, validate_task_name
@@ -201,8 +236,9 @@ def load_bank(cls, path: str | os.PathLike, *, backbone: str | os.PathLike | Bac
     check_fingerprint(bb_info["fingerprint"], bb.fingerprint, allow_mismatch=allow_mismatch)
     emb = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
     if emb.dim != manifest["embedder"]["dim"]:
-        raise BankFormatError(f"{folder}: bank keys have dim {manifest['embedder']['dim']}, embedder "
-                              f"{emb.name!r} gives {emb.dim}")
+        raise BankFormatError(
+            f"{folder}: bank keys have dim {manifest['embedder']['dim']}, embedder {emb.name!r} gives {emb.dim}"
+        )
     bank = cls(bb, emb)
     d = bb.hidden_size
     tasks: dict[str, _Task] = {}
@@ -225,15 +261,20 @@ def load_bank(cls, path: str | os.PathLike, *, backbone: str | os.PathLike | Bac
                 raise BankFormatError(f"{tdir / 'prompt.safetensors'}: unexpected tensor {key!r}")
             layer = int(key.split(".", 1)[1])
             if t.dim() != 2 or t.shape[1] != d or not torch.isfinite(t).all():
-                raise BankFormatError(f"{tdir / 'prompt.safetensors'}: tensor {key!r} has shape {tuple(t.shape)} or "
-                                      f"non-finite values; expected (P, {d}) finite")
+                raise BankFormatError(
+                    f"{tdir / 'prompt.safetensors'}: tensor {key!r} has shape {tuple(t.shape)} or "
+                    f"non-finite values; expected (P, {d}) finite"
+                )
             prompt[layer] = t.clone()
         tasks[name] = _Task(record, prompt, np.array(keys, dtype=np.float32, copy=True), train_state)
     index_path = folder / INDEX_FILE
     try:
         bank.router = Router.from_keys(
-            {n: t.keys for n, t in tasks.items()}, {n: t.record.threshold for n, t in tasks.items()},
-            dim=emb.dim, ids=ids, next_id=manifest["index"].get("next_id"),
+            {n: t.keys for n, t in tasks.items()},
+            {n: t.record.threshold for n, t in tasks.items()},
+            dim=emb.dim,
+            ids=ids,
+            next_id=manifest["index"].get("next_id"),
             index_bytes=index_path.read_bytes() if trust_index and index_path.exists() else None,
         )
     except ValueError as e:

@@ -238,20 +238,14 @@ def _check_labels_arg(labels: Sequence[str] | None, src: str) -> list[str] | Non
         if not name:
             raise DataError(f"labels[{i}] is empty", source=src)
         if name in out:
-            raise DataError(
-                f"duplicate label {name!r} in labels {list(labels)!r}", source=src
-            )
+            raise DataError(f"duplicate label {name!r} in labels {list(labels)!r}", source=src)
         out.append(name)
     if len(out) < 2:
-        raise DataError(
-            f"a classification task needs at least 2 labels, got {out!r}", source=src
-        )
+        raise DataError(f"a classification task needs at least 2 labels, got {out!r}", source=src)
     return out
 
 
-def _resolve_labels(
-    examples: list[Example], label_list: list[str] | None, src: str
-) -> list[str]:
+def _resolve_labels(examples: list[Example], label_list: list[str] | None, src: str) -> list[str]:
     """Check every label against ``label_list``, or collect the labels in order of first appearance."""
     if label_list is not None:
         allowed = set(label_list)
@@ -382,9 +376,7 @@ def _read_file(path: Path, src: str, kind: TaskKind | None) -> list[tuple[Any, i
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DataError(
-            f"cannot read the file: {exc.strerror or exc}", source=src
-        ) from exc
+        raise DataError(f"cannot read the file: {exc.strerror or exc}", source=src) from exc
     lines = _decode_lines(raw, src)
     if ext == ".jsonl":
         return _parse_jsonl(lines, src)
@@ -395,9 +387,7 @@ def _read_file(path: Path, src: str, kind: TaskKind | None) -> list[tuple[Any, i
 
 def _decode_lines(raw: bytes, src: str) -> list[str]:
     """Decode UTF-8 bytes line by line (keeping line ends), so a bad byte is reported with its line."""
-    if raw.startswith(
-        b"\xef\xbb\xbf"
-    ):  # UTF-8 byte-order mark, as written by some spreadsheet programs
+    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark, as written by some spreadsheet programs
         raw = raw[3:]
     lines: list[str] = []
     for number, chunk in enumerate(raw.splitlines(keepends=True), start=1):
@@ -421,9 +411,7 @@ def _parse_jsonl(lines: list[str], src: str) -> list[tuple[Any, int]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=number
-            ) from None
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=number) from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"each line must be a JSON object, got {_json_type(obj)} ({_short(obj)})",
@@ -439,11 +427,7 @@ def _parse_json(text: str, src: str) -> list[tuple[Any, int]]:
     try:
         top = json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = (
-            " (one object per line? name the file .jsonl)"
-            if exc.msg == "Extra data"
-            else ""
-        )
+        hint = " (one object per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
         raise DataError(
             f"invalid JSON: {exc.msg} (column {exc.colno}){hint}",
             source=src,
@@ -493,9 +477,7 @@ def _json_type(obj: Any) -> str:
     return names.get(type(obj), "a number")
 
 
-def _parse_csv(
-    lines: list[str], src: str, kind: TaskKind | None, *, delimiter: str
-) -> list[tuple[Any, int]]:
+def _parse_csv(lines: list[str], src: str, kind: TaskKind | None, *, delimiter: str) -> list[tuple[Any, int]]:
     """Parse CSV/TSV with a header row (checked to have the columns ``kind`` needs); rows become dicts."""
     reader = csv.reader(lines, delimiter=delimiter)
     what = "TSV" if delimiter == "\t" else "CSV"
@@ -505,9 +487,7 @@ def _parse_csv(
         while header is not None and not any(cell.strip() for cell in header):
             header = next(reader, None)
     except csv.Error as exc:
-        raise DataError(
-            f"invalid {what}: {exc}", source=src, line=reader.line_num
-        ) from None
+        raise DataError(f"invalid {what}: {exc}", source=src, line=reader.line_num) from None
     if header is None:
         return []
     header_line = reader.line_num
@@ -520,9 +500,7 @@ def _parse_csv(
         try:
             cells = next(reader, None)
         except csv.Error as exc:
-            raise DataError(
-                f"invalid {what}: {exc}", source=src, line=reader.line_num
-            ) from None
+            raise DataError(f"invalid {what}: {exc}", source=src, line=reader.line_num) from None
         if cells is None:
             break
         # A blank line, or a row of empty cells as spreadsheets write them.
@@ -539,9 +517,7 @@ def _parse_csv(
     return rows
 
 
-def _check_csv_header(
-    columns: list[str], line: int, kind: TaskKind | None, src: str, what: str
-) -> None:
+def _check_csv_header(columns: list[str], line: int, kind: TaskKind | None, src: str, what: str) -> None:
     """Raise unless the header has both columns of ``kind`` (of either kind when ``kind`` is None)."""
     present = set(columns)
     kinds = _KINDS if kind is None else (kind,)
@@ -625,9 +601,7 @@ def split_dev(
     train = [ex for i, ex in enumerate(data.examples) if i not in dev_idx]
     dev = [ex for i, ex in enumerate(data.examples) if i in dev_idx]
     labels = list(data.labels) if data.labels is not None else None
-    logger.debug(
-        "split %s: %d train, %d dev (seed %d)", data.source, len(train), len(dev), seed
-    )
+    logger.debug("split %s: %d train, %d dev (seed %d)", data.source, len(train), len(dev), seed)
     return (
         TaskData(kind=data.kind, examples=train, labels=labels, source=data.source),
         TaskData(
@@ -659,11 +633,7 @@ def _allocate(counts: list[int], k: int) -> list[int]:
             take[g] = 1
             used += 1
     # Max-heap on (share - taken); ties go to the earlier group.
-    heap = [
-        (-(k * c / n - t), g)
-        for g, (c, t) in enumerate(zip(counts, take, strict=True))
-        if t < caps[g]
-    ]
+    heap = [(-(k * c / n - t), g) for g, (c, t) in enumerate(zip(counts, take, strict=True)) if t < caps[g]]
     heapq.heapify(heap)
     while used < k:
         _, g = heapq.heappop(heap)
@@ -677,9 +647,7 @@ def _allocate(counts: list[int], k: int) -> list[int]:
 # ------------------------------------------------------------------------- truncation
 
 
-def truncate_inputs(
-    data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int
-) -> TaskData:
+def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> TaskData:
     """Cut every input longer than ``max_tokens`` tokens down to its first ``max_tokens`` tokens.
 
     Tokens are counted with ``tokenizer(text, add_special_tokens=False)["input_ids"]``; a cut input is the
@@ -727,11 +695,7 @@ def truncate_inputs(
     if first is None:
         return data
     index, ex = first
-    where = (
-        f"{data.source}:{ex.line}"
-        if ex.line is not None
-        else f"{data.source} row {index + 1}"
-    )
+    where = f"{data.source}:{ex.line}" if ex.line is not None else f"{data.source} row {index + 1}"
     warnings.warn(
         f"truncated {n_cut} of {len(data)} inputs to {max_tokens} tokens (first: {where})",
         UserWarning,

@@ -118,7 +118,7 @@ def train_soft_prompt(
             idx = next(batches)
             loss = _batch_loss(model, tokenizer, module, [train[i] for i in idx])
             if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"{desc}: loss became {float(loss)} at step {step}; nothing was stored")
+                raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at step {step}; nothing was stored")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if not checked_grads:  # the backbone must never receive gradients
@@ -129,7 +129,9 @@ def train_soft_prompt(
             if config.grad_clip:
                 norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 if not math.isfinite(float(norm)):
-                    raise TrainingDivergedError(f"{desc}: gradient norm {float(norm)} at step {step}; nothing was stored")
+                    raise TrainingDivergedError(
+                        f"{desc}: gradient norm {float(norm)} at step {step}; nothing was stored"
+                    )
             opt.step()
             sched.step()
             entry = {"step": step, "loss": loss.item()}
@@ -153,7 +155,9 @@ def train_soft_prompt(
                 bar.update(1)
             if dev and bad_evals >= config.patience:
                 stopped_early = True
-                logger.info("%s: early stop at step %d (best dev loss %.4f at step %d)", desc, step, best_loss, best_step)
+                logger.info(
+                    "%s: early stop at step %d (best dev loss %.4f at step %d)", desc, step, best_loss, best_step
+                )
                 break
     finally:
         if bar is not None:

@@ -33,10 +33,20 @@ def make_tiny_model(vocab_size: int, *, layers: int = 2, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=vocab_size - 3, eos_token_id=vocab_size - 2,
-                      pad_token_id=vocab_size - 1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=vocab_size - 3,
+        eos_token_id=vocab_size - 2,
+        pad_token_id=vocab_size - 1,
+        initializer_range=0.3,
+    )
     return LlamaForCausalLM(cfg)
 
 

@@ -48,9 +48,7 @@ def jsonl(rows: list[object]) -> str:
 def make_cls(counts: dict[str, int]) -> TaskData:
     examples = [
         Example(input=f"{label} text {i}", target=label, line=n + 1)
-        for n, (label, i) in enumerate(
-            (label, i) for label, c in counts.items() for i in range(c)
-        )
+        for n, (label, i) in enumerate((label, i) for label, c in counts.items() for i in range(c))
     ]
     return TaskData(
         kind="classification",
@@ -64,9 +62,7 @@ def make_cls(counts: dict[str, int]) -> TaskData:
 
 
 def test_jsonl_classification_loads_with_lines_and_label_order(tmp_path: Path) -> None:
-    p = write(
-        tmp_path / "d.jsonl", jsonl(CLS_ROWS[:1]) + "\n  \n" + jsonl(CLS_ROWS[1:])
-    )
+    p = write(tmp_path / "d.jsonl", jsonl(CLS_ROWS[:1]) + "\n  \n" + jsonl(CLS_ROWS[1:]))
     data = load_task_data(p)
     assert data.kind == "classification"
     assert data.labels == ["pos", "neg"]
@@ -170,9 +166,7 @@ def test_file_not_found_names_the_file(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension(tmp_path: Path) -> None:
-    with pytest.raises(
-        DataError, match=r"d\.txt: unsupported file extension '\.txt'.*\.jsonl"
-    ):
+    with pytest.raises(DataError, match=r"d\.txt: unsupported file extension '\.txt'.*\.jsonl"):
         load_task_data(write(tmp_path / "d.txt", "text,label\n"))
 
 
@@ -192,29 +186,19 @@ def test_empty_list() -> None:
 
 def test_row_not_an_object(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.jsonl", jsonl([CLS_ROWS[0], CLS_ROWS[1], ["x", "y"]]))
-    with pytest.raises(
-        DataError, match=r"bad\.jsonl:3: each line must be a JSON object, got a list"
-    ):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: each line must be a JSON object, got a list"):
         load_task_data(p)
     p = write(tmp_path / "bad.json", '[\n{"text": "a", "label": "x"},\n 42\n]')
-    with pytest.raises(
-        DataError, match=r"bad\.json:3: each list element must be a JSON object"
-    ):
+    with pytest.raises(DataError, match=r"bad\.json:3: each list element must be a JSON object"):
         load_task_data(p)
-    with pytest.raises(
-        DataError, match=r"<list>:2: a row must be an object .* got int"
-    ):
+    with pytest.raises(DataError, match=r"<list>:2: a row must be an object .* got int"):
         load_task_data([CLS_ROWS[0], 7])
-    with pytest.raises(
-        DataError, match=r"<list>:1: .*2-item .* got a tuple of 3 items"
-    ):
+    with pytest.raises(DataError, match=r"<list>:1: .*2-item .* got a tuple of 3 items"):
         load_task_data([("a", "b", "c")])
 
 
 def test_missing_field_names_field_and_fields_present(tmp_path: Path) -> None:
-    p = write(
-        tmp_path / "bad.jsonl", jsonl([CLS_ROWS[0], {"text": "hi", "lable": "pos"}])
-    )
+    p = write(tmp_path / "bad.jsonl", jsonl([CLS_ROWS[0], {"text": "hi", "lable": "pos"}]))
     with pytest.raises(
         DataError,
         match=r"bad\.jsonl:2: missing field 'label'.*has fields: 'text', 'lable'",
@@ -224,9 +208,7 @@ def test_missing_field_names_field_and_fields_present(tmp_path: Path) -> None:
 
 def test_kind_cannot_be_inferred(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.jsonl", jsonl([{"sentence": "hi", "y": 1}]))
-    with pytest.raises(
-        DataError, match=r"bad\.jsonl:1: cannot infer the task kind.*'sentence', 'y'"
-    ):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: cannot infer the task kind.*'sentence', 'y'"):
         load_task_data(p)
     both = [{"text": "a", "label": "x", "input": "b", "target": "y"}]
     with pytest.raises(DataError, match=r"<list>:1: cannot infer.*pass kind="):
@@ -248,26 +230,20 @@ def test_kind_cannot_be_inferred(tmp_path: Path) -> None:
         ({"text": "ok", "label": 1.5}, r"field 'label' must be a string, got float"),
     ],
 )
-def test_bad_text_or_label(
-    tmp_path: Path, row: dict[str, object], pattern: str
-) -> None:
+def test_bad_text_or_label(tmp_path: Path, row: dict[str, object], pattern: str) -> None:
     p = write(tmp_path / "bad.jsonl", jsonl([CLS_ROWS[0], CLS_ROWS[1], row]))
     with pytest.raises(DataError, match=r"bad\.jsonl:3: " + pattern):
         load_task_data(p)
 
 
 def test_empty_generation_input_after_strip(tmp_path: Path) -> None:
-    p = write(
-        tmp_path / "g.jsonl", jsonl([GEN_ROWS[0], {"input": "\n ", "target": "x"}])
-    )
+    p = write(tmp_path / "g.jsonl", jsonl([GEN_ROWS[0], {"input": "\n ", "target": "x"}]))
     with pytest.raises(DataError, match=r"g\.jsonl:2: field 'input' is empty"):
         load_task_data(p)
 
 
 def test_unknown_label_names_label_and_allowed(tmp_path: Path) -> None:
-    p = write(
-        tmp_path / "bad.jsonl", jsonl(CLS_ROWS + [{"text": "meh", "label": "neutral"}])
-    )
+    p = write(tmp_path / "bad.jsonl", jsonl(CLS_ROWS + [{"text": "meh", "label": "neutral"}]))
     with pytest.raises(
         DataError,
         match=r"bad\.jsonl:4: unknown label 'neutral'; allowed labels: 'pos', 'neg'",
@@ -280,9 +256,7 @@ def test_fewer_than_two_labels(tmp_path: Path) -> None:
         tmp_path / "one.jsonl",
         jsonl([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}]),
     )
-    with pytest.raises(
-        DataError, match=r"one\.jsonl: .*at least 2 distinct labels.*'x'"
-    ):
+    with pytest.raises(DataError, match=r"one\.jsonl: .*at least 2 distinct labels.*'x'"):
         load_task_data(p)
 
 
@@ -302,18 +276,10 @@ def test_invalid_json_reports_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
         load_task_data(write(tmp_path / "bad.jsonl", text))
     with pytest.raises(DataError, match=r"bad\.json:3: invalid JSON"):
-        load_task_data(
-            write(
-                tmp_path / "bad.json", '[\n{"text": "a", "label": "x"},\n{"text": }\n]'
-            )
-        )
-    with pytest.raises(
-        DataError, match=r"lines\.json:2: invalid JSON: Extra data.*\.jsonl"
-    ):
+        load_task_data(write(tmp_path / "bad.json", '[\n{"text": "a", "label": "x"},\n{"text": }\n]'))
+    with pytest.raises(DataError, match=r"lines\.json:2: invalid JSON: Extra data.*\.jsonl"):
         load_task_data(write(tmp_path / "lines.json", jsonl(CLS_ROWS)))
-    with pytest.raises(
-        DataError, match=r"obj\.json:1: expected a JSON list of objects, got an object"
-    ):
+    with pytest.raises(DataError, match=r"obj\.json:1: expected a JSON list of objects, got an object"):
         load_task_data(write(tmp_path / "obj.json", json.dumps(CLS_ROWS[0])))
 
 
@@ -332,9 +298,7 @@ def test_invalid_json_reports_line(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_non_utf8_reports_line_of_bad_byte(
-    tmp_path: Path, name: str, content: bytes, pattern: str
-) -> None:
+def test_non_utf8_reports_line_of_bad_byte(tmp_path: Path, name: str, content: bytes, pattern: str) -> None:
     with pytest.raises(DataError, match=pattern):
         load_task_data(write(tmp_path / name, content))
 
@@ -347,17 +311,13 @@ def test_csv_missing_columns(tmp_path: Path) -> None:
     ):
         load_task_data(p)
     p = write(tmp_path / "gen.csv", "input,target\nq,a\n")
-    with pytest.raises(
-        DataError, match=r"gen\.csv:1: .*missing required column\(s\) 'text', 'label'"
-    ):
+    with pytest.raises(DataError, match=r"gen\.csv:1: .*missing required column\(s\) 'text', 'label'"):
         load_task_data(p, kind="classification")
 
 
 def test_csv_row_with_wrong_number_of_fields(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.csv", "text,label\nok,pos\nhello, world,neg\n")
-    with pytest.raises(
-        DataError, match=r"bad\.csv:3: the row has 3 fields but the header has 2"
-    ):
+    with pytest.raises(DataError, match=r"bad\.csv:3: the row has 3 fields but the header has 2"):
         load_task_data(p)
 
 
@@ -434,9 +394,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     words = ["[UNK]", "the", "a", "cat", "dog", "sat", "on", "mat", "ran"]
-    tok = Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
-    )
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 

@@ -32,9 +32,7 @@ def example_path(name: str) -> pathlib.Path:
     path = _HERE / f"{name}.jsonl"
     if not path.is_file():
         available = sorted(p.stem for p in _HERE.glob("*.jsonl"))
-        raise FileNotFoundError(
-            f"no example file {name!r} in {_HERE}; available: {', '.join(available)}"
-        )
+        raise FileNotFoundError(f"no example file {name!r} in {_HERE}; available: {', '.join(available)}")
     return path
 
 

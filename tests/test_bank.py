@@ -1,0 +1,294 @@
+"""Invariants of DESIGN.md on a tiny GQA Llama: frozen backbone, no forgetting, batch-independence,
+cached == uncached, save/load round trips, PEFT compatibility, clean failure."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import fast_options
+
+from promptbank import DataError, PromptBank, TaskExistsError, TaskNotFoundError, TrainingDivergedError
+from promptbank.causal import encode_input, left_pad
+from promptbank.inject import decoder_layers, forward_hidden, prompt_kv
+
+WEATHER = [
+    {"text": f"the weather is {w} today", "label": lab}
+    for w, lab in [("sunny", "good"), ("rainy", "bad"), ("lovely", "good"), ("awful", "bad")] * 4
+]
+FRUIT = [
+    {"text": f"i would like to eat a {f}", "label": lab}
+    for f, lab in [("apple", "red"), ("banana", "yellow"), ("cherry", "red"), ("lemon", "yellow")] * 4
+]
+ECHO = [{"input": f"repeat {w}", "target": w} for w in ["cat", "dog", "sun", "moon", "tree", "car", "red", "blue"]]
+
+METHODS = ["prompt_tuning", "ptuning_mlp", "ptuning_lstm", "deep"]
+
+
+def _state_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backbone_bit_identical_after_learning(tiny_bank, method):
+    before = _state_hash(tiny_bank.backbone.model)
+    tiny_bank.learn_task("weather", WEATHER, method=method, num_virtual_tokens=4, **fast_options())
+    assert _state_hash(tiny_bank.backbone.model) == before
+    assert not any(p.requires_grad for p in tiny_bank.backbone.model.parameters())
+
+
+def test_training_lowers_dev_loss(tiny_bank):
+    rec = tiny_bank.learn_task(
+        "weather",
+        WEATHER,
+        method="prompt_tuning",
+        num_virtual_tokens=4,
+        **fast_options(max_steps=30, eval_every=5, lr=1.0, warm_start=False),
+    )
+    initial = rec.history[0]["dev_loss"]
+    assert rec.dev_loss < initial - 1.0, (initial, rec.dev_loss)
+
+
+def test_task_a_unchanged_after_learning_b(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=4, **fast_options())
+    prompt_a = tiny_bank.soft_prompt("weather")
+    keys_a = tiny_bank._tasks["weather"].keys.copy()
+    record_a = tiny_bank.tasks["weather"].to_dict()
+    preds_a = tiny_bank.predict([r["text"] for r in WEATHER[:4]], task="weather")
+    # B warm-starts from A (same shape): A's tensors must still not move.
+    rec_b = tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=4, **fast_options())
+    assert [w["task"] for w in rec_b.warm_start_from] == ["weather"]
+    for layer, t in tiny_bank.soft_prompt("weather").items():
+        assert torch.equal(t, prompt_a[layer])
+    assert np.array_equal(tiny_bank._tasks["weather"].keys, keys_a)
+    assert tiny_bank.tasks["weather"].to_dict() == record_a
+    after = tiny_bank.predict([r["text"] for r in WEATHER[:4]], task="weather")
+    assert [p.label_scores for p in after] == [p.label_scores for p in preds_a]
+
+
+def test_warm_start_off_records_nothing(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    rec = tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options(warm_start=False))
+    assert rec.warm_start_from == []
+    rec2 = tiny_bank.learn_task("fruit2", FRUIT, num_virtual_tokens=4, **fast_options())
+    assert {w["task"] for w in rec2.warm_start_from} == {"weather", "fruit"}
+    assert abs(sum(w["weight"] for w in rec2.warm_start_from) - 1) < 1e-5
+
+
+def test_same_seed_same_prompt(tiny_backbone, hashing_embedder):
+    a = PromptBank(tiny_backbone, hashing_embedder)
+    b = PromptBank(tiny_backbone, hashing_embedder)
+    for bank in (a, b):
+        bank.learn_task("weather", WEATHER, method="ptuning_lstm", num_virtual_tokens=4, **fast_options(seed=3))
+    for layer, t in a.soft_prompt("weather").items():
+        assert torch.equal(t, b.soft_prompt("weather")[layer])
+
+
+def _concat_reference(model, prompt, ids):
+    """Uncached reference: prompt vectors concatenated in front of the token embeddings, deep layers written by
+    hooks that overwrite the first P positions. Returns hidden states of the tokens, (T, d)."""
+    p = prompt[0].shape[0]
+    handles = []
+    for layer, vec in prompt.items():
+        if layer == 0:
+            continue
+
+        def hook(mod, args, kwargs, vec=vec):
+            hs = (args[0] if args else kwargs["hidden_states"]).clone()
+            hs[:, :p] = vec
+            if args:
+                return (hs, *args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=hs)
+
+        handles.append(decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        emb = model.get_input_embeddings()(torch.tensor([ids]))
+        out = model.base_model(inputs_embeds=torch.cat([prompt[0][None], emb], 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return out.last_hidden_state[0, p:]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_prefix_equals_concatenated_forward(tiny_bank, method):
+    tiny_bank.learn_task("weather", WEATHER, method=method, num_virtual_tokens=5, **fast_options())
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    prompt = tiny_bank.soft_prompt("weather")
+    ids = encode_input(tok, "the weather is fine")
+    with torch.no_grad():
+        ref = _concat_reference(model, prompt, ids)
+        hid, _, _ = forward_hidden(
+            model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [prompt_kv(model, prompt)]
+        )
+    torch.testing.assert_close(hid[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_same_output_alone_single_task_batch_and_mixed_batch(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, method="prompt_tuning", num_virtual_tokens=3, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=6, **fast_options())
+    tiny_bank.learn_task("echo", ECHO, method="ptuning_mlp", num_virtual_tokens=4, **fast_options())
+    texts = ["the weather is grey", "a very long sentence about the weather being terribly cold and wet", "eat a plum"]
+    alone = [tiny_bank.predict([texts[0]], task="weather")[0]]
+    single = tiny_bank.predict(texts[:2], task="weather")
+    mixed = tiny_bank.predict(texts + ["repeat sky"], task=["weather", "weather", "fruit", None])
+    for x, y in [(alone[0], single[0]), (single[0], mixed[0]), (single[1], mixed[1])]:
+        assert x.output == y.output
+        for lab in x.label_scores:
+            assert x.label_scores[lab] == pytest.approx(y.label_scores[lab], abs=1e-4)
+    fruit_alone = tiny_bank.predict([texts[2]], task="fruit")[0]
+    assert fruit_alone.label_scores == pytest.approx(mixed[2].label_scores, abs=1e-4)
+    assert mixed[3].output is None and mixed[3].task is None
+    # generation: mixed-task batch (with a no-prompt row) equals per-row runs
+    gen_texts = ["repeat cat", "the weather is grey", "hello there"]
+    gen_tasks = ["echo", "weather", None]
+    batch = tiny_bank.generate(gen_texts, gen_tasks, max_new_tokens=6)
+    rows = [tiny_bank.generate([t], [k], max_new_tokens=6)[0] for t, k in zip(gen_texts, gen_tasks)]
+    assert batch == rows
+
+
+def test_mixed_batch_hidden_states_match_per_row(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=7, **fast_options())
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    seqs = [encode_input(tok, t) for t in ["short", "a much longer input sentence here", "mid length one"]]
+    kvs = [tiny_bank._prompt_kv("weather"), tiny_bank._prompt_kv("fruit"), None]
+    ids, mask = left_pad(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        batch, _, _ = forward_hidden(model, ids, mask, kvs)
+        for b, (s, kv) in enumerate(zip(seqs, kvs)):
+            one, _, _ = forward_hidden(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), [kv])
+            torch.testing.assert_close(batch[b, -len(s) :], one[0], atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_save_identical_and_in_place(tiny_bank, tmp_path):
+    tiny_bank.learn_task("weather", WEATHER, method="ptuning_lstm", num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("echo", ECHO, num_virtual_tokens=4, **fast_options())
+    tiny_bank.remove_task("fruit")  # ids must stay stable across the round trip
+    first = tmp_path / "bank"
+    tiny_bank.save(first)
+    files1 = _tree_bytes(first)
+    loaded = PromptBank.load(first, backbone=tiny_bank.backbone, embedder=tiny_bank.embedder)
+    assert list(loaded.tasks) == ["weather", "echo"]
+    loaded.save(first)  # into the folder it was loaded from
+    assert _tree_bytes(first) == files1
+    loaded.save(tmp_path / "copy")
+    assert _tree_bytes(tmp_path / "copy") == files1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    texts = ["the weather is bad", "repeat dog"]
+    assert [p.label_scores for p in loaded.predict(texts, task=["weather", "weather"])] == [
+        p.label_scores for p in tiny_bank.predict(texts, task=["weather", "weather"])
+    ]
+    assert loaded.generate(texts, ["echo", None], max_new_tokens=4) == tiny_bank.generate(
+        texts, ["echo", None], max_new_tokens=4
+    )
+    assert [r.ranked for r in loaded.route_many(texts)] == [r.ranked for r in tiny_bank.route_many(texts)]
+
+
+def test_loaded_tensors_are_copies(tiny_bank, tmp_path):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.save(tmp_path / "b")
+    loaded = PromptBank.load(tmp_path / "b", backbone=tiny_bank.backbone, embedder=tiny_bank.embedder)
+    before = (tmp_path / "b" / "tasks" / "weather" / "prompt.safetensors").read_bytes()
+    loaded._tasks["weather"].prompt[0].add_(1.0)
+    assert (tmp_path / "b" / "tasks" / "weather" / "prompt.safetensors").read_bytes() == before
+
+
+def test_peft_loads_prompt_tuning_task_with_equal_logits(tiny_bank, tmp_path):
+    peft = pytest.importorskip("peft")
+    tiny_bank.learn_task("weather", WEATHER, method="ptuning_mlp", num_virtual_tokens=4, **fast_options())
+    tiny_bank.save(tmp_path / "bank")
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    ids = encode_input(tok, "the weather is cold")
+    with torch.no_grad():
+        ours_hidden, _, _ = forward_hidden(
+            model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [tiny_bank._prompt_kv("weather")]
+        )
+        ours = model.get_output_embeddings()(ours_hidden)[0]
+        pm = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "weather"))
+        theirs = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+    theirs = theirs[0, -len(ids) :]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_loads_deep_prompt_as_prefix_tuning(tiny_bank, tmp_path):
+    peft = pytest.importorskip("peft")
+    tiny_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=4, **fast_options())
+    tiny_bank.save(tmp_path / "bank")
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    ids = encode_input(tok, "the weather is cold")
+    with torch.no_grad():
+        ours_hidden, _, _ = forward_hidden(
+            model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [tiny_bank._prompt_kv("weather")]
+        )
+        ours = model.get_output_embeddings()(ours_hidden)[0]
+        pm = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "weather"))
+        theirs = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+    torch.testing.assert_close(ours, theirs[0, -len(ids) :], atol=1e-4, rtol=1e-4)
+
+
+def test_duplicate_and_invalid_task_names(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=1))
+    with pytest.raises(TaskExistsError, match="weather"):
+        tiny_bank.learn_task("weather", WEATHER, **fast_options(max_steps=1))
+    for bad in ["../x", "/abs", "", ".hidden", "a/b", "x" * 200]:
+        with pytest.raises(ValueError, match="invalid task name"):
+            tiny_bank.learn_task(bad, WEATHER, **fast_options(max_steps=1))
+    with pytest.raises(TaskNotFoundError, match="nope"):
+        tiny_bank.predict(["hi"], task="nope")
+    with pytest.raises(TaskNotFoundError):
+        tiny_bank.remove_task("nope")
+
+
+def test_bad_data_leaves_bank_untouched(tiny_bank, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "a"}\n{"text": "no label here"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        tiny_bank.learn_task("bad", bad)
+    assert len(tiny_bank) == 0 and tiny_bank.router.ntotal == 0
+
+
+def test_nan_loss_raises_and_leaves_bank_untouched(tiny_bank, monkeypatch):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=2))
+    snapshot = (list(tiny_bank.tasks), tiny_bank.router.ntotal)
+    import promptbank.train as train_mod
+
+    monkeypatch.setattr(train_mod, "lm_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingDivergedError, match="nan"):
+        tiny_bank.learn_task("fruit", FRUIT, **fast_options())
+    assert (list(tiny_bank.tasks), tiny_bank.router.ntotal) == snapshot
+
+
+def test_routing_picks_the_right_task_and_rejects_off_topic(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=1))
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=2, **fast_options(max_steps=1))
+    assert tiny_bank.route("the weather is sunny today").task == "weather"
+    assert tiny_bank.route("i would like to eat a banana").task == "fruit"
+    off = tiny_bank.route("quantum chromodynamics lecture notes")
+    assert off.task is None and off.ranked  # ranked candidates are still reported
+    pred = tiny_bank.predict(["quantum chromodynamics lecture notes"])[0]
+    assert pred.output is None and pred.task is None
+
+
+def test_only_prompt_parameters_receive_gradients(tiny_bank):
+    from promptbank.causal import lm_loss
+    from promptbank.prompts import PromptTuning
+
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    module = PromptTuning({0: torch.randn(3, model.config.hidden_size)})
+    loss = lm_loss(model, tok, [prompt_kv(model, module())], [encode_input(tok, "hi")], [[5, 6]])
+    loss.backward()
+    assert module.embeddings.grad is not None and module.embeddings.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
