@@ -18,7 +18,7 @@ from .config import DEFAULT_LR, Method, PromptConfig, TrainConfig
 from .embed import Embedder, load_embedder
 from .errors import TaskExistsError, TaskNotFoundError
 from .inject import PrefixKV, prompt_kv
-from .prompts import build_prompt_module, vocab_init
+from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, load_task_data, split_dev, truncate_inputs
 from .train import train_soft_prompt
@@ -245,8 +245,12 @@ class PromptBank:
             threshold = calibrate_threshold((train_emb @ keys.T).max(axis=1), tconf.threshold_quantile)
 
         layer_set = pconf.resolved_layers(self.backbone.num_layers)
-        gen = torch.Generator().manual_seed(tconf.seed)
-        init = vocab_init(model, layer_set, pconf.num_virtual_tokens, generator=gen)
+        if tconf.init == "text":
+            init_ids = text_init_ids(tok, describe_task(task_data.kind, task_data.labels), pconf.num_virtual_tokens)
+        else:
+            gen = torch.Generator().manual_seed(tconf.seed)
+            init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen)
+        init = token_init(model, init_ids, layer_set)
         warm_from: list[dict[str, Any]] = []
         if tconf.warm_start:
             mixed, warm_from = self._warm_start(train_emb, init, tconf.warm_start_k)
@@ -262,7 +266,7 @@ class PromptBank:
 
         dev_acc = None
         if dev_data and task_data.kind == "classification":
-            dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data)
+            dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
 
         record = TaskRecord(
             name=name,
@@ -351,9 +355,11 @@ class PromptBank:
         if not self._tasks:
             return [Routing(None, None, []) for _ in texts]
         emb = self.embedder.encode(texts)
-        ranked = self.router.route(emb, top_k=top_k)
-        decided = self.router.decide(emb)
-        return [Routing(d, r[0][1] if r else None, r) for d, r in zip(decided, ranked)]
+        out = []
+        for ranked in self.router.route(emb, top_k=max(1, top_k)):
+            best, score = ranked[0]
+            out.append(Routing(best if score >= self.router.threshold(best) else None, score, ranked))
+        return out
 
     def _resolve_tasks(self, texts: list[str], task) -> tuple[list[str | None], list[float | None]]:
         if task is None:
@@ -401,8 +407,7 @@ class PromptBank:
         return preds  # type: ignore[return-value]
 
     def _label_ids(self, record: TaskRecord) -> list[list[int]]:
-        max_t = record.train_config.get("max_target_tokens")
-        return [causal.encode_target(self.backbone.tokenizer, lab, max_t) for lab in record.labels]
+        return _label_ids(self.backbone.tokenizer, record.labels, record.train_config.get("max_target_tokens"))
 
     def generate(
         self,
@@ -462,23 +467,32 @@ class PromptBank:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, data: Any, task: str | None = None, *, batch_size: int = 16) -> dict[str, float]:
-        """Accuracy of ``predict`` on labelled classification data; with ``task=None`` the rows are routed
-        and the result also holds routing-free numbers only if ``task`` is given."""
+        """Accuracy of :meth:`predict` on labelled classification data (``{"text", "label"}`` rows).
+
+        With ``task`` given this is the task's own accuracy (no routing); with ``task=None`` every row is routed
+        first, so routing errors count as wrong answers. Returns ``{"accuracy": float, "n": int}``.
+        """
         td = load_task_data(data)
         if td.kind != "classification":
-            raise ValueError("evaluate() needs classification data ({'text', 'label'} rows)")
+            raise ValueError(f"{td.source}: evaluate() needs classification data ({{'text', 'label'}} rows)")
         preds = self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)
         correct = sum(p.output == ex.target for p, ex in zip(preds, td.examples))
-        return {"accuracy": correct / len(td), "n": float(len(td))}
+        return {"accuracy": correct / len(td), "n": len(td)}
 
     def _accuracy(
-        self, prompt: dict[int, torch.Tensor], labels: list[str], template: str, data: TaskData, batch_size: int = 16
+        self,
+        prompt: dict[int, torch.Tensor],
+        labels: list[str],
+        template: str,
+        data: TaskData,
+        max_target_tokens: int,
+        batch_size: int = 16,
     ) -> float:
         """Accuracy of an (unstored) soft prompt on classification data."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         with torch.no_grad():
             kv = prompt_kv(model, prompt)
-        label_ids = [causal.encode_target(tok, lab) for lab in labels]
+        label_ids = _label_ids(tok, labels, max_target_tokens)
         correct = 0
         for s in range(0, len(data), batch_size):
             chunk = data.examples[s : s + batch_size]
@@ -486,6 +500,11 @@ class PromptBank:
             ll = causal.rank_labels(model, tok, [kv] * len(chunk), inputs, [label_ids] * len(chunk))
             correct += sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, chunk))
         return correct / len(data)
+
+
+def _label_ids(tokenizer, labels: Sequence[str], max_target_tokens: int | None) -> list[list[int]]:
+    """Token ids of each label as a training target (what the soft prompt was trained to produce)."""
+    return [causal.encode_target(tokenizer, lab, max_target_tokens) for lab in labels]
 
 
 def _as_texts(texts: str | Sequence[str]) -> list[str]:

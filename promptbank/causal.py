@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import PrefixKV, cache_kwargs, forward_hidden
+from .inject import PrefixKV, cache_kwargs, forward_hidden, output_cache
 
 # How an example's input is shown to the model behind its soft prompt; the target follows after a space.
 DEFAULT_TEMPLATE = "{input}\nAnswer:"
@@ -90,28 +90,52 @@ def rank_labels(
     row_kv: Sequence[PrefixKV | None],
     inputs: Sequence[Sequence[int]],
     label_ids: Sequence[Sequence[Sequence[int]]],
-    *,
-    chunk: int = 32,
 ) -> list[torch.Tensor]:
     """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
 
-    All (row, label) pairs of a chunk go through one forward; rows may use different tasks and label sets.
+    Two forwards, whatever the number of labels: the inputs once (behind their soft prompts, keeping the key/value
+    cache), then every (row, label) continuation at once on a copy of its row's cache. The first label token is
+    scored from the input's last position, so labels share the input's forward. Rows may use different tasks,
+    prompt lengths and label sets.
     """
-    flat_kv, flat_in, flat_t, owner = [], [], [], []
-    for b, (kv, inp, labels) in enumerate(zip(row_kv, inputs, label_ids)):
-        for lab in labels:
-            flat_kv.append(kv)
-            flat_in.append(inp)
-            flat_t.append(lab)
-            owner.append(b)
-    sums: list[float] = []
-    for s in range(0, len(flat_in), chunk):
-        lp = target_logprobs(model, tokenizer, flat_kv[s : s + chunk], flat_in[s : s + chunk], flat_t[s : s + chunk])
-        sums += [float(x.sum()) for x in lp]
-    out: list[list[float]] = [[] for _ in inputs]
-    for b, v in zip(owner, sums):
-        out[b].append(v)
-    return [torch.tensor(v) for v in out]
+    ids, mask = left_pad(inputs, _pad_id(tokenizer))
+    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
+    head = model.get_output_embeddings()
+    first_logp = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1)  # (B, V)
+
+    owner = [b for b, labels in enumerate(label_ids) for _ in labels]
+    flat = [list(lab) for labels in label_ids for lab in labels]
+    if any(not lab for lab in flat):
+        raise ValueError("every label must have at least one token")
+    index = torch.tensor(owner)
+    scores = first_logp[index, torch.tensor([lab[0] for lab in flat])]  # (N,)
+
+    width = max(len(lab) for lab in flat) - 1
+    if width > 0:  # feed label tokens [0 .. n-2] to score tokens [1 .. n-1]; right-padded, pads come last
+        n = len(flat)
+        feed = torch.full((n, width), _pad_id(tokenizer), dtype=torch.long)
+        feed_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, lab in enumerate(flat):
+            feed[i, : len(lab) - 1] = torch.tensor(lab[:-1], dtype=torch.long)
+            feed_mask[i, : len(lab) - 1] = 1
+        cache.batch_select_indices(index)  # (B, ...) -> (N, ...): each pair gets its row's prefix + input
+        base = model.base_model
+        start = prefix.position_ids[:, -1][index] + 1  # (N,)
+        out = base(
+            input_ids=feed,
+            attention_mask=torch.cat([prefix.attention_mask[index], feed_mask], dim=1),
+            position_ids=start[:, None] + torch.arange(width)[None],
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        )
+        rows = [i for i, lab in enumerate(flat) for _ in lab[1:]]
+        cols = [j for lab in flat for j in range(len(lab) - 1)]
+        tgts = [t for lab in flat for t in lab[1:]]
+        if rows:
+            logits = head(out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]).float()  # (M, V)
+            logp = -F.cross_entropy(logits, torch.tensor(tgts), reduction="none")
+            scores = scores.index_add(0, torch.tensor(rows), logp)
+    return list(torch.split(scores, [len(labels) for labels in label_ids]))
 
 
 @torch.no_grad()
@@ -167,7 +191,7 @@ def generate(
             use_cache=True,
             **cache_kwargs(base, cache),
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         last = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return outputs

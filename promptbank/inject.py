@@ -55,6 +55,12 @@ def _cache_kwarg(forward_cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def output_cache(output) -> DynamicCache | None:
+    """The key/value cache of a model output (``cache`` in transformers 5.2x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def cache_kwargs(model: nn.Module, cache: DynamicCache | None) -> dict:
     """Keyword arguments passing ``cache`` to ``model.forward`` under the name this transformers uses."""
     return {_cache_kwarg(type(model)): cache}
@@ -198,5 +204,5 @@ def forward_hidden(
         use_cache=use_cache,
         **cache_kwargs(base, prefix.cache),
     )
-    cache = out.past_key_values if use_cache else None
+    cache = output_cache(out) if use_cache else None
     return out.last_hidden_state, cache, prefix

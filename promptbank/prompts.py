@@ -72,15 +72,29 @@ class PTuningEncoder(SoftPromptModule):
 
 
 class DeepPrompt(SoftPromptModule):
+    """Independent vectors entering each chosen layer, stored relative to each layer's scale.
+
+    Hidden states grow through the network (SmolLM2: RMS ~0.1 at the embeddings, ~3-30 deeper), so one absolute
+    learning rate would barely move deep layers while overshooting layer 0. Each layer's vectors are parameterised
+    as ``scale_l * v`` with ``scale_l`` the median per-vector RMS of its initial vectors: Adam's steps on ``v`` are
+    then relative to the layer's own scale.
+    """
+
     def __init__(self, init: dict[int, torch.Tensor]):
         super().__init__()
         self.layers = sorted(init)
-        self.vectors = nn.ParameterDict(
-            {str(layer): nn.Parameter(init[layer].detach().float().clone()) for layer in self.layers}
-        )
+        scales = {}
+        params = {}
+        for layer in self.layers:
+            t = init[layer].detach().float()
+            scale = t.pow(2).mean(-1).sqrt().median().clamp_min(1e-6)
+            scales[str(layer)] = scale
+            params[str(layer)] = nn.Parameter(t / scale)
+        self.vectors = nn.ParameterDict(params)
+        self.register_buffer("scales", torch.stack([scales[str(layer)] for layer in self.layers]))
 
     def forward(self) -> dict[int, torch.Tensor]:
-        return {layer: self.vectors[str(layer)] for layer in self.layers}
+        return {layer: self.vectors[str(layer)] * self.scales[i] for i, layer in enumerate(self.layers)}
 
 
 def build_prompt_module(config: PromptConfig, init: dict[int, torch.Tensor]) -> SoftPromptModule:
@@ -95,16 +109,35 @@ def build_prompt_module(config: PromptConfig, init: dict[int, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def vocab_init(
-    model: nn.Module, layers: list[int], num_tokens: int, *, generator: torch.Generator, max_vocab: int = 5000
-) -> dict[int, torch.Tensor]:
-    """Initial soft prompt from real tokens: embeddings of ``num_tokens`` token ids sampled from the first
-    ``max_vocab`` of the vocabulary (frequent tokens in BPE vocabularies), and for deeper layers the hidden
-    states those tokens produce entering each layer, so every vector starts at a natural scale.
-    """
-    emb = model.get_input_embeddings()
-    vocab = emb.weight.shape[0]
-    ids = torch.randint(0, min(vocab, max_vocab), (1, num_tokens), generator=generator)
+def token_init(model: nn.Module, token_ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
+    """Initial soft prompt from real tokens: their input embeddings, and for deeper layers the hidden states those
+    tokens produce entering each layer, so every vector starts at a natural scale. Returns ``{layer: (P, d)}``."""
+    ids = torch.tensor([token_ids], dtype=torch.long)
     out = model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
     # hidden_states[l] is the input of decoder layer l (hidden_states[0] = embeddings).
     return {layer: out.hidden_states[layer][0].float().clone() for layer in layers}
+
+
+def vocab_init_ids(
+    model: nn.Module, num_tokens: int, *, generator: torch.Generator, max_vocab: int = 5000
+) -> list[int]:
+    """``num_tokens`` ids sampled from the first ``max_vocab`` of the vocabulary (frequent tokens in BPE vocabularies)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return torch.randint(0, min(vocab, max_vocab), (num_tokens,), generator=generator).tolist()
+
+
+def text_init_ids(tokenizer, text: str, num_tokens: int) -> list[int]:
+    """The tokens of ``text`` repeated/cut to exactly ``num_tokens`` (Lester et al.: prompts initialised from
+    task-related words train faster and more stably than random ones)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"init text {text!r} has no tokens")
+    return (ids * (num_tokens // len(ids) + 1))[:num_tokens]
+
+
+def describe_task(kind: str, labels: list[str] | None, max_labels: int = 30) -> str:
+    """A plain instruction naming the task's labels, used as the text initialisation of its soft prompt."""
+    if kind == "classification" and labels:
+        shown = ", ".join(labels[:max_labels]) + (", ..." if len(labels) > max_labels else "")
+        return f"Classify the text. Answer with one label: {shown}. "
+    return "Answer the request. "

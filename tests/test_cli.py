@@ -1,0 +1,364 @@
+"""Tests for the command line (``promptbank.cli.main``), run in-process on a tiny backbone saved to a folder and
+the hashing embedder: exit codes, one-line errors, ``--json`` output and the learn -> list -> route -> predict ->
+remove round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from promptbank.cli import main
+from promptbank.errors import TaskNotFoundError
+
+BILLING = [
+    ("I was charged twice on my invoice", "billing"),
+    ("refund the duplicate payment on my card", "billing"),
+    ("my invoice shows the wrong price", "billing"),
+    ("the card payment was billed two times", "billing"),
+    ("I cannot log in after the password reset", "account"),
+    ("reset my password please, login fails", "account"),
+    ("my account is locked after a login attempt", "account"),
+    ("change the email on my account login", "account"),
+]
+WEATHER = [
+    ("heavy rain and thunder expected tonight", "storm"),
+    ("a storm with strong wind is coming", "storm"),
+    ("thunder and lightning over the hills", "storm"),
+    ("wind and rain warning for the coast", "storm"),
+    ("clear blue sky and warm sunshine today", "sunny"),
+    ("sunshine all afternoon with a clear sky", "sunny"),
+    ("a warm sunny day at the beach", "sunny"),
+    ("bright sun and no clouds in the sky", "sunny"),
+]
+FAST = ["--steps", "3", "--batch-size", "4", "--tokens", "4", "--quiet"]
+
+
+def _write_jsonl(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows), encoding="utf-8")
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("promptbank: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny saved backbone plus two small data files, built once for the module."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(len(tok))
+    model.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    _write_jsonl(root / "billing.jsonl", BILLING)
+    _write_jsonl(root / "weather.jsonl", WEATHER)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_opts(workdir) -> list[str]:
+    return ["--backbone", str(workdir / "tiny"), "--embedder", "hashing"]
+
+
+@pytest.fixture(scope="module")
+def learned_bank(workdir, model_opts) -> Path:
+    """A bank with tasks "billing" (prompt tuning) and "weather" (deep prompt on layers 0 and 1), learned
+    through the CLI. Tests that change a bank copy it first."""
+    bank = workdir / "bank"
+    assert main([*model_opts, "learn", "billing", str(workdir / "billing.jsonl"), "--bank", str(bank), *FAST]) == 0
+    # Global options after the command name work too.
+    assert (
+        main(
+            [
+                "learn",
+                "weather",
+                str(workdir / "weather.jsonl"),
+                "--bank",
+                str(bank),
+                "--method",
+                "deep",
+                "--layers",
+                "1",
+                *model_opts,
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    return bank
+
+
+@pytest.fixture
+def bank_copy(learned_bank, tmp_path) -> Path:
+    dest = tmp_path / "bank"
+    shutil.copytree(learned_bank, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+def test_learn_prints_summary_and_creates_bank(workdir, model_opts, tmp_path, capsys):
+    bank = tmp_path / "new_bank"
+    rc, out, err = run(
+        capsys,
+        *model_opts,
+        "learn",
+        "billing",
+        str(workdir / "billing.jsonl"),
+        "--bank",
+        str(bank),
+        *FAST,
+        "--seed",
+        "1",
+        "--lr",
+        "0.05",
+    )
+    assert rc == 0, err
+    assert len(out.strip().splitlines()) == 1
+    assert "learned 'billing'" in out and "3 steps" in out and "dev loss" in out and "dev accuracy" in out
+    assert "warm start from none" in out
+    assert (bank / "promptbank.json").is_file()
+
+
+def test_learn_warm_starts_from_a_stored_task(workdir, model_opts, bank_copy, capsys):
+    rc, out, err = run(
+        capsys, *model_opts, "learn", "billing2", str(workdir / "billing.jsonl"), "--bank", str(bank_copy), *FAST
+    )
+    assert rc == 0, err
+    assert "warm start from billing" in out
+    rc, out, _ = run(
+        capsys,
+        *model_opts,
+        "learn",
+        "billing3",
+        str(workdir / "billing.jsonl"),
+        "--bank",
+        str(bank_copy),
+        *FAST,
+        "--no-warm-start",
+    )
+    assert rc == 0 and "warm start from none" in out
+
+
+def test_list_shows_a_table_of_tasks(learned_bank, capsys):
+    rc, out, _ = run(capsys, "list", "--bank", str(learned_bank))
+    assert rc == 0
+    header, *rows = out.strip().splitlines()
+    assert header.split() == ["NAME", "KIND", "METHOD", "TOKENS", "LABELS", "DEV_ACC", "STEPS"]
+    assert [r.split()[:5] for r in rows] == [
+        ["billing", "classification", "prompt_tuning", "4", "2"],
+        ["weather", "classification", "deep", "4", "2"],
+    ]
+
+
+def test_list_json(learned_bank, capsys):
+    rc, out, _ = run(capsys, "list", "--json", "--bank", str(learned_bank))
+    assert rc == 0
+    tasks = json.loads(out)
+    assert [t["name"] for t in tasks] == ["billing", "weather"]
+    assert tasks[0]["labels"] == ["billing", "account"] and tasks[0]["steps"] == 3
+    assert tasks[1]["method"] == "deep" and tasks[1]["layers"] == [0, 1]
+
+
+def test_list_uses_bank_from_environment(learned_bank, monkeypatch, capsys):
+    monkeypatch.setenv("PROMPTBANK_BANK", str(learned_bank))
+    rc, out, _ = run(capsys, "list")
+    assert rc == 0 and "billing" in out
+
+
+def test_route_ranks_tasks(learned_bank, capsys):
+    texts = ["I was charged twice on my card invoice", "thunder and rain storm tonight"]
+    rc, out, _ = run(capsys, "route", *texts, "--bank", str(learned_bank))
+    assert rc == 0
+    assert "1. billing" in out and "1. weather" in out and "->" in out
+
+    rc, out, _ = run(capsys, "route", *texts, "--json", "--top-k", "1", "--bank", str(learned_bank))
+    assert rc == 0
+    routes = json.loads(out)
+    assert [r["text"] for r in routes] == texts
+    assert [r["ranked"][0]["task"] for r in routes] == ["billing", "weather"]
+    assert all(len(r["ranked"]) == 1 and r["task"] in (None, "billing", "weather") for r in routes)
+
+
+def test_predict_routes_and_prints_output_task_and_score(learned_bank, capsys):
+    rc, out, _ = run(capsys, "predict", "refund my invoice payment", "--bank", str(learned_bank))
+    assert rc == 0
+    header, row = out.strip().splitlines()
+    assert header.split() == ["OUTPUT", "TASK", "SCORE", "TEXT"]
+    assert row.split()[0] in ("billing", "account", "-")
+
+    rc, out, _ = run(capsys, "predict", "refund my invoice payment", "sunny sky", "--json", "--bank", str(learned_bank))
+    preds = json.loads(out)
+    assert rc == 0 and len(preds) == 2
+    for p in preds:
+        assert set(p) == {"text", "output", "task", "route_score", "label_scores"}
+        assert p["route_score"] is not None
+
+
+def test_predict_with_task_and_file(learned_bank, tmp_path, capsys):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"text": "strong wind on the coast"}\n\n"clear sky"\n', encoding="utf-8")
+    rc, out, err = run(
+        capsys, "predict", "--task", "weather", "--file", str(queries), "--json", "--bank", str(learned_bank)
+    )
+    assert rc == 0, err
+    preds = json.loads(out)
+    assert [p["text"] for p in preds] == ["strong wind on the coast", "clear sky"]
+    assert all(p["task"] == "weather" and p["output"] in ("storm", "sunny") for p in preds)
+    assert all(p["route_score"] is None and set(p["label_scores"]) == {"storm", "sunny"} for p in preds)
+
+
+def test_generate(learned_bank, capsys):
+    rc, out, err = run(
+        capsys,
+        "generate",
+        "rain tonight",
+        "--task",
+        "weather",
+        "--max-new-tokens",
+        "3",
+        "--json",
+        "--bank",
+        str(learned_bank),
+    )
+    assert rc == 0, err
+    (gen,) = json.loads(out)
+    assert gen["task"] == "weather" and isinstance(gen["output"], str)
+
+
+def test_eval_reports_task_and_routed_accuracy(workdir, learned_bank, capsys):
+    rc, out, _ = run(capsys, "eval", "billing", str(workdir / "billing.jsonl"), "--bank", str(learned_bank))
+    assert rc == 0 and out.startswith("billing: accuracy ") and "on 8 examples" in out
+
+    rc, out, _ = run(
+        capsys, "eval", "billing", str(workdir / "billing.jsonl"), "--routed", "--json", "--bank", str(learned_bank)
+    )
+    result = json.loads(out)
+    assert rc == 0 and result["task"] == "billing" and result["n"] == 8
+    assert 0 <= result["accuracy"] <= 1 and 0 <= result["routed"]["accuracy"] <= 1
+
+
+def test_remove_saves_the_bank(bank_copy, capsys):
+    rc, out, _ = run(capsys, "remove", "weather", "--bank", str(bank_copy))
+    assert rc == 0 and "removed 'weather'" in out
+    rc, out, _ = run(capsys, "list", "--json", "--bank", str(bank_copy))
+    assert [t["name"] for t in json.loads(out)] == ["billing"]
+    assert not (bank_copy / "tasks" / "weather").exists()
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_unknown_task_is_a_one_line_error(learned_bank, capsys):
+    rc, out, err = run(capsys, "predict", "hello", "--task", "nope", "--bank", str(learned_bank))
+    assert rc == 1 and out == ""
+    assert_one_line_error(err, "'nope'")
+    rc, _, err = run(capsys, "remove", "nope", "--bank", str(learned_bank))
+    assert rc == 1
+    assert_one_line_error(err, "'nope'")
+
+
+def test_debug_reraises(learned_bank, capsys):
+    with pytest.raises(TaskNotFoundError):
+        main(["--debug", "predict", "hello", "--task", "nope", "--bank", str(learned_bank)])
+
+
+def test_missing_data_file_names_the_file(model_opts, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    rc, _, err = run(capsys, *model_opts, "learn", "t", str(missing), "--bank", str(tmp_path / "b"), *FAST)
+    assert rc == 1
+    assert_one_line_error(err, str(missing))
+    assert not (tmp_path / "b").exists()
+
+
+def test_bad_data_row_names_file_and_line(model_opts, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n', encoding="utf-8")
+    rc, _, err = run(capsys, *model_opts, "learn", "t", str(data), "--bank", str(tmp_path / "b"), *FAST)
+    assert rc == 1
+    assert_one_line_error(err, f"{data}:2")
+    assert not (tmp_path / "b").exists()
+
+
+def test_learning_an_existing_task_fails(workdir, model_opts, learned_bank, capsys):
+    rc, _, err = run(
+        capsys, *model_opts, "learn", "billing", str(workdir / "billing.jsonl"), "--bank", str(learned_bank), *FAST
+    )
+    assert rc == 1
+    assert_one_line_error(err, "already exists")
+
+
+def test_bad_method_is_a_usage_error(workdir, capsys):
+    rc, _, err = run(capsys, "learn", "t", str(workdir / "billing.jsonl"), "--method", "bogus")
+    assert rc == 2 and "invalid choice: 'bogus'" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["learn", "t", "d.jsonl", "--steps", "0"],
+        ["learn", "t", "d.jsonl", "--layers", "a,b"],
+        ["predict"],
+        ["route", "--top-k", "-1", "x"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(argv, tmp_path, capsys):
+    rc, out, err = run(capsys, *argv, *(["--bank", str(tmp_path)] if argv[:1] in (["predict"], ["route"]) else []))
+    assert rc == 2 and "usage:" in err
+
+
+def test_help_exits_0(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "learn" in out and "predict" in out
+
+
+@pytest.mark.parametrize("command", [["list"], ["route", "x"], ["predict", "x"], ["remove", "t"]])
+def test_missing_bank_is_a_one_line_error(command, tmp_path, capsys):
+    where = tmp_path / "nowhere"
+    rc, out, err = run(capsys, *command, "--bank", str(where))
+    assert rc == 1 and out == ""
+    assert_one_line_error(err, f"no bank at {where}")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_passes_options_to_run_demo(monkeypatch, tmp_path, capsys):
+    calls = []
+    fake = types.ModuleType("promptbank.demo")
+    fake.run_demo = lambda **kw: calls.append(kw)
+    monkeypatch.setitem(sys.modules, "promptbank.demo", fake)
+    assert main(["demo", "--steps", "2", "--data", str(tmp_path), "--bank", str(tmp_path / "b")]) == 0
+    assert main(["--embedder", "hashing", "demo"]) == 0
+    assert calls == [{"data_dir": str(tmp_path), "steps": 2, "bank_dir": str(tmp_path / "b")}, {"embedder": "hashing"}]
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    fake = types.ModuleType("promptbank.demo")
+    fake.run_demo = interrupted
+    monkeypatch.setitem(sys.modules, "promptbank.demo", fake)
+    rc, _, err = run(capsys, "demo")
+    assert rc == 130 and "interrupted" in err
