@@ -25,6 +25,9 @@ from .train import train_soft_prompt
 
 logger = logging.getLogger(__name__)
 
+# A task's routing score is the mean similarity of its 3 best keys (more robust than the single nearest key).
+ROUTER_TOP_KEYS = 3
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -115,7 +118,7 @@ class PromptBank:
             raise ValueError(f"PromptBank supports causal LM backbones; got kind {backbone.kind!r}")
         self.backbone = backbone
         self.embedder = embedder
-        self.router = Router(embedder.dim)
+        self.router = Router(embedder.dim, top_keys=ROUTER_TOP_KEYS)
         self._tasks: dict[str, _Task] = {}
         self._kv: dict[str, PrefixKV] = {}  # lazily computed prompt prefix cache per task (inference)
 
@@ -235,14 +238,15 @@ class PromptBank:
         train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
         dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
 
-        # Routing keys and threshold: prototypes of the training inputs; threshold from held-out inputs.
+        # Routing keys and threshold: prototypes of the training inputs; the threshold accepts all but
+        # `threshold_quantile` of held-out in-task queries (dev inputs, plus leave-one-out train inputs).
         train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
         keys = make_prototypes(train_emb, tconf.n_prototypes, seed=tconf.seed)
+        held_out = [_loo_scores(train_emb, self.router.top_keys)]
         if dev_data:
             dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
-            threshold = calibrate_threshold((dev_emb @ keys.T).max(axis=1), tconf.threshold_quantile)
-        else:
-            threshold = calibrate_threshold((train_emb @ keys.T).max(axis=1), tconf.threshold_quantile)
+            held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
+        threshold = calibrate_threshold(np.concatenate(held_out), tconf.threshold_quantile)
 
         layer_set = pconf.resolved_layers(self.backbone.num_layers)
         if tconf.init == "text":
@@ -253,7 +257,7 @@ class PromptBank:
         init = token_init(model, init_ids, layer_set)
         warm_from: list[dict[str, Any]] = []
         if tconf.warm_start:
-            mixed, warm_from = self._warm_start(train_emb, init, tconf.warm_start_k)
+            mixed, warm_from = self._warm_start(train_emb, init, tconf.warm_start_k, tconf.warm_start_min_similarity)
             if mixed is not None:
                 init = mixed
         with torch.random.fork_rng(devices=[]):
@@ -286,7 +290,7 @@ class PromptBank:
             warm_start_from=warm_from,
             history=result.history,
         )
-        self._insert(_Task(record, result.prompt, keys, result.train_state))
+        self._insert(_Task(record, result.prompt, keys, result.train_state if tconf.keep_train_state else {}))
         logger.info(
             "learned task %r: %d steps, dev loss %s, dev accuracy %s", name, result.steps, result.best_dev_loss, dev_acc
         )
@@ -307,8 +311,12 @@ class PromptBank:
         self._tasks[name] = task
         self._kv.pop(name, None)
 
-    def _warm_start(self, train_emb: np.ndarray, init: dict[int, torch.Tensor], k: int):
-        """Similarity-weighted mix of the ``k`` stored prompts of the same shape whose keys are nearest."""
+    def _warm_start(self, train_emb: np.ndarray, init: dict[int, torch.Tensor], k: int, min_similarity: float):
+        """Similarity-weighted mix of the ``k`` stored prompts of the same shape whose keys are nearest (SPoT).
+
+        Only stored tasks whose mean input embedding has cosine >= ``min_similarity`` with the new task's count:
+        a prompt trained for an unrelated task is a worse start than the label-text initialisation.
+        """
         centroid = train_emb.mean(0)
         centroid /= np.linalg.norm(centroid) + 1e-12
         shape = {layer: tuple(t.shape) for layer, t in init.items()}
@@ -318,7 +326,9 @@ class PromptBank:
                 continue
             c = t.keys.mean(0)
             c /= np.linalg.norm(c) + 1e-12
-            cands.append((float(centroid @ c), name))
+            sim = float(centroid @ c)
+            if sim >= min_similarity:
+                cands.append((sim, name))
         cands = sorted(cands, reverse=True)[:k]
         if not cands:
             return None, []
@@ -500,6 +510,21 @@ class PromptBank:
             ll = causal.rank_labels(model, tok, [kv] * len(chunk), inputs, [label_ids] * len(chunk))
             correct += sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, chunk))
         return correct / len(data)
+
+
+def _top_mean(sims: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise mean of the ``k`` largest values of a (n, m) similarity matrix (the router's task score)."""
+    k = min(k, sims.shape[1])
+    return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+
+
+def _loo_scores(emb: np.ndarray, k: int) -> np.ndarray:
+    """Leave-one-out routing scores of a task's own inputs against its other inputs."""
+    if len(emb) < 2:
+        return np.zeros(0, dtype=np.float32)
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    return _top_mean(sims[:, :], min(k, len(emb) - 1))
 
 
 def _label_ids(tokenizer, labels: Sequence[str], max_target_tokens: int | None) -> list[list[int]]:

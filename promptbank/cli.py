@@ -159,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-warm-start",
         action="store_true",
-        help="start from vocabulary embeddings, not from the nearest stored soft prompts",
+        help="do not start from the nearest stored soft prompts (use --init instead)",
+    )
+    p.add_argument(
+        "--init",
+        choices=("text", "vocab"),
+        help="initial soft prompt when not warm-started: tokens of an instruction naming the labels (text, "
+        "default) or random vocabulary tokens (vocab)",
     )
     p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -354,6 +360,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         ("lr", args.lr),
         ("batch_size", args.batch_size),
         ("seed", args.seed),
+        ("init", args.init),
     ):
         if value is not None:
             options[key] = value

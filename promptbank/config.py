@@ -113,7 +113,9 @@ class TrainConfig:
     held out when no dev set is given. ``lr=None`` picks the method's default (:data:`DEFAULT_LR`).
     ``init``: ``"text"`` starts the soft prompt from the tokens of an instruction naming the task's labels,
     ``"vocab"`` from randomly sampled vocabulary tokens; with ``warm_start`` and a stored task of the same shape,
-    the similarity-weighted mix of the nearest stored soft prompts is used instead.
+    the similarity-weighted mix of the ``warm_start_k`` nearest stored soft prompts (mean-input-embedding cosine
+    >= ``warm_start_min_similarity``) is used instead. ``keep_train_state`` stores the prompt module's state
+    (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
     """
 
     max_steps: int = 100
@@ -133,6 +135,8 @@ class TrainConfig:
     init: str = "text"
     warm_start: bool = True
     warm_start_k: int = 3
+    warm_start_min_similarity: float = 0.5
+    keep_train_state: bool = True
     n_prototypes: int = 16
     threshold_quantile: float = 0.05
     extra: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +157,7 @@ class TrainConfig:
             "max_target_tokens": self.max_target_tokens >= 1,
             "init": self.init in ("text", "vocab"),
             "warm_start_k": self.warm_start_k >= 1,
+            "warm_start_min_similarity": -1 <= self.warm_start_min_similarity <= 1,
             "n_prototypes": self.n_prototypes >= 1,
             "threshold_quantile": 0 <= self.threshold_quantile < 1,
         }

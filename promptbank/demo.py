@@ -143,7 +143,10 @@ def run_demo(
         )
         t = time.perf_counter()
         acc = bank.evaluate(task.test, task=task.name)["accuracy"]
-        warm = ", ".join(f"{w['task']} ({w['weight']:.2f})" for w in rec.warm_start_from) or "vocab init"
+        warm = (
+            ", ".join(f"{w['task']} ({w['weight']:.2f})" for w in rec.warm_start_from)
+            or "text init (no stored prompt of the same shape)"
+        )
         say(
             f"    trained {rec.steps} steps in {rec.train_seconds:.0f}s ({rec.train_seconds / rec.steps:.2f} s/step), "
             f"warm start: {warm}; dev loss {rec.history[0]['dev_loss']:.3f} -> {rec.dev_loss:.3f}; "

@@ -161,6 +161,7 @@ def _write_folder(bank: PromptBank, folder: Path) -> None:
         "index": {
             "file": INDEX_FILE,
             "type": "IndexIDMap2(IndexFlatIP)",
+            "top_keys": int(bank.router.top_keys),
             "ntotal": int(bank.router.ntotal),
             "next_id": int(bank.router.next_id),
         },
@@ -168,6 +169,16 @@ def _write_folder(bank: PromptBank, folder: Path) -> None:
         "task_order": list(bank._tasks),
     }
     _write_json(folder / MANIFEST, manifest)
+    _make_readable(folder)
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors writes 0600 files; give the bank ordinary permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -274,6 +285,7 @@ def load_bank(
             {n: t.keys for n, t in tasks.items()},
             {n: t.record.threshold for n, t in tasks.items()},
             dim=emb.dim,
+            top_keys=int(manifest["index"].get("top_keys", 1)),
             ids=ids,
             next_id=manifest["index"].get("next_id"),
             index_bytes=index_path.read_bytes() if trust_index and index_path.exists() else None,

@@ -67,7 +67,9 @@ def test_task_a_unchanged_after_learning_b(tiny_bank):
     record_a = tiny_bank.tasks["weather"].to_dict()
     preds_a = tiny_bank.predict([r["text"] for r in WEATHER[:4]], task="weather")
     # B warm-starts from A (same shape): A's tensors must still not move.
-    rec_b = tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=4, **fast_options())
+    rec_b = tiny_bank.learn_task(
+        "fruit", FRUIT, method="deep", num_virtual_tokens=4, **fast_options(warm_start_min_similarity=-1)
+    )
     assert [w["task"] for w in rec_b.warm_start_from] == ["weather"]
     for layer, t in tiny_bank.soft_prompt("weather").items():
         assert torch.equal(t, prompt_a[layer])
@@ -81,9 +83,12 @@ def test_warm_start_off_records_nothing(tiny_bank):
     tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
     rec = tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options(warm_start=False))
     assert rec.warm_start_from == []
-    rec2 = tiny_bank.learn_task("fruit2", FRUIT, num_virtual_tokens=4, **fast_options())
+    rec2 = tiny_bank.learn_task("fruit2", FRUIT, num_virtual_tokens=4, **fast_options(warm_start_min_similarity=-1))
     assert {w["task"] for w in rec2.warm_start_from} == {"weather", "fruit"}
     assert abs(sum(w["weight"] for w in rec2.warm_start_from) - 1) < 1e-5
+    # only similar enough tasks are mixed in: "fruit" (same inputs) yes, "weather" no
+    rec3 = tiny_bank.learn_task("fruit3", FRUIT, num_virtual_tokens=4, **fast_options(warm_start_min_similarity=0.9))
+    assert {w["task"] for w in rec3.warm_start_from} == {"fruit", "fruit2"}
 
 
 def test_same_seed_same_prompt(tiny_backbone, hashing_embedder):

@@ -45,7 +45,7 @@ def test_default_bank_learns_routes_predicts_generates(real_bank, tmp_path):
     assert set(rec.labels) == {"positive", "negative"}
     assert rec.dev_loss is not None and rec.dev_loss < rec.history[0]["dev_loss"]
     r = real_bank.route("This blender is fantastic, I use it every morning and love it.")
-    assert r.task == "sentiment" and r.score > 0.3
+    assert r.task == "sentiment" and r.ranked[0][0] == "sentiment"
     off = real_bank.route("Compute the derivative of x squared plus three x.")
     assert off.task is None
     pred = real_bank.predict(["Terrible service, the food was cold and the waiter was rude."])[0]
