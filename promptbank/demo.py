@@ -145,7 +145,7 @@ def run_demo(
         acc = bank.evaluate(task.test, task=task.name)["accuracy"]
         warm = (
             ", ".join(f"{w['task']} ({w['weight']:.2f})" for w in rec.warm_start_from)
-            or "text init (no stored prompt of the same shape)"
+            or "none (no similar stored prompt of the same shape; label-text init)"
         )
         say(
             f"    trained {rec.steps} steps in {rec.train_seconds:.0f}s ({rec.train_seconds / rec.steps:.2f} s/step), "

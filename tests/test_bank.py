@@ -317,3 +317,35 @@ def test_rank_labels_equals_full_sequence_likelihood(tiny_bank):
         for kv, inp, labs, g in zip(kvs, inputs, label_ids, got):
             ref = torch.stack([target_logprobs(model, tok, [kv], [inp], [lab])[0].sum() for lab in labs])
             torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_bank_refuses_a_different_backbone(tiny_bank, tmp_path):
+    from conftest import make_tiny_model
+
+    from promptbank import BackboneMismatchError
+    from promptbank.backbone import from_model
+
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=1))
+    tiny_bank.save(tmp_path / "bank")
+    tok = tiny_bank.backbone.tokenizer
+    other = from_model(make_tiny_model(len(tok), seed=1), tok, name="other")
+    with pytest.raises(BackboneMismatchError, match="embedding_sha256"):
+        PromptBank.load(tmp_path / "bank", backbone=other, embedder=tiny_bank.embedder)
+    loaded = PromptBank.load(tmp_path / "bank", backbone=other, embedder=tiny_bank.embedder, allow_mismatch=True)
+    assert list(loaded.tasks) == ["weather"]
+
+
+def test_load_rejects_missing_or_newer_banks(tiny_bank, tmp_path):
+    import json
+
+    from promptbank import BankFormatError
+
+    with pytest.raises(BankFormatError, match="not a promptbank bank"):
+        PromptBank.load(tmp_path, backbone=tiny_bank.backbone, embedder=tiny_bank.embedder)
+    tiny_bank.save(tmp_path / "bank")
+    manifest = tmp_path / "bank" / "promptbank.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 99
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(BankFormatError, match="newer"):
+        PromptBank.load(tmp_path / "bank", backbone=tiny_bank.backbone, embedder=tiny_bank.embedder)
