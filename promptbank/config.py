@@ -121,6 +121,7 @@ class TrainConfig:
     max_steps: int = 100
     batch_size: int = 8
     lr: float | None = None
+    head_lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -146,6 +147,7 @@ class TrainConfig:
             "max_steps": self.max_steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr is None or self.lr > 0,
+            "head_lr": self.head_lr > 0,
             "weight_decay": self.weight_decay >= 0,
             "warmup_ratio": 0 <= self.warmup_ratio < 1,
             "grad_clip": self.grad_clip >= 0,

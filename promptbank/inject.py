@@ -18,6 +18,7 @@ left-padded to the longest one and masked, and the row's tokens get position ids
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,12 +68,19 @@ def cache_kwargs(model: nn.Module, cache: DynamicCache | None) -> dict:
 
 
 class _OverwriteHidden:
-    """Forward pre-hook: replace the layer's input hidden states with a fixed (1, P, d) tensor."""
+    """Forward pre-hook: replace the layer's input hidden states with a fixed (1, P, d) tensor.
+
+    Acts only in the thread that registered it, so forwards that other threads run on the same shared model
+    while it is registered are not affected.
+    """
 
     def __init__(self, value: torch.Tensor):
         self.value = value
+        self.thread = threading.get_ident()
 
     def __call__(self, module, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return None
         if args:
             hidden = args[0]
             return (self.value.to(hidden.dtype).expand_as(hidden), *args[1:]), kwargs

@@ -109,11 +109,14 @@ def build_prompt_module(config: PromptConfig, init: dict[int, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def token_init(model: nn.Module, token_ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
+def token_init(
+    model: nn.Module, token_ids: list[int], layers: list[int], *, causal: bool = True
+) -> dict[int, torch.Tensor]:
     """Initial soft prompt from real tokens: their input embeddings, and for deeper layers the hidden states those
     tokens produce entering each layer, so every vector starts at a natural scale. Returns ``{layer: (P, d)}``."""
     ids = torch.tensor([token_ids], dtype=torch.long)
-    out = model.base_model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    extra = {"use_cache": False} if causal else {}
+    out = model.base_model(input_ids=ids, output_hidden_states=True, **extra)
     # hidden_states[l] is the input of decoder layer l (hidden_states[0] = embeddings).
     return {layer: out.hidden_states[layer][0].float().clone() for layer in layers}
 

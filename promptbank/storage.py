@@ -147,9 +147,12 @@ def _write_folder(bank: PromptBank, folder: Path) -> None:
         )
         if task.train_state:
             save_file({k: v.contiguous() for k, v in task.train_state.items()}, str(tdir / "train_state.safetensors"))
-        peft_cfg, peft_tensors = peft_export(bank.backbone, task.prompt)
-        _write_json(tdir / "adapter_config.json", peft_cfg)
-        save_file(peft_tensors, str(tdir / "adapter_model.safetensors"))
+        if task.head is not None:
+            save_file({k: v.contiguous() for k, v in task.head.items()}, str(tdir / "head.safetensors"))
+        if bank.backbone.kind == "causal_lm":  # PEFT's prompt methods are for decoders; encoders keep our format
+            peft_cfg, peft_tensors = peft_export(bank.backbone, task.prompt)
+            _write_json(tdir / "adapter_config.json", peft_cfg)
+            save_file(peft_tensors, str(tdir / "adapter_model.safetensors"))
     index_bytes = bank.router.index_bytes()
     (folder / INDEX_FILE).write_bytes(index_bytes)
     manifest = {
@@ -244,7 +247,7 @@ def load_bank(
     bb_info = manifest["backbone"]
     if backbone is None:
         backbone = bb_info["name"]
-    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
+    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, kind=bb_info.get("kind", "causal_lm"))
     check_fingerprint(bb_info["fingerprint"], bb.fingerprint, allow_mismatch=allow_mismatch)
     emb = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
     if emb.dim != manifest["embedder"]["dim"]:
@@ -265,6 +268,8 @@ def load_bank(
             keys, ids[name] = key_file["keys"], key_file["ids"]
             state_path = tdir / "train_state.safetensors"
             train_state = {k: v.clone() for k, v in load_file(str(state_path)).items()} if state_path.exists() else {}
+            head_path = tdir / "head.safetensors"
+            head = {k: v.clone() for k, v in load_file(str(head_path)).items()} if head_path.exists() else None
         except (OSError, KeyError, SafetensorError) as e:
             raise BankFormatError(f"{tdir}: cannot read task files ({type(e).__name__}: {e})") from None
         prompt = {}
@@ -278,7 +283,13 @@ def load_bank(
                     f"non-finite values; expected (P, {d}) finite"
                 )
             prompt[layer] = t.clone()
-        tasks[name] = _Task(record, prompt, np.array(keys, dtype=np.float32, copy=True), train_state)
+        if bb.kind == "encoder" and (
+            head is None
+            or set(head) != {"weight", "bias"}
+            or tuple(head["weight"].shape) != (len(record.labels or []), d)
+        ):
+            raise BankFormatError(f"{tdir}: missing or malformed head.safetensors for an encoder task")
+        tasks[name] = _Task(record, prompt, np.array(keys, dtype=np.float32, copy=True), train_state, head)
     index_path = folder / INDEX_FILE
     try:
         bank.router = Router.from_keys(

@@ -85,15 +85,46 @@ def train_soft_prompt(
     desc: str = "training",
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train ``module`` on ``train`` (lists of (input ids, target ids)); select on ``dev`` loss.
+    """Train a causal-LM soft prompt on ``train`` (lists of (input ids, target ids)); select on ``dev`` loss.
 
     Raises :class:`TrainingDivergedError` on a NaN/inf loss or gradient. ``model`` must be frozen.
     """
+    return train_loop(
+        model,
+        module,
+        len(train),
+        lambda idx: _batch_loss(model, tokenizer, module, [train[i] for i in idx]),
+        (lambda: dev_loss(model, tokenizer, module, dev, config.batch_size)) if dev else None,
+        config,
+        param_groups=[{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr}],
+        desc=desc,
+        on_step=on_step,
+        fold=module.fold,
+    )
+
+
+def train_loop(
+    model: nn.Module,
+    module: nn.Module,
+    n_train: int,
+    batch_loss: Callable[[list[int]], torch.Tensor],
+    eval_loss: Callable[[], float] | None,
+    config: TrainConfig,
+    *,
+    param_groups: list[dict],
+    fold: Callable[[], dict[int, torch.Tensor]],
+    desc: str = "training",
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """The loop itself, for any frozen backbone: ``batch_loss(indices)`` is the loss of a batch of training
+    examples, ``eval_loss()`` the dev loss (``None``: no dev set, keep the last state). ``module`` holds every
+    trainable tensor (its state at the best dev loss is restored at the end); ``fold()`` gives the soft prompt.
+    """
     _check_frozen(model)
-    if not train:
+    if not n_train:
         raise ValueError("no training examples")
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    params = [p for g in param_groups for p in g["params"]]
+    opt = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_ratio * config.max_steps))
 
     def schedule(step: int) -> float:  # linear warm-up, then linear decay to 10 %
@@ -103,9 +134,10 @@ def train_soft_prompt(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(config.seed)
-    batches = _batches(len(train), config.batch_size, rng)
+    batches = _batches(n_train, config.batch_size, rng)
+    dev = eval_loss is not None
 
-    best_loss = dev_loss(model, tokenizer, module, dev, config.batch_size) if dev else None
+    best_loss = eval_loss() if dev else None
     best_step, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     history: list[dict] = [{"step": 0, "dev_loss": best_loss}]
     bad_evals, stopped_early, step = 0, False, 0
@@ -115,8 +147,7 @@ def train_soft_prompt(
     module.train()
     try:
         for step in range(1, config.max_steps + 1):
-            idx = next(batches)
-            loss = _batch_loss(model, tokenizer, module, [train[i] for i in idx])
+            loss = batch_loss(next(batches))
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at step {step}; nothing was stored")
             opt.zero_grad(set_to_none=True)
@@ -139,7 +170,7 @@ def train_soft_prompt(
                 on_step(step, entry["loss"])
             if dev and (step % config.eval_every == 0 or step == config.max_steps):
                 module.eval()
-                dl = dev_loss(model, tokenizer, module, dev, config.batch_size)
+                dl = eval_loss()
                 module.train()
                 if not math.isfinite(dl):
                     raise TrainingDivergedError(f"{desc}: dev loss became {dl} at step {step}; nothing was stored")
@@ -167,7 +198,7 @@ def train_soft_prompt(
     module.load_state_dict(best_state)
     module.eval()
     return TrainResult(
-        prompt=module.fold(),
+        prompt=fold(),
         train_state={k: v.float().contiguous() for k, v in best_state.items()},
         steps=step,
         best_step=best_step,

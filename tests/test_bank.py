@@ -349,3 +349,29 @@ def test_load_rejects_missing_or_newer_banks(tiny_bank, tmp_path):
     manifest.write_text(json.dumps(data))
     with pytest.raises(BankFormatError, match="newer"):
         PromptBank.load(tmp_path / "bank", backbone=tiny_bank.backbone, embedder=tiny_bank.embedder)
+
+
+def test_prompt_hooks_do_not_leak_into_other_threads(tiny_bank):
+    """Computing a deep prompt's prefix registers hooks on the shared model; a forward running in another
+    thread at the same time must not see them."""
+    import threading
+
+    from promptbank.inject import _OverwriteHidden
+
+    model = tiny_bank.backbone.model
+    layer = decoder_layers(model)[1]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        clean = model.base_model(input_ids=ids).last_hidden_state
+    handle = layer.register_forward_pre_hook(_OverwriteHidden(torch.zeros(1, 4, 32)), with_kwargs=True)
+    try:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(h=model.base_model(input_ids=ids).last_hidden_state))
+        with torch.no_grad():
+            t.start()
+            t.join()
+            hooked = model.base_model(input_ids=ids).last_hidden_state
+    finally:
+        handle.remove()
+    torch.testing.assert_close(result["h"], clean)
+    assert not torch.allclose(hooked, clean)

@@ -77,3 +77,24 @@ def test_real_peft_prompt_tuning_logits_match(real_bank, tmp_path):
         pm = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "sentiment"))
         theirs = pm(input_ids=torch.tensor([ids])).logits[0, -len(ids) :]
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-4)
+
+
+def test_real_encoder_backbone_learns_and_predicts(tmp_path):
+    bank = PromptBank.from_pretrained("all-minilm-l6-v2")
+    assert bank.is_encoder
+    rec = bank.learn_task(
+        "topic",
+        example_path("question_topic_train"),
+        method="deep",
+        max_steps=5,
+        batch_size=8,
+        eval_every=5,
+        progress=False,
+    )
+    assert rec.dev_loss < rec.history[0]["dev_loss"]
+    pred = bank.predict(["Who won the football world cup in 1998?"])[0]
+    assert pred.task == "topic" and pred.output in rec.labels
+    bank.save(tmp_path / "enc")
+    assert PromptBank.load(tmp_path / "enc").predict(["Who won the football world cup in 1998?"])[
+        0
+    ].label_scores == pytest.approx(pred.label_scores, abs=1e-5)

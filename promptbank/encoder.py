@@ -1,0 +1,139 @@
+"""Soft prompts on a frozen BERT-family encoder (MiniLM, BERT, RoBERTa ...) for classification.
+
+Same soft-prompt representation as for causal LMs — hidden states ``{layer: (P, d)}`` of ``P`` reserved
+positions — applied by the recommended per-layer overwrite: the ``P`` positions are prepended to each row and
+forward pre-hooks on the chosen layers overwrite their hidden states (per batch row, so one batch can mix tasks,
+prompt lengths and rows without a prompt). Attention is bidirectional here, so the prompt positions' keys/values
+depend on the input and cannot be cached as a prefix; the overwrite is exact and needs no hand-built key/value
+tensors (which is where PEFT's prefix tuning breaks on BERT-family models).
+
+The pooled output is the mean of the real tokens' final hidden states (prompt positions excluded; that is the
+pooling all-MiniLM-L6-v2 was trained with); each task has a small linear head on it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+SoftPrompt = Mapping[int, torch.Tensor]
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """Transformer blocks of a Hugging Face encoder (BERT-style ``encoder.layer`` or ``layers``)."""
+    base = getattr(model, "base_model", model)
+    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+        obj = base
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise TypeError(f"cannot find the encoder layers of {type(model).__name__}")
+
+
+class _RowOverwrite:
+    """Forward pre-hook: for rows in ``rows``, replace hidden states of positions ``[:P]`` with ``value``."""
+
+    def __init__(self, value: torch.Tensor, rows: torch.Tensor):
+        self.value = value  # (B, P, d)
+        self.rows = rows  # (B,) bool
+        self.thread = threading.get_ident()  # act only in the registering thread (shared models, many threads)
+
+    def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        p = self.value.shape[1]
+        head = torch.where(self.rows[:, None, None], self.value.to(hidden.dtype), hidden[:, :p])
+        return torch.cat([head, hidden[:, p:]], dim=1)  # (B, P + T, d)
+
+    def __call__(self, module, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return None
+        if args:
+            return (self._apply(args[0]), *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=self._apply(kwargs["hidden_states"]))
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids with the tokenizer's special tokens ([CLS] ... [SEP]), cut to ``max_tokens``."""
+    return [tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+
+
+def pooled(
+    model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], row_prompts: Sequence[SoftPrompt | None]
+) -> torch.Tensor:
+    """Mean-pooled final hidden states (B, d) of each token sequence behind its row's soft prompt (or none).
+
+    Layout of a row: ``[P_max prompt positions | tokens | right padding]``; a row whose prompt is shorter than
+    ``P_max`` has its first positions masked. Token position ids start at 0, as without a prompt.
+    """
+    bsz = len(seqs)
+    if len(row_prompts) != bsz:
+        raise ValueError(f"got {len(row_prompts)} prompts for {bsz} rows")
+    lens = [0 if p is None else p[0].shape[0] for p in row_prompts]
+    p_max, width = max(lens), max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((bsz, p_max + width), pad, dtype=torch.long)
+    mask = torch.zeros((bsz, p_max + width), dtype=torch.long)
+    positions = torch.zeros((bsz, p_max + width), dtype=torch.long)
+    for b, (s, n) in enumerate(zip(seqs, lens)):
+        ids[b, p_max : p_max + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[b, p_max - n : p_max + len(s)] = 1
+        positions[b, p_max : p_max + len(s)] = torch.arange(len(s))
+
+    handles = []
+    layers = encoder_layers(model)
+    if p_max:
+        dim = next(p for p in row_prompts if p is not None)[0].shape[1]
+        for layer in sorted({layer for p in row_prompts if p is not None for layer in p}):
+            if not 0 <= layer < len(layers):
+                raise ValueError(f"soft prompt layer {layer} out of range for a {len(layers)}-layer encoder")
+            rows = torch.tensor([p is not None and layer in p for p in row_prompts])
+            value = torch.stack(
+                [
+                    _left_pad(p[layer], p_max) if p is not None and layer in p else torch.zeros(p_max, dim)
+                    for p in row_prompts
+                ]
+            )  # (B, P_max, d)
+            handles.append(layers[layer].register_forward_pre_hook(_RowOverwrite(value, rows), with_kwargs=True))
+    try:
+        out = model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, token_type_ids=torch.zeros_like(ids)
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = out.last_hidden_state[:, p_max:]  # (B, T, d): the real tokens only
+    tmask = mask[:, p_max:, None].to(hidden.dtype)
+    return (hidden * tmask).sum(1) / tmask.sum(1).clamp_min(1.0)
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.shape[0] == n else torch.cat([t.new_zeros(n - t.shape[0], t.shape[1]), t], dim=0)
+
+
+class Head(nn.Module):
+    """Per-task linear classifier on the pooled output: (B, d) -> (B, n_labels) logits."""
+
+    def __init__(self, dim: int, n_labels: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_labels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "weight": self.linear.weight.detach().float().clone(),
+            "bias": self.linear.bias.detach().float().clone(),
+        }
+
+
+def head_logits(head: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """Apply a stored head ``{"weight": (L, d), "bias": (L,)}`` to pooled features (B, d)."""
+    return features @ head["weight"].T + head["bias"]

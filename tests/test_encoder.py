@@ -1,0 +1,102 @@
+"""Encoder backbones (BERT family) on a tiny config-built BERT: same invariants as the causal-LM bank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fast_options, make_tiny_tokenizer
+from test_bank import FRUIT, WEATHER, _state_hash, _tree_bytes
+
+from promptbank import PromptBank
+from promptbank.backbone import from_model
+from promptbank.encoder import pooled
+
+
+@pytest.fixture(scope="module")
+def _encoder_proto():
+    from transformers import BertConfig, BertModel
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
+    return from_model(BertModel(cfg), tok, name="tiny-bert")
+
+
+@pytest.fixture
+def enc_bank(_encoder_proto, hashing_embedder):
+    import copy
+
+    return PromptBank(copy.deepcopy(_encoder_proto), hashing_embedder)
+
+
+def test_kind_is_inferred_as_encoder(enc_bank):
+    assert enc_bank.backbone.kind == "encoder" and enc_bank.is_encoder
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "ptuning_mlp", "deep"])
+def test_encoder_learning_keeps_backbone_and_lowers_loss(enc_bank, method):
+    before = _state_hash(enc_bank.backbone.model)
+    rec = enc_bank.learn_task(
+        "weather", WEATHER, method=method, num_virtual_tokens=4, **fast_options(max_steps=20, eval_every=5, head_lr=0.1)
+    )
+    assert _state_hash(enc_bank.backbone.model) == before
+    assert rec.dev_loss < rec.history[0]["dev_loss"]
+    assert enc_bank._tasks["weather"].head["weight"].shape == (2, 32)
+
+
+def test_encoder_no_forgetting_and_batch_independence(enc_bank):
+    enc_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=3, **fast_options())
+    texts = ["the weather is odd today", "i would like to eat a kiwi"]
+    before = enc_bank.predict(texts, task=["weather", "weather"])
+    enc_bank.learn_task("fruit", FRUIT, method="prompt_tuning", num_virtual_tokens=5, **fast_options())
+    after = enc_bank.predict(texts, task=["weather", "weather"])
+    assert [p.label_scores for p in before] == [p.label_scores for p in after]
+    mixed = enc_bank.predict(texts + ["no prompt row"], task=["weather", "fruit", None])
+    alone = [enc_bank.predict([texts[0]], task="weather")[0], enc_bank.predict([texts[1]], task="fruit")[0]]
+    for m, a in zip(mixed, alone):
+        assert m.output == a.output
+        assert m.label_scores == pytest.approx(a.label_scores, abs=1e-5)
+    assert mixed[2].output is None
+
+
+def test_encoder_pooled_prompt_rows_match_alone(enc_bank):
+    model, tok = enc_bank.backbone.model, enc_bank.backbone.tokenizer
+    d = enc_bank.backbone.hidden_size
+    p1 = {0: torch.randn(2, d), 2: torch.randn(2, d)}
+    p2 = {0: torch.randn(5, d)}
+    seqs = [tok("short one")["input_ids"], tok("a longer row of text here")["input_ids"], tok("x")["input_ids"]]
+    with torch.no_grad():
+        batch = pooled(model, tok, seqs, [p1, p2, None])
+        for i, p in enumerate([p1, p2, None]):
+            torch.testing.assert_close(batch[i], pooled(model, tok, [seqs[i]], [p])[0], atol=1e-5, rtol=1e-5)
+        plain = model(input_ids=torch.tensor([seqs[2]])).last_hidden_state.mean(1)[0]
+    torch.testing.assert_close(batch[2], plain, atol=1e-5, rtol=1e-5)  # no prompt == the plain encoder
+
+
+def test_encoder_save_load_save_identical(enc_bank, tmp_path):
+    enc_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=3, **fast_options())
+    enc_bank.save(tmp_path / "bank")
+    files = _tree_bytes(tmp_path / "bank")
+    assert "tasks/weather/head.safetensors" in files and "tasks/weather/adapter_config.json" not in files
+    loaded = PromptBank.load(tmp_path / "bank", backbone=enc_bank.backbone, embedder=enc_bank.embedder)
+    loaded.save(tmp_path / "bank")
+    assert _tree_bytes(tmp_path / "bank") == files
+    text = ["the weather is grim"]
+    assert (
+        loaded.predict(text, task="weather")[0].label_scores == enc_bank.predict(text, task="weather")[0].label_scores
+    )
+
+
+def test_encoder_rejects_generation(enc_bank):
+    with pytest.raises(ValueError, match="classification tasks only"):
+        enc_bank.learn_task("gen", [{"input": "a", "target": "b"}] * 4, **fast_options())
+    with pytest.raises(ValueError, match="cannot generate"):
+        enc_bank.generate(["hi"])
