@@ -628,9 +628,6 @@ class PromptBank:
     def prompt_prefix(self, name: str) -> PrefixKV:
         """Task ``name``'s soft prompt as its per-layer key/value prefix, the ``row_kv`` entry that the
         :mod:`promptbank.causal` functions take. Computed on first use, then cached (until the task is removed).
-
-        Computing it runs the model with forward pre-hooks on its layers (deep prompts): callers that share the
-        model across threads must not run other forwards at the same time.
         """
         self._get(name)
         return self._prompt_kv(name)

@@ -7,7 +7,7 @@ sharing a task) or ``None`` for a row with no soft prompt. Logits are computed o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +207,102 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate_steps(
+    model: nn.Module,
+    tokenizer,
+    row_kv: Sequence[PrefixKV | None],
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int | None]]:
+    """:func:`generate` one step at a time: yield, per decoding step, the new token id of every row.
+
+    Same forwards and sampling as :func:`generate` (same tokens for the same seed), but lazy: each ``next()`` runs
+    one forward for the whole batch, so a caller can stream tokens, stop early (closing the generator runs no
+    further forward) or hold a lock per step. A row's EOS is yielded once; after it the row yields ``None``.
+    Iteration ends after ``max_new_tokens`` steps or once every row has produced EOS.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    bsz = len(inputs)
+    if max_new_tokens == 0 or bsz == 0:
+        return
+    eos = tokenizer.eos_token_id
+    ids, mask = left_pad(inputs, _pad_id(tokenizer))
+    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
+    head = model.get_output_embeddings()
+    attn = prefix.attention_mask
+    next_pos = prefix.position_ids[:, -1] + 1  # (B,)
+    done = [False] * bsz
+    last = hidden[:, -1]  # (B, d)
+    base = model.base_model
+    for step in range(max_new_tokens):
+        nxt = _sample(head(last).float(), temperature, top_p, generator)  # (B,)
+        new: list[int | None] = []
+        for b in range(bsz):
+            if done[b]:
+                new.append(None)
+            else:
+                new.append(int(nxt[b]))
+                done[b] = eos is not None and new[b] == eos
+        yield new
+        if all(done) or step == max_new_tokens - 1:
+            return
+        attn = torch.cat([attn, torch.ones(bsz, 1, dtype=attn.dtype)], dim=1)
+        out = base(
+            input_ids=nxt[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        )
+        cache = output_cache(out)
+        last = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out, one token at a time, never splitting a multi-byte character.
+
+    Byte-level tokenizers can end a token inside a UTF-8 character, and decoding it alone gives U+FFFD. ``push``
+    decodes a short window (the previous chunk plus the new ids, so tokenizers that treat a leading space
+    specially are right) and holds the text back while it ends in U+FFFD; ``flush`` releases whatever is left.
+    ``"".join(pushes) + flush()`` equals ``tokenizer.decode(ids, skip_special_tokens=...)``.
+    """
+
+    def __init__(self, tokenizer, *, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window decoded as context
+        self._read = 0  # end of the text already released
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def _release(self, final: bool) -> str:
+        old = self._decode(self.ids[self._prefix : self._read])
+        new = self._decode(self.ids[self._prefix :])
+        if len(new) > len(old) and (final or not new.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new[len(old) :]
+        return ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token id; return the text that became final (often ``""`` mid-character)."""
+        self.ids.append(int(token_id))
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Release any held-back text (an incomplete character at the very end decodes as U+FFFD)."""
+        return self._release(final=True)

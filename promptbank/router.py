@@ -6,8 +6,14 @@ of its ``top_keys`` best key similarities (``top_keys=1``: the max). :meth:`Rout
 task when its score reaches that task's threshold (see :func:`calibrate_threshold`), else ``None``
 (:data:`NO_TASK`): the plain backbone answers, and the caller may raise a new-task signal.
 
-Results are exactly those of a brute-force computation over every key: :meth:`Router.route` searches the
-index for a few neighbours and widens the search until the top tasks are provably right.
+With ``index="flat"`` (the default) results are exactly those of a brute-force computation over every key:
+:meth:`Router.route` searches the index for a few neighbours and widens the search until the top tasks are
+provably right. Exact search costs ~20 ms per query at 10^5 keys on 2 cores; for larger banks
+``index="hnsw"`` (``IndexIDMap2(IndexHNSWFlat(dim, M, METRIC_INNER_PRODUCT))``) or ``index="ivf"``
+(``IndexIVFFlat(IndexFlatIP, dim, nlist, METRIC_INNER_PRODUCT)``, ids stored in the inverted lists) find
+candidate keys approximately; the tasks owning those candidates are then scored exactly from their stored
+keys, so a routed score is always a task's true score and the only error is a task missed by the candidate
+search. :func:`recall_at_1` measures that against exact search. :meth:`Router.scores` is always exact.
 
 numpy in, numpy out; nothing here knows about models or files (``index_bytes`` / ``from_keys`` let the
 storage layer cache the index; the keys are always the source of truth).
@@ -17,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -25,7 +32,7 @@ import numpy as np
 
 from .errors import TaskExistsError, TaskNotFoundError
 
-__all__ = ["NO_TASK", "Router", "calibrate_threshold", "make_prototypes"]
+__all__ = ["INDEX_KINDS", "NO_TASK", "Router", "calibrate_threshold", "make_prototypes", "recall_at_1"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,11 @@ NO_TASK = None
 _NORM_TOL = 1e-3
 _MIN_SEARCH_K = 32
 _KMEANS_RESTARTS = 3
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+_IVF_MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
+_IVF_RETRAIN_GROWTH = 4  # retrain the IVF coarse quantiser once the bank has grown this many times
+_PARALLEL_MIN_VECTORS = 20_000  # FAISS adds of fewer vectors run on one thread
+_PARALLEL_MIN_QUERIES = 16  # FAISS searches of fewer queries run on one thread
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +91,26 @@ def _l2_normalise(a: np.ndarray, what: str) -> np.ndarray:
         bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
         raise ValueError(f"{what} row {bad} is the zero vector")
     return np.ascontiguousarray(a / norms, dtype=np.float32)
+
+
+@contextmanager
+def _one_thread_if(small: bool) -> Iterator[None]:
+    """Run FAISS on one thread for small operations.
+
+    FAISS parallelises adds and searches with OpenMP; for a task's few keys or a single query, thread start-up
+    and spin-waiting cost far more than the work on a busy machine (measured on 2 shared cores: adding 16 keys
+    to an HNSW graph 17 ms with 2 threads, 0.3 ms with one). ``omp_set_num_threads`` applies to the calling
+    thread only; the previous value is restored.
+    """
+    prev = faiss.omp_get_max_threads()
+    if not small or prev == 1:
+        yield
+        return
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(prev)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,20 +224,49 @@ class Router:
 
     Tasks keep their insertion order (``tasks``, the columns of :meth:`scores`, ties in :meth:`route`).
     Each key gets an int64 id from a counter that only grows: ids are never reused in a router's lifetime.
+
+    ``index`` chooses the candidate search of :meth:`route`: ``"flat"`` (exact), ``"hnsw"`` (graph; ``hnsw_m``
+    links per node, ``ef_construction``, ``ef_search``) or ``"ivf"`` (``nlist`` inverted lists, default
+    ``~4 sqrt(n)`` capped at ``n / 39``, searching ``nprobe`` of them). Approximate indexes are rebuilt lazily
+    (on the next search) after removals (HNSW cannot delete) and IVF is retrained when the bank has grown 4x.
     """
 
-    def __init__(self, dim: int, *, top_keys: int = 1):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        top_keys: int = 1,
+        index: str = "flat",
+        hnsw_m: int = 32,
+        ef_construction: int = 40,
+        ef_search: int = 64,
+        nlist: int | None = None,
+        nprobe: int = 16,
+    ):
         self._dim = _check_pos_int(dim, "dim")
         self._top_keys = _check_pos_int(top_keys, "top_keys")
+        if index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
+        self._kind = index
+        self._hnsw_m = _check_pos_int(hnsw_m, "hnsw_m")
+        self._ef_construction = _check_pos_int(ef_construction, "ef_construction")
+        self._ef_search = _check_pos_int(ef_search, "ef_search")
+        self._nlist = None if nlist is None else _check_pos_int(nlist, "nlist")
+        self._nprobe = _check_pos_int(nprobe, "nprobe")
         self._tasks: dict[str, _Task] = {}
         self._next_id = 0
-        self._cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._set_index(self._empty_index())
+        self._cache: tuple | None = None
+        self._dirty = False  # approximate index must be rebuilt from the keys before its next use
+        self._ivf_trained_on = 0  # number of keys the IVF coarse quantiser was trained on
+        self.rebuild_index()
 
     # ---- basic accessors ------------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        return f"Router(dim={self._dim}, top_keys={self._top_keys}, tasks={len(self._tasks)}, keys={self.ntotal})"
+        return (
+            f"Router(dim={self._dim}, top_keys={self._top_keys}, index={self._kind!r}, tasks={len(self._tasks)}, "
+            f"keys={self.ntotal})"
+        )
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -226,8 +287,29 @@ class Router:
         return list(self._tasks)
 
     @property
+    def index_kind(self) -> str:
+        """``"flat"`` (exact), ``"hnsw"`` or ``"ivf"`` (approximate candidate search)."""
+        return self._kind
+
+    @property
+    def index_config(self) -> dict:
+        """Constructor options of the index, JSON-serialisable (``Router(dim, **index_config)`` rebuilds it)."""
+        return {
+            "top_keys": self._top_keys,
+            "index": self._kind,
+            "hnsw_m": self._hnsw_m,
+            "ef_construction": self._ef_construction,
+            "ef_search": self._ef_search,
+            "nlist": self._nlist,
+            "nprobe": self._nprobe,
+        }
+
+    @property
     def ntotal(self) -> int:
-        return int(self._index.ntotal)
+        """Number of stored keys."""
+        if not self._dirty:
+            return int(self._index.ntotal)
+        return int(sum(t.ids.size for t in self._tasks.values()))
 
     @property
     def next_id(self) -> int:
@@ -261,14 +343,53 @@ class Router:
 
     # ---- mutation -------------------------------------------------------------------------------
 
-    def _empty_index(self) -> faiss.IndexIDMap2:
-        # the faiss wrapper keeps a reference to the inner flat index
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self._dim))
+    def _empty_index(self) -> faiss.Index:
+        """An empty index of this router's kind (IVF: trained on ``self``'s keys, see :meth:`_ivf_index`)."""
+        # the faiss wrapper keeps a reference to the inner index
+        if self._kind == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(self._dim))
+        if self._kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(self._dim, self._hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = self._ef_construction
+            hnsw.hnsw.efSearch = self._ef_search
+            return faiss.IndexIDMap2(hnsw)
+        return self._ivf_index()
 
-    def _set_index(self, index: faiss.IndexIDMap2) -> None:
+    def _ivf_nlist(self, n: int) -> int:
+        cap = max(1, n // _IVF_MIN_POINTS_PER_LIST)
+        want = self._nlist if self._nlist is not None else max(1, int(round(4 * math.sqrt(max(n, 1)))))
+        return max(1, min(want, cap))
+
+    def _ivf_index(self) -> faiss.IndexIVFFlat:
+        """An empty IVF index whose coarse quantiser is trained on the stored keys (deterministic)."""
+        keys = [t.keys for t in self._tasks.values()]
+        x = np.concatenate(keys) if keys else np.zeros((0, self._dim), np.float32)
+        nlist = self._ivf_nlist(x.shape[0])
+        quantizer = faiss.IndexFlatIP(self._dim)
+        index = faiss.IndexIVFFlat(quantizer, self._dim, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference
+        if nlist == 1:  # one list: no clustering needed (and FAISS would warn on tiny training sets)
+            centre = x.mean(0, keepdims=True) if x.shape[0] else np.zeros((1, self._dim), np.float32)
+            quantizer.add(np.ascontiguousarray(centre, dtype=np.float32))
+            index.is_trained = True
+        else:
+            index.cp.seed = 1234
+            index.train(x)
+        self._ivf_trained_on = x.shape[0]
+        return index
+
+    def _set_index(self, index: faiss.Index) -> None:
         self._index = index
-        self._flat = faiss.downcast_index(index.index)  # a view; lives as long as self._index
+        # the searchable inner index: its labels are storage positions (IDMap2) or ids (IVF); a view that
+        # lives as long as self._index
+        self._inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+        if self._kind == "flat":
+            self._flat = self._inner
         self._cache = None
+        self._dirty = False
+
+    def _ensure_index(self) -> None:
+        if self._dirty:
+            self.rebuild_index()
 
     def _check_keys(self, keys: np.ndarray) -> np.ndarray:
         k = _as_matrix(keys, "keys", self._dim)
@@ -299,7 +420,12 @@ class Router:
         k = self._check_keys(keys)
         thr = _check_real(threshold, "threshold")
         ids = np.arange(self._next_id, self._next_id + k.shape[0], dtype=np.int64)
-        self._index.add_with_ids(k, ids)
+        grown = self.ntotal + k.shape[0] > _IVF_RETRAIN_GROWTH * max(self._ivf_trained_on, _IVF_MIN_POINTS_PER_LIST)
+        if self._kind == "ivf" and grown:
+            self._dirty = True  # retrain the coarse quantiser on the next search
+        elif not self._dirty:
+            with _one_thread_if(k.shape[0] < _PARALLEL_MIN_VECTORS):
+                self._index.add_with_ids(k, ids)
         self._next_id += k.shape[0]
         self._tasks[task] = _Task(_readonly(k), _readonly(ids), thr)
         self._cache = None
@@ -308,6 +434,11 @@ class Router:
         """Remove a task and its ids from the index. :class:`TaskNotFoundError` (a ``KeyError``) if absent."""
         entry = self._get(task)
         ids = np.ascontiguousarray(entry.ids, dtype=np.int64)
+        if self._kind == "hnsw" or self._dirty:  # HNSW cannot delete: rebuild lazily, once for many removals
+            del self._tasks[task]
+            self._cache = None
+            self._dirty = True
+            return
         removed = self._index.remove_ids(faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids)))
         del self._tasks[task]
         self._cache = None
@@ -323,20 +454,24 @@ class Router:
     def rebuild_index(self) -> None:
         """Rebuild the index from the stored keys: tasks in insertion order, each with its own ids.
 
-        Deterministic: the same router state always gives the same index (and the same ``index_bytes``).
+        Deterministic for ``"flat"`` and ``"ivf"``: the same router state always gives the same index (and the
+        same ``index_bytes``). HNSW graphs built with several threads may differ in their links.
         """
-        index = self._empty_index()
-        if self._tasks:
-            index.add_with_ids(
-                np.concatenate([t.keys for t in self._tasks.values()]),
-                np.concatenate([t.ids for t in self._tasks.values()]),
-            )
+        n_keys = sum(t.ids.size for t in self._tasks.values())
+        with _one_thread_if(n_keys < _PARALLEL_MIN_VECTORS):
+            index = self._empty_index()
+            if self._tasks:
+                index.add_with_ids(
+                    np.concatenate([t.keys for t in self._tasks.values()]),
+                    np.concatenate([t.ids for t in self._tasks.values()]),
+                )
         self._set_index(index)
 
     # ---- persistence ----------------------------------------------------------------------------
 
     def index_bytes(self) -> bytes:
         """The FAISS index serialised (``faiss.serialize_index``); a cache, rebuildable from the keys."""
+        self._ensure_index()
         return faiss.serialize_index(self._index).tobytes()
 
     @classmethod
@@ -350,13 +485,16 @@ class Router:
         ids: Mapping[str, np.ndarray] | None = None,
         next_id: int | None = None,
         index_bytes: bytes | None = None,
+        index: str = "flat",
+        **index_options,
     ) -> Router:
         """Restore a router from its keys (the source of truth), thresholds and optionally its ids and index.
 
         Task order is ``keys``' order. Without ``ids`` the ids are assigned 0, 1, ... in that order (what a
-        router built by ``add`` calls with no removals has). ``index_bytes`` is used only if it is an
-        ``IndexIDMap2(IndexFlatIP)`` whose ntotal, ids and vectors match the keys exactly; otherwise (stale,
-        corrupt or foreign) the index is rebuilt from the keys.
+        router built by ``add`` calls with no removals has). ``index_bytes`` is used only if it is an index of
+        kind ``index`` (flat: ``IndexIDMap2(IndexFlatIP)``) whose ntotal, ids and vectors match the keys
+        exactly; otherwise (stale, corrupt or foreign) the index is rebuilt from the keys. ``index_options``
+        are the other :class:`Router` index options (``hnsw_m``, ``ef_search``, ``nlist``, ``nprobe`` ...).
         """
         if set(keys) != set(thresholds):
             raise ValueError(f"keys and thresholds name different tasks: {sorted(set(keys) ^ set(thresholds))}")
@@ -364,7 +502,7 @@ class Router:
             if not keys:
                 raise ValueError("dim is required to restore a router with no tasks")
             dim = int(np.asarray(next(iter(keys.values()))).shape[-1])
-        router = cls(dim, top_keys=top_keys)
+        router = cls(dim, top_keys=top_keys, index=index, **index_options)
         seen: set[int] = set()
         for name, k in keys.items():
             router._check_name(name)
@@ -405,29 +543,50 @@ class Router:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8).copy())
         except (RuntimeError, ValueError):  # corrupt bytes: rebuild
             return False
-        if not isinstance(index, faiss.IndexIDMap2) or index.d != self._dim:
+        if index.d != self._dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             return False
-        flat = faiss.downcast_index(index.index)
-        if not isinstance(flat, faiss.IndexFlatIP) or flat.metric_type != faiss.METRIC_INNER_PRODUCT:
+        expected_n = self.ntotal
+        if index.ntotal != expected_n:
             return False
-        expected_n = sum(t.ids.size for t in self._tasks.values())
-        if index.ntotal != expected_n or flat.ntotal != expected_n:
+        want_ids = np.concatenate([t.ids for t in self._tasks.values()]) if expected_n else None
+        want_vecs = np.concatenate([t.keys for t in self._tasks.values()]) if expected_n else None
+        if self._kind == "ivf":
+            if not isinstance(index, faiss.IndexIVFFlat):
+                return False
+            if expected_n:
+                got_ids, got_vecs = _ivf_contents(index, self._dim)
+                order, want = np.argsort(got_ids, kind="stable"), np.argsort(want_ids, kind="stable")
+                if not (
+                    np.array_equal(got_ids[order], want_ids[want]) and np.array_equal(got_vecs[order], want_vecs[want])
+                ):
+                    return False
+            self._set_index(index)
+            self._ivf_trained_on = expected_n
+            return True
+        if not isinstance(index, faiss.IndexIDMap2):
+            return False
+        inner = faiss.downcast_index(index.index)
+        inner_type = faiss.IndexFlatIP if self._kind == "flat" else faiss.IndexHNSWFlat
+        if not isinstance(inner, inner_type) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+            return False
+        if inner.ntotal != expected_n:
             return False
         if expected_n:
             got_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-            got_vecs = flat.reconstruct_n(0, expected_n)
-            want_ids = np.concatenate([t.ids for t in self._tasks.values()])
-            want_vecs = np.concatenate([t.keys for t in self._tasks.values()])
+            got_vecs = inner.reconstruct_n(0, expected_n)
             if not (np.array_equal(got_ids, want_ids) and np.array_equal(got_vecs, want_vecs)):
                 return False
+        if self._kind == "hnsw":
+            inner.hnsw.efSearch = self._ef_search
         self._set_index(index)
         return True
 
     # ---- scoring --------------------------------------------------------------------------------
 
     def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(all keys in task order, task column of each index storage position, task start offsets,
-        per-task aggregation size ``min(top_keys, n_keys)``)."""
+        """(all keys in task order, task column of each index storage position (IVF: of each id), task start
+        offsets, per-task aggregation size ``min(top_keys, n_keys)``)."""
+        self._ensure_index()
         if self._cache is None:
             entries = list(self._tasks.values())
             sizes = [t.ids.size for t in entries]
@@ -440,6 +599,12 @@ class Router:
             cols = np.repeat(np.arange(len(entries), dtype=np.int64), sizes)
             order = np.argsort(all_ids, kind="stable")
             sorted_ids, sorted_cols = all_ids[order], cols[order]
+            starts = np.cumsum([0, *sizes])
+            agg = np.array([min(self._top_keys, n) for n in sizes], dtype=np.int64)
+            if self._kind == "ivf":  # IVF search returns ids: map them through the sorted id table
+                self._id_table = (sorted_ids, sorted_cols)
+                self._cache = (all_keys, sorted_cols, starts, agg)
+                return self._cache
             # the index's own id of each stored vector, in storage order (= the flat index's labels)
             index_ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
             where = np.searchsorted(sorted_ids, index_ids)
@@ -450,8 +615,6 @@ class Router:
                 self.rebuild_index()
                 return self._layout()
             pos_cols = sorted_cols[where] if index_ids.size else cols
-            starts = np.cumsum([0, *sizes])
-            agg = np.array([min(self._top_keys, n) for n in sizes], dtype=np.int64)
             self._cache = (all_keys, pos_cols, starts, agg)
         return self._cache
 
@@ -464,9 +627,14 @@ class Router:
         out = np.empty((q.shape[0], n_tasks), dtype=np.float32)
         if n_tasks == 0 or q.shape[0] == 0:
             return out[:, :n_tasks]
-        sims = q @ all_keys.T  # what a flat inner-product index computes, for every key
         if self._top_keys == 1:
+            sims = q @ all_keys.T  # what a flat inner-product index computes, for every key
             return np.maximum.reduceat(sims, starts[:-1], axis=1).astype(np.float32, copy=False)
+        sizes = np.diff(starts)
+        width = max(int(sizes.max()), self._top_keys)
+        if n_tasks * width <= 4 * all_keys.shape[0]:  # keys per task fairly even: one padded, vectorised pass
+            return self._exact_scores_padded(q, all_keys, starts, agg, width)
+        sims = q @ all_keys.T
         for j in range(n_tasks):
             block = sims[:, starts[j] : starts[j + 1]]
             a = int(agg[j])
@@ -475,6 +643,26 @@ class Router:
             else:
                 top = -np.sort(-block, axis=1)[:, :a]
                 out[:, j] = top.mean(axis=1)
+        return out
+
+    def _exact_scores_padded(
+        self, q: np.ndarray, all_keys: np.ndarray, starts: np.ndarray, agg: np.ndarray, width: int
+    ) -> np.ndarray:
+        """Exact top-``top_keys`` mean per task without a Python loop over tasks: similarities gathered into a
+        ``(n_q, n_tasks, width)`` block padded with -inf, the ``top_keys`` largest taken by ``np.partition``."""
+        n_keys, n_tasks = all_keys.shape[0], starts.size - 1
+        cols = np.repeat(np.arange(n_tasks), np.diff(starts))
+        slot = np.full((n_tasks, width), n_keys, dtype=np.int64)  # index n_keys = the -inf padding column
+        slot[cols, np.arange(n_keys) - starts[cols]] = np.arange(n_keys)
+        a = self._top_keys
+        out = np.empty((q.shape[0], n_tasks), dtype=np.float32)
+        chunk = max(1, (1 << 24) // max(1, n_tasks * width))  # bound the gathered block to ~64 MB
+        for s in range(0, q.shape[0], chunk):
+            sims = q[s : s + chunk] @ all_keys.T  # (c, n_keys)
+            sims = np.concatenate([sims, np.full((sims.shape[0], 1), -np.inf, np.float32)], axis=1)
+            block = sims[:, slot]  # (c, n_tasks, width)
+            top = -np.partition(-block, a - 1, axis=2)[:, :, :a]  # the a largest, unordered; -inf = padding
+            out[s : s + chunk] = np.where(np.isfinite(top), top, 0.0).sum(axis=2) / agg
         return out
 
     def scores(self, query_emb: np.ndarray) -> np.ndarray:
@@ -489,8 +677,9 @@ class Router:
     def route(self, query_emb: np.ndarray, *, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """Per query, the ``top_k`` best tasks as ``(task, score)``, best first (ties: insertion order).
 
-        Searches the FAISS index for a few neighbours and widens the search (up to every key) until the top
-        tasks and their scores are certain, so the result equals the brute-force ranking.
+        Flat index: searches for a few neighbours; when they do not make the top tasks and their scores certain,
+        scores every key exactly, so the result equals the brute-force ranking. HNSW / IVF: the tasks owning the
+        approximate nearest keys, each scored exactly (see :func:`recall_at_1`).
         """
         top_k = _check_pos_int(top_k, "top_k")
         q = self._queries(query_emb)
@@ -499,6 +688,8 @@ class Router:
             return [[] for _ in range(n_q)]
         names = list(self._tasks)
         want = min(top_k, n_tasks)
+        if self._kind != "flat":
+            return self._route_approximate(q, names, want)
         ntotal = self.ntotal
         results: list[list[tuple[str, float]] | None] = [None] * n_q
 
@@ -514,7 +705,8 @@ class Router:
             # IDMap2's id_map (IndexIDMap2.search translates ids in an OpenMP loop that costs milliseconds
             # per single-query call on a busy machine)
             self._layout()
-            dist, lab = self._flat.search(q[pending], k)
+            with _one_thread_if(pending.size < _PARALLEL_MIN_QUERIES):
+                dist, lab = self._flat.search(q[pending], k)
             ok = self._aggregate_partial(dist, lab, want)
             still = []
             for row, qi in enumerate(pending):
@@ -522,6 +714,64 @@ class Router:
                     still.append(qi)
                 else:
                     results[qi] = [(names[j], float(sc)) for j, sc in ok[row]]
+            pending = np.asarray(still, dtype=np.int64)
+            # a wider flat search scans every key again: one exact pass (a matmul) is cheaper
+            k = ntotal
+        return [r if r is not None else [] for r in results]
+
+    def _candidates(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Approximate search: the task column of each query's ``k`` candidate keys, ``(n_q, k)``, -1 = none."""
+        _, pos_cols, _, _ = self._layout()
+        if self._kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self._ef_search, k))
+            with _one_thread_if(q.shape[0] < _PARALLEL_MIN_QUERIES):
+                _, lab = self._inner.search(q, k, params=params)  # labels: storage positions
+            return np.where(lab >= 0, pos_cols[np.maximum(lab, 0)], -1)
+        params = faiss.SearchParametersIVF(nprobe=min(self._nprobe, self._index.nlist))
+        with _one_thread_if(q.shape[0] < _PARALLEL_MIN_QUERIES):
+            _, lab = self._index.search(q, k, params=params)  # labels: ids
+        sorted_ids, sorted_cols = self._id_table
+        where = np.minimum(np.searchsorted(sorted_ids, lab), sorted_ids.size - 1)
+        return np.where((lab >= 0) & (sorted_ids[where] == lab), sorted_cols[where], -1)
+
+    def _task_scores(self, qv: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Exact scores of one query ``(dim,)`` for the tasks in ``cols`` (from their stored keys)."""
+        all_keys, _, starts, agg = self._layout()
+        lo, hi = starts[cols], starts[cols + 1]
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+        sims = all_keys[rows] @ qv  # (n_rows,)
+        seg = np.cumsum(np.concatenate([[0], hi - lo]))[:-1]
+        if self._top_keys == 1:
+            return np.maximum.reduceat(sims, seg)
+        out = np.empty(cols.size, dtype=np.float32)
+        for i, (s, n, a) in enumerate(zip(seg, hi - lo, agg[cols])):
+            block = sims[s : s + n]
+            out[i] = block.max() if a == 1 else -np.sort(-block)[:a].mean()
+        return out
+
+    def _route_approximate(self, q: np.ndarray, names: list[str], want: int) -> list[list[tuple[str, float]]]:
+        """HNSW / IVF: tasks owning the approximate nearest keys, each scored exactly; widened until ``want``
+        distinct tasks are found (up to exact scoring of every task)."""
+        n_q, ntotal = q.shape[0], self.ntotal
+        results: list[list[tuple[str, float]] | None] = [None] * n_q
+        pending = np.arange(n_q)
+        k = min(ntotal, max(_MIN_SEARCH_K, 2 * self._top_keys * want))
+        while pending.size:
+            if k >= ntotal:  # the whole bank: exact
+                s = self._exact_scores(q[pending])
+                for row, qi in enumerate(pending):
+                    results[qi] = self._rank(s[row], names, want)
+                break
+            cols = self._candidates(q[pending], k)
+            still = []
+            for row, qi in enumerate(pending):
+                cand = np.unique(cols[row][cols[row] >= 0])  # ascending = insertion order (ties)
+                if cand.size < want:
+                    still.append(qi)
+                    continue
+                sc = self._task_scores(q[qi], cand)
+                order = np.argsort(-sc, kind="stable")[:want]
+                results[qi] = [(names[cand[j]], float(sc[j])) for j in order]
             pending = np.asarray(still, dtype=np.int64)
             k = min(ntotal, k * 4)
         return [r if r is not None else [] for r in results]
@@ -579,3 +829,48 @@ class Router:
             else:
                 out.append(NO_TASK)
         return out
+
+
+def _ivf_contents(index: faiss.IndexIVFFlat, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) stored in an IVF-Flat index, list by list."""
+    invlists = index.invlists
+    ids, vecs = [], []
+    for lst in range(index.nlist):
+        n = invlists.list_size(lst)
+        if n == 0:
+            continue
+        ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+        codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * index.code_size).copy()
+        vecs.append(codes.view(np.float32).reshape(n, dim))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate(ids).astype(np.int64), np.concatenate(vecs)
+
+
+def recall_at_1(router: Router, query_emb: np.ndarray, *, level: str = "task") -> float:
+    """Fraction of queries whose approximate result equals exact search (1.0 for a flat router).
+
+    ``level="task"``: the task :meth:`Router.route` ranks first has the exact best task score (ties count as
+    hits); ``level="key"``: the index's nearest key is an exact nearest key (the usual ANN recall@1).
+    """
+    if level not in ("task", "key"):
+        raise ValueError(f"level must be 'task' or 'key', got {level!r}")
+    q = router._queries(query_emb)
+    if q.shape[0] == 0 or router.ntotal == 0:
+        raise ValueError("recall_at_1 needs at least one query and one stored key")
+    tol = 1e-5
+    if level == "task":
+        best = router.scores(q).max(axis=1)
+        got = np.array([ranked[0][1] for ranked in router.route(q, top_k=1)])
+        return float(np.mean(got >= best - tol))
+    all_keys, _, _, _ = router._layout()
+    best = (q @ all_keys.T).max(axis=1)
+    if router.index_kind == "flat":
+        return 1.0
+    if router.index_kind == "hnsw":
+        params = faiss.SearchParametersHNSW(efSearch=router._ef_search)
+        dist, lab = router._inner.search(q, 1, params=params)
+    else:
+        params = faiss.SearchParametersIVF(nprobe=min(router._nprobe, router._index.nlist))
+        dist, lab = router._index.search(q, 1, params=params)
+    return float(np.mean((lab[:, 0] >= 0) & (dist[:, 0] >= best - tol)))

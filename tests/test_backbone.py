@@ -106,7 +106,7 @@ def test_from_model_keeps_an_existing_pad_token():
 
 def test_from_model_rejects_unknown_kind():
     with pytest.raises(PromptBankError, match="not supported"):
-        from_model(tiny_model(), tiny_tokenizer(), kind="encoder")
+        from_model(tiny_model(), tiny_tokenizer(), kind="seq2seq")
 
 
 # --- fingerprints ----------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_load_backbone_unknown_hub_id_offline_is_a_clear_error():
 
 def test_load_backbone_rejects_unsupported_kind(tiny_folder: Path):
     with pytest.raises(PromptBankError, match="not supported"):
-        load_backbone(tiny_folder, kind="encoder")
+        load_backbone(tiny_folder, kind="seq2seq")
 
 
 # --- the default model cache (no real conversion; _convert_gguf is faked) --------------------

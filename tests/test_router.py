@@ -18,7 +18,7 @@ from promptbank.embed import (
     load_embedder,
 )
 from promptbank.errors import TaskExistsError, TaskNotFoundError
-from promptbank.router import NO_TASK, Router, calibrate_threshold, make_prototypes
+from promptbank.router import NO_TASK, Router, calibrate_threshold, make_prototypes, recall_at_1
 
 DIM = 32
 
@@ -527,3 +527,169 @@ def test_sentence_embedder_real_model(monkeypatch):
     router.add("auth", v[1:2], 0.3)
     router.add("finance", v[2:3], 0.3)
     assert router.decide(v[0]) == ["auth"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Router: approximate indexes (HNSW, IVF) and recall against exact search
+# ---------------------------------------------------------------------------------------------
+
+APPROX = ["hnsw", "ivf"]
+
+
+def clustered_keys(rng, n_tasks: int, m: int = 16, spread: float = 0.3) -> dict[str, np.ndarray]:
+    keys = {}
+    for i in range(n_tasks):
+        centre = unit(rng, 1)
+        k = centre + spread * rng.standard_normal((m, DIM)).astype(np.float32) / np.sqrt(DIM)
+        keys[f"task{i}"] = (k / np.linalg.norm(k, axis=1, keepdims=True)).astype(np.float32)
+    return keys
+
+
+def near_queries(rng, keys: dict[str, np.ndarray], n: int, noise: float = 0.05) -> np.ndarray:
+    all_keys = np.concatenate(list(keys.values()))
+    q = all_keys[rng.integers(0, all_keys.shape[0], n)] + noise * unit(rng, n)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_scores_are_exact(router, keys, q, routes, top_keys):
+    """Whatever tasks an approximate router returns, their scores are the tasks' true scores, best first."""
+    brute = brute_scores(keys, q, top_keys)
+    names = list(keys)
+    for row, ranked in enumerate(routes):
+        assert ranked, "an approximate router must still return a task"
+        got = [s for _, s in ranked]
+        assert got == sorted(got, reverse=True)
+        for task, score in ranked:
+            assert score == pytest.approx(brute[row, names.index(task)], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", APPROX)
+@pytest.mark.parametrize("top_keys", [1, 3])
+def test_approximate_index_routes_with_exact_scores_and_high_recall(kind, top_keys):
+    rng = np.random.default_rng(20 + top_keys)
+    keys = clustered_keys(rng, 150)  # 2,400 keys: large enough that the index, not the fallback, answers
+    router = Router(DIM, top_keys=top_keys, index=kind)
+    for name, k in keys.items():
+        router.add(name, k, 0.5)
+    assert router.index_kind == kind and router.ntotal == 2400
+    q = near_queries(rng, keys, 200)
+    routes = router.route(q, top_k=3)
+    assert all(len(r) == 3 for r in routes)
+    assert_scores_are_exact(router, keys, q, routes, top_keys)
+    np.testing.assert_allclose(router.scores(q), brute_scores(keys, q, top_keys), atol=1e-5)  # always exact
+    assert recall_at_1(router, q) >= 0.95
+    assert recall_at_1(router, q, level="key") >= 0.9
+    assert recall_at_1(Router.from_keys(keys, router.thresholds, top_keys=top_keys), q) == 1.0  # flat
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_approximate_index_small_bank_is_exact(kind):
+    rng = np.random.default_rng(30)
+    router, keys = make_router(rng, n_tasks=3, top_keys=3)  # flat reference
+    approx = Router.from_keys(keys, router.thresholds, top_keys=3, index=kind)
+    q = unit(rng, 20)
+    assert_routes_equal(approx.route(q, top_k=3), brute_route(keys, q, 3, 3))
+    assert approx.decide(q) == router.decide(q)
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_approximate_index_add_remove_keeps_ids_and_never_returns_removed(kind):
+    rng = np.random.default_rng(31)
+    keys = clustered_keys(rng, 80)
+    router = Router(DIM, top_keys=3, index=kind)
+    for name, k in keys.items():
+        router.add(name, k, 0.5)
+    ids_before = {t: router.ids(t) for t in router.tasks}
+    q_removed = near_queries(rng, {"task5": keys["task5"]}, 10, noise=0.01)
+    assert all(r[0][0] == "task5" for r in router.route(q_removed, top_k=1))
+
+    router.remove("task5")
+    del keys["task5"]
+    assert router.ntotal == sum(k.shape[0] for k in keys.values())
+    for t in router.tasks:
+        np.testing.assert_array_equal(router.ids(t), ids_before[t])
+    routes = router.route(q_removed, top_k=3)
+    assert all("task5" not in [t for t, _ in r] for r in routes)
+    assert_scores_are_exact(router, keys, q_removed, routes, 3)
+
+    new = clustered_keys(rng, 1)["task0"]
+    router.add("task5", new, 0.5)
+    keys["task5"] = new
+    assert router.ids("task5").min() >= max(int(i.max()) for i in ids_before.values()) + 1  # ids never reused
+    q_new = near_queries(rng, {"task5": new}, 10, noise=0.01)
+    assert all(r[0][0] == "task5" for r in router.route(q_new, top_k=1))
+    q = near_queries(rng, keys, 100)
+    assert recall_at_1(router, q) >= 0.95
+
+
+def test_ivf_retrains_as_the_bank_grows():
+    rng = np.random.default_rng(32)
+    keys = clustered_keys(rng, 300)
+    router = Router(DIM, top_keys=3, index="ivf")
+    nlists = []
+    for name, k in keys.items():
+        router.add(name, k, 0.5)
+        router._layout()  # force any pending rebuild, as a search would
+        nlists.append(router._index.nlist)
+    assert nlists[0] == 1 and nlists[-1] > 8  # 4 800 keys: ~4 sqrt(n) lists after retraining
+    assert nlists == sorted(nlists)
+    q = near_queries(rng, keys, 200)
+    assert recall_at_1(router, q) >= 0.95
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_approximate_index_persistence(kind):
+    rng = np.random.default_rng(33)
+    keys = clustered_keys(rng, 60)
+    router = Router(DIM, top_keys=3, index=kind, nprobe=4)
+    for name, k in keys.items():
+        router.add(name, k, 0.5)
+    router.remove("task7")
+    state = dict(
+        keys={t: router.keys(t) for t in router.tasks},
+        thresholds=router.thresholds,
+        ids={t: router.ids(t) for t in router.tasks},
+        next_id=router.next_id,
+    )
+    cfg = router.index_config
+    blob = router.index_bytes()
+    q = near_queries(rng, state["keys"], 50)
+    want = router.route(q, top_k=3)
+
+    same = Router.from_keys(**state, **cfg, index_bytes=blob)
+    assert same.index_config == cfg
+    assert same.index_bytes() == blob  # adopted, not rebuilt
+    assert same.route(q, top_k=3) == want
+
+    flat_blob = Router.from_keys(**state, top_keys=3).index_bytes()
+    for bad in (b"junk", blob[: len(blob) // 2], flat_blob):
+        restored = Router.from_keys(**state, **cfg, index_bytes=bad)
+        assert restored.index_kind == kind
+        assert_scores_are_exact(restored, state["keys"], q, restored.route(q, top_k=3), 3)
+    # a flat router never adopts an approximate index
+    assert Router.from_keys(**state, top_keys=3, index_bytes=blob).index_bytes() == flat_blob
+
+
+def test_index_option_validation():
+    with pytest.raises(ValueError, match="index"):
+        Router(DIM, index="annoy")
+    for opt in ("hnsw_m", "ef_search", "ef_construction", "nlist", "nprobe"):
+        with pytest.raises(ValueError, match=opt):
+            Router(DIM, index="ivf", **{opt: 0})
+    rng = np.random.default_rng(34)
+    router = Router(DIM, index="hnsw")
+    router.add("a", unit(rng, 2), 0.1)
+    with pytest.raises(ValueError, match="level"):
+        recall_at_1(router, unit(rng, 1), level="tasks")
+    with pytest.raises(ValueError):
+        recall_at_1(Router(DIM), unit(rng, 1))  # empty router
+    assert "hnsw" in repr(router)
+
+
+def test_exact_scores_with_very_uneven_key_counts():
+    rng = np.random.default_rng(35)
+    keys = {"big": unit(rng, 300), **{f"small{i}": unit(rng, 1 + i % 3) for i in range(10)}}  # loop path
+    router = Router.from_keys(keys, {t: 0.0 for t in keys}, top_keys=3)
+    q = unit(rng, 25)
+    np.testing.assert_allclose(router.scores(q), brute_scores(keys, q, 3), atol=1e-5)
+    assert_routes_equal(router.route(q, top_k=4), brute_route(keys, q, 3, 4))
