@@ -1,0 +1,1069 @@
+"""Serving and training speed of promptbank vs PEFT, side by side in one run, on the real default backbone.
+
+    python benchmarks/serving.py            # full run, ~15-20 min on 2 CPU cores
+    python benchmarks/serving.py --quick    # smoke run at toy sizes, < 2 min (numbers meaningless)
+
+Sections (each compares variants on the same model, inputs and process, with A/B repeats interleaved and the
+order rotated every round, so machine noise hits all variants alike; medians and ratios are reported):
+
+- train: ms/step (forward + backward + AdamW) at batch 8 x 64 input tokens (+ a 2-4 token label), 20 virtual
+  tokens. Ours: ``promptbank.train._batch_loss`` (prompt prefix once per batch, LM head on target tokens only)
+  for prompt tuning, P-Tuning (MLP) and deep prompts. PEFT: PromptTuning, P-Tuning (PromptEncoder MLP) and
+  PrefixTuning with a plain loop (``labels`` = -100 except on the label tokens).
+- generate: batch 8, 32 new tokens, greedy, EOS ignored so every variant decodes exactly 32 tokens. Ours with
+  no soft prompt, one task's soft prompt on all rows, and 8 rows from 8 tasks; PEFT with 8 PromptTuning
+  adapters holding the same soft prompts, serving the same 8 requests one by one with ``set_adapter``, and (for
+  reference) one adapter on the whole batch of 8.
+- classify: queries/s of ``bank.predict(texts)`` (routing included) vs PEFT with the task given, scoring each
+  label by the likelihood of the full sequence (input + label) per label, (query, label) sequences batched 16
+  at a time per adapter.
+- route: latency of one query (MiniLM embedding + search) at 10, 1,000, 16,000 (1,000 tasks x 16
+  prototypes) and 100,000 keys, exact flat index; HNSW and IVF at 100,000 keys with recall@1 vs exact search.
+- memory: peak RSS (``ru_maxrss``) of a fresh process serving 8 requests with the bare backbone vs a bank
+  holding 100 tasks (prefix caches of all 100 computed), task given and routed.
+
+Soft prompts are untrained (vocabulary-initialised): speed does not depend on their values. Writes
+benchmarks/results/serving.json (config, versions, raw timings, ratios) and serving.png, and prints a markdown
+table with the targets of issue 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+# (dataset folder, file the routing keys come from, file the queries come from); disjoint rows when the same
+TASKS = [
+    ("sst2", "train.jsonl", "test.jsonl"),
+    ("ag_news", "train.jsonl", "test.jsonl"),
+    ("trec", "train.jsonl", "test.jsonl"),
+    ("subj", "all.jsonl", "all.jsonl"),
+    ("cfpb_complaints", "train.jsonl", "test.jsonl"),
+    ("amazon_reviews", "train.jsonl", "test.jsonl"),
+    ("yahoo_answers", "train.jsonl", "test.jsonl"),
+    ("medical_abstracts", "test.jsonl", "test.jsonl"),
+]
+KEY_ROWS = 64  # training inputs per task the routing prototypes are made from
+QUERY_OFFSET = 1000  # queries from this row on when keys and queries share a file
+P = 20  # virtual tokens
+SPARSE_TARGETS = {
+    "train_pt": ("ours prompt tuning / PEFT PromptTuning, time per step", "<=", 0.6),
+    "train_ptuning": ("ours P-Tuning (MLP) / PEFT P-Tuning, time per step", "<=", 0.6),
+    "train_deep": ("ours deep prompts / PEFT PrefixTuning, time per step", "<=", 0.8),
+    "gen_overhead": ("generation with vs without soft prompt, tokens/s overhead", "<=", 0.03),
+    "mixed_vs_single": ("mixed 8-task batch / single-task batch, tokens/s", ">=", 0.95),
+    "mixed_vs_peft": ("mixed 8-task batch vs PEFT set_adapter per request, speed-up", ">=", 3.0),
+    "classify_vs_peft": ("classification q/s, ours routed vs PEFT task given, speed-up", ">=", None),
+    "route_p50_1000_tasks": ("routing p50, 1 query, 1,000 tasks x 16 keys, embedding incl. (ms)", "<=", 5.0),
+    "memory_given": ("peak RSS, bank with 100 tasks (task given) vs bare backbone", "<=", 1.10),
+    "memory_routed": ("peak RSS, bank with 100 tasks + router/embedder vs bare backbone", "<=", 1.10),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _interleaved(variants: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Run each variant ``warmup + rounds`` times, round-robin with the order rotated each round; seconds."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            t = time.perf_counter()
+            variants[n]()
+            dt = time.perf_counter() - t
+            if r >= warmup:
+                times[n].append(dt)
+    return times
+
+
+def _summary(seconds: list[float], scale: float = 1000.0) -> dict:
+    return {
+        "median": scale * statistics.median(seconds),
+        "min": scale * min(seconds),
+        "max": scale * max(seconds),
+        "n": len(seconds),
+        "raw": [round(scale * s, 3) for s in seconds],
+    }
+
+
+def _percentiles(ms: list[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(ms)
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+        "n": a.size,
+    }
+
+
+class _NoEos:
+    """Tokenizer stand-in for ``causal.generate`` that never stops at EOS (so every run decodes the same count)."""
+
+    def __init__(self, tok):
+        self.pad_token_id = tok.pad_token_id
+        self.eos_token_id = None
+
+
+def _load_rows(data_dir: Path, folder: str, name: str) -> list[dict]:
+    with open(data_dir / folder / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate(tok, text: str, n_tokens: int) -> str:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens]).strip()
+
+
+def _task_data(data_dir: Path, tok, n_queries: int, query_tokens: int) -> list[dict]:
+    """Per task: name, labels, texts for routing keys, (query, gold label) pairs. Real public data when
+    ``data_dir`` exists, else the package's example tasks (repeated to 8)."""
+    out = []
+    if data_dir.is_dir():
+        for folder, key_file, query_file in TASKS:
+            labels = json.loads((data_dir / folder / "labels.json").read_text())["labels"]
+            keys = _load_rows(data_dir, folder, key_file)
+            queries = _load_rows(data_dir, folder, query_file)
+            offset = QUERY_OFFSET if key_file == query_file else 0
+            step = max(1, (len(queries) - offset) // max(n_queries, 1))
+            picked = queries[offset::step][:n_queries]
+            out.append(
+                {
+                    "name": folder,
+                    "labels": labels,
+                    "key_texts": [_truncate(tok, r["text"], 128) for r in keys[:KEY_ROWS]],
+                    "queries": [(_truncate(tok, r["text"], query_tokens), r["label"]) for r in picked],
+                }
+            )
+        return out
+    from promptbank.examples import example_path
+    from promptbank.tasks import load_task_data
+
+    names = ["ticket_routing", "urgency", "question_topic", "review_sentiment"]
+    for i in range(8):
+        base = names[i % 4]
+        train = load_task_data(example_path(f"{base}_train"))
+        test = load_task_data(example_path(f"{base}_test"))
+        out.append(
+            {
+                "name": f"{base}_{i}",
+                "labels": list(train.labels),
+                "key_texts": [ex.input for ex in train.examples[:KEY_ROWS]],
+                "queries": [(_truncate(tok, ex.input, query_tokens), ex.target) for ex in test.examples[:n_queries]],
+            }
+        )
+    return out
+
+
+def _random_prompt(model, layers: list[int], seed: int) -> dict:
+    import torch
+
+    from promptbank.prompts import token_init, vocab_init_ids
+
+    gen = torch.Generator().manual_seed(seed)
+    return token_init(model, vocab_init_ids(model, P, generator=gen), layers)
+
+
+def _insert_task(bank, name: str, labels: list[str] | None, prompt: dict, keys, method: str = "prompt_tuning"):
+    """Put a task with the given soft prompt and routing keys into ``bank`` through its internals (no training)."""
+    from promptbank.bank import TaskRecord, _Task
+    from promptbank.causal import DEFAULT_TEMPLATE
+    from promptbank.config import PromptConfig, TrainConfig
+
+    layers = sorted(prompt)
+    pconf = PromptConfig(method=method, num_virtual_tokens=P, layers=layers if method == "deep" else None)
+    record = TaskRecord(
+        name=name,
+        kind="classification" if labels else "generation",
+        labels=list(labels) if labels else None,
+        prompt_config=pconf.to_dict(),
+        train_config=TrainConfig().to_dict(),
+        template=DEFAULT_TEMPLATE,
+        num_train=0,
+        num_dev=0,
+        steps=0,
+        best_step=0,
+        dev_loss=None,
+        dev_accuracy=None,
+        train_seconds=0.0,
+        threshold=-1.0,  # accept every routed query: all of them do real work
+    )
+    bank._insert(_Task(record, {k: v.float().contiguous() for k, v in prompt.items()}, keys, {}))
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_train(bank, cfg) -> dict:
+    import torch
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    from promptbank.causal import encode_target
+    from promptbank.config import PromptConfig
+    from promptbank.examples import example_path
+    from promptbank.prompts import build_prompt_module, text_init_ids, token_init
+    from promptbank.tasks import load_task_data
+    from promptbank.train import _batch_loss
+
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    data = load_task_data(example_path("ticket_routing_train"))
+    text_ids = tok(" ".join(ex.input for ex in data.examples), add_special_tokens=False)["input_ids"]
+    n, b = cfg.train_tokens, cfg.train_batch
+    inputs = [text_ids[i * n : (i + 1) * n] for i in range(b)]
+    targets = [encode_target(tok, data.examples[i].target) for i in range(b)]
+    pairs = list(zip(inputs, targets))
+
+    # PEFT inputs: the same tokens, right-padded; loss only on the label tokens
+    width = max(len(i) + len(t) for i, t in pairs)
+    ids = torch.full((b, width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    labels = torch.full((b, width), -100, dtype=torch.long)
+    for r, (i, t) in enumerate(pairs):
+        seq = i + t
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        labels[r, len(i) : len(seq)] = torch.tensor(t)
+
+    variants, params = {}, {}
+    for method in ("prompt_tuning", "ptuning_mlp", "deep"):
+        conf = PromptConfig(method=method, num_virtual_tokens=P)
+        init = token_init(
+            model, text_init_ids(tok, "Classify the text. ", P), conf.resolved_layers(bank.backbone.num_layers)
+        )
+        module = build_prompt_module(conf, init)
+        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+        params[f"ours_{method}"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+        def step(module=module, opt=opt):
+            loss = _batch_loss(model, tok, module, pairs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        variants[f"ours_{method}"] = step
+
+    d = model.config.hidden_size
+    peft_cfgs = {
+        "peft_prompt_tuning": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P),
+        "peft_ptuning_mlp": PromptEncoderConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=P,
+            encoder_reparameterization_type="MLP",
+            encoder_hidden_size=d,
+        ),
+        "peft_prefix_tuning": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P),
+    }
+    peft_models = {}
+    for name, pc in peft_cfgs.items():
+        pm = get_peft_model(model, pc)
+        peft_models[name] = pm
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+        params[name] = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+        def step(pm=pm, opt=opt):
+            loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        variants[name] = step
+
+    leaked = [n for n, p in model.named_parameters() if p.requires_grad]
+    if leaked:
+        raise RuntimeError(f"PEFT unfroze backbone parameters: {leaked[:3]}")
+    _log(f"train: {len(variants)} variants x ({cfg.train_warmup} warm-up + {cfg.train_steps}) steps")
+    times = _interleaved(variants, cfg.train_steps, cfg.train_warmup)
+    del peft_models, variants
+    gc.collect()
+    res = {"ms_per_step": {k: _summary(v) for k, v in times.items()}, "trainable_params": params}
+    med = {k: v["median"] for k, v in res["ms_per_step"].items()}
+    res["compute_floor"] = _mac_floor(model, pairs)
+    res["ratios"] = {
+        "train_pt": med["ours_prompt_tuning"] / med["peft_prompt_tuning"],
+        "train_ptuning": med["ours_ptuning_mlp"] / med["peft_ptuning_mlp"],
+        "train_deep": med["ours_deep"] / med["peft_prefix_tuning"],
+    }
+    return res
+
+
+def _mac_floor(model, pairs) -> dict:
+    """Multiply-accumulates per training forward, ours vs PEFT, from the model's shapes: the ratio an exact
+    implementation cannot beat (backward costs about the same multiple). Body = every non-embedding weight,
+    once per position; LM head = vocab x d per position that gets logits."""
+    d, vocab = model.config.hidden_size, model.config.vocab_size
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    head = vocab * d
+    b = len(pairs)
+    seq = sum(len(i) + len(t) for i, t in pairs)  # input + label positions over the batch
+    tgt = sum(len(t) for _, t in pairs)
+    ours_input = seq * body + tgt * head  # real tokens behind the prefix cache; logits only on label tokens
+    ours_prefix = P * body  # the prompt positions once per batch (batch size 1)
+    peft_pt = (seq + b * P) * (body + head)  # prompt tokens in every row; logits at every position
+    peft_prefix = seq * (body + head)  # PEFT prefix tuning feeds key/values: no prompt positions, full logits
+    return {
+        "body_macs_per_position": body,
+        "head_macs_per_position": head,
+        "ours_prompt_tuning_vs_peft_prompt_tuning": (ours_input + ours_prefix) / peft_pt,
+        "ours_deep_vs_peft_prefix_tuning": (ours_input + ours_prefix) / peft_prefix,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# generation: soft prompt vs none, mixed vs single task, vs PEFT adapter switching
+# --------------------------------------------------------------------------------------------------
+
+
+def _peft_adapters(bank, names: list[str]):
+    """One PeftModel with a PromptTuning adapter per task, holding the bank's soft prompts (layer 0)."""
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    model = bank.backbone.model
+    pc = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P)
+    pm = get_peft_model(model, pc, adapter_name=names[0])
+    for n in names[1:]:
+        pm.add_adapter(n, pc)
+    with torch.no_grad():
+        for n in names:
+            pm.prompt_encoder[n].embedding.weight.copy_(bank._tasks[n].prompt[0])
+    pm.eval()
+    return pm
+
+
+def bench_generate(bank, pm, names: list[str], texts: list[str], cfg) -> dict:
+    import torch
+
+    from promptbank import causal
+
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    no_eos = _NoEos(tok)
+    b, new = cfg.gen_batch, cfg.gen_tokens
+    inputs = [causal.encode_input(tok, t) for t in texts[:b]]
+    single = [bank._prompt_kv(names[0])] * b
+    mixed = [bank._prompt_kv(names[i % len(names)]) for i in range(b)]
+    outs: dict[str, list] = {}
+
+    def ours(row_kv, key):
+        def run():
+            outs[key] = causal.generate(model, no_eos, row_kv, inputs, max_new_tokens=new)
+
+        return run
+
+    gen_kwargs = dict(
+        max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id, top_p=None, top_k=None
+    )
+
+    def peft_switch():
+        res = []
+        for i in range(b):
+            pm.set_adapter(names[i % len(names)])
+            ids = torch.tensor([inputs[i]])
+            with torch.no_grad():
+                out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kwargs)
+            res.append(out[0, -new:].tolist())
+        outs["peft_switch"] = res
+
+    def peft_batch():
+        pm.set_adapter(names[0])
+        ids, mask = causal.left_pad(inputs, tok.pad_token_id)
+        with torch.no_grad():
+            out = pm.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        outs["peft_single_task_batch"] = out[:, -new:].tolist()
+
+    variants = {
+        "ours_no_prompt": ours([None] * b, "ours_no_prompt"),
+        "ours_single_task": ours(single, "ours_single_task"),
+        "ours_mixed_8_tasks": ours(mixed, "ours_mixed_8_tasks"),
+        "peft_switch_per_request": peft_switch,
+        "peft_single_task_batch": peft_batch,
+    }
+    with warnings.catch_warnings():  # warm every code path once on 2 tokens
+        warnings.simplefilter("ignore")
+        causal.generate(model, no_eos, mixed, inputs, max_new_tokens=2)
+        causal.generate(model, no_eos, [None] * b, inputs, max_new_tokens=2)
+        ids = torch.tensor([inputs[0]])
+        pm.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), **dict(gen_kwargs, max_new_tokens=2, min_new_tokens=2)
+        )
+    _log(
+        f"generate: {len(variants)} variants x ({cfg.gen_warmup} warm-up + {cfg.gen_rounds}) rounds, "
+        f"then {cfg.gen_extra_rounds} more of promptbank's"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = _interleaved(variants, cfg.gen_rounds, cfg.gen_warmup)
+        # the soft-prompt overhead is a few %: more rounds of the (cheaper) promptbank variants alone
+        ours_only = {k: v for k, v in variants.items() if k.startswith("ours_")}
+        for k, v in _interleaved(ours_only, cfg.gen_extra_rounds, 0).items():
+            times[k] += v
+
+    # correctness: greedy tokens of ours (mixed batch) and of PEFT generate vs a no-cache reference (PEFT forward
+    # over the growing sequence, one row at a time) for the first `check` tokens of each row
+    check = min(new, cfg.gen_check_tokens)
+    ref = []
+    with torch.no_grad():
+        for i in range(b):
+            pm.set_adapter(names[i % len(names)])
+            seq = list(inputs[i])
+            for _ in range(check):
+                ids = torch.tensor([seq])
+                seq.append(int(pm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()))
+            ref.append(seq[len(inputs[i]) :])
+
+    def agreement(rows):  # fraction of rows equal to the reference up to its first EOS (PEFT suppresses EOS)
+        hits = 0
+        for got, want in zip(rows, ref):
+            cut = want.index(tok.eos_token_id) if tok.eos_token_id in want else check
+            hits += got[:cut] == want[:cut]
+        return hits / len(ref)
+
+    n_tok = b * new
+    res = {
+        "batch": b,
+        "new_tokens": new,
+        "ms_per_run": {k: _summary(v) for k, v in times.items()},
+        "tokens_per_s": {k: n_tok / statistics.median(v) for k, v in times.items()},
+        "rows_equal_to_no_cache_reference": {
+            "tokens_checked": check,
+            "ours_mixed_8_tasks": agreement(outs["ours_mixed_8_tasks"]),
+            "peft_switch_per_request": agreement(outs["peft_switch"]),
+        },
+    }
+    tps = res["tokens_per_s"]
+    res["ratios"] = {
+        "gen_overhead": tps["ours_no_prompt"] / tps["ours_single_task"] - 1.0,
+        "mixed_vs_single": tps["ours_mixed_8_tasks"] / tps["ours_single_task"],
+        "mixed_vs_peft": tps["ours_mixed_8_tasks"] / tps["peft_switch_per_request"],
+        "mixed_vs_peft_single_task_batch": tps["ours_mixed_8_tasks"] / tps["peft_single_task_batch"],
+    }
+    # cost of computing one task's prefix cache (paid once per task, then reused)
+    kv_ms = []
+    for n in names:
+        bank._kv.pop(n, None)
+        t = time.perf_counter()
+        bank._prompt_kv(n)
+        kv_ms.append(1000 * (time.perf_counter() - t))
+    res["prefix_cache_build_ms"] = _percentiles(kv_ms)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# classification throughput
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_classify(bank, pm, tasks: list[dict], cfg) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from promptbank import causal
+
+    tok = bank.backbone.tokenizer
+    queries = [(q, gold, t["name"]) for t in tasks for q, gold in t["queries"][: cfg.cls_per_task]]
+    texts = [q for q, _, _ in queries]
+    label_ids = {t["name"]: [causal.encode_target(tok, lab) for lab in t["labels"]] for t in tasks}
+    labels = {t["name"]: t["labels"] for t in tasks}
+    outs: dict[str, list] = {}
+
+    def ours():
+        outs["ours"] = bank.predict(texts, batch_size=16)
+
+    def peft_given():
+        preds = [None] * len(queries)
+        by_task: dict[str, list[int]] = {}
+        for i, (_, _, name) in enumerate(queries):
+            by_task.setdefault(name, []).append(i)
+        for name, rows in by_task.items():
+            pm.set_adapter(name)
+            seqs, owners, lab_idx, lab_len = [], [], [], []
+            for i in rows:
+                inp = causal.encode_input(tok, texts[i])
+                for j, lab in enumerate(label_ids[name]):
+                    seqs.append(inp + lab)
+                    owners.append(i)
+                    lab_idx.append(j)
+                    lab_len.append(len(lab))
+            scores = torch.empty(len(seqs))
+            for s in range(0, len(seqs), 16):
+                chunk = seqs[s : s + 16]
+                width = max(len(x) for x in chunk)
+                ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, x in enumerate(chunk):  # right-padded: PEFT prepends the virtual tokens itself
+                    ids[r, : len(x)] = torch.tensor(x)
+                    mask[r, : len(x)] = 1
+                with torch.no_grad():
+                    logits = pm(input_ids=ids, attention_mask=mask).logits[:, -width:]  # (n, width, V)
+                logp = F.log_softmax(logits.float(), dim=-1)
+                for r, x in enumerate(chunk):
+                    n_lab = lab_len[s + r]
+                    pos = torch.arange(len(x) - n_lab - 1, len(x) - 1)
+                    scores[s + r] = logp[r, pos, torch.tensor(x[-n_lab:])].sum()
+            for i in rows:
+                sel = [k for k, o in enumerate(owners) if o == i]
+                best = max(sel, key=lambda k: float(scores[k]))
+                preds[i] = labels[name][lab_idx[best]]
+        outs["peft"] = preds
+
+    _log(f"classify: {len(queries)} queries x ({cfg.cls_warmup} warm-up + {cfg.cls_rounds}) rounds")
+    times = _interleaved({"ours_routed": ours, "peft_task_given": peft_given}, cfg.cls_rounds, cfg.cls_warmup)
+    routed_right = [p.task == name for p, (_, _, name) in zip(outs["ours"], queries)]
+    same = [p.output == q for p, q, ok in zip(outs["ours"], outs["peft"], routed_right) if ok]
+    n = len(queries)
+    res = {
+        "n_queries": n,
+        "n_labels_per_task": {k: len(v) for k, v in labels.items()},
+        "ms_per_run": {k: _summary(v) for k, v in times.items()},
+        "queries_per_s": {k: n / statistics.median(v) for k, v in times.items()},
+        "routing_hit_at_1": sum(routed_right) / n,
+        "label_agreement_ours_vs_peft_where_routed_right": sum(same) / max(len(same), 1),
+    }
+    q = res["queries_per_s"]
+    res["ratios"] = {"classify_vs_peft": q["ours_routed"] / q["peft_task_given"]}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# routing latency
+# --------------------------------------------------------------------------------------------------
+
+
+def _synthetic_keys(pool, n_tasks: int, keys_per_task: int, seed: int) -> dict:
+    """Routing keys of ``n_tasks`` synthetic tasks shaped like real ones: each task's centre mixes two real
+    MiniLM embeddings, its keys scatter around the centre (cosine ~0.8), all L2-normalised."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d = pool.shape[1]
+    a = pool[rng.integers(0, len(pool), n_tasks)]
+    b = pool[rng.integers(0, len(pool), n_tasks)]
+    w = rng.uniform(0.5, 1.0, (n_tasks, 1)).astype(np.float32)
+    centres = w * a + (1 - w) * b + 0.3 * rng.standard_normal((n_tasks, d)).astype(np.float32) / np.sqrt(d)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = rng.standard_normal((n_tasks, keys_per_task, d)).astype(np.float32) / np.sqrt(d)
+    keys = centres[:, None, :] + 0.6 * noise
+    keys /= np.linalg.norm(keys, axis=2, keepdims=True)
+    return {f"t{i}": keys[i] for i in range(n_tasks)}
+
+
+def bench_route(bank, tasks: list[dict], cfg) -> dict:
+    import numpy as np
+
+    from promptbank.bank import ROUTER_TOP_KEYS
+    from promptbank.router import Router, recall_at_1
+
+    emb = bank.embedder
+    pool_texts = [x for t in tasks for x in t["key_texts"]]
+    pool = emb.encode(pool_texts)
+    per_task = [[q for q, _ in t["queries"]] for t in tasks]
+    query_texts = [qs[i] for i in range(max(map(len, per_task))) for qs in per_task if i < len(qs)]  # round-robin
+    queries = query_texts[: cfg.route_queries]
+    q_emb = emb.encode(query_texts)
+    # recall queries: the real query embeddings plus points near stored keys (in-distribution for the bank)
+    configs = [(f"flat_{n_tasks * k}", n_tasks, k, "flat") for n_tasks, k in cfg.route_sizes]
+    configs += [
+        (f"{kind}_{n_tasks * k}", n_tasks, k, kind) for n_tasks, k in cfg.route_sizes[-1:] for kind in ("hnsw", "ivf")
+    ]
+    routers, build_s, keysets = {}, {}, {}
+    for name, n_tasks, k, kind in configs:
+        if (n_tasks, k) not in keysets:
+            keysets[(n_tasks, k)] = _synthetic_keys(pool, n_tasks, k, seed=n_tasks * 31 + k)
+        keys = keysets[(n_tasks, k)]
+        t = time.perf_counter()
+        r = Router.from_keys(keys, {n: 0.0 for n in keys}, top_keys=ROUTER_TOP_KEYS, index=kind)
+        r._layout()  # build now, not on the first query
+        build_s[name] = time.perf_counter() - t
+        routers[name] = r
+        _log(f"route: built {name} ({r.ntotal} keys) in {build_s[name]:.1f} s")
+
+    # one query at a time; embedding included; routers interleaved per query
+    e2e = {name: [] for name in routers}
+    search = {name: [] for name in routers}
+    embed_ms = []
+    emb.encode(queries[:2])  # warm-up
+    for i, text in enumerate(queries):
+        t = time.perf_counter()
+        e = emb.encode([text])
+        embed_ms.append(1000 * (time.perf_counter() - t))
+        names = list(routers)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = time.perf_counter()
+            routers[name].route(emb.encode([text]), top_k=1)
+            e2e[name].append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            routers[name].route(e, top_k=1)
+            search[name].append(1000 * (time.perf_counter() - t))
+    recall = {}
+    for name, r in routers.items():
+        if r.index_kind == "flat":
+            continue
+        keys = keysets[(cfg.route_sizes[-1])]
+        all_keys = np.concatenate(list(keys.values()))
+        rng = np.random.default_rng(7)
+        near = all_keys[rng.integers(0, len(all_keys), 500)] + 0.05 * rng.standard_normal(
+            (500, all_keys.shape[1])
+        ).astype(np.float32)
+        near /= np.linalg.norm(near, axis=1, keepdims=True)
+        recall[name] = {
+            "real_queries_task": recall_at_1(r, q_emb),
+            "real_queries_key": recall_at_1(r, q_emb, level="key"),
+            "near_key_queries_task": recall_at_1(r, near),
+            "near_key_queries_key": recall_at_1(r, near, level="key"),
+            "n_real": int(q_emb.shape[0]),
+            "n_near": 500,
+        }
+    res = {
+        "top_keys": ROUTER_TOP_KEYS,
+        "sizes": {name: {"tasks": n, "keys_per_task": k, "keys": n * k, "index": kind} for name, n, k, kind in configs},
+        "build_s": build_s,
+        "embed_ms": _percentiles(embed_ms),
+        "end_to_end_ms": {k: _percentiles(v) for k, v in e2e.items()},
+        "search_only_ms": {k: _percentiles(v) for k, v in search.items()},
+        "recall_at_1": recall,
+    }
+    thousand = [n for n, (t, k) in zip(routers, [(c[1], c[2]) for c in configs]) if t == 1000 and k == 16]
+    if thousand:
+        res["ratios"] = {"route_p50_1000_tasks": res["end_to_end_ms"][thousand[0]]["p50"]}
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# memory (fresh subprocesses)
+# --------------------------------------------------------------------------------------------------
+
+
+def memory_child(mode: str, n_tasks: int, new_tokens: int) -> None:
+    """Run in a fresh process: load, serve 8 requests, print peak RSS as JSON (last stdout line)."""
+    import numpy as np
+    import torch
+
+    from promptbank import causal
+
+    texts = [
+        "my card was charged twice for the same order",
+        "what is the capital of australia",
+        "the movie was a complete waste of time",
+        "how do i reset my online banking password",
+        "patient presents with chest pain and shortness of breath",
+        "stocks rallied after the central bank cut rates",
+        "who wrote the novel war and peace",
+        "the battery of this phone lasts two days",
+    ]
+    t0 = time.perf_counter()
+    if mode == "bare":
+        from promptbank.backbone import load_backbone
+
+        bb = load_backbone()
+        model, tok = bb.model, bb.tokenizer
+        after_load = _reset_peak()
+        inputs = [causal.encode_input(tok, t) for t in texts]
+        causal.generate(model, _NoEos(tok), [None] * len(texts), inputs, max_new_tokens=new_tokens)
+    else:
+        from promptbank import PromptBank
+
+        bank = PromptBank.from_pretrained()
+        model, tok = bank.backbone.model, bank.backbone.tokenizer
+        after_load = _reset_peak()  # what follows (tasks, prefix caches, embedder, serving) is the bank's cost
+        deep = mode.endswith("deep")
+        layers = list(range(bank.backbone.num_layers)) if deep else [0]
+        rng = np.random.default_rng(0)
+        d_emb = bank.router.dim
+        base = _random_prompt(model, layers, seed=0)
+        for i in range(n_tasks):
+            prompt = {k: v + 0.01 * torch.randn_like(v) for k, v in base.items()}  # distinct tensors per task
+            keys = rng.standard_normal((16, d_emb)).astype(np.float32)
+            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+            _insert_task(bank, f"task{i:03d}", None, prompt, keys, "deep" if deep else "prompt_tuning")
+        names = list(bank.tasks)
+        for n in names:  # a bank serving all its tasks holds every prefix cache
+            bank._prompt_kv(n)
+        if "routed" in mode:
+            routed = [r.task for r in bank.route_many(texts)]
+            kv = [bank._prompt_kv(n) for n in routed]
+        else:
+            kv = [bank._prompt_kv(names[i * (n_tasks // len(texts))]) for i in range(len(texts))]
+        inputs = [causal.encode_input(tok, t) for t in texts]
+        causal.generate(model, _NoEos(tok), kv, inputs, max_new_tokens=new_tokens)
+    process_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; includes loading
+    status = _proc_status()
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "rss_after_load_mib": after_load,
+                "serving_peak_rss_mib": status.get("VmHWM", 0) / 1024 if after_load is not None else None,
+                "process_peak_rss_mib": process_peak_kib / 1024,
+                "rss_end_mib": status.get("VmRSS", 0) / 1024,
+                "s": time.perf_counter() - t0,
+            }
+        )
+    )
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS / VmHWM (KiB) from /proc/self/status; empty where there is no procfs."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def _reset_peak() -> float | None:
+    """Reset the kernel's peak-RSS counter (VmHWM, Linux >= 4.0) after loading; return the RSS then (MiB).
+
+    Loading the weights briefly needs more memory than holding them (``ru_maxrss`` of a bare backbone process is
+    dominated by that spike), so the serving peak is measured from here on, in the same way for every mode.
+    """
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status().get("VmRSS", 0) / 1024
+
+
+def bench_memory(cfg) -> dict:
+    modes = ["bare", "bank_given", "bank_routed", "bank_given_deep"] if not cfg.quick else ["bare", "bank_given"]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(cfg.mem_rounds):
+        for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            cmd = [sys.executable, __file__, "--memory-child", m, "--memory-tasks", str(cfg.mem_tasks)]
+            cmd += ["--memory-new-tokens", str(cfg.gen_tokens), "--threads", str(cfg.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+            runs[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            _log(f"memory: {m} {runs[m][-1]}")
+    key = "serving_peak_rss_mib" if runs["bare"][0]["serving_peak_rss_mib"] is not None else "process_peak_rss_mib"
+    peak = {m: statistics.median(x[key] for x in v) for m, v in runs.items()}
+    res = {"tasks": cfg.mem_tasks, "measure": key, "peak_rss_mib": peak, "runs": runs}
+    c = cfg.model_config  # what a task costs to hold, fp32: its soft prompt and its per-layer prefix key/values
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * P * head_dim * 4
+    res["mib_per_task"] = {
+        "prefix_cache": kv / 2**20,
+        "prompt_tuning_prompt": P * c.hidden_size * 4 / 2**20,
+        "deep_prompt": c.num_hidden_layers * P * c.hidden_size * 4 / 2**20,
+    }
+    res["ratios"] = {"memory_given": peak["bank_given"] / peak["bare"]}
+    if "bank_routed" in peak:
+        res["ratios"]["memory_routed"] = peak["bank_routed"] / peak["bare"]
+    if "bank_given_deep" in peak:
+        res["ratios"]["memory_given_deep"] = peak["bank_given_deep"] / peak["bare"]
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+
+def _verdict(value: float, op: str, target: float | None) -> str:
+    if target is None:
+        return "—"
+    ok = value <= target if op == "<=" else value >= target
+    return "met" if ok else "missed"
+
+
+def _fmt(key: str, v: float) -> str:
+    if key == "gen_overhead":
+        return f"{100 * v:+.1f} %"
+    if key.startswith("memory"):
+        return f"{v:.3f}x ({100 * (v - 1):+.1f} %)"
+    if key == "route_p50_1000_tasks":
+        return f"{v:.1f} ms"
+    return f"{v:.2f}x" if key in ("mixed_vs_peft", "classify_vs_peft", "mixed_vs_single") else f"{v:.2f}"
+
+
+def table(result: dict) -> str:
+    ratios = {}
+    for section in ("train", "generate", "classify", "route", "memory"):
+        ratios.update(result.get(section, {}).get("ratios", {}))
+    lines = ["| measure | result | target | |", "|---|---:|---:|---|"]
+    for key, (label, op, target) in SPARSE_TARGETS.items():
+        if key not in ratios:
+            continue
+        tgt = (
+            "faster"
+            if target is None
+            else (f"{op} {100 * target:.0f} %" if key == "gen_overhead" else f"{op} {target}")
+        )
+        if key.startswith("memory") and target is not None:
+            tgt = f"{op} +{100 * (target - 1):.0f} %"
+        lines.append(f"| {label} | {_fmt(key, ratios[key])} | {tgt} | {_verdict(ratios[key], op, target)} |")
+    return "\n".join(lines)
+
+
+def details(result: dict) -> str:
+    out = []
+    if "train" in result:
+        ms = result["train"]["ms_per_step"]
+        out.append("Training ms/step (median): " + ", ".join(f"{k} {v['median']:.0f}" for k, v in ms.items()))
+        if "compute_floor" in result["train"]:
+            f = result["train"]["compute_floor"]
+            out.append(
+                "Compute floor (forward multiply-accumulates, ours / PEFT): prompt tuning "
+                f"{f['ours_prompt_tuning_vs_peft_prompt_tuning']:.2f}, deep vs prefix tuning "
+                f"{f['ours_deep_vs_peft_prefix_tuning']:.2f}"
+            )
+    if "generate" in result:
+        g = result["generate"]
+        out.append(
+            f"Generation tokens/s (batch {g['batch']}, {g['new_tokens']} new): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in g["tokens_per_s"].items())
+            + "; rows equal to a no-cache greedy reference (first {tokens_checked} tokens): ours mixed "
+            "{ours_mixed_8_tasks:.0%}, PEFT generate {peft_switch_per_request:.0%}".format(
+                **g["rows_equal_to_no_cache_reference"]
+            )
+            + f"; prefix cache build {g['prefix_cache_build_ms']['p50']:.0f} ms/task (once)"
+        )
+    if "classify" in result:
+        c = result["classify"]
+        out.append(
+            f"Classification q/s ({c['n_queries']} queries): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in c["queries_per_s"].items())
+            + f"; routing hit@1 {100 * c['routing_hit_at_1']:.0f} %, label agreement with PEFT where routed right "
+            f"{100 * c['label_agreement_ours_vs_peft_where_routed_right']:.0f} %"
+        )
+    if "route" in result:
+        r = result["route"]
+        out.append(f"Routing: query embedding p50 {r['embed_ms']['p50']:.1f} ms / p99 {r['embed_ms']['p99']:.1f} ms")
+        rows = [
+            "| index | keys | build s | end-to-end p50 / p99 ms | search only p50 / p99 ms | recall@1 task (real / near-key) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, size in r["sizes"].items():
+            e, s = r["end_to_end_ms"][name], r["search_only_ms"][name]
+            rec = r["recall_at_1"].get(name)
+            rec_s = f"{rec['real_queries_task']:.3f} / {rec['near_key_queries_task']:.3f}" if rec else "exact"
+            rows.append(
+                f"| {size['index']} | {size['keys']:,} ({size['tasks']:,} x {size['keys_per_task']}) | "
+                f"{r['build_s'][name]:.1f} | {e['p50']:.1f} / {e['p99']:.1f} | {s['p50']:.2f} / {s['p99']:.2f} | {rec_s} |"
+            )
+        out.append("\n".join(rows))
+    if "memory" in result:
+        m = result["memory"]
+        out.append(
+            f"Peak RSS while serving, after loading ({m['tasks']} tasks; {m['measure']}): "
+            + ", ".join(f"{k} {v:.0f} MiB" for k, v in m["peak_rss_mib"].items())
+            + "; RSS after loading the backbone "
+            + ", ".join(f"{k} {v[0]['rss_after_load_mib']:.0f}" for k, v in m["runs"].items())
+            + "; per task (fp32): prefix cache {prefix_cache:.2f} MiB, prompt-tuning prompt {prompt_tuning_prompt:.3f} "
+            "MiB, deep prompt {deep_prompt:.2f} MiB".format(**m["mib_per_task"])
+        )
+    return "\n\n".join(out)
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        import matplotlib.ticker
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ratios = {}
+    for section in ("train", "generate", "classify", "memory"):
+        ratios.update(result.get(section, {}).get("ratios", {}))
+    rows = []
+    for key, (label, op, target) in SPARSE_TARGETS.items():
+        if key in ratios and key != "route_p50_1000_tasks":
+            v = ratios[key] + (1.0 if key == "gen_overhead" else 0.0)  # overhead as a ratio of times
+            t = None if target is None else target + (1.0 if key == "gen_overhead" else 0.0)
+            ok = _verdict(ratios[key], op, target)
+            rows.append((label.replace(", ", "\n", 1), v, t, ok))
+    fig, ax = plt.subplots(figsize=(9, 0.65 * len(rows) + 1.2))
+    y = range(len(rows))
+    colours = {"met": "#3a7d44", "missed": "#c0392b", "—": "#555555"}
+    ax.barh(list(y), [r[1] for r in rows], color=[colours[r[3]] for r in rows])
+    for i, (_, v, t, _) in enumerate(rows):
+        if t is not None:
+            ax.plot([t, t], [i - 0.4, i + 0.4], "k--", lw=1.2)
+        ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([0.25, 0.5, 0.8, 1, 2, 3, 5, 10])
+    ax.set_xlabel("ratio (log scale); dashed = target; green met, red missed")
+    ax.set_title("promptbank vs PEFT / baselines, SmolLM2-135M, CPU", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def _config(args) -> argparse.Namespace:
+    c = argparse.Namespace(quick=args.quick)
+    if args.quick:
+        c.train_batch, c.train_tokens, c.train_warmup, c.train_steps = 2, 16, 1, 1
+        c.gen_batch, c.gen_tokens, c.gen_warmup, c.gen_rounds, c.gen_check_tokens = 8, 4, 0, 1, 4
+        c.gen_extra_rounds = 1
+        c.cls_per_task, c.cls_warmup, c.cls_rounds = 1, 0, 1
+        c.route_sizes, c.route_queries = [(10, 1), (1000, 1), (1000, 16)], 10
+        c.mem_tasks, c.mem_rounds = 10, 1
+        c.query_tokens = 48
+    else:
+        c.train_batch, c.train_tokens, c.train_warmup, c.train_steps = 8, 64, 1, args.train_steps
+        c.gen_batch, c.gen_tokens, c.gen_warmup, c.gen_rounds, c.gen_check_tokens = 8, 32, 0, args.gen_rounds, 8
+        c.gen_extra_rounds = args.gen_extra_rounds
+        c.cls_per_task, c.cls_warmup, c.cls_rounds = 4, 1, args.cls_rounds
+        c.route_sizes = [(10, 1), (1000, 1), (1000, 16), (6250, 16)]
+        c.route_queries = args.route_queries
+        c.mem_tasks, c.mem_rounds = 100, 1
+        c.query_tokens = 48
+    return c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run at toy sizes (< 2 min)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the public datasets (../shared/data)")
+    ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--gen-rounds", type=int, default=3)
+    ap.add_argument("--gen-extra-rounds", type=int, default=7, help="extra rounds of promptbank's variants")
+    ap.add_argument("--cls-rounds", type=int, default=3)
+    ap.add_argument("--route-queries", type=int, default=100)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine, 2 threads make every op wait for a descheduled "
+        "thread and steps 5-15x slower and erratic; use the core count on a quiet machine)",
+    )
+    ap.add_argument("--only", default="train,generate,classify,route,memory", help="comma-separated sections")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default results/serving[_quick].json)")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-tasks", type=int, default=100, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-new-tokens", type=int, default=32, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        memory_child(args.memory_child, args.memory_tasks, args.memory_new_tokens)
+        return
+
+    import faiss
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+
+    from promptbank import PromptBank
+
+    torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    cfg.threads = args.threads
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    t_start = time.perf_counter()
+    result: dict = {
+        "config": {k: v for k, v in vars(cfg).items()} | {"data": str(args.data), "sections": sections},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "faiss": faiss.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(),
+            "platform": platform.platform(),
+        },
+    }
+    torch.manual_seed(0)
+    bank = PromptBank.from_pretrained()
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    result["backbone"] = {"name": bank.backbone.name, "params": sum(p.numel() for p in model.parameters())}
+
+    if "train" in sections:
+        result["train"] = bench_train(bank, cfg)
+        _log(f"train done: {result['train']['ratios']}")
+
+    need_tasks = {"generate", "classify", "route"} & set(sections)
+    if need_tasks:
+        tasks = _task_data(args.data, tok, max(cfg.cls_per_task, cfg.route_queries // 8 + 1, 2), cfg.query_tokens)
+        from promptbank.router import make_prototypes
+
+        for i, t in enumerate(tasks):
+            keys = make_prototypes(bank.embedder.encode(t["key_texts"]), 16, seed=0)
+            _insert_task(bank, t["name"], t["labels"], _random_prompt(model, [0], seed=i), keys)
+        names = [t["name"] for t in tasks]
+        pm = _peft_adapters(bank, names) if {"generate", "classify"} & set(sections) else None
+        if "generate" in sections:
+            texts = [t["queries"][0][0] for t in tasks]
+            result["generate"] = bench_generate(bank, pm, names, texts, cfg)
+            _log(f"generate done: {result['generate']['ratios']}")
+        if "classify" in sections:
+            result["classify"] = bench_classify(bank, pm, tasks, cfg)
+            _log(f"classify done: {result['classify']['ratios']}")
+        del pm
+        gc.collect()
+        if "route" in sections:
+            result["route"] = bench_route(bank, tasks, cfg)
+            _log("route done")
+    if "memory" in sections:
+        cfg.model_config = model.config
+        result["memory"] = bench_memory(cfg)
+        _log(f"memory done: {result['memory']['ratios']}")
+
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["total_s"] = time.perf_counter() - t_start
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "serving_quick" if cfg.quick else "serving"
+    out = args.out or RESULTS / f"{stem}.json"
+    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    png = out.with_suffix(".png")
+    drew = plot(result, png)
+    print(f"\n## Serving and training speed ({'QUICK smoke run, toy sizes' if cfg.quick else 'full run'})\n")
+    print(table(result))
+    print()
+    print(details(result))
+    print(f"\nWrote {out}" + (f" and {png}" if drew else " (matplotlib not installed: no chart)"))
+    print(f"Total {result['total_s'] / 60:.1f} min; load average {result['machine']['loadavg_end']}")
+
+
+if __name__ == "__main__":
+    main()
