@@ -150,50 +150,25 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Decode new tokens for each row (greedy when ``temperature == 0``). Stops a row at EOS.
+    """Decode new tokens for each row (greedy when ``temperature == 0``); EOS ends a row and is not returned.
 
-    One forward per step for the whole (possibly mixed-task) batch; the prefix cache grows as usual.
+    One forward per step for the whole (possibly mixed-task) batch; see :func:`generate_steps`.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    bsz = len(inputs)
-    outputs: list[list[int]] = [[] for _ in range(bsz)]
-    if max_new_tokens == 0 or bsz == 0:
-        return outputs
+    outputs: list[list[int]] = [[] for _ in inputs]
     eos = tokenizer.eos_token_id
-    ids, mask = left_pad(inputs, _pad_id(tokenizer))
-    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
-    head = model.get_output_embeddings()
-    attn = prefix.attention_mask
-    next_pos = prefix.position_ids[:, -1] + 1  # (B,)
-    done = torch.zeros(bsz, dtype=torch.bool)
-    last = hidden[:, -1]  # (B, d)
-    base = model.base_model
-    for step in range(max_new_tokens):
-        logits = head(last).float()  # (B, V)
-        nxt = _sample(logits, temperature, top_p, generator)
-        for b in range(bsz):
-            if not done[b]:
-                tok = int(nxt[b])
-                if eos is not None and tok == eos:
-                    done[b] = True
-                else:
-                    outputs[b].append(tok)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, torch.ones(bsz, 1, dtype=attn.dtype)], dim=1)
-        out = base(
-            input_ids=nxt[:, None],
-            attention_mask=attn,
-            position_ids=next_pos[:, None],
-            use_cache=True,
-            **cache_kwargs(base, cache),
-        )
-        cache = output_cache(out)
-        last = out.last_hidden_state[:, -1]
-        next_pos = next_pos + 1
+    for step in generate_steps(
+        model,
+        tokenizer,
+        row_kv,
+        inputs,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+    ):
+        for out, tok in zip(outputs, step):
+            if tok is not None and tok != eos:
+                out.append(tok)
     return outputs
 
 
