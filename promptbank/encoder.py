@@ -19,21 +19,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from .inject import find_layers
+
 SoftPrompt = Mapping[int, torch.Tensor]
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """Transformer blocks of a Hugging Face encoder (BERT-style ``encoder.layer`` or ``layers``)."""
-    base = getattr(model, "base_model", model)
-    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
-        obj = base
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise TypeError(f"cannot find the encoder layers of {type(model).__name__}")
+    layers = find_layers(model, ("encoder.layer", "encoder.layers", "layers", "transformer.layer"))
+    if layers is None:
+        raise TypeError(f"cannot find the encoder layers of {type(model).__name__}")
+    return layers
 
 
 class _RowOverwrite:

@@ -33,10 +33,10 @@ SoftPrompt = Mapping[int, torch.Tensor]
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of a Hugging Face causal LM (Llama, Mistral, Qwen, GPT-2, ...)."""
+def find_layers(model: nn.Module, paths: Sequence[str]) -> nn.ModuleList | None:
+    """The first ``nn.ModuleList`` found under ``model.base_model`` at one of the dotted ``paths``."""
     base = getattr(model, "base_model", model)
-    for path in ("layers", "h", "decoder.layers", "blocks"):
+    for path in paths:
         obj = base
         for attr in path.split("."):
             obj = getattr(obj, attr, None)
@@ -44,9 +44,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(obj, nn.ModuleList):
             return obj
-    raise TypeError(
-        f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-style .layers, GPT-2 .h"
-    )
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a Hugging Face causal LM (Llama, Mistral, Qwen, GPT-2, ...)."""
+    layers = find_layers(model, ("layers", "h", "decoder.layers", "blocks"))
+    if layers is None:
+        raise TypeError(
+            f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-style .layers, GPT-2 .h"
+        )
+    return layers
 
 
 @lru_cache(maxsize=32)
