@@ -90,9 +90,20 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         key = (name, seed)
         if key not in trained_cache:  # order-independent (warm start off): train once per seed
             t0 = time.perf_counter()
-            bank.learn_task(name, stream[name]["train"], method="deep", max_steps=steps, batch_size=16, eval_every=10,
-                            patience=4, seed=seed, warm_start=False, progress=False, max_input_tokens=128,
-                            keep_train_state=False)
+            bank.learn_task(
+                name,
+                stream[name]["train"],
+                method="deep",
+                max_steps=steps,
+                batch_size=16,
+                eval_every=10,
+                patience=4,
+                seed=seed,
+                warm_start=False,
+                progress=False,
+                max_input_tokens=128,
+                keep_train_state=False,
+            )
             t = bank._tasks[name]
             trained_cache[key] = (t, time.perf_counter() - t0)
         else:
@@ -109,8 +120,9 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
             gold_label.append(ex.target)
     preds = bank.predict(texts, batch_size=64)
     hit = float(np.mean([p.task == g for p, g in zip(preds, gold_task)]))
-    routed = float(np.mean([np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n])
-                            for n in order]))
+    routed = float(
+        np.mean([np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order])
+    )
     return R, {"routing_hit@1": hit, "routed_ACC": routed}, bank
 
 
@@ -147,8 +159,12 @@ def _train_shared(backbone, data_by_task, steps, seed, prompt=None, heads=None, 
     torch.manual_seed(seed)
     if prompt is None:
         conf = PromptConfig(method=Method.DEEP, num_virtual_tokens=20)
-        init = token_init(model, text_init_ids(tok, describe_task("classification", None), 20),
-                          conf.resolved_layers(backbone.num_layers), causal=False)
+        init = token_init(
+            model,
+            text_init_ids(tok, describe_task("classification", None), 20),
+            conf.resolved_layers(backbone.num_layers),
+            causal=False,
+        )
         prompt = build_prompt_module(conf, init)
     heads = heads if heads is not None else {}
     rows = []  # (task, seq, label index)
@@ -163,12 +179,16 @@ def _train_shared(backbone, data_by_task, steps, seed, prompt=None, heads=None, 
     def batch_loss(idx):
         p = prompt()
         feats = pooled(model, tok, [rows[i][1] for i in idx], [p] * len(idx))
-        losses = [nn.functional.cross_entropy(heads[rows[i][0]](f[None]), torch.tensor([rows[i][2]]))
-                  for i, f in zip(idx, feats)]
+        losses = [
+            nn.functional.cross_entropy(heads[rows[i][0]](f[None]), torch.tensor([rows[i][2]]))
+            for i, f in zip(idx, feats)
+        ]
         return torch.stack(losses).mean()
 
-    groups = [{"params": list(prompt.parameters()), "lr": 0.1},
-              {"params": [p for n, h in heads.items() if n in data_by_task for p in h.parameters()], "lr": 1e-2}]
+    groups = [
+        {"params": list(prompt.parameters()), "lr": 0.1},
+        {"params": [p for n, h in heads.items() if n in data_by_task for p in h.parameters()], "lr": 1e-2},
+    ]
     tconf = TrainConfig(max_steps=steps, batch_size=16, progress=False, seed=seed)
     train_loop(model, modules, len(rows), batch_loss, None, tconf, param_groups=groups, fold=prompt.fold)
     return prompt, heads
@@ -199,8 +219,9 @@ def run_sequential_shared(backbone, stream, order, steps, seed):
 
 
 def run_multitask(backbone, stream, order, steps, seed):
-    prompt, heads = _train_shared(backbone, {n: stream[n]["train"] for n in order}, steps * len(order), seed,
-                                  multitask=True)
+    prompt, heads = _train_shared(
+        backbone, {n: stream[n]["train"] for n in order}, steps * len(order), seed, multitask=True
+    )
     return {n: _eval_shared(backbone, prompt, heads[n], stream[n]["test"]) for n in order}
 
 
@@ -219,8 +240,10 @@ def main(argv=None) -> dict:
     if args.quick:
         args.seeds, args.orders, args.steps, args.train_per_class, args.test_per_class = 1, "O1", 10, 4, 5
     if not (args.data / "ag_news").is_dir():
-        sys.exit(f"no CL-4 data under {args.data} (expected ag_news/, amazon_reviews/, dbpedia/, yahoo_answers/); "
-                 "pass --data or set PROMPTBANK_DATA")
+        sys.exit(
+            f"no CL-4 data under {args.data} (expected ag_news/, amazon_reviews/, dbpedia/, yahoo_answers/); "
+            "pass --data or set PROMPTBANK_DATA"
+        )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from promptbank.backbone import load_backbone
     from promptbank.bank import Routing  # noqa: F401  (import check)
@@ -248,20 +271,30 @@ def main(argv=None) -> dict:
             if mt is None:  # order-independent: once per seed
                 mt = run_multitask(backbone, stream, order, args.steps, seed)
             run = {
-                "seed": seed, "order": oname, "tasks": order,
-                "promptbank": {"R": R.tolist(), **metrics(R), **routed, "seconds": t_ours,
-                               "train_seconds": {n: trained[(n, seed)][1] for n in order}},
+                "seed": seed,
+                "order": oname,
+                "tasks": order,
+                "promptbank": {
+                    "R": R.tolist(),
+                    **metrics(R),
+                    **routed,
+                    "seconds": t_ours,
+                    "train_seconds": {n: trained[(n, seed)][1] for n in order},
+                },
                 "logistic_head": logistic,
                 "sequential_shared_prompt": {"R": R_seq.tolist(), **metrics(R_seq), "seconds": t_seq},
                 "multitask": {"per_task": mt, "ACC": float(np.mean(list(mt.values())))},
             }
             run["promptbank"]["oracle_routed_gap"] = run["promptbank"]["ACC"] - run["promptbank"]["routed_ACC"]
             runs.append(run)
-            print(f"seed {seed} {oname}: promptbank ACC {run['promptbank']['ACC']:.3f} (routed "
-                  f"{run['promptbank']['routed_ACC']:.3f}, hit@1 {run['promptbank']['routing_hit@1']:.3f}, BWT "
-                  f"{run['promptbank']['BWT']:+.3f}); logistic {logistic['ACC']:.3f} (routed {logistic['routed_ACC']:.3f}); "
-                  f"sequential shared prompt ACC {run['sequential_shared_prompt']['ACC']:.3f} BWT "
-                  f"{run['sequential_shared_prompt']['BWT']:+.3f}; multitask {run['multitask']['ACC']:.3f}", flush=True)
+            print(
+                f"seed {seed} {oname}: promptbank ACC {run['promptbank']['ACC']:.3f} (routed "
+                f"{run['promptbank']['routed_ACC']:.3f}, hit@1 {run['promptbank']['routing_hit@1']:.3f}, BWT "
+                f"{run['promptbank']['BWT']:+.3f}); logistic {logistic['ACC']:.3f} (routed {logistic['routed_ACC']:.3f}); "
+                f"sequential shared prompt ACC {run['sequential_shared_prompt']['ACC']:.3f} BWT "
+                f"{run['sequential_shared_prompt']['BWT']:+.3f}; multitask {run['multitask']['ACC']:.3f}",
+                flush=True,
+            )
 
     def mean(path):
         vals = []
@@ -274,7 +307,10 @@ def main(argv=None) -> dict:
 
     summary = {
         "promptbank (task given)": {k: mean(("promptbank", k)) for k in ("ACC", "BWT", "forgetting")},
-        "promptbank (routed)": {"ACC": mean(("promptbank", "routed_ACC")), "hit@1": mean(("promptbank", "routing_hit@1"))},
+        "promptbank (routed)": {
+            "ACC": mean(("promptbank", "routed_ACC")),
+            "hit@1": mean(("promptbank", "routing_hit@1")),
+        },
         "frozen emb + logistic head (task given)": {"ACC": mean(("logistic_head", "ACC"))},
         "frozen emb + logistic head (routed)": {"ACC": mean(("logistic_head", "routed_ACC"))},
         "sequential shared prompt": {k: mean(("sequential_shared_prompt", k)) for k in ("ACC", "BWT", "forgetting")},
@@ -284,8 +320,11 @@ def main(argv=None) -> dict:
 
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "wall_seconds": time.perf_counter() - t_start,
         "summary": summary,
         "runs": runs,
@@ -294,12 +333,17 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     _plot(runs[0], args.out.with_suffix(".png"))
 
-    print(f"\nCL-4 few-shot ({args.train_per_class}/class train, {args.test_per_class}/class test), orders {args.orders}, "
-          f"{args.seeds} seed(s), {args.steps} steps/task; mean (std) over runs; wall {result['wall_seconds'] / 60:.1f} min\n")
+    print(
+        f"\nCL-4 few-shot ({args.train_per_class}/class train, {args.test_per_class}/class test), orders {args.orders}, "
+        f"{args.seeds} seed(s), {args.steps} steps/task; mean (std) over runs; wall {result['wall_seconds'] / 60:.1f} min\n"
+    )
     print("| system | ACC | BWT | forgetting | routing hit@1 |")
     print("|---|---:|---:|---:|---:|")
     for name, m in summary.items():
-        cells = [f"{100 * m[k][0]:.1f} ({100 * m[k][1]:.1f})" if k in m else "" for k in ("ACC", "BWT", "forgetting", "hit@1")]
+        cells = [
+            f"{100 * m[k][0]:.1f} ({100 * m[k][1]:.1f})" if k in m else ""
+            for k in ("ACC", "BWT", "forgetting", "hit@1")
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
     return result
 
@@ -313,8 +357,10 @@ def _plot(run, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, key, title in ((axes[0], "promptbank", "promptbank (task given)"),
-                           (axes[1], "sequential_shared_prompt", "one shared prompt, sequential")):
+    for ax, key, title in (
+        (axes[0], "promptbank", "promptbank (task given)"),
+        (axes[1], "sequential_shared_prompt", "one shared prompt, sequential"),
+    ):
         R = np.array(run[key]["R"], dtype=float)
         im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(run["tasks"])), run["tasks"], rotation=45)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -122,6 +123,9 @@ class PromptBank:
         self.router = Router(embedder.dim, top_keys=ROUTER_TOP_KEYS)
         self._tasks: dict[str, _Task] = {}
         self._kv: dict[str, PrefixKV] = {}  # lazily computed prompt prefix cache per task (inference)
+        # Writers (_insert, remove_task) hold this while they build a new task table and router, then publish both;
+        # neither is ever changed in place, so readers (predict, route, save) use them without locking.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -164,7 +168,9 @@ class PromptBank:
     @property
     def tasks(self) -> dict[str, TaskRecord]:
         """Records of the stored tasks, by name, in insertion order."""
-        return {name: t.record for name, t in self._tasks.items()}
+        with self._lock:  # never between publishing the task table and the router
+            tasks = self._tasks
+        return {name: t.record for name, t in tasks.items()}
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -399,11 +405,17 @@ class PromptBank:
         return enc
 
     def _insert(self, task: _Task) -> None:
-        """Add a fully built task: router first (it validates), then the table. All or nothing."""
+        """Add a fully built task, all or nothing, and atomically for concurrent readers: new copies of the router
+        (which validates) and the table are built, then published, the table first, so any task a reader routes to
+        is in the table."""
         name = task.record.name
-        self.router.add(name, task.keys, task.record.threshold)
-        self._tasks[name] = task
-        self._kv.pop(name, None)
+        with self._lock:
+            router = _copy_router(self.router)
+            router.add(name, task.keys, task.record.threshold)
+            tasks = {**self._tasks, name: task}
+            self._kv.pop(name, None)
+            self._tasks = tasks
+            self.router = router
 
     def _warm_start(self, train_emb: np.ndarray, init: dict[int, torch.Tensor], k: int, min_similarity: float):
         """Similarity-weighted mix of the ``k`` stored prompts of the same shape whose keys are nearest (SPoT).
@@ -436,10 +448,14 @@ class PromptBank:
 
     def remove_task(self, name: str) -> None:
         """Delete task ``name`` (its soft prompt, keys and record)."""
-        self._get(name)
-        self.router.remove(name)
-        del self._tasks[name]
-        self._kv.pop(name, None)
+        with self._lock:  # copy, then publish: the router first, so it never names a task missing from the table
+            self._get(name)
+            router = _copy_router(self.router)
+            router.remove(name)
+            tasks = {n: t for n, t in self._tasks.items() if n != name}
+            self.router = router
+            self._tasks = tasks
+            self._kv.pop(name, None)
 
     # ------------------------------------------------------------------ inference
     def _prompt_kv(self, name: str) -> PrefixKV:
@@ -456,13 +472,14 @@ class PromptBank:
 
     def route_many(self, texts: Sequence[str], *, top_k: int = 3) -> list[Routing]:
         texts = _as_texts(texts)
-        if not self._tasks:
+        router = self.router  # one snapshot for the whole call (a concurrent writer publishes a new one)
+        if not len(router):
             return [Routing(None, None, []) for _ in texts]
         emb = self.embedder.encode(texts)
         out = []
-        for ranked in self.router.route(emb, top_k=max(1, top_k)):
+        for ranked in router.route(emb, top_k=max(1, top_k)):
             best, score = ranked[0]
-            out.append(Routing(best if score >= self.router.threshold(best) else None, score, ranked))
+            out.append(Routing(best if score >= router.threshold(best) else None, score, ranked))
         return out
 
     def _resolve_tasks(self, texts: list[str], task) -> tuple[list[str | None], list[float | None]]:
@@ -631,6 +648,19 @@ class PromptBank:
         """
         self._get(name)
         return self._prompt_kv(name)
+
+
+def _copy_router(router: Router) -> Router:
+    """An independent copy of ``router`` (same keys, ids, thresholds and index options; the index rebuilt)."""
+    names = router.tasks
+    return Router.from_keys(
+        {n: router.keys(n) for n in names},
+        router.thresholds,
+        dim=router.dim,
+        ids={n: router.ids(n) for n in names},
+        next_id=router.next_id,
+        **router.index_config,
+    )
 
 
 def _top_mean(sims: np.ndarray, k: int) -> np.ndarray:

@@ -249,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _has_bank(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / MANIFEST).is_file()
+    from .storage import bank_exists  # also finds a bank left next to the folder by an interrupted save
+
+    return bank_exists(folder)
 
 
 def _load_bank(args: argparse.Namespace, *, create: bool = False) -> PromptBank:

@@ -2,53 +2,115 @@
 
 ```
 my_bank/
-  promptbank.json              manifest: format + version, written_by, backbone fingerprint, embedder, task records
+  promptbank.json              manifest: format + version, written_by, backbone fingerprint, embedder, task records,
+                               sha256 + size of every other file, and a sha256 of the manifest itself
   index.faiss                  derived routing index; rebuilt from the keys unless trust_index=True
   tasks/<name>/
     prompt.safetensors         the soft prompt: "layer.<l>" -> (P, d) fp32 (canonical)
-    keys.safetensors           "keys" -> (k, d_embed) routing prototypes
+    keys.safetensors           "keys" -> (k, d_embed) routing prototypes, "ids" -> (k,) int64
     train_state.safetensors    prompt-module state (P-Tuning encoder included), to resume training
+    head.safetensors           encoder backbones: the task's linear head, "weight" (L, d), "bias" (L,)
     adapter_config.json        PEFT export: PROMPT_TUNING (input-level prompts) or PREFIX_TUNING (deep prompts,
     adapter_model.safetensors    the per-layer key/value cache) -> PeftModel.from_pretrained works
 ```
-A save writes a complete new folder next to the target and swaps it in with renames, so a crash leaves either the
-old or the new bank; saving into the folder a bank was loaded from works because everything is in memory.
+
+Writing (:func:`save_bank`): one writer at a time per bank, enforced with ``fcntl.flock`` on ``.<name>.lock`` next
+to the folder (a second writer gets :class:`BankLockedError`; the kernel drops the lock when its holder dies). The
+complete new bank is written and fsynced in a temporary folder ``.<name>.tmp-*`` next to the target and swapped in
+with one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux); where the filesystem cannot exchange, with two renames
+(target -> ``.<name>.old-<pid>``, temporary -> target). A writer killed at any moment leaves the old or the new
+bank at the target, or (two-rename fallback only) no target but a complete bank in a leftover folder, which
+:func:`load_bank` reads and the next save moves back into place before it removes the leftovers.
+
+Reading (:func:`load_bank`) takes no lock: it reads every file into memory, checks the folder was not swapped
+meanwhile (else it reads again), and trusts nothing in it: sizes are capped before parsing, safetensors headers
+are parsed here (dtype, shape and offsets checked before any tensor data is read), checksums verified, values
+checked finite, symbolic links and special files refused. Errors are :class:`BankFormatError` naming the file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+import stat
+import string
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file as load_np
-from safetensors.numpy import save_file as save_np
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import save as _np_bytes
+from safetensors.torch import save as _torch_bytes
 
 from .backbone import Backbone, check_fingerprint, load_backbone
 from .embed import Embedder, load_embedder
-from .errors import BankFormatError
+from .errors import BankFormatError, PromptBankError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: saves are still atomic, but concurrent writers are not detected
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from .bank import PromptBank
+    from .bank import PromptBank, TaskRecord
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "promptbank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sha256 + size of every file and of the manifest itself; 1: no checksums
 MANIFEST = "promptbank.json"
 INDEX_FILE = "index.faiss"
+TASK_FILES = (
+    "prompt.safetensors",
+    "keys.safetensors",
+    "train_state.safetensors",
+    "head.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
+
+# Limits for banks from elsewhere: anything beyond them is refused before it is parsed or read into memory.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_HEADER_BYTES = 1 << 20  # safetensors JSON header
+MAX_PROMPT_TOKENS = 512  # P of a soft prompt
+MAX_KEYS = 1 << 16  # routing prototypes per task
+MAX_LABELS = 1 << 16  # rows of an encoder head
+MAX_TRAIN_STATE_BYTES = 1 << 30
+MAX_TEMPLATE_CHARS = 1 << 16
+
+_READ_ATTEMPTS = 20  # a load that overlaps saves reads again; each attempt waits a little longer
+_USE_EXCHANGE = True  # tests set this False to exercise the two-rename fallback
+_DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_NP_DTYPES = {"F32": np.dtype("<f4"), "I64": np.dtype("<i8")}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+class BankLockedError(PromptBankError, RuntimeError):
+    """Another writer (process or thread) is saving the same bank folder right now."""
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content (canonical JSON, without its own ``manifest_sha256`` field)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canon = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -109,52 +171,101 @@ def peft_export(backbone: Backbone, prompt: dict[int, torch.Tensor]) -> tuple[di
     return config, {"prompt_embeddings": flat.float().contiguous()}
 
 
+# ---------------------------------------------------------------------------------------------- writing
+
+
 def save_bank(bank: PromptBank, path: str | os.PathLike) -> None:
-    """Write ``bank`` to folder ``path`` atomically (temp folder + rename)."""
+    """Write ``bank`` to folder ``path`` atomically (temp folder + atomic swap), holding the bank's writer lock.
+
+    Raises :class:`BankLockedError` when another writer is saving to the same folder.
+    """
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not target.is_dir():
         raise BankFormatError(f"{target} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).exists():
         raise BankFormatError(f"refusing to overwrite {target}: it is a non-empty folder that is not a bank")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    lock = getattr(bank, "_lock", None)
+    with lock if lock is not None else nullcontext():  # a consistent snapshot; never mutated in place afterwards
+        tasks, router = dict(bank._tasks), bank.router
+    with bank_lock(target):
+        _recover(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            _write_folder(bank, tasks, router, tmp)
+            _swap_in(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextmanager
+def bank_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the writer lock of bank folder ``path``: ``flock`` on ``.<name>.lock`` next to it (yields its path).
+
+    Raises :class:`BankLockedError` at once if another process or thread holds it. The lock dies with its
+    holder (even on SIGKILL); the file is removed on release (a leftover one is harmless).
+    """
+    target = Path(path).resolve()
+    lock_path = target.parent / f".{target.name}.lock"
+    if fcntl is None:
+        yield lock_path
+        return
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise BankLockedError(
+                f"{target} is being saved by another writer (process {holder}, lock {lock_path}); "
+                "save again when it has finished"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file between our open and flock: lock the new one
+            break
+        os.close(fd)
     try:
-        _write_folder(bank, tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        try:
+            os.unlink(lock_path)  # while still locked, so a waiting opener sees a fresh file (see the loop above)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
-def _write_folder(bank: PromptBank, folder: Path) -> None:
-    tasks_dir = folder / "tasks"
-    tasks_dir.mkdir()
-    for name, task in bank._tasks.items():
-        tdir = tasks_dir / name
-        tdir.mkdir()
+def _write_folder(bank: PromptBank, tasks: dict, router, folder: Path) -> None:
+    files: dict[str, bytes] = {}
+    for name, task in tasks.items():
+        base = f"tasks/{name}/"
         meta = {"format": "promptbank-soft-prompt"}  # one key: safetensors does not keep metadata order
-        save_file(
-            {f"layer.{layer}": t.contiguous() for layer, t in sorted(task.prompt.items())},
-            str(tdir / "prompt.safetensors"),
-            metadata=meta,
-        )
-        save_np(
+        prompt = {f"layer.{layer}": t.contiguous() for layer, t in sorted(task.prompt.items())}
+        files[base + "prompt.safetensors"] = _torch_bytes(prompt, metadata=meta)
+        files[base + "keys.safetensors"] = _np_bytes(
             {
                 "keys": np.ascontiguousarray(task.keys, dtype=np.float32),
-                "ids": np.ascontiguousarray(bank.router.ids(name), dtype=np.int64),
-            },
-            str(tdir / "keys.safetensors"),
+                "ids": np.ascontiguousarray(router.ids(name), dtype=np.int64),
+            }
         )
         if task.train_state:
-            save_file({k: v.contiguous() for k, v in task.train_state.items()}, str(tdir / "train_state.safetensors"))
+            state = {k: v.contiguous() for k, v in task.train_state.items()}
+            files[base + "train_state.safetensors"] = _torch_bytes(state)
         if task.head is not None:
-            save_file({k: v.contiguous() for k, v in task.head.items()}, str(tdir / "head.safetensors"))
+            files[base + "head.safetensors"] = _torch_bytes({k: v.contiguous() for k, v in task.head.items()})
         if bank.backbone.kind == "causal_lm":  # PEFT's prompt methods are for decoders; encoders keep our format
             peft_cfg, peft_tensors = peft_export(bank.backbone, task.prompt)
-            _write_json(tdir / "adapter_config.json", peft_cfg)
-            save_file(peft_tensors, str(tdir / "adapter_model.safetensors"))
-    index_bytes = bank.router.index_bytes()
-    (folder / INDEX_FILE).write_bytes(index_bytes)
+            files[base + "adapter_config.json"] = _json_bytes(peft_cfg)
+            files[base + "adapter_model.safetensors"] = _torch_bytes(peft_tensors)
+    files[INDEX_FILE] = router.index_bytes()
+    for rel, data in files.items():
+        _write_file(folder / rel, data)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -164,19 +275,29 @@ def _write_folder(bank: PromptBank, folder: Path) -> None:
         "index": {
             "file": INDEX_FILE,
             "type": "IndexIDMap2(IndexFlatIP)",
-            "top_keys": int(bank.router.top_keys),
-            "ntotal": int(bank.router.ntotal),
-            "next_id": int(bank.router.next_id),
+            "top_keys": int(router.top_keys),
+            "ntotal": int(router.ntotal),
+            "next_id": int(router.next_id),
         },
-        "tasks": {name: t.record.to_dict() for name, t in bank._tasks.items()},
-        "task_order": list(bank._tasks),
+        "tasks": {name: t.record.to_dict() for name, t in tasks.items()},
+        "task_order": list(tasks),
+        "files": {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for rel, data in files.items()},
     }
-    _write_json(folder / MANIFEST, manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    _write_file(folder / MANIFEST, _json_bytes(manifest))  # last: a folder with a manifest is complete
     _make_readable(folder)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder and safetensors writes 0600 files; give the bank ordinary permissions."""
+    """mkdtemp makes a 0700 folder; give the bank ordinary permissions."""
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
@@ -184,48 +305,511 @@ def _make_readable(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # e.g. platforms that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_renameat2_fn: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``). False when unsupported."""
+    global _renameat2_fn
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2_fn is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+        except (OSError, AttributeError):
+            fn = False
+        else:
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+        _renameat2_fn = fn
+    if not _renameat2_fn:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if _renameat2_fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    _fsync_tree(tmp)
+    for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+    _fsync_dir(tmp)
     if not target.exists():
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
         return
+    if _USE_EXCHANGE and _exchange(tmp, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous bank
+        return
+    # Two renames. Between them the target does not exist; the old bank is complete under `old` (and the new one
+    # under `tmp`), and load_bank / the next save recover from there.
     old = target.parent / f".{target.name}.old-{os.getpid()}"
     if old.exists():
         shutil.rmtree(old)
-    os.replace(target, old)  # the old bank stays complete under `old` until the new one is in place
+    os.replace(target, old)
     try:
         os.replace(tmp, target)
     except BaseException:
         os.replace(old, target)
         raise
+    _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    folder = Path(path)
-    mpath = folder / MANIFEST
-    if not mpath.is_file():
-        raise BankFormatError(f"{folder} is not a promptbank bank (no {MANIFEST})")
+def _leftovers(target: Path) -> list[Path]:
+    """Temporary / previous-bank folders that saves of ``target`` leave behind when killed."""
+    prefixes = (f".{target.name}.tmp-", f".{target.name}.old-")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BankFormatError(f"{mpath}: corrupt manifest ({e})") from None
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return [target.parent / n for n in sorted(names) if n.startswith(prefixes)]
+
+
+def _complete_leftover(target: Path) -> Path | None:
+    """The most recently written leftover folder that holds a complete, intact bank (None if there is none)."""
+    found = []
+    for cand in _leftovers(target):
+        try:
+            manifest = _read_manifest_file(cand)
+            if manifest.get("files") is not None:
+                for rel, entry in manifest["files"].items():
+                    _verify_file(cand, rel, entry)
+            found.append(((cand / MANIFEST).stat().st_mtime_ns, cand))
+        except (BankFormatError, OSError):
+            continue
+    return max(found)[1] if found else None
+
+
+def _recover(target: Path) -> None:
+    """Under the writer lock: move a complete leftover into place if the target is missing, then remove leftovers.
+
+    Every leftover belongs to a writer that died (only the lock holder writes), so none is in use.
+    """
+    if not target.exists():
+        cand = _complete_leftover(target)
+        if cand is not None:
+            logger.warning("%s was missing after an interrupted save; restored it from %s", target, cand.name)
+            os.replace(cand, target)
+            _fsync_dir(target.parent)
+    for p in _leftovers(target):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _fail(path: Path | str, what: str) -> BankFormatError:
+    return BankFormatError(f"{path}: {what}")
+
+
+def _open_regular(folder: Path, rel: str) -> tuple[int, os.stat_result]:
+    """Open ``folder/rel`` for reading, refusing symbolic links and anything but regular files / folders on the
+    way (a bank never contains links: one could point anywhere). Returns (fd, stat)."""
+    path = folder
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        path = path / part
+        st = os.lstat(path)  # FileNotFoundError goes to the caller
+        if stat.S_ISLNK(st.st_mode):
+            raise _fail(path, f"is a symbolic link (to {os.readlink(path)!r}); a bank never contains links")
+        last = i == len(parts) - 1
+        if not last and not stat.S_ISDIR(st.st_mode):
+            raise _fail(path, "is not a folder")
+        if last and not stat.S_ISREG(st.st_mode):
+            raise _fail(path, "is not a regular file")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _fail(path, "is not a regular file")
+    return fd, st
+
+
+def _read_exact(fd: int, n: int, path: Path) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        b = os.read(fd, min(n - got, 1 << 24))
+        if not b:
+            raise _fail(path, f"truncated: ended after {got} of {n} bytes")
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+def _check_entry(path: Path, size: int, entry: dict | None) -> None:
+    if entry is not None and size != entry["size"]:
+        raise _fail(path, f"{size} bytes, but the manifest recorded {entry['size']} (truncated or altered)")
+
+
+def _check_digest(path: Path, digest: str, entry: dict | None) -> None:
+    if entry is not None and digest != entry["sha256"]:
+        raise _fail(path, "sha256 differs from the one in the manifest (the file was altered or is corrupt)")
+
+
+def _verify_file(folder: Path, rel: str, entry: dict) -> None:
+    """Check a file's size and sha256 against its manifest entry without keeping its bytes."""
+    try:
+        fd, st = _open_regular(folder, rel)
+    except FileNotFoundError:
+        raise _fail(folder / rel, "missing (listed in the manifest)") from None
+    try:
+        _check_entry(folder / rel, st.st_size, entry)
+        h, left = hashlib.sha256(), st.st_size
+        while left:
+            b = os.read(fd, min(left, 1 << 22))
+            if not b:
+                raise _fail(folder / rel, "truncated while reading")
+            h.update(b)
+            left -= len(b)
+    finally:
+        os.close(fd)
+    _check_digest(folder / rel, h.hexdigest(), entry)
+
+
+def _read_small(folder: Path, rel: str, max_bytes: int, entry: dict | None) -> bytes:
+    """All bytes of a file of at most ``max_bytes`` (checked before reading), checksum-verified if ``entry``."""
+    fd, st = _open_regular(folder, rel)
+    try:
+        if st.st_size > max_bytes:
+            raise _fail(folder / rel, f"{st.st_size} bytes, more than the {max_bytes} allowed")
+        _check_entry(folder / rel, st.st_size, entry)
+        data = _read_exact(fd, st.st_size, folder / rel)
+    finally:
+        os.close(fd)
+    _check_digest(folder / rel, hashlib.sha256(data).hexdigest(), entry)
+    return data
+
+
+TensorInfo = tuple[str, tuple[int, ...], int, int]  # dtype, shape, begin, end (offsets into the data section)
+
+
+class _Tensors:
+    """A safetensors file parsed here (no pickle, no mmap): header validated first, then the data read."""
+
+    def __init__(self, path: Path, infos: dict[str, TensorInfo], data: bytes, start: int):
+        self.path, self.infos, self._data, self._start = path, infos, data, start
+
+    def array(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self.infos[name]
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        a = np.frombuffer(self._data, dtype=_NP_DTYPES[dtype], count=count, offset=self._start + begin)
+        return a.reshape(shape).astype(_NP_DTYPES[dtype].newbyteorder("="), copy=True)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.array(name))
+
+    def finite(self, name: str) -> np.ndarray:
+        a = self.array(name)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise _fail(self.path, f"tensor {name!r} has NaN or infinite values")
+        return a
+
+
+def _parse_header(path: Path, raw: bytes, size: int) -> dict[str, TensorInfo]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"corrupt safetensors header ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "corrupt safetensors header (not a JSON object)")
+    infos: dict[str, TensorInfo] = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+                raise _fail(path, "corrupt safetensors header (__metadata__ must map str to str)")
+            continue
+        ok = isinstance(spec, dict) and set(spec) == {"dtype", "shape", "data_offsets"}
+        dtype, shape, offs = (spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")) if ok else (0, 0, 0)
+        ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+        if not (ok and dtype in _DTYPE_SIZES and ints(shape) and ints(offs) and len(offs) == 2 and offs[0] <= offs[1]):
+            raise _fail(path, f"corrupt safetensors header entry for {name[:100]!r}: {str(spec)[:200]}")
+        if math.prod(shape) * _DTYPE_SIZES[dtype] != offs[1] - offs[0]:
+            raise _fail(path, f"tensor {name!r}: shape {shape} {dtype} does not match its {offs[1] - offs[0]} bytes")
+        infos[name] = (dtype, tuple(shape), offs[0], offs[1])
+    pos = 0
+    for name, (_, _, begin, end) in sorted(infos.items(), key=lambda kv: kv[1][2:]):
+        if begin != pos:
+            raise _fail(path, f"tensor {name!r} at offset {begin}, expected {pos} (overlapping or a gap)")
+        pos = end
+    if pos != size:
+        raise _fail(path, f"tensor data is {size} bytes, the header describes {pos} (truncated or altered)")
+    return infos
+
+
+def _read_tensors(
+    folder: Path,
+    rel: str,
+    entry: dict | None,
+    check: Callable[[Path, dict[str, TensorInfo]], None],
+    *,
+    max_data_bytes: int | None = None,
+) -> _Tensors:
+    """Read a safetensors file: size and header (dtypes, shapes, offsets, ``check``) validated before its tensor
+    data is read; the data is then read into memory and the checksum verified."""
+    path = folder / rel
+    fd, st = _open_regular(folder, rel)
+    try:
+        _check_entry(path, st.st_size, entry)
+        if st.st_size < 8:
+            raise _fail(path, f"truncated: {st.st_size} bytes, not a safetensors file")
+        head8 = _read_exact(fd, 8, path)
+        n = int.from_bytes(head8, "little")
+        if n > min(st.st_size - 8, MAX_HEADER_BYTES):
+            raise _fail(path, f"safetensors header length {n} is invalid for a {st.st_size}-byte file")
+        raw = _read_exact(fd, n, path)
+        infos = _parse_header(path, raw, st.st_size - 8 - n)
+        check(path, infos)
+        body = st.st_size - 8 - n
+        if max_data_bytes is not None and body > max_data_bytes:
+            raise _fail(path, f"{body} bytes of tensors, more than the {max_data_bytes} allowed")
+        data = head8 + raw + _read_exact(fd, body, path)
+    finally:
+        os.close(fd)
+    _check_digest(path, hashlib.sha256(data).hexdigest(), entry)
+    return _Tensors(path, infos, data, 8 + n)
+
+
+def _expect(path: Path, infos: dict[str, TensorInfo], name: str, dtype: str, shape: tuple, what: str) -> None:
+    """``shape`` may hold None (any size >= 1) or (lo, hi) ranges."""
+    got = infos.get(name)
+    ok = got is not None and got[0] == dtype and len(got[1]) == len(shape)
+    if ok:
+        for dim, want in zip(got[1], shape):
+            if want is None:
+                ok &= dim >= 1
+            elif isinstance(want, tuple):
+                ok &= want[0] <= dim <= want[1]
+            else:
+                ok &= dim == want
+    if not ok:
+        have = "missing" if got is None else f"{got[0]} {list(got[1])}"
+        raise _fail(path, f"tensor {name!r} is {have}; expected {dtype} {what}")
+
+
+def _only(path: Path, infos: dict[str, TensorInfo], names: set[str]) -> None:
+    extra = sorted(set(infos) - names)
+    if extra:
+        raise _fail(path, f"unexpected tensors {[e[:100] for e in extra[:5]]}")
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def _check_template(template: Any) -> bool:
+    """Task templates are ``str.format``-ed with the user's text: allow only plain ``{input}`` fields (an
+    attribute / index lookup or a format spec in a bank's template could read objects or allocate without bound)."""
+    if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+        return False
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return False
+    return bool(fields) and all(f == "input" and not spec and conv is None for f, spec, conv in fields)
+
+
+def _is_int(x: Any, lo: int = 0) -> bool:
+    return type(x) is int and x >= lo
+
+
+def _migrate_v1(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: version 1 recorded no checksums (files are checked by shape and value only)."""
+    return dict(manifest, format_version=2, files=None, migrated_from=1)
+
+
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate_v1}
+
+
+def _read_manifest_file(folder: Path) -> dict[str, Any]:
+    mpath = folder / MANIFEST
+    try:
+        data = _read_small(folder, MANIFEST, MAX_MANIFEST_BYTES, None)
+    except FileNotFoundError:
+        raise BankFormatError(f"{folder} is not a promptbank bank (no {MANIFEST})") from None
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(mpath, f"corrupt manifest ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BankFormatError(f"{mpath}: not a promptbank manifest")
+        raise _fail(mpath, "not a promptbank manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BankFormatError(
-            f"{mpath}: format version {version!r} is newer than this promptbank supports "
-            f"({FORMAT_VERSION}); upgrade promptbank"
+    if not _is_int(version, 1) or version > FORMAT_VERSION:
+        raise _fail(
+            mpath,
+            f"format version {version!r} is newer than this promptbank supports ({FORMAT_VERSION}); upgrade promptbank",
         )
+    if version >= 2 and manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise _fail(mpath, "manifest_sha256 does not match its content (the manifest was altered or is corrupt)")
+    while manifest["format_version"] < FORMAT_VERSION:
+        manifest = _MIGRATIONS[manifest["format_version"]](manifest)
+    _check_manifest(manifest, mpath)
     return manifest
+
+
+def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
+    """Structure and types of a manifest (so nothing later fails deep inside with a KeyError or TypeError)."""
+    from .bank import validate_task_name
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise _fail(mpath, what)
+
+    bb, emb, index = m.get("backbone"), m.get("embedder"), m.get("index")
+    need(
+        isinstance(bb, dict)
+        and isinstance(bb.get("name"), str)
+        and bb.get("kind", "causal_lm") in ("causal_lm", "encoder")
+        and isinstance(bb.get("fingerprint"), dict),
+        "'backbone' must hold name, kind and fingerprint",
+    )
+    need(isinstance(emb, dict) and isinstance(emb.get("name"), str) and _is_int(emb.get("dim"), 1), "bad 'embedder'")
+    need(
+        isinstance(index, dict)
+        and _is_int(index.get("top_keys", 1), 1)
+        and (index.get("next_id") is None or _is_int(index.get("next_id"))),
+        "bad 'index' (top_keys >= 1, next_id >= 0)",
+    )
+    tasks = m.get("tasks")
+    need(
+        isinstance(tasks, dict) and all(isinstance(v, dict) for v in tasks.values()),
+        "'tasks' must map names to records",
+    )
+    for name in tasks:
+        try:
+            validate_task_name(name)
+        except ValueError as e:
+            raise _fail(mpath, str(e)) from None
+    order = m.get("task_order", list(tasks))
+    need(
+        isinstance(order, list) and all(isinstance(n, str) for n in order) and len(set(order)) == len(order),
+        "'task_order' must be a list of distinct names",
+    )
+    need(set(order) == set(tasks), f"'task_order' and 'tasks' name different tasks: {sorted(set(order) ^ set(tasks))}")
+    files = m.get("files")
+    if files is None:
+        return
+    need(isinstance(files, dict), "'files' must map paths to {sha256, size}")
+    for rel, entry in files.items():
+        parts = rel.split("/") if isinstance(rel, str) else []
+        known = rel == INDEX_FILE or (
+            len(parts) == 3 and parts[0] == "tasks" and parts[1] in tasks and parts[2] in TASK_FILES
+        )
+        need(known, f"unexpected file entry {str(rel)[:200]!r}")
+        need(
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and len(entry["sha256"]) == 64
+            and all(c in "0123456789abcdef" for c in entry["sha256"])
+            and _is_int(entry.get("size")),
+            f"bad checksum entry for {rel!r}",
+        )
+    for name in tasks:
+        for req in ("prompt.safetensors", "keys.safetensors"):
+            need(f"tasks/{name}/{req}" in files, f"no checksum for tasks/{name}/{req}")
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of bank folder ``path``, validated and migrated to the current format version.
+
+    When the folder is missing because a save was interrupted, the manifest of the complete leftover bank is read.
+    """
+    return _read_manifest_file(_readable_folder(Path(path)))
+
+
+def bank_exists(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a bank, or is missing but a save interrupted between its two renames left a
+    complete bank next to it (which :func:`load_bank` reads and the next save puts back)."""
+    return (_readable_folder(Path(path)) / MANIFEST).is_file()
+
+
+def _check_record(name: str, data: dict[str, Any], mpath: Path, num_layers: int) -> tuple[TaskRecord, int, list[int]]:
+    """Validate a task record; returns it with its prompt length P and its prompt layers."""
+    from .bank import TaskRecord
+    from .config import PromptConfig
+
+    try:
+        rec = TaskRecord.from_dict(data)
+        pconf = PromptConfig.from_dict(rec.prompt_config)
+        layers = pconf.resolved_layers(num_layers)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise _fail(mpath, f"task {name!r}: bad record ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise _fail(mpath, f"task {name!r}: {what}")
+
+    need(rec.name == name, f"record names {rec.name!r}")
+    need(rec.kind in ("classification", "generation"), f"unknown kind {rec.kind!r}")
+    labels = rec.labels
+    need(
+        labels is None
+        or (isinstance(labels, list) and 0 < len(labels) <= MAX_LABELS and all(isinstance(x, str) for x in labels)),
+        "labels must be a list of strings",
+    )
+    need(rec.kind != "classification" or bool(labels), "a classification task needs labels")
+    need(
+        _check_template(rec.template),
+        f"template must be a str whose only fields are '{{input}}': {rec.template!r:.200}",
+    )
+    need(
+        isinstance(rec.threshold, (int, float))
+        and not isinstance(rec.threshold, bool)
+        and math.isfinite(rec.threshold),
+        f"threshold must be a finite number, got {rec.threshold!r}",
+    )
+    need(isinstance(rec.train_config, dict), "train_config must be a dict")
+    for key in ("max_target_tokens", "max_input_tokens"):  # used at inference
+        value = rec.train_config.get(key)
+        need(value is None or _is_int(value, 1), f"train_config[{key!r}] must be a positive int, got {value!r}")
+    p = pconf.num_virtual_tokens
+    need(_is_int(p, 1) and p <= MAX_PROMPT_TOKENS, f"num_virtual_tokens must be 1..{MAX_PROMPT_TOKENS}, got {p!r}")
+    return rec, p, layers
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _readable_folder(where: Path) -> Path:
+    """``where``, or, when it is missing because a save was interrupted between its two renames (or is between
+    them right now), the complete leftover bank next to it."""
+    if os.path.lexists(where):
+        return where
+    cand = _complete_leftover(where.absolute())
+    if cand is not None:
+        logger.warning("bank %s is missing; reading the complete bank left by an interrupted save: %s", where, cand)
+        return cand
+    return where
+
+
+def _identity(folder: Path) -> tuple | None:
+    """What changes when a save swaps a new bank in at ``folder`` (None: nothing there)."""
+    try:
+        d, m = os.stat(folder), os.stat(folder / MANIFEST)
+    except OSError:
+        return None
+    return (d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size)
+
+
+def _disk_state(where: Path) -> tuple:
+    return (_identity(where), tuple(p.name for p in _leftovers(where.absolute())))
 
 
 def load_bank(
@@ -237,60 +821,44 @@ def load_bank(
     allow_mismatch: bool = False,
     trust_index: bool = False,
 ) -> PromptBank:
-    """Load a bank folder. Tensors are copied out of the files; the index is rebuilt from keys unless
-    ``trust_index`` (and then only if it agrees with the keys)."""
-    from .bank import TaskRecord, _Task, validate_task_name
+    """Load a bank folder. Every file is validated (see the module docstring); tensors are copies; the index is
+    rebuilt from the keys unless ``trust_index`` (and then only if it agrees with the keys).
+
+    Takes no lock: if a save swaps the folder while it is read, it is read again.
+    """
     from .router import Router
 
-    folder = Path(path)
-    manifest = read_manifest(folder)
-    bb_info = manifest["backbone"]
-    if backbone is None:
-        backbone = bb_info["name"]
-    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, kind=bb_info.get("kind", "causal_lm"))
-    check_fingerprint(bb_info["fingerprint"], bb.fingerprint, allow_mismatch=allow_mismatch)
-    emb = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
-    if emb.dim != manifest["embedder"]["dim"]:
-        raise BankFormatError(
-            f"{folder}: bank keys have dim {manifest['embedder']['dim']}, embedder {emb.name!r} gives {emb.dim}"
-        )
-    bank = cls(bb, emb)
-    d = bb.hidden_size
-    tasks: dict[str, _Task] = {}
-    ids: dict[str, np.ndarray] = {}
-    for name in manifest.get("task_order", list(manifest["tasks"])):
-        validate_task_name(name)
-        record = TaskRecord.from_dict(manifest["tasks"][name])
-        tdir = folder / "tasks" / name
+    where = Path(path)
+    models: list = []  # (backbone, embedder), loaded once
+    for attempt in range(_READ_ATTEMPTS):
+        before = _disk_state(where)
         try:
-            raw = load_file(str(tdir / "prompt.safetensors"))
-            key_file = load_np(str(tdir / "keys.safetensors"))
-            keys, ids[name] = key_file["keys"], key_file["ids"]
-            state_path = tdir / "train_state.safetensors"
-            train_state = {k: v.clone() for k, v in load_file(str(state_path)).items()} if state_path.exists() else {}
-            head_path = tdir / "head.safetensors"
-            head = {k: v.clone() for k, v in load_file(str(head_path)).items()} if head_path.exists() else None
-        except (OSError, KeyError, SafetensorError) as e:
-            raise BankFormatError(f"{tdir}: cannot read task files ({type(e).__name__}: {e})") from None
-        prompt = {}
-        for key, t in raw.items():
-            if not key.startswith("layer."):
-                raise BankFormatError(f"{tdir / 'prompt.safetensors'}: unexpected tensor {key!r}")
-            layer = int(key.split(".", 1)[1])
-            if t.dim() != 2 or t.shape[1] != d or not torch.isfinite(t).all():
+            folder = _readable_folder(where)
+            ident = _identity(folder)
+            manifest = _read_manifest_file(folder)
+            if not models:
+                models.append(_models(manifest, folder, backbone, embedder))
+            bb, emb = models[0]
+            check_fingerprint(manifest["backbone"]["fingerprint"], bb.fingerprint, allow_mismatch=allow_mismatch)
+            if emb.dim != manifest["embedder"]["dim"]:
                 raise BankFormatError(
-                    f"{tdir / 'prompt.safetensors'}: tensor {key!r} has shape {tuple(t.shape)} or "
-                    f"non-finite values; expected (P, {d}) finite"
+                    f"{folder}: bank keys have dim {manifest['embedder']['dim']}, embedder {emb.name!r} gives {emb.dim}"
                 )
-            prompt[layer] = t.clone()
-        if bb.kind == "encoder" and (
-            head is None
-            or set(head) != {"weight", "bias"}
-            or tuple(head["weight"].shape) != (len(record.labels or []), d)
-        ):
-            raise BankFormatError(f"{tdir}: missing or malformed head.safetensors for an encoder task")
-        tasks[name] = _Task(record, prompt, np.array(keys, dtype=np.float32, copy=True), train_state, head)
-    index_path = folder / INDEX_FILE
+            tasks, ids, index_bytes = _read_tasks(folder, manifest, bb, emb.dim, trust_index)
+        except (BankFormatError, OSError) as e:
+            if attempt + 1 < _READ_ATTEMPTS and _disk_state(where) != before:  # a save swapped the bank meanwhile
+                time.sleep(0.005 * (attempt + 1))
+                continue
+            if isinstance(e, OSError):
+                raise BankFormatError(f"{e.filename or where}: cannot read ({e.strerror or e})") from None
+            raise
+        if _identity(folder) == ident:
+            break
+        time.sleep(0.005 * (attempt + 1))
+    else:
+        raise BankFormatError(f"{where}: the bank kept changing while it was read ({_READ_ATTEMPTS} tries)")
+
+    bank = cls(bb, emb)
     try:
         bank.router = Router.from_keys(
             {n: t.keys for n, t in tasks.items()},
@@ -299,9 +867,113 @@ def load_bank(
             top_keys=int(manifest["index"].get("top_keys", 1)),
             ids=ids,
             next_id=manifest["index"].get("next_id"),
-            index_bytes=index_path.read_bytes() if trust_index and index_path.exists() else None,
+            index_bytes=index_bytes,
         )
     except ValueError as e:
-        raise BankFormatError(f"{folder}: inconsistent routing keys ({e})") from None
+        raise BankFormatError(f"{folder / MANIFEST}: inconsistent routing keys ({e})") from None
     bank._tasks = tasks
     return bank
+
+
+def _models(manifest: dict[str, Any], folder: Path, backbone, embedder) -> tuple[Backbone, Embedder]:
+    bb_info = manifest["backbone"]
+    if backbone is None:
+        backbone = bb_info["name"]
+    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, kind=bb_info.get("kind", "causal_lm"))
+    emb = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
+    return bb, emb
+
+
+def _read_tasks(folder: Path, manifest: dict[str, Any], bb: Backbone, embed_dim: int, trust_index: bool):
+    """Read and validate every task's files (and the index file's bytes when trusted)."""
+    files = manifest.get("files")  # None for a migrated version-1 bank: no checksums to verify
+    tasks, ids = {}, {}
+    for name in manifest.get("task_order", list(manifest["tasks"])):
+        record, p, layers = _check_record(name, manifest["tasks"][name], folder / MANIFEST, bb.num_layers)
+        tasks[name], ids[name] = _read_task(folder, files, record, p, layers, bb, embed_dim)
+    index_bytes = None
+    ent = files.get(INDEX_FILE) if files is not None else None
+    if os.path.lexists(folder / INDEX_FILE):  # a derived cache: may be deleted (then rebuilt from the keys)
+        if trust_index:
+            n_keys = sum(t.keys.shape[0] for t in tasks.values())
+            cap = ent["size"] if ent is not None else (1 << 20) + 2 * n_keys * (4 * embed_dim + 8)
+            index_bytes = _read_small(folder, INDEX_FILE, cap, ent)
+        elif ent is not None:
+            _verify_file(folder, INDEX_FILE, ent)
+    return tasks, ids, index_bytes
+
+
+def _read_task(
+    folder: Path,
+    files: dict[str, Any] | None,
+    record: TaskRecord,
+    p: int,
+    layers: list[int],
+    bb: Backbone,
+    embed_dim: int,
+):
+    """One task's files -> (_Task, key ids). Shapes and dtypes are checked from the headers before data is read."""
+    from .bank import _Task
+
+    base = f"tasks/{record.name}/"
+    d, encoder, n_labels = bb.hidden_size, bb.kind == "encoder", len(record.labels or [])
+    want_layers = {f"layer.{x}" for x in layers}
+
+    def entry(fname: str, required: bool) -> tuple[bool, dict | None]:
+        """(present, checksum entry). With checksums the manifest says which files exist."""
+        rel = base + fname
+        if files is not None:
+            return rel in files, files.get(rel)
+        return required or os.path.lexists(folder / rel), None
+
+    def read(fname: str, check, **kw) -> _Tensors | None:
+        present, ent = entry(fname, fname in ("prompt.safetensors", "keys.safetensors"))
+        if not present:
+            return None
+        try:
+            return _read_tensors(folder, base + fname, ent, check, **kw)
+        except FileNotFoundError:
+            raise _fail(folder / base / fname, "missing") from None
+
+    def check_prompt(path: Path, infos: dict[str, TensorInfo]) -> None:
+        _only(path, infos, want_layers)
+        for key in sorted(want_layers):
+            _expect(path, infos, key, "F32", (p, d), f"({p}, {d}) (P = num_virtual_tokens <= {MAX_PROMPT_TOKENS})")
+
+    def check_keys(path: Path, infos: dict[str, TensorInfo]) -> None:
+        _only(path, infos, {"keys", "ids"})
+        _expect(path, infos, "keys", "F32", ((1, MAX_KEYS), embed_dim), f"(k, {embed_dim}), 1 <= k <= {MAX_KEYS}")
+        _expect(path, infos, "ids", "I64", (infos["keys"][1][0],), "(k,)")
+
+    def check_head(path: Path, infos: dict[str, TensorInfo]) -> None:
+        if not encoder:
+            raise _fail(path, "a causal-LM bank has no classification heads")
+        _only(path, infos, {"weight", "bias"})
+        _expect(path, infos, "weight", "F32", (n_labels, d), f"({n_labels}, {d}) (labels x hidden size)")
+        _expect(path, infos, "bias", "F32", (n_labels,), f"({n_labels},)")
+
+    def check_state(path: Path, infos: dict[str, TensorInfo]) -> None:
+        for key, (dtype, shape, _, _) in infos.items():
+            if dtype != "F32" or len(shape) > 4 or len(key) > 256:
+                raise _fail(path, f"tensor {key[:100]!r} is {dtype} {list(shape)}; expected F32, at most 4 dims")
+
+    prompt_file = read("prompt.safetensors", check_prompt)
+    key_file = read("keys.safetensors", check_keys)
+    head_file = read("head.safetensors", check_head)
+    state_file = read("train_state.safetensors", check_state, max_data_bytes=MAX_TRAIN_STATE_BYTES)
+    if encoder and head_file is None:
+        raise _fail(folder / base / "head.safetensors", "missing (an encoder task needs its head)")
+    prompt = {int(k.split(".", 1)[1]): torch.from_numpy(prompt_file.finite(k)) for k in sorted(want_layers)}
+    keys = key_file.finite("keys")
+    norms = np.linalg.norm(keys.astype(np.float64), axis=1)
+    if np.any(np.abs(norms - 1.0) > 1e-3):
+        raise _fail(key_file.path, "routing keys must be L2-normalised rows")
+    head = None
+    if head_file is not None:
+        head = {k: torch.from_numpy(head_file.finite(k)) for k in ("weight", "bias")}
+    state = {k: torch.from_numpy(state_file.finite(k)) for k in state_file.infos} if state_file is not None else {}
+    for fname in ("adapter_config.json", "adapter_model.safetensors"):  # exports: verified, not parsed
+        present, ent = entry(fname, False)
+        if present and ent is not None:
+            _verify_file(folder, base + fname, ent)
+    return _Task(record, dict(sorted(prompt.items())), keys, state, head), key_file.array("ids")

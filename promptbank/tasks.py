@@ -403,6 +403,12 @@ def _decode_lines(raw: bytes, src: str) -> list[str]:
     return lines
 
 
+def _json_limit(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return f"value out of range ({str(exc).split(';')[0]})"
+
+
 def _parse_jsonl(lines: list[str], src: str) -> list[tuple[Any, int]]:
     rows: list[tuple[Any, int]] = []
     for number, text in enumerate(lines, start=1):
@@ -412,6 +418,8 @@ def _parse_jsonl(lines: list[str], src: str) -> list[tuple[Any, int]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=number) from None
+        except (ValueError, RecursionError) as exc:  # over-deep nesting, integers over the digit limit
+            raise DataError(f"invalid JSON: {_json_limit(exc)}", source=src, line=number) from None
         if not isinstance(obj, dict):
             raise DataError(
                 f"each line must be a JSON object, got {_json_type(obj)} ({_short(obj)})",
@@ -433,6 +441,8 @@ def _parse_json(text: str, src: str) -> list[tuple[Any, int]]:
             source=src,
             line=exc.lineno,
         ) from None
+    except (ValueError, RecursionError) as exc:  # over-deep nesting, integers over the digit limit
+        raise DataError(f"invalid JSON: {_json_limit(exc)}", source=src, line=1) from None
     if not isinstance(top, list):
         raise DataError(
             f"expected a JSON list of objects, got {_json_type(top)}",
