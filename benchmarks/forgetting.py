@@ -119,11 +119,13 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
             gold_task.append(name)
             gold_label.append(ex.target)
     preds = bank.predict(texts, batch_size=64)
-    hit = float(np.mean([p.task == g for p, g in zip(preds, gold_task)]))
+    hit = float(np.mean([p.task == g for p, g in zip(preds, gold_task)]))  # "no task" counts as a miss
+    ranked = bank.route_many(texts)
+    top1 = float(np.mean([bool(r.ranked) and r.ranked[0][0] == g for r, g in zip(ranked, gold_task)]))
     routed = float(
         np.mean([np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order])
     )
-    return R, {"routing_hit@1": hit, "routed_ACC": routed}, bank
+    return R, {"routing_hit@1": hit, "routing_top1_ignoring_threshold": top1, "routed_ACC": routed}, bank
 
 
 def run_logistic(embedder, stream, order, seed, router):
