@@ -211,37 +211,28 @@ def test_loaded_tensors_are_copies(tiny_bank, tmp_path):
     assert (tmp_path / "b" / "tasks" / "weather" / "prompt.safetensors").read_bytes() == before
 
 
-def test_peft_loads_prompt_tuning_task_with_equal_logits(tiny_bank, tmp_path):
+@pytest.mark.parametrize(
+    "method, peft_type",
+    [("prompt_tuning", "PROMPT_TUNING"), ("ptuning_mlp", "PROMPT_TUNING"), ("deep", "PREFIX_TUNING")],
+)
+def test_peft_loads_exported_task_with_equal_logits(tiny_bank, tmp_path, method, peft_type):
+    """Input-level prompts export as PEFT PROMPT_TUNING, deep prompts as PREFIX_TUNING (their exact KV cache):
+    PeftModel.from_pretrained on the task folder gives our logits."""
+    import json
+
     peft = pytest.importorskip("peft")
-    tiny_bank.learn_task("weather", WEATHER, method="ptuning_mlp", num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("weather", WEATHER, method=method, num_virtual_tokens=4, **fast_options())
     tiny_bank.save(tmp_path / "bank")
+    folder = tmp_path / "bank" / "tasks" / "weather"
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == peft_type
     model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
     ids = encode_input(tok, "the weather is cold")
+    mask = torch.ones(1, len(ids), dtype=torch.long)
     with torch.no_grad():
-        ours_hidden, _, _ = forward_hidden(
-            model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [tiny_bank._prompt_kv("weather")]
-        )
+        ours_hidden, _, _ = forward_hidden(model, torch.tensor([ids]), mask, [tiny_bank._prompt_kv("weather")])
         ours = model.get_output_embeddings()(ours_hidden)[0]
-        pm = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "weather"))
-        theirs = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
-    theirs = theirs[0, -len(ids) :]
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-
-
-def test_peft_loads_deep_prompt_as_prefix_tuning(tiny_bank, tmp_path):
-    peft = pytest.importorskip("peft")
-    tiny_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=4, **fast_options())
-    tiny_bank.save(tmp_path / "bank")
-    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
-    ids = encode_input(tok, "the weather is cold")
-    with torch.no_grad():
-        ours_hidden, _, _ = forward_hidden(
-            model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), [tiny_bank._prompt_kv("weather")]
-        )
-        ours = model.get_output_embeddings()(ours_hidden)[0]
-        pm = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "weather"))
-        theirs = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
-    torch.testing.assert_close(ours, theirs[0, -len(ids) :], atol=1e-4, rtol=1e-4)
+        theirs = peft.PeftModel.from_pretrained(model, str(folder))(input_ids=torch.tensor([ids]), attention_mask=mask)
+    torch.testing.assert_close(ours, theirs.logits[0, -len(ids) :], atol=1e-4, rtol=1e-4)
 
 
 def test_duplicate_and_invalid_task_names(tiny_bank):
