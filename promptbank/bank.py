@@ -275,7 +275,7 @@ class PromptBank:
                 result, head = self._train_encoder(module, train_data, dev_data, tconf, lr, desc)
                 num_train, num_dev = len(train_data), len(dev_data) if dev_data else 0
             else:
-                enc = self._encoder(template, tconf.max_target_tokens)
+                enc = self._pair_encoder(template, tconf.max_target_tokens)
                 train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
                 dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
                 result = train_soft_prompt(model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc)
@@ -396,7 +396,7 @@ class PromptBank:
         )
         return sum(labels[int(lg.argmax())] == ex.target for lg, ex in zip(logits, data.examples)) / len(data)
 
-    def _encoder(self, template: str, max_target_tokens: int):
+    def _pair_encoder(self, template: str, max_target_tokens: int):
         tok = self.backbone.tokenizer
 
         def enc(inp: str, target: str) -> tuple[list[int], list[int]]:
@@ -503,38 +503,29 @@ class PromptBank:
         texts = _as_texts(texts)
         names, scores = self._resolve_tasks(texts, task)
         preds: list[Prediction | None] = [None] * len(texts)
-        tok, model = self.backbone.tokenizer, self.backbone.model
         cls_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "classification"]
         gen_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "generation"]
-        if self.is_encoder and cls_rows:
+        if cls_rows:
             tasks = [self._tasks[names[i]] for i in cls_rows]
-            logits = self._encoder_logits(
-                [texts[i] for i in cls_rows],
-                [t.prompt for t in tasks],
-                [t.head for t in tasks],
-                max(t.record.train_config.get("max_input_tokens", 256) for t in tasks),
-                batch_size,
-            )
-            for i, t, lg in zip(cls_rows, tasks, logits):
-                lp = torch.log_softmax(lg, -1)
-                preds[i] = Prediction(
-                    t.record.labels[int(lp.argmax())],
-                    names[i],
-                    scores[i],
-                    {lab: float(v) for lab, v in zip(t.record.labels, lp)},
+            rows_text = [texts[i] for i in cls_rows]
+            if self.is_encoder:  # per-task linear heads on the pooled encoder output
+                max_tokens = max(t.record.train_config.get("max_input_tokens", 256) for t in tasks)
+                logits = self._encoder_logits(
+                    rows_text, [t.prompt for t in tasks], [t.head for t in tasks], max_tokens, batch_size
                 )
-            cls_rows = []
-        for s in range(0, len(cls_rows), batch_size):
-            rows = cls_rows[s : s + batch_size]
-            recs = [self._tasks[names[i]].record for i in rows]
-            inputs = [causal.encode_input(tok, texts[i], r.template) for i, r in zip(rows, recs)]
-            label_ids = [self._label_ids(r) for r in recs]
-            kv = [self._prompt_kv(names[i]) for i in rows]
-            ll = causal.rank_labels(model, tok, kv, inputs, label_ids)
-            for i, r, lp in zip(rows, recs, ll):
-                best = int(lp.argmax())
+                scored = [torch.log_softmax(lg, -1) for lg in logits]
+            else:  # rank each task's label set by likelihood behind its soft prompt
+                scored = self._rank_rows(
+                    rows_text,
+                    [t.record.template for t in tasks],
+                    [self._prompt_kv(names[i]) for i in cls_rows],
+                    [self._label_ids(t.record) for t in tasks],
+                    batch_size,
+                )
+            for i, t, lp in zip(cls_rows, tasks, scored):
+                labels = t.record.labels
                 preds[i] = Prediction(
-                    r.labels[best], names[i], scores[i], {lab: float(v) for lab, v in zip(r.labels, lp)}
+                    labels[int(lp.argmax())], names[i], scores[i], {lab: float(v) for lab, v in zip(labels, lp)}
                 )
         if gen_rows:
             outs = self.generate([texts[i] for i in gen_rows], [names[i] for i in gen_rows], batch_size=batch_size)
@@ -633,14 +624,20 @@ class PromptBank:
         tok, model = self.backbone.tokenizer, self.backbone.model
         with torch.no_grad():
             kv = prompt_kv(model, prompt)
+        n = len(data)
         label_ids = _label_ids(tok, labels, max_target_tokens)
-        correct = 0
-        for s in range(0, len(data), batch_size):
-            chunk = data.examples[s : s + batch_size]
-            inputs = [causal.encode_input(tok, ex.input, template) for ex in chunk]
-            ll = causal.rank_labels(model, tok, [kv] * len(chunk), inputs, [label_ids] * len(chunk))
-            correct += sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, chunk))
-        return correct / len(data)
+        ll = self._rank_rows([ex.input for ex in data.examples], [template] * n, [kv] * n, [label_ids] * n, batch_size)
+        return sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, data.examples)) / n
+
+    def _rank_rows(self, texts, templates, kvs, label_ids, batch_size: int) -> list[torch.Tensor]:
+        """Causal LM: label log-likelihoods per row (rows may use different prompts and label sets)."""
+        tok, model = self.backbone.tokenizer, self.backbone.model
+        out: list[torch.Tensor] = []
+        for s in range(0, len(texts), batch_size):
+            sl = slice(s, s + batch_size)
+            inputs = [causal.encode_input(tok, t, tpl) for t, tpl in zip(texts[sl], templates[sl])]
+            out += causal.rank_labels(model, tok, kvs[sl], inputs, label_ids[sl])
+        return out
 
     def prompt_prefix(self, name: str) -> PrefixKV:
         """Task ``name``'s soft prompt as its per-layer key/value prefix, the ``row_kv`` entry that the
