@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterError": "errors",
     "Backbone": "backbone",
     "BackboneMismatchError": "errors",
     "BankFormatError": "errors",
@@ -25,13 +26,17 @@ _EXPORTS = {
     "PromptBank": "bank",
     "PromptBankError": "errors",
     "PromptConfig": "config",
+    "ResumeError": "errors",
     "Routing": "bank",
     "TaskData": "tasks",
+    "TaskChangedError": "errors",
     "TaskExistsError": "errors",
     "TaskNotFoundError": "errors",
     "TaskRecord": "bank",
     "TrainConfig": "config",
     "TrainingDivergedError": "errors",
+    "VariantExistsError": "errors",
+    "VariantNotFoundError": "errors",
     "load_backbone": "backbone",
     "load_task_data": "tasks",
 }
@@ -57,12 +62,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .bank import Prediction, PromptBank, Routing, TaskRecord
     from .config import Method, PromptConfig, TrainConfig
     from .errors import (
+        AdapterError,
         BackboneMismatchError,
         BankFormatError,
         DataError,
         PromptBankError,
+        ResumeError,
+        TaskChangedError,
         TaskExistsError,
         TaskNotFoundError,
         TrainingDivergedError,
+        VariantExistsError,
+        VariantNotFoundError,
     )
     from .tasks import TaskData, load_task_data

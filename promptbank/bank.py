@@ -7,7 +7,7 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,17 +17,27 @@ from . import causal
 from .backbone import Backbone, load_backbone
 from .config import DEFAULT_LR, Method, PromptConfig, TrainConfig
 from .embed import Embedder, load_embedder
-from .errors import TaskExistsError, TaskNotFoundError
+from .errors import (
+    AdapterError,
+    ResumeError,
+    TaskChangedError,
+    TaskExistsError,
+    TaskNotFoundError,
+    VariantExistsError,
+    VariantNotFoundError,
+)
 from .inject import PrefixKV, prompt_kv
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, load_task_data, split_dev, truncate_inputs
-from .train import train_loop, train_soft_prompt
+from .train import TrainResult, dev_loss, train_loop, train_soft_prompt
 
 logger = logging.getLogger(__name__)
 
 # A task's routing score is the mean similarity of its 3 best keys (more robust than the single nearest key).
 ROUTER_TOP_KEYS = 3
+# Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
+DEFAULT_VARIANT = "main"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -61,13 +71,22 @@ class TaskRecord:
     threshold: float
     warm_start_from: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    variant: str = DEFAULT_VARIANT  # name of this prompt variant (in bank.tasks: the serving one)
+    imported_from: dict[str, Any] | None = None  # import_peft: adapter file, its sha256, peft_type, base model
 
     @property
     def method(self) -> Method:
         return Method(self.prompt_config["method"])
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as JSON-ready data; ``variant`` and ``imported_from`` are left out at their defaults (so a
+        bank that uses neither is readable by promptbank versions that predate them)."""
+        d = asdict(self)
+        if d["variant"] == DEFAULT_VARIANT:
+            del d["variant"]
+        if d["imported_from"] is None:
+            del d["imported_from"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
@@ -99,12 +118,27 @@ class Prediction:
 
 
 @dataclass
+class _Variant:
+    """A prompt of a task that is not serving (see :meth:`PromptBank.learn_variant`); never changed in place."""
+
+    record: TaskRecord  # record.variant is the variant's name; name, kind and labels are the task's
+    prompt: dict[int, torch.Tensor]
+    train_state: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
 class _Task:
     record: TaskRecord
     prompt: dict[int, torch.Tensor]  # folded soft prompt, fp32 (P, d) per layer
     keys: np.ndarray  # (k, d_embed) L2-normalised routing prototypes
     train_state: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor] | None = None  # encoder backbones: linear head {"weight": (L, d), "bias": (L,)}
+    variants: dict[str, _Variant] = field(default_factory=dict)  # the non-serving prompt variants, by name
+
+    def serving(self) -> _Variant:
+        """The serving prompt as a variant (record.variant names it)."""
+        return _Variant(self.record, self.prompt, self.train_state, self.head)
 
 
 class PromptBank:
@@ -122,9 +156,11 @@ class PromptBank:
         self.embedder = embedder
         self.router = Router(embedder.dim, top_keys=ROUTER_TOP_KEYS)
         self._tasks: dict[str, _Task] = {}
-        self._kv: dict[str, PrefixKV] = {}  # lazily computed prompt prefix cache per task (inference)
-        # Writers (_insert, remove_task) hold this while they build a new task table and router, then publish both;
-        # neither is ever changed in place, so readers (predict, route, save) use them without locking.
+        # Lazily computed prompt prefix cache per task (inference): name -> (the prompt it was computed from, kv).
+        self._kv: dict[str, tuple[dict[int, torch.Tensor], PrefixKV]] = {}
+        # Writers (_insert, remove_task; _replace for promote / variants / resume) hold this while they build a new
+        # task table (and router), then publish; neither is ever changed in place, so readers (predict, route,
+        # save) use them without locking.
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ construction
@@ -183,9 +219,10 @@ class PromptBank:
             f"PromptBank(backbone={self.backbone.name!r}, embedder={self.embedder.name!r}, tasks={list(self._tasks)})"
         )
 
-    def soft_prompt(self, name: str) -> dict[int, torch.Tensor]:
-        """A copy of task ``name``'s soft prompt ``{layer: (P, d)}``."""
-        return {k: v.clone() for k, v in self._get(name).prompt.items()}
+    def soft_prompt(self, name: str, variant: str | None = None) -> dict[int, torch.Tensor]:
+        """A copy of task ``name``'s soft prompt ``{layer: (P, d)}`` (its serving one, or prompt variant
+        ``variant``)."""
+        return {k: v.clone() for k, v in _variant_of(self._get(name), variant).prompt.items()}
 
     def _get(self, name: str) -> _Task:
         try:
@@ -227,8 +264,32 @@ class PromptBank:
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
         tconf = TrainConfig(**train_options)
-        model, tok = self.backbone.model, self.backbone.tokenizer
+        task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
 
+        keys, threshold = self._routing_keys(
+            [ex.input for ex in train_data.examples],
+            [ex.input for ex in dev_data.examples] if dev_data else None,
+            tconf,
+        )
+
+        fit = self._fit(f"learn {name} ({pconf.method.value})", task_data, train_data, dev_data, pconf, tconf, template)
+        record = fit.record(name, DEFAULT_VARIANT, task_data, pconf, tconf, template, float(threshold))
+        self._insert(_Task(record, fit.prompt, keys, fit.train_state, fit.head))
+        logger.info(
+            "learned task %r: %d steps, dev loss %s, dev accuracy %s",
+            name,
+            record.steps,
+            record.dev_loss,
+            record.dev_accuracy,
+        )
+        return record
+
+    def _split_data(
+        self, data: Any, dev: Any, kind: str | None, labels: Sequence[str] | None, tconf: TrainConfig
+    ) -> tuple[TaskData, TaskData, TaskData | None]:
+        """Load and truncate task data -> (all data, training part, dev part or None): ``dev`` when given, else
+        ``dev_fraction`` of the data (at most ``max_dev`` rows) when there are at least 4 rows."""
+        tok = self.backbone.tokenizer
         task_data = load_task_data(data, kind=kind, labels=labels)
         if self.is_encoder and task_data.kind != "classification":
             raise ValueError(f"{task_data.source}: encoder backbones learn classification tasks only, not generation")
@@ -242,39 +303,59 @@ class PromptBank:
             train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
         else:
             train_data, dev_data = task_data, None
+        return task_data, train_data, dev_data
 
-        # Routing keys and threshold: prototypes of the training inputs; the threshold accepts all but
-        # `threshold_quantile` of held-out in-task queries (dev inputs, plus leave-one-out train inputs).
-        train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
-        keys = make_prototypes(train_emb, tconf.n_prototypes, seed=tconf.seed)
-        held_out = [_loo_scores(train_emb, self.router.top_keys)]
-        if dev_data:
-            dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
-            held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
-        threshold = calibrate_threshold(np.concatenate(held_out), tconf.threshold_quantile)
+    def _fit(
+        self,
+        desc: str,
+        task_data: TaskData,
+        train_data: TaskData,
+        dev_data: TaskData | None,
+        pconf: PromptConfig,
+        tconf: TrainConfig,
+        template: str,
+        *,
+        resume_from: _Variant | None = None,
+        warm_exclude: str | None = None,
+    ) -> _Fit:
+        """Train one soft prompt (and, on encoder backbones, its head); stores nothing.
 
-        layer_set = pconf.resolved_layers(self.backbone.num_layers)
-        if tconf.init == "text":
-            init_ids = text_init_ids(tok, describe_task(task_data.kind, task_data.labels), pconf.num_virtual_tokens)
-        else:
-            gen = torch.Generator().manual_seed(tconf.seed)
-            init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen)
-        init = token_init(model, init_ids, layer_set, causal=not self.is_encoder)
+        A new prompt starts from the text / vocabulary initialisation or a warm start (from stored tasks other
+        than ``warm_exclude``); with ``resume_from`` it starts from that variant's stored ``train_state`` (prompt
+        module, P-Tuning encoder and head included).
+        """
+        model, tok = self.backbone.model, self.backbone.tokenizer
         warm_from: list[dict[str, Any]] = []
-        if tconf.warm_start:
-            mixed, warm_from = self._warm_start(train_emb, init, tconf.warm_start_k, tconf.warm_start_min_similarity)
-            if mixed is not None:
-                init = mixed
+        if resume_from is not None:
+            init = {layer: t.clone() for layer, t in resume_from.prompt.items()}  # shapes only: the state overrides
+        else:
+            layer_set = pconf.resolved_layers(self.backbone.num_layers)
+            if tconf.init == "text":
+                desc_text = describe_task(task_data.kind, task_data.labels)
+                init_ids = text_init_ids(tok, desc_text, pconf.num_virtual_tokens)
+            else:
+                gen = torch.Generator().manual_seed(tconf.seed)
+                init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen)
+            init = token_init(model, init_ids, layer_set, causal=not self.is_encoder)
+            if tconf.warm_start:
+                train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+                mixed, warm_from = self._warm_start(
+                    train_emb, init, tconf.warm_start_k, tconf.warm_start_min_similarity, exclude=warm_exclude
+                )
+                if mixed is not None:
+                    init = mixed
         lr = tconf.lr if tconf.lr is not None else DEFAULT_LR[pconf.method]
-        desc = f"learn {name} ({pconf.method.value})"
         head = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tconf.seed)
             module = build_prompt_module(pconf, init)
+            state = resume_from.train_state if resume_from is not None else None
             if self.is_encoder:
-                result, head = self._train_encoder(module, train_data, dev_data, tconf, lr, desc)
+                result, head = self._train_encoder(module, train_data, dev_data, tconf, lr, desc, state=state)
                 num_train, num_dev = len(train_data), len(dev_data) if dev_data else 0
             else:
+                if state is not None:
+                    _load_train_state(module, state, desc)
                 enc = self._pair_encoder(template, tconf.max_target_tokens)
                 train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
                 dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
@@ -289,30 +370,24 @@ class PromptBank:
                 )
             else:
                 dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
+        return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
-        record = TaskRecord(
-            name=name,
-            kind=task_data.kind,
-            labels=list(task_data.labels) if task_data.labels else None,
-            prompt_config=pconf.to_dict(),
-            train_config=tconf.to_dict(),
-            template=template,
-            num_train=num_train,
-            num_dev=num_dev,
-            steps=result.steps,
-            best_step=result.best_step,
-            dev_loss=result.best_dev_loss,
-            dev_accuracy=dev_acc,
-            train_seconds=round(result.seconds, 3),
-            threshold=float(threshold),
-            warm_start_from=warm_from,
-            history=result.history,
-        )
-        self._insert(_Task(record, result.prompt, keys, result.train_state if tconf.keep_train_state else {}, head))
-        logger.info(
-            "learned task %r: %d steps, dev loss %s, dev accuracy %s", name, result.steps, result.best_dev_loss, dev_acc
-        )
-        return record
+    def _routing_keys(
+        self, train_inputs: list[str], dev_inputs: list[str] | None, tconf: TrainConfig
+    ) -> tuple[np.ndarray, float]:
+        """Routing keys and threshold for a task with these example inputs.
+
+        Keys: prototypes of the training inputs; the threshold accepts all but `threshold_quantile` of held-out
+        in-task queries (dev inputs, plus leave-one-out train inputs).
+        """
+        train_emb = self.embedder.encode(train_inputs)
+        keys = make_prototypes(train_emb, tconf.n_prototypes, seed=tconf.seed)
+        held_out = [_loo_scores(train_emb, self.router.top_keys)]
+        if dev_inputs:
+            dev_emb = self.embedder.encode(dev_inputs)
+            held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
+        threshold = calibrate_threshold(np.concatenate(held_out), tconf.threshold_quantile)
+        return keys, threshold
 
     @property
     def is_encoder(self) -> bool:
@@ -320,9 +395,18 @@ class PromptBank:
         return self.backbone.kind == "encoder"
 
     def _train_encoder(
-        self, module, train_data: TaskData, dev_data: TaskData | None, tconf: TrainConfig, lr: float, desc: str
+        self,
+        module,
+        train_data: TaskData,
+        dev_data: TaskData | None,
+        tconf: TrainConfig,
+        lr: float,
+        desc: str,
+        *,
+        state: dict[str, torch.Tensor] | None = None,
     ):
-        """Train a soft prompt plus a linear head on the mean-pooled encoder output (cross-entropy)."""
+        """Train a soft prompt plus a linear head on the mean-pooled encoder output (cross-entropy). ``state``: a
+        stored train state (``prompt.*`` and ``head.*`` tensors) to resume from."""
         from torch import nn
 
         from .encoder import Head, encode_texts, pooled
@@ -334,6 +418,8 @@ class PromptBank:
         ys = torch.tensor([index[ex.target] for ex in train_data.examples])
         head = Head(self.backbone.hidden_size, len(labels))
         both = nn.ModuleDict({"prompt": module, "head": head})
+        if state is not None:
+            _load_train_state(both, state, desc)
 
         def batch_loss(idx: list[int]) -> torch.Tensor:
             prompt = module()  # once per batch, shared by its rows
@@ -417,18 +503,28 @@ class PromptBank:
             self._tasks = tasks
             self.router = router
 
-    def _warm_start(self, train_emb: np.ndarray, init: dict[int, torch.Tensor], k: int, min_similarity: float):
+    def _warm_start(
+        self,
+        train_emb: np.ndarray,
+        init: dict[int, torch.Tensor],
+        k: int,
+        min_similarity: float,
+        *,
+        exclude: str | None = None,
+    ):
         """Similarity-weighted mix of the ``k`` stored prompts of the same shape whose keys are nearest (SPoT).
 
         Only stored tasks whose mean input embedding has cosine >= ``min_similarity`` with the new task's count:
-        a prompt trained for an unrelated task is a worse start than the label-text initialisation.
+        a prompt trained for an unrelated task is a worse start than the label-text initialisation. Task
+        ``exclude`` never counts.
         """
         centroid = train_emb.mean(0)
         centroid /= np.linalg.norm(centroid) + 1e-12
         shape = {layer: tuple(t.shape) for layer, t in init.items()}
         cands = []
-        for name, t in self._tasks.items():
-            if {layer: tuple(v.shape) for layer, v in t.prompt.items()} != shape:
+        tasks = self._tasks
+        for name, t in tasks.items():
+            if name == exclude or {layer: tuple(v.shape) for layer, v in t.prompt.items()} != shape:
                 continue
             c = t.keys.mean(0)
             c /= np.linalg.norm(c) + 1e-12
@@ -440,7 +536,7 @@ class PromptBank:
             return None, []
         sims = torch.tensor([s for s, _ in cands])
         weights = torch.softmax(sims / 0.1, dim=0)  # temperature 0.1 on cosine: nearest tasks dominate
-        mixed = {layer: sum(w * self._tasks[n].prompt[layer] for w, (_, n) in zip(weights, cands)) for layer in init}
+        mixed = {layer: sum(w * tasks[n].prompt[layer] for w, (_, n) in zip(weights, cands)) for layer in init}
         info = [
             {"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)
         ]
@@ -457,13 +553,295 @@ class PromptBank:
             self._tasks = tasks
             self._kv.pop(name, None)
 
+    # ------------------------------------------------------------------ resume, prompt variants, PEFT import
+    def _replace(self, name: str, task: _Task) -> None:
+        """Publish a new version of stored task ``name`` whose routing keys and threshold are unchanged (so the
+        router stays as it is): a new table, copy-on-write, in the same order. The caller holds ``self._lock``."""
+        tasks = dict(self._tasks)
+        tasks[name] = task
+        self._tasks = tasks
+        self._kv.pop(name, None)
+
+    def resume_task(
+        self, name: str, data: Any, *, dev: Any = None, variant: str | None = None, **train_options
+    ) -> TaskRecord:
+        """Continue training task ``name``'s soft prompt on ``data`` from its stored ``train_state``.
+
+        The method and prompt config are the task's; the :class:`TrainConfig` is the stored one with
+        ``train_options`` applied (``max_steps``, ``lr``, ...). Training starts from the stored module state (the
+        prompt vectors, P-Tuning MLP/LSTM encoder weights, and on encoder backbones the head) with a fresh AdamW
+        schedule (optimizer moments are not stored). The step-0 dev evaluation is the stored state and the best
+        dev-loss state is kept, so on the same dev data the dev loss cannot get worse. Routing keys and threshold
+        are kept. ``variant`` resumes one of the task's non-serving prompt variants instead of the serving one.
+
+        The returned record counts steps, seconds and history across runs (history steps continue from the
+        previous ``steps``; the resumed run's step-0 entry has ``"resumed": True``). Raises :class:`ResumeError`
+        when there is no train state (learned with ``keep_train_state=False``) or it does not fit the prompt
+        config, :class:`TaskChangedError` when the task was changed by another writer meanwhile. On any failure
+        the bank is left exactly as it was; other tasks are never touched.
+        """
+        task = self._get(name)
+        var = _variant_of(task, variant)
+        old = var.record
+        if not var.train_state:
+            raise ResumeError(
+                f"task {name!r} (variant {old.variant!r}) has no stored train state to resume from (it was learned "
+                "with keep_train_state=False); learn it again, or learn a new variant"
+            )
+        pconf = PromptConfig.from_dict(old.prompt_config)
+        tconf = TrainConfig.from_dict({**old.train_config, **train_options})
+        task_data, train_data, dev_data = self._split_data(data, dev, old.kind, old.labels, tconf)
+        desc = f"resume {name}/{old.variant} ({pconf.method.value})"
+        fit = self._fit(desc, task_data, train_data, dev_data, pconf, tconf, old.template, resume_from=var)
+        r = fit.result
+        history = [dict(e, step=e["step"] + old.steps) for e in r.history]
+        history[0]["resumed"] = True
+        record = replace(
+            old,
+            train_config=tconf.to_dict(),
+            num_train=fit.num_train,
+            num_dev=fit.num_dev,
+            steps=old.steps + r.steps,
+            best_step=old.steps + r.best_step if r.best_step else old.best_step,
+            dev_loss=r.best_dev_loss,
+            dev_accuracy=fit.dev_accuracy,
+            train_seconds=round(old.train_seconds + r.seconds, 3),
+            history=[*old.history, *history],
+        )
+        new_var = _Variant(record, fit.prompt, fit.train_state, fit.head)
+        with self._lock:
+            if self._tasks.get(name) is not task:
+                raise TaskChangedError(f"task {name!r} was changed or removed while it was resumed; nothing was stored")
+            if var.record is task.record:
+                new = replace(
+                    task, record=record, prompt=new_var.prompt, train_state=new_var.train_state, head=fit.head
+                )
+            else:
+                new = replace(task, variants={**task.variants, old.variant: new_var})
+            self._replace(name, new)
+        logger.info(
+            "resumed task %r (variant %r): %d more steps, dev loss %s", name, old.variant, r.steps, r.best_dev_loss
+        )
+        return record
+
+    def learn_variant(
+        self,
+        task: str,
+        variant: str,
+        data: Any,
+        method: str | Method = Method.PROMPT_TUNING,
+        *,
+        dev: Any = None,
+        num_virtual_tokens: int = 20,
+        layers: list[int] | None = None,
+        encoder_hidden: int | None = None,
+        template: str | None = None,
+        **train_options,
+    ) -> TaskRecord:
+        """Train another soft prompt for existing task ``task`` and store it as non-serving variant ``variant``.
+
+        Same kind and labels as the task (``data`` rows must use its labels); method, prompt shape, template
+        (default: the task's) and ``train_options`` are free, as in :meth:`learn_task`. A warm start draws on the
+        other tasks only, never on this task's own prompts. The serving prompt, routing and other tasks are not
+        touched; use :meth:`compare` to evaluate the variants and :meth:`promote` to serve one. On failure nothing
+        is stored. Returns the variant's record (``record.variant == variant``).
+        """
+        _check_variant_name(variant)
+        t = self._get(task)
+        if variant == t.record.variant or variant in t.variants:
+            raise VariantExistsError(f"task {task!r} already has a prompt variant {variant!r}")
+        template = t.record.template if template is None else template
+        if "{input}" not in template:
+            raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        pconf = PromptConfig(
+            method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
+        )
+        tconf = TrainConfig(**train_options)
+        task_data, train_data, dev_data = self._split_data(data, dev, t.record.kind, t.record.labels, tconf)
+        desc = f"learn {task}/{variant} ({pconf.method.value})"
+        fit = self._fit(desc, task_data, train_data, dev_data, pconf, tconf, template, warm_exclude=task)
+        record = fit.record(task, variant, task_data, pconf, tconf, template, t.record.threshold)
+        with self._lock:  # the task may have changed meanwhile (another variant, a promote): add to what is there
+            cur = self._tasks.get(task)
+            if cur is None or (cur.record.kind, cur.record.labels) != (t.record.kind, t.record.labels):
+                raise TaskChangedError(
+                    f"task {task!r} was removed or replaced while variant {variant!r} was trained; nothing was stored"
+                )
+            if variant == cur.record.variant or variant in cur.variants:
+                raise VariantExistsError(f"task {task!r} already has a prompt variant {variant!r}")
+            record = replace(record, threshold=cur.record.threshold)
+            new_var = _Variant(record, fit.prompt, fit.train_state, fit.head)
+            self._replace(task, replace(cur, variants={**cur.variants, variant: new_var}))
+        logger.info("learned variant %r of task %r: dev loss %s", variant, task, record.dev_loss)
+        return record
+
+    def variants(self, task: str) -> dict[str, TaskRecord]:
+        """Records of task ``task``'s prompt variants by name: the serving one first (``bank.tasks[task]``), then
+        the others in the order they were added."""
+        t = self._get(task)
+        return {t.record.variant: t.record, **{n: v.record for n, v in t.variants.items()}}
+
+    def promote(self, task: str, variant: str) -> TaskRecord:
+        """Make prompt variant ``variant`` the one task ``task`` serves; the previous serving prompt becomes a
+        variant under its own name. Routing keys and threshold stay the task's; the prompt cache is invalidated.
+        Promoting the serving variant changes nothing. Returns the task's new record."""
+        with self._lock:
+            t = self._get(task)
+            if variant == t.record.variant:
+                return t.record
+            v = _variant_of(t, variant)
+            others = {n: x for n, x in t.variants.items() if n != variant}
+            others[t.record.variant] = t.serving()
+            record = replace(v.record, threshold=t.record.threshold)
+            self._replace(task, _Task(record, v.prompt, t.keys, v.train_state, v.head, others))
+        logger.info("task %r now serves prompt variant %r", task, variant)
+        return record
+
+    def remove_variant(self, task: str, variant: str) -> None:
+        """Delete non-serving prompt variant ``variant`` of task ``task`` (promote another one first to remove the
+        serving prompt, or use :meth:`remove_task`)."""
+        with self._lock:
+            t = self._get(task)
+            if variant == t.record.variant:
+                raise ValueError(
+                    f"variant {variant!r} is the one task {task!r} serves; promote another variant first, "
+                    "or remove the task"
+                )
+            _variant_of(t, variant)
+            others = {n: x for n, x in t.variants.items() if n != variant}
+            self._replace(task, replace(t, variants=others))
+
+    def compare(self, task: str, data: Any, *, batch_size: int = 16) -> dict[str, dict[str, Any]]:
+        """Evaluate every prompt variant of ``task`` on the same labelled ``data`` (no routing).
+
+        Returns ``{variant: metrics}``, serving variant first. Metrics: ``serving`` (bool), ``method``, ``n``,
+        ``loss`` (causal LMs: mean per-token target cross-entropy, as ``dev_loss``; encoders: mean label
+        cross-entropy) and, for classification, ``accuracy``.
+        """
+        t = self._get(task)
+        rec = t.record
+        max_in = int(rec.train_config.get("max_input_tokens", 256))
+        td = truncate_inputs(load_task_data(data, kind=rec.kind, labels=rec.labels), self.backbone.tokenizer, max_in)
+        out: dict[str, dict[str, Any]] = {}
+        for v in [t.serving(), *t.variants.values()]:
+            r = v.record
+            row: dict[str, Any] = {"serving": v.record is rec, "method": r.method.value, "n": len(td)}
+            if self.is_encoder:
+                logits = self._encoder_logits(
+                    [ex.input for ex in td.examples],
+                    [v.prompt] * len(td),
+                    [v.head] * len(td),
+                    int(r.train_config.get("max_input_tokens", 256)),
+                    batch_size,
+                )
+                ys = torch.tensor([rec.labels.index(ex.target) for ex in td.examples])
+                stacked = torch.stack(logits)
+                row["loss"] = float(torch.nn.functional.cross_entropy(stacked, ys))
+                row["accuracy"] = float((stacked.argmax(-1) == ys).float().mean())
+            else:
+                max_target = int(r.train_config.get("max_target_tokens", 64))
+                enc = self._pair_encoder(r.template, max_target)
+                pairs = [enc(ex.input, ex.target) for ex in td.examples]
+                prompt = v.prompt
+                model, tok = self.backbone.model, self.backbone.tokenizer
+                row["loss"] = dev_loss(model, tok, lambda p=prompt: p, pairs, batch_size)
+                if rec.kind == "classification":
+                    row["accuracy"] = self._accuracy(prompt, rec.labels, r.template, td, max_target, batch_size)
+            out[r.variant] = row
+        return out
+
+    def import_peft(
+        self,
+        name: str,
+        folder: str | os.PathLike,
+        data: Any,
+        *,
+        dev: Any = None,
+        kind: str | None = None,
+        labels: Sequence[str] | None = None,
+        template: str = causal.DEFAULT_TEMPLATE,
+        **train_options,
+    ) -> TaskRecord:
+        """File a PEFT soft-prompt adapter as new task ``name`` (method ``prompt_tuning``).
+
+        ``folder`` holds ``adapter_config.json`` and ``adapter_model.safetensors`` of a ``PROMPT_TUNING`` or
+        ``P_TUNING`` adapter for this bank's causal LM (``task_type`` ``CAUSAL_LM``, one transformer submodule,
+        ``token_dim`` = the hidden size). P-Tuning adapters hold the encoder's output embeddings (what PEFT saves),
+        so they import as their folded prompt. Pickle files (``adapter_model.bin``) are refused, never loaded.
+        The adapter was trained with some input format: pass the same ``template`` (PEFT's own is the raw text,
+        ``"{input}"``) for the bank's outputs to equal the adapter's.
+
+        ``data`` (rows as for :meth:`learn_task`, ``dev`` too) gives the example inputs for the routing keys and
+        threshold, and the label set (or ``labels=``) of a classification task; dev loss and accuracy are measured
+        on the dev part. ``train_options`` are :class:`TrainConfig` fields (``n_prototypes``, ``seed``, ...; a
+        later :meth:`resume_task` trains with them). The record's ``imported_from`` names the adapter file, its
+        sha256 and PEFT type. Raises :class:`AdapterError` naming the file and the offending value.
+        """
+        from .storage import read_peft_adapter
+
+        validate_task_name(name)
+        if name in self._tasks:
+            raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
+        if "{input}" not in template:
+            raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        if self.is_encoder:
+            raise AdapterError(
+                f"{folder}: PEFT prompt adapters are imported into causal-LM banks only; backbone "
+                f"{self.backbone.name!r} is an encoder"
+            )
+        tconf = TrainConfig(**train_options)
+        embeddings, info = read_peft_adapter(folder, self.backbone)
+        task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
+
+        keys, threshold = self._routing_keys(
+            [ex.input for ex in train_data.examples],
+            [ex.input for ex in dev_data.examples] if dev_data else None,
+            tconf,
+        )
+
+        prompt = {0: embeddings}
+        pconf = PromptConfig(method=Method.PROMPT_TUNING, num_virtual_tokens=int(embeddings.shape[0]))
+        loss = acc = None
+        if dev_data:
+            enc = self._pair_encoder(template, tconf.max_target_tokens)
+            pairs = [enc(ex.input, ex.target) for ex in dev_data.examples]
+            model, tok = self.backbone.model, self.backbone.tokenizer
+            loss = dev_loss(model, tok, lambda: prompt, pairs, tconf.batch_size)
+            if task_data.kind == "classification":
+                acc = self._accuracy(prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
+        record = TaskRecord(
+            name=name,
+            kind=task_data.kind,
+            labels=list(task_data.labels) if task_data.labels else None,
+            prompt_config=pconf.to_dict(),
+            train_config=tconf.to_dict(),
+            template=template,
+            num_train=len(train_data),
+            num_dev=len(dev_data) if dev_data else 0,
+            steps=0,
+            best_step=0,
+            dev_loss=loss,
+            dev_accuracy=acc,
+            train_seconds=0.0,
+            threshold=float(threshold),
+            imported_from=info,
+        )
+        state = {"embeddings": embeddings.clone()} if tconf.keep_train_state else {}  # a PromptTuning state
+        self._insert(_Task(record, prompt, keys, state))
+        logger.info("imported %s adapter %s as task %r", info["peft_type"], info["file"], name)
+        return record
+
     # ------------------------------------------------------------------ inference
     def _prompt_kv(self, name: str) -> PrefixKV:
-        kv = self._kv.get(name)
-        if kv is None:
-            with torch.no_grad():
-                kv = prompt_kv(self.backbone.model, self._tasks[name].prompt)
-            self._kv[name] = kv
+        # Cached with the prompt it was computed from: a prompt replaced meanwhile (promote, resume_task) never
+        # gets an old cache, even when a reader races the writer's invalidation.
+        prompt = self._tasks[name].prompt
+        hit = self._kv.get(name)
+        if hit is not None and hit[0] is prompt:
+            return hit[1]
+        with torch.no_grad():
+            kv = prompt_kv(self.backbone.model, prompt)
+        self._kv[name] = (prompt, kv)
         return kv
 
     def route(self, text: str, *, top_k: int = 3) -> Routing:
@@ -645,6 +1023,99 @@ class PromptBank:
         """
         self._get(name)
         return self._prompt_kv(name)
+
+
+@dataclass
+class _Fit:
+    """What :meth:`PromptBank._fit` trained (nothing stored yet)."""
+
+    result: TrainResult
+    head: dict[str, torch.Tensor] | None
+    dev_accuracy: float | None
+    warm_from: list[dict[str, Any]]
+    num_train: int
+    num_dev: int
+    keep_train_state: bool
+
+    @property
+    def prompt(self) -> dict[int, torch.Tensor]:
+        return self.result.prompt
+
+    @property
+    def train_state(self) -> dict[str, torch.Tensor]:
+        return self.result.train_state if self.keep_train_state else {}
+
+    def record(
+        self,
+        name: str,
+        variant: str,
+        task_data: TaskData,
+        pconf: PromptConfig,
+        tconf: TrainConfig,
+        template: str,
+        threshold: float,
+    ) -> TaskRecord:
+        r = self.result
+        return TaskRecord(
+            name=name,
+            kind=task_data.kind,
+            labels=list(task_data.labels) if task_data.labels else None,
+            prompt_config=pconf.to_dict(),
+            train_config=tconf.to_dict(),
+            template=template,
+            num_train=self.num_train,
+            num_dev=self.num_dev,
+            steps=r.steps,
+            best_step=r.best_step,
+            dev_loss=r.best_dev_loss,
+            dev_accuracy=self.dev_accuracy,
+            train_seconds=round(r.seconds, 3),
+            threshold=threshold,
+            warm_start_from=self.warm_from,
+            history=r.history,
+            variant=variant,
+        )
+
+
+def _load_train_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load a stored train state into a freshly built module (copies), refusing one that does not fit it."""
+    want = module.state_dict()
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    bad = [
+        f"{k} {list(state[k].shape)} (expected {list(want[k].shape)})"
+        for k in want
+        if k in state and tuple(state[k].shape) != tuple(want[k].shape)
+    ]
+    if missing or extra or bad:
+        raise ResumeError(
+            f"{what}: the stored train state does not fit the task's prompt config "
+            f"(missing {missing[:5]}, unexpected {extra[:5]}, wrong shapes {bad[:5]})"
+        )
+    module.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
+
+
+def _check_variant_name(variant: str) -> str:
+    """Variant names follow the task-name rules (they become folder names too)."""
+    try:
+        return validate_task_name(variant)
+    except ValueError:
+        raise ValueError(
+            f"invalid variant name {variant!r}: use 1-128 letters, digits, '_', '.', '-' "
+            "(not starting with '.' or '-', no '..')"
+        ) from None
+
+
+def _variant_of(task: _Task, variant: str | None) -> _Variant:
+    """Prompt variant ``variant`` of ``task`` (``None``: the serving one)."""
+    if variant is None or variant == task.record.variant:
+        return task.serving()
+    try:
+        return task.variants[variant]
+    except KeyError:
+        known = ", ".join([task.record.variant, *task.variants])
+        raise VariantNotFoundError(
+            f"task {task.record.name!r} has no prompt variant {variant!r} (variants: {known})"
+        ) from None
 
 
 def _copy_router(router: Router) -> Router:

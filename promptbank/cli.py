@@ -1,4 +1,5 @@
-"""Command line interface: ``promptbank learn | list | route | predict | generate | remove | eval | demo``.
+"""Command line interface: ``promptbank learn | list | route | predict | generate | remove | eval | compare |
+promote | demo``.
 
 Every command works on one bank folder (``--bank DIR``, default ``$PROMPTBANK_BANK`` or ``./promptbank_bank``).
 Exit status: 0 success, 1 expected failure (one line ``promptbank: error: ...`` on stderr; ``--debug`` shows the
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default) or random vocabulary tokens (vocab)",
     )
     p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
+    p.add_argument(
+        "--variant",
+        metavar="VARIANT",
+        help="train another prompt variant of existing task NAME instead of a new task (same labels; it does not "
+        "serve until promoted, see compare / promote)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_learn)
 
@@ -229,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
+
+    p = command("compare", "evaluate every prompt variant of a task on the same labelled data (no routing)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("data", metavar="DATA", help="labelled data: {text,label} or {input,target} rows")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compare)
+
+    p = command("promote", "make a prompt variant the one a task serves (the previous one stays as a variant)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("variant", metavar="VARIANT")
+    p.set_defaults(func=cmd_promote)
 
     p = command(
         "demo", "learn the bundled example tasks one after another and show routing and forgetting", bank_option=False
@@ -348,6 +366,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .bank import validate_task_name
 
     validate_task_name(args.name)  # fail before loading any model
+    if args.variant is not None:
+        return _learn_variant(args)
     for label, path in (("data", args.data), ("dev data", args.dev)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{label} file {path} not found")
@@ -356,16 +376,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
     created = not _has_bank(folder)
     bank = _load_bank(args, create=created)
-    options: dict[str, Any] = {"progress": not args.quiet, "warm_start": not args.no_warm_start}
-    for key, value in (
-        ("max_steps", args.steps),
-        ("lr", args.lr),
-        ("batch_size", args.batch_size),
-        ("seed", args.seed),
-        ("init", args.init),
-    ):
-        if value is not None:
-            options[key] = value
+    options = _learn_options(args)
     record = bank.learn_task(
         args.name,
         args.data,
@@ -390,6 +401,53 @@ def cmd_learn(args: argparse.Namespace) -> int:
         f"{record.prompt_config['num_virtual_tokens']} tokens): {record.steps} steps (best {record.best_step}), "
         f"dev loss {_fmt(record.dev_loss)}, dev accuracy {_fmt(record.dev_accuracy)}, warm start from {warm}; "
         f"{'created' if created else 'saved'} {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''})"
+    )
+    return 0
+
+
+def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"progress": not args.quiet, "warm_start": not args.no_warm_start}
+    for key, value in (
+        ("max_steps", args.steps),
+        ("lr", args.lr),
+        ("batch_size", args.batch_size),
+        ("seed", args.seed),
+        ("init", args.init),
+    ):
+        if value is not None:
+            options[key] = value
+    return options
+
+
+def _learn_variant(args: argparse.Namespace) -> int:
+    from .bank import validate_task_name
+
+    try:
+        validate_task_name(args.variant)
+    except ValueError:
+        raise ValueError(f"invalid variant name {args.variant!r}: use letters, digits, '_', '.', '-'") from None
+    if args.kind is not None:
+        args._parser.error("--kind does not apply to --variant (a variant has its task's kind)")
+    for label, path in (("data", args.data), ("dev data", args.dev)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{label} file {path} not found")
+    bank = _open_bank(args)
+    record = bank.learn_variant(
+        args.name,
+        args.variant,
+        args.data,
+        args.method,
+        dev=args.dev,
+        num_virtual_tokens=args.tokens,
+        layers=args.layers,
+        **_learn_options(args),
+    )
+    bank.save(args.bank)
+    print(
+        f"learned variant {record.variant!r} of {record.name!r} ({record.method.value}, "
+        f"{record.prompt_config['num_virtual_tokens']} tokens): {record.steps} steps (best {record.best_step}), "
+        f"dev loss {_fmt(record.dev_loss)}, dev accuracy {_fmt(record.dev_accuracy)}; saved {args.bank} "
+        f"({record.name!r} serves {bank.tasks[record.name].variant!r})"
     )
     return 0
 
@@ -544,6 +602,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.name}: accuracy {result['accuracy']:.3f} on {result['n']} examples")
     if args.routed:
         print(f"routed: accuracy {result['routed']['accuracy']:.3f} on {result['routed']['n']} examples")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"data file {args.data} not found")
+    bank = _open_bank(args)
+    report = bank.compare(args.name, args.data)
+    if args.json:
+        _print_json({"task": args.name, "variants": [{"variant": v, **m} for v, m in report.items()]})
+        return 0
+    rows = [
+        [v, "*" if m["serving"] else "", m["method"], _fmt(m.get("accuracy")), _fmt(m["loss"]), str(m["n"])]
+        for v, m in report.items()
+    ]
+    print(_table(["VARIANT", "SERVING", "METHOD", "ACCURACY", "LOSS", "N"], rows))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    bank = _open_bank(args)
+    before = bank.tasks[args.name].variant if args.name in bank else None
+    bank.promote(args.name, args.variant)  # unknown task or variant: a one-line error
+    if before == args.variant:
+        print(f"{args.name!r} already serves variant {args.variant!r}; nothing changed")
+        return 0
+    bank.save(args.bank)
+    print(f"{args.name!r} now serves variant {args.variant!r} (was {before!r}); saved {args.bank}")
     return 0
 
 

@@ -40,3 +40,24 @@ class BackboneMismatchError(PromptBankError):
 
 class BankFormatError(PromptBankError):
     """A bank folder is missing, corrupt, or written in an unsupported format."""
+
+
+class VariantExistsError(TaskExistsError):
+    """The task already has a prompt variant with this name."""
+
+
+class VariantNotFoundError(TaskNotFoundError):
+    """The task has no prompt variant with this name."""
+
+
+class ResumeError(PromptBankError, ValueError):
+    """A task cannot resume training: it has no stored train state, or the state does not fit its prompt config."""
+
+
+class TaskChangedError(PromptBankError, RuntimeError):
+    """The task was replaced or removed by another writer while it was being trained; nothing was stored."""
+
+
+class AdapterError(PromptBankError, ValueError):
+    """A PEFT adapter folder cannot be imported: missing or pickle-only files, an unsupported PEFT type, or a
+    shape that does not fit the bank's backbone. The message names the file and the offending value."""

@@ -12,6 +12,9 @@ my_bank/
     head.safetensors           encoder backbones: the task's linear head, "weight" (L, d), "bias" (L,)
     adapter_config.json        PEFT export: PROMPT_TUNING (input-level prompts) or PREFIX_TUNING (deep prompts,
     adapter_model.safetensors    the per-layer key/value cache) -> PeftModel.from_pretrained works
+    variants/<variant>/        non-serving prompt variants (PromptBank.learn_variant): prompt.safetensors,
+                                 train_state.safetensors, head.safetensors as above; their records are in the
+                                 manifest under "variants" (absent when no task has variants)
 ```
 
 Writing (:func:`save_bank`): one writer at a time per bank, enforced with ``fcntl.flock`` on ``.<name>.lock`` next
@@ -26,6 +29,9 @@ Reading (:func:`load_bank`) takes no lock: it reads every file into memory, chec
 meanwhile (else it reads again), and trusts nothing in it: sizes are capped before parsing, safetensors headers
 are parsed here (dtype, shape and offsets checked before any tensor data is read), checksums verified, values
 checked finite, symbolic links and special files refused. Errors are :class:`BankFormatError` naming the file.
+
+PEFT import (:func:`read_peft_adapter`) reads a PEFT soft-prompt adapter folder with the same safetensors
+parser; pickle files are refused, never loaded.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from safetensors.torch import save as _torch_bytes
 
 from .backbone import Backbone, check_fingerprint, load_backbone
 from .embed import Embedder, load_embedder
-from .errors import BankFormatError, PromptBankError
+from .errors import AdapterError, BankFormatError, PromptBankError
 
 try:
     import fcntl
@@ -64,6 +70,8 @@ except ImportError:  # not POSIX: saves are still atomic, but concurrent writers
 
 if TYPE_CHECKING:
     from .bank import PromptBank, TaskRecord
+
+DEFAULT_VARIANT = "main"  # = bank.DEFAULT_VARIANT (bank imports storage lazily; storage imports bank lazily)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ TASK_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
 )
+VARIANT_FILES = ("prompt.safetensors", "train_state.safetensors", "head.safetensors")  # tasks/<t>/variants/<v>/
 
 # Limits for banks from elsewhere: anything beyond them is refused before it is parsed or read into memory.
 MAX_MANIFEST_BYTES = 64 << 20
@@ -241,24 +250,34 @@ def bank_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def _prompt_files(base: str, prompt: dict, train_state: dict, head: dict | None) -> dict[str, bytes]:
+    """The files of one soft prompt (a task's serving prompt or a variant) under ``base``."""
+    files: dict[str, bytes] = {}
+    meta = {"format": "promptbank-soft-prompt"}  # one key: safetensors does not keep metadata order
+    tensors = {f"layer.{layer}": t.contiguous() for layer, t in sorted(prompt.items())}
+    files[base + "prompt.safetensors"] = _torch_bytes(tensors, metadata=meta)
+    if train_state:
+        files[base + "train_state.safetensors"] = _torch_bytes({k: v.contiguous() for k, v in train_state.items()})
+    if head is not None:
+        files[base + "head.safetensors"] = _torch_bytes({k: v.contiguous() for k, v in head.items()})
+    return files
+
+
 def _write_folder(bank: PromptBank, tasks: dict, router, folder: Path) -> None:
     files: dict[str, bytes] = {}
+    variants: dict[str, list[dict[str, Any]]] = {}
     for name, task in tasks.items():
         base = f"tasks/{name}/"
-        meta = {"format": "promptbank-soft-prompt"}  # one key: safetensors does not keep metadata order
-        prompt = {f"layer.{layer}": t.contiguous() for layer, t in sorted(task.prompt.items())}
-        files[base + "prompt.safetensors"] = _torch_bytes(prompt, metadata=meta)
+        files.update(_prompt_files(base, task.prompt, task.train_state, task.head))
         files[base + "keys.safetensors"] = _np_bytes(
             {
                 "keys": np.ascontiguousarray(task.keys, dtype=np.float32),
                 "ids": np.ascontiguousarray(router.ids(name), dtype=np.int64),
             }
         )
-        if task.train_state:
-            state = {k: v.contiguous() for k, v in task.train_state.items()}
-            files[base + "train_state.safetensors"] = _torch_bytes(state)
-        if task.head is not None:
-            files[base + "head.safetensors"] = _torch_bytes({k: v.contiguous() for k, v in task.head.items()})
+        for vname, v in task.variants.items():
+            files.update(_prompt_files(f"{base}variants/{vname}/", v.prompt, v.train_state, v.head))
+            variants.setdefault(name, []).append(v.record.to_dict())
         if bank.backbone.kind == "causal_lm":  # PEFT's prompt methods are for decoders; encoders keep our format
             peft_cfg, peft_tensors = peft_export(bank.backbone, task.prompt)
             files[base + "adapter_config.json"] = _json_bytes(peft_cfg)
@@ -281,6 +300,7 @@ def _write_folder(bank: PromptBank, tasks: dict, router, folder: Path) -> None:
         },
         "tasks": {name: t.record.to_dict() for name, t in tasks.items()},
         "task_order": list(tasks),
+        **({"variants": variants} if variants else {}),  # absent when no task has variants (as before them)
         "files": {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for rel, data in files.items()},
     }
     manifest["manifest_sha256"] = manifest_digest(manifest)
@@ -517,6 +537,11 @@ class _Tensors:
     def tensor(self, name: str) -> torch.Tensor:
         return torch.from_numpy(self.array(name))
 
+    @property
+    def raw(self) -> bytes:
+        """The whole file's bytes."""
+        return self._data
+
     def finite(self, name: str) -> np.ndarray:
         a = self.array(name)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
@@ -630,6 +655,17 @@ def _is_int(x: Any, lo: int = 0) -> bool:
     return type(x) is int and x >= lo
 
 
+def _valid_name(name: str) -> bool:
+    """A valid task / variant name (they become folder names)."""
+    from .bank import validate_task_name
+
+    try:
+        validate_task_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _migrate_v1(manifest: dict[str, Any]) -> dict[str, Any]:
     """Format 1 -> 2: version 1 recorded no checksums (files are checked by shape and value only)."""
     return dict(manifest, format_version=2, files=None, migrated_from=1)
@@ -703,14 +739,43 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
         "'task_order' must be a list of distinct names",
     )
     need(set(order) == set(tasks), f"'task_order' and 'tasks' name different tasks: {sorted(set(order) ^ set(tasks))}")
+    variants = m.get("variants", {})
+    need(
+        isinstance(variants, dict)
+        and all(
+            t in tasks and isinstance(v, list) and all(isinstance(r, dict) for r in v) for t, v in variants.items()
+        ),
+        "'variants' must map task names to lists of variant records",
+    )
+    variant_names: dict[str, set[str]] = {}
+    for t, recs in variants.items():
+        names = [r.get("variant", DEFAULT_VARIANT) for r in recs]
+        for n in names:
+            need(
+                isinstance(n, str) and _valid_name(n),
+                f"task {t!r}: invalid variant name {str(n)[:200]!r}",
+            )
+        need(
+            len(set(names)) == len(names) and tasks[t].get("variant", DEFAULT_VARIANT) not in names,
+            f"task {t!r}: variant names must be distinct and differ from the serving one: {names[:20]}",
+        )
+        variant_names[t] = set(names)
     files = m.get("files")
     if files is None:
+        need(not variants, "a bank without checksums cannot have prompt variants")
         return
     need(isinstance(files, dict), "'files' must map paths to {sha256, size}")
     for rel, entry in files.items():
         parts = rel.split("/") if isinstance(rel, str) else []
         known = rel == INDEX_FILE or (
             len(parts) == 3 and parts[0] == "tasks" and parts[1] in tasks and parts[2] in TASK_FILES
+        )
+        known = known or (
+            len(parts) == 5
+            and parts[0] == "tasks"
+            and parts[2] == "variants"
+            and parts[3] in variant_names.get(parts[1], ())
+            and parts[4] in VARIANT_FILES
         )
         need(known, f"unexpected file entry {str(rel)[:200]!r}")
         need(
@@ -724,6 +789,11 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
     for name in tasks:
         for req in ("prompt.safetensors", "keys.safetensors"):
             need(f"tasks/{name}/{req}" in files, f"no checksum for tasks/{name}/{req}")
+        for v in sorted(variant_names.get(name, ())):
+            need(
+                f"tasks/{name}/variants/{v}/prompt.safetensors" in files,
+                f"no checksum for tasks/{name}/variants/{v}/prompt.safetensors",
+            )
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -757,6 +827,8 @@ def _check_record(name: str, data: dict[str, Any], mpath: Path, num_layers: int)
             raise _fail(mpath, f"task {name!r}: {what}")
 
     need(rec.name == name, f"record names {rec.name!r}")
+    need(isinstance(rec.variant, str) and _valid_name(rec.variant), f"invalid variant name {str(rec.variant)[:200]!r}")
+    need(rec.imported_from is None or isinstance(rec.imported_from, dict), "imported_from must be an object or null")
     need(rec.kind in ("classification", "generation"), f"unknown kind {rec.kind!r}")
     labels = rec.labels
     need(
@@ -891,6 +963,7 @@ def _read_tasks(folder: Path, manifest: dict[str, Any], bb: Backbone, embed_dim:
     for name in manifest.get("task_order", list(manifest["tasks"])):
         record, p, layers = _check_record(name, manifest["tasks"][name], folder / MANIFEST, bb.num_layers)
         tasks[name], ids[name] = _read_task(folder, files, record, p, layers, bb, embed_dim)
+        tasks[name].variants = _read_variants(folder, files, manifest, tasks[name], bb.num_layers, bb)
     index_bytes = None
     ent = files.get(INDEX_FILE) if files is not None else None
     if os.path.lexists(folder / INDEX_FILE):  # a derived cache: may be deleted (then rebuilt from the keys)
@@ -916,34 +989,79 @@ def _read_task(
     from .bank import _Task
 
     base = f"tasks/{record.name}/"
-    d, encoder, n_labels = bb.hidden_size, bb.kind == "encoder", len(record.labels or [])
-    want_layers = {f"layer.{x}" for x in layers}
-
-    def entry(fname: str, required: bool) -> tuple[bool, dict | None]:
-        """(present, checksum entry). With checksums the manifest says which files exist."""
-        rel = base + fname
-        if files is not None:
-            return rel in files, files.get(rel)
-        return required or os.path.lexists(folder / rel), None
-
-    def read(fname: str, check, **kw) -> _Tensors | None:
-        present, ent = entry(fname, fname in ("prompt.safetensors", "keys.safetensors"))
-        if not present:
-            return None
-        try:
-            return _read_tensors(folder, base + fname, ent, check, **kw)
-        except FileNotFoundError:
-            raise _fail(folder / base / fname, "missing") from None
-
-    def check_prompt(path: Path, infos: dict[str, TensorInfo]) -> None:
-        _only(path, infos, want_layers)
-        for key in sorted(want_layers):
-            _expect(path, infos, key, "F32", (p, d), f"({p}, {d}) (P = num_virtual_tokens <= {MAX_PROMPT_TOKENS})")
 
     def check_keys(path: Path, infos: dict[str, TensorInfo]) -> None:
         _only(path, infos, {"keys", "ids"})
         _expect(path, infos, "keys", "F32", ((1, MAX_KEYS), embed_dim), f"(k, {embed_dim}), 1 <= k <= {MAX_KEYS}")
         _expect(path, infos, "ids", "I64", (infos["keys"][1][0],), "(k,)")
+
+    prompt, state, head = _read_prompt_files(folder, files, base, record, p, layers, bb)
+    key_file = _read_optional(folder, files, base + "keys.safetensors", True, check_keys)
+    assert key_file is not None  # required
+    keys = key_file.finite("keys")
+    norms = np.linalg.norm(keys.astype(np.float64), axis=1)
+    if np.any(np.abs(norms - 1.0) > 1e-3):
+        raise _fail(key_file.path, "routing keys must be L2-normalised rows")
+    for fname in ("adapter_config.json", "adapter_model.safetensors"):  # exports: verified, not parsed
+        present, ent = _file_entry(folder, files, base + fname, False)
+        if present and ent is not None:
+            _verify_file(folder, base + fname, ent)
+    return _Task(record, prompt, keys, state, head), key_file.array("ids")
+
+
+def _read_variants(
+    folder: Path, files: dict[str, Any] | None, manifest: dict[str, Any], task: Any, num_layers: int, bb: Backbone
+) -> dict[str, Any]:
+    """The non-serving prompt variants of ``task`` listed in the manifest, read and checked like the task's own."""
+    from .bank import _Variant
+
+    out: dict[str, Any] = {}
+    rec = task.record
+    for data in (manifest.get("variants") or {}).get(rec.name, []):
+        vrec, p, layers = _check_record(rec.name, data, folder / MANIFEST, num_layers)
+        if (vrec.kind, vrec.labels) != (rec.kind, rec.labels):
+            raise _fail(folder / MANIFEST, f"task {rec.name!r}: variant {vrec.variant!r} has another kind or labels")
+        base = f"tasks/{rec.name}/variants/{vrec.variant}/"
+        prompt, state, head = _read_prompt_files(folder, files, base, vrec, p, layers, bb)
+        out[vrec.variant] = _Variant(vrec, prompt, state, head)
+    return out
+
+
+def _file_entry(folder: Path, files: dict[str, Any] | None, rel: str, required: bool) -> tuple[bool, dict | None]:
+    """(present, checksum entry). With checksums the manifest says which files exist."""
+    if files is not None:
+        return rel in files, files.get(rel)
+    return required or os.path.lexists(folder / rel), None
+
+
+def _read_optional(folder: Path, files: dict[str, Any] | None, rel: str, required: bool, check, **kw):
+    """A safetensors file of the bank (None when absent and not required)."""
+    present, ent = _file_entry(folder, files, rel, required)
+    if not present:
+        return None
+    try:
+        return _read_tensors(folder, rel, ent, check, **kw)
+    except FileNotFoundError:
+        raise _fail(folder / rel, "missing") from None
+
+
+def _read_prompt_files(
+    folder: Path,
+    files: dict[str, Any] | None,
+    base: str,
+    record: TaskRecord,
+    p: int,
+    layers: list[int],
+    bb: Backbone,
+) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The prompt, train state and (encoder) head under ``base`` -> (prompt, state, head), checked."""
+    d, encoder, n_labels = bb.hidden_size, bb.kind == "encoder", len(record.labels or [])
+    want_layers = {f"layer.{x}" for x in layers}
+
+    def check_prompt(path: Path, infos: dict[str, TensorInfo]) -> None:
+        _only(path, infos, want_layers)
+        for key in sorted(want_layers):
+            _expect(path, infos, key, "F32", (p, d), f"({p}, {d}) (P = num_virtual_tokens <= {MAX_PROMPT_TOKENS})")
 
     def check_head(path: Path, infos: dict[str, TensorInfo]) -> None:
         if not encoder:
@@ -957,23 +1075,148 @@ def _read_task(
             if dtype != "F32" or len(shape) > 4 or len(key) > 256:
                 raise _fail(path, f"tensor {key[:100]!r} is {dtype} {list(shape)}; expected F32, at most 4 dims")
 
-    prompt_file = read("prompt.safetensors", check_prompt)
-    key_file = read("keys.safetensors", check_keys)
-    head_file = read("head.safetensors", check_head)
-    state_file = read("train_state.safetensors", check_state, max_data_bytes=MAX_TRAIN_STATE_BYTES)
+    prompt_file = _read_optional(folder, files, base + "prompt.safetensors", True, check_prompt)
+    assert prompt_file is not None  # required
+    head_file = _read_optional(folder, files, base + "head.safetensors", False, check_head)
+    state_file = _read_optional(
+        folder, files, base + "train_state.safetensors", False, check_state, max_data_bytes=MAX_TRAIN_STATE_BYTES
+    )
     if encoder and head_file is None:
         raise _fail(folder / base / "head.safetensors", "missing (an encoder task needs its head)")
     prompt = {int(k.split(".", 1)[1]): torch.from_numpy(prompt_file.finite(k)) for k in sorted(want_layers)}
-    keys = key_file.finite("keys")
-    norms = np.linalg.norm(keys.astype(np.float64), axis=1)
-    if np.any(np.abs(norms - 1.0) > 1e-3):
-        raise _fail(key_file.path, "routing keys must be L2-normalised rows")
     head = None
     if head_file is not None:
         head = {k: torch.from_numpy(head_file.finite(k)) for k in ("weight", "bias")}
     state = {k: torch.from_numpy(state_file.finite(k)) for k in state_file.infos} if state_file is not None else {}
-    for fname in ("adapter_config.json", "adapter_model.safetensors"):  # exports: verified, not parsed
-        present, ent = entry(fname, False)
-        if present and ent is not None:
-            _verify_file(folder, base + fname, ent)
-    return _Task(record, dict(sorted(prompt.items())), keys, state, head), key_file.array("ids")
+    return dict(sorted(prompt.items())), state, head
+
+
+# ---------------------------------------------------------------------------------------------- PEFT import
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PICKLES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
+IMPORTABLE_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+def read_peft_adapter(folder: str | os.PathLike, backbone: Backbone) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read a PEFT soft-prompt adapter folder for ``backbone`` -> (prompt embeddings (P, d) fp32, provenance).
+
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are read (parsed here, header checked before
+    any data is read, as for banks); a folder with only a pickle file (``adapter_model.bin``) is refused, never
+    loaded. ``PROMPT_TUNING`` and ``P_TUNING`` adapters are accepted: both save the input-level prompt as
+    ``prompt_embeddings`` (for P-Tuning, PEFT saves the prompt encoder's output). The config must say
+    ``task_type`` ``CAUSAL_LM``, ``num_transformer_submodules`` 1 and ``token_dim`` = the backbone's hidden size,
+    and the tensor must be ``(num_virtual_tokens, token_dim)`` F32/F16/BF16 with finite values. Symbolic links are
+    followed (Hugging Face cache snapshots are links); the files they lead to must be regular files.
+
+    Raises :class:`AdapterError` naming the file and the offending value.
+    """
+    where = Path(folder)
+    if not where.is_dir():
+        raise AdapterError(
+            f"{where}: not a folder (expected a PEFT adapter folder with {PEFT_CONFIG} and {PEFT_WEIGHTS})"
+        )
+    cfg_path, weights_path = where / PEFT_CONFIG, where / PEFT_WEIGHTS
+    if not weights_path.exists():
+        pickled = [where / n for n in PEFT_PICKLES if (where / n).exists()]
+        if pickled:
+            raise AdapterError(
+                f"{pickled[0]}: refusing to load a pickled PyTorch file (unpickling can run arbitrary code); save the "
+                f"adapter with save_pretrained(..., safe_serialization=True) to get {PEFT_WEIGHTS}"
+            )
+        raise AdapterError(f"{weights_path}: missing (a PEFT adapter folder holds {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    if not cfg_path.exists():
+        raise AdapterError(f"{cfg_path}: missing (a PEFT adapter folder holds {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    try:
+        cfg_real, weights_real = Path(os.path.realpath(cfg_path)), Path(os.path.realpath(weights_path))
+        raw = _read_small(cfg_real.parent, cfg_real.name, MAX_ADAPTER_CONFIG_BYTES, None)
+    except BankFormatError as e:
+        raise AdapterError(str(e)) from None
+    except OSError as e:
+        raise AdapterError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AdapterError(f"{cfg_path}: invalid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+
+    def bad(what: str) -> AdapterError:
+        return AdapterError(f"{cfg_path}: {what}")
+
+    peft_type = cfg.get("peft_type")
+    if peft_type not in IMPORTABLE_PEFT_TYPES:
+        why = ""
+        if peft_type == "PREFIX_TUNING":
+            why = " (a prefix-tuning adapter is a per-layer key/value cache; no exact promptbank soft prompt gives it)"
+        raise bad(
+            f"peft_type {_show(peft_type)} cannot be imported{why}; importable: {', '.join(IMPORTABLE_PEFT_TYPES)}"
+        )
+    task_type = cfg.get("task_type")
+    if task_type != "CAUSAL_LM":
+        raise bad(f"task_type {_show(task_type)}: a causal-LM bank imports CAUSAL_LM adapters only")
+    submodules = cfg.get("num_transformer_submodules", 1)
+    if submodules is not None and not (_is_int(submodules) and submodules == 1):
+        raise bad(f"num_transformer_submodules {_show(submodules)}: only 1 (decoder-only models) is supported")
+    p = cfg.get("num_virtual_tokens")
+    if not _is_int(p, 1) or p > MAX_PROMPT_TOKENS:
+        raise bad(f"num_virtual_tokens {_show(p)}: expected an int in 1..{MAX_PROMPT_TOKENS}")
+    d = backbone.hidden_size
+    token_dim = cfg.get("token_dim", d)
+    if not (_is_int(token_dim) and token_dim == d):
+        raise bad(f"token_dim {_show(token_dim)} does not match backbone {backbone.name!r} (hidden size {d})")
+
+    def check(path: Path, infos: dict[str, TensorInfo]) -> None:
+        _only(path, infos, {"prompt_embeddings"})
+        got = infos.get("prompt_embeddings")
+        if got is None or got[0] not in _FLOAT_DTYPES or got[1] != (p, d):
+            have = "missing" if got is None else f"{got[0]} {list(got[1])}"
+            raise _fail(
+                path,
+                f"tensor 'prompt_embeddings' is {have}; expected F32/F16/BF16 [{p}, {d}] (num_virtual_tokens "
+                f"{p} from {PEFT_CONFIG}, backbone hidden size {d})",
+            )
+
+    try:
+        tensors = _read_tensors(weights_real.parent, weights_real.name, None, check)
+        embeddings = _float32(tensors, "prompt_embeddings")
+    except BankFormatError as e:
+        msg = str(e)
+        if not msg.startswith(str(weights_path)) and weights_real != weights_path:
+            msg = f"{weights_path} (-> {msg})"
+        raise AdapterError(msg) from None
+    except OSError as e:
+        raise AdapterError(f"{weights_path}: cannot read ({e.strerror or e})") from None
+    info = {
+        "file": str(weights_path.absolute()),
+        "sha256": hashlib.sha256(tensors.raw).hexdigest(),
+        "peft_type": peft_type,
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+    }
+    return torch.from_numpy(embeddings), info
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a value from a file, cut to 100 characters."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:99] + "…"
+
+
+def _float32(tensors: _Tensors, name: str) -> np.ndarray:
+    """An F32/F16/BF16 tensor as finite fp32 (BF16 is the top half of fp32: widened exactly)."""
+    dtype, shape, begin, _ = tensors.infos[name]
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    offset = tensors._start + begin
+    if dtype == "BF16":
+        half = np.frombuffer(tensors.raw, dtype="<u2", count=count, offset=offset)
+        a = (half.astype(np.uint32) << 16).view(np.float32)
+    else:
+        np_dtype = np.dtype("<f4") if dtype == "F32" else np.dtype("<f2")
+        a = np.frombuffer(tensors.raw, dtype=np_dtype, count=count, offset=offset).astype(np.float32)
+    a = a.reshape(shape).copy()
+    if not np.isfinite(a).all():
+        raise _fail(tensors.path, f"tensor {name!r} has NaN or infinite values")
+    return a

@@ -332,7 +332,9 @@ def test_help_exits_0(capsys):
     assert rc == 0 and "learn" in out and "predict" in out
 
 
-@pytest.mark.parametrize("command", [["list"], ["route", "x"], ["predict", "x"], ["remove", "t"]])
+@pytest.mark.parametrize(
+    "command", [["list"], ["route", "x"], ["predict", "x"], ["remove", "t"], ["promote", "t", "v"]]
+)
 def test_missing_bank_is_a_one_line_error(command, tmp_path, capsys):
     where = tmp_path / "nowhere"
     rc, out, err = run(capsys, *command, "--bank", str(where))
@@ -362,3 +364,61 @@ def test_interrupt_exits_130(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "promptbank.demo", fake)
     rc, _, err = run(capsys, "demo")
     assert rc == 130 and "interrupted" in err
+
+
+# ---------------------------------------------------------------------------------------------- variants
+
+
+def test_learn_variant_compare_and_promote(workdir, bank_copy, capsys):
+    bank = str(bank_copy)
+    data = str(workdir / "billing.jsonl")
+    rc, out, err = run(
+        capsys, "learn", "billing", data, "--variant", "mlp", "--method", "ptuning_mlp", "--bank", bank, *FAST
+    )
+    assert rc == 0, err
+    assert "learned variant 'mlp' of 'billing' (ptuning_mlp, 4 tokens)" in out and "'billing' serves 'main'" in out
+
+    rc, out, _ = run(capsys, "compare", "billing", data, "--bank", bank)
+    lines = out.strip().splitlines()
+    assert rc == 0 and lines[0].split() == ["VARIANT", "SERVING", "METHOD", "ACCURACY", "LOSS", "N"]
+    assert lines[1].split()[:3] == ["main", "*", "prompt_tuning"] and lines[2].split()[:2] == ["mlp", "ptuning_mlp"]
+    rc, out, _ = run(capsys, "compare", "billing", data, "--json", "--bank", bank)
+    report = json.loads(out)
+    assert rc == 0 and report["task"] == "billing" and [v["variant"] for v in report["variants"]] == ["main", "mlp"]
+    assert all(v["n"] == 8 and 0 <= v["accuracy"] <= 1 and v["loss"] > 0 for v in report["variants"])
+
+    rc, out, _ = run(capsys, "promote", "billing", "mlp", "--bank", bank)
+    assert rc == 0 and "'billing' now serves variant 'mlp' (was 'main')" in out
+    rc, out, _ = run(capsys, "promote", "billing", "mlp", "--bank", bank)
+    assert rc == 0 and "already serves variant 'mlp'" in out
+    rc, out, _ = run(capsys, "compare", "billing", data, "--json", "--bank", bank)
+    assert [(v["variant"], v["serving"]) for v in json.loads(out)["variants"]] == [("mlp", True), ("main", False)]
+    assert json.loads(out)["variants"][0]["accuracy"] == report["variants"][1]["accuracy"]
+
+
+def test_variant_errors_are_one_line(workdir, learned_bank, capsys):
+    bank = str(learned_bank)
+    data = str(workdir / "billing.jsonl")
+    rc, out, err = run(capsys, "promote", "billing", "nope", "--bank", bank)
+    assert rc == 1 and out == ""
+    assert_one_line_error(err, "no prompt variant 'nope'", "variants: main")
+    rc, _, err = run(capsys, "promote", "nope", "main", "--bank", bank)
+    assert rc == 1
+    assert_one_line_error(err, "no task named 'nope'")
+    rc, _, err = run(capsys, "learn", "billing", data, "--variant", "main", "--bank", bank, *FAST)
+    assert rc == 1
+    assert_one_line_error(err, "already has a prompt variant 'main'")
+    rc, _, err = run(capsys, "learn", "nope", data, "--variant", "b", "--bank", bank, *FAST)
+    assert rc == 1
+    assert_one_line_error(err, "no task named 'nope'")
+    rc, _, err = run(capsys, "learn", "billing", data, "--variant", "../b", "--bank", bank, *FAST)
+    assert rc == 1
+    assert_one_line_error(err, "invalid variant name '../b'")
+    rc, _, err = run(capsys, "learn", "billing", data, "--variant", "b", "--kind", "generation", "--bank", bank)
+    assert rc == 2 and "--kind does not apply to --variant" in err
+    rc, _, err = run(capsys, "compare", "billing", str(workdir / "missing.jsonl"), "--bank", bank)
+    assert rc == 1
+    assert_one_line_error(err, "missing.jsonl not found")
+    rc, _, err = run(capsys, "compare", "billing", str(workdir / "weather.jsonl"), "--bank", bank)
+    assert rc == 1  # weather's labels are not billing's
+    assert_one_line_error(err, "weather.jsonl")
