@@ -36,6 +36,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
+
+ROUTING = "lda"  # set from --routing
+OTHER = {"lda": "knn", "knn": "lda"}
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = {"ag": "ag_news", "amazon": "amazon_reviews", "dbpedia": "dbpedia", "yahoo": "yahoo_answers"}
 ORDERS = {
@@ -84,7 +89,7 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
     from promptbank import PromptBank
     from promptbank.bank import _Task
 
-    bank = PromptBank(backbone, embedder)
+    bank = PromptBank(backbone, embedder, routing=ROUTING)
     R = np.full((len(order), len(order)), np.nan)
     for i, name in enumerate(order):
         key = (name, seed)
@@ -125,7 +130,25 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
     routed = float(
         np.mean([np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order])
     )
-    return R, {"routing_hit@1": hit, "routing_top1_ignoring_threshold": top1, "routed_ACC": routed}, bank
+    out = {"routing_hit@1": hit, "routing_top1_ignoring_threshold": top1, "routed_ACC": routed}
+    out.update(_other_scorer(bank, texts, gold_task))
+    return R, out, bank
+
+
+def _other_scorer(bank, texts, gold_task) -> dict:
+    """Routing of the same queries with the other scorer (cosine to the nearest keys vs the learned router)."""
+    other = "knn" if bank.routing == "lda" else "lda"
+    was, bank.routing = bank.routing, other
+    try:
+        ranked = bank.route_many(texts)
+    finally:
+        bank.routing = was
+    return {
+        f"routing_hit@1_{other}": float(np.mean([r.task == g for r, g in zip(ranked, gold_task)])),
+        f"routing_top1_{other}": float(
+            np.mean([bool(r.ranked) and r.ranked[0][0] == g for r, g in zip(ranked, gold_task)])
+        ),
+    }
 
 
 def run_logistic(embedder, stream, order, seed, router):
@@ -142,7 +165,7 @@ def run_logistic(embedder, stream, order, seed, router):
         X = embedder.encode([ex.input for ex in stream[name]["test"].examples])
         y = np.array([ex.target for ex in stream[name]["test"].examples])
         oracle.append(float((heads[name].predict(X) == y).mean()))
-        chosen = router(X)
+        chosen = router([ex.input for ex in stream[name]["test"].examples])
         correct = [c == name and heads[name].predict(x[None])[0] == t for c, x, t in zip(chosen, X, y)]
         routed_acc.append(float(np.mean(correct)))
     return {"ACC": float(np.mean(oracle)), "routed_ACC": float(np.mean(routed_acc)), "BWT": 0.0, "forgetting": 0.0}
@@ -227,6 +250,73 @@ def run_multitask(backbone, stream, order, steps, seed):
     return {n: _eval_shared(backbone, prompt, heads[n], stream[n]["test"]) for n in order}
 
 
+class _Memo:
+    """An embedder that remembers every text it encoded (optionally: the first half of another's vectors)."""
+
+    def __init__(self, base, *, first_half: bool = False, name: str | None = None):
+        self.base, self.first_half = base, first_half
+        self.name = name or base.name
+        self.dim = base.dim // 2 if first_half else base.dim
+        self._memo: dict[str, np.ndarray] = {}
+
+    def encode(self, texts, *, batch_size: int = 64) -> np.ndarray:
+        texts = list(texts)
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if todo:
+            for t, v in zip(todo, self.base.encode(todo, batch_size=batch_size)):
+                self._memo[t] = v
+        x = np.stack([self._memo[t] for t in texts]) if texts else np.zeros((0, self.base.dim), np.float32)
+        if self.first_half:
+            x = x[:, : self.dim]
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def routing_only(args, backbone) -> dict:
+    """Routing alone on the same CL-4 samples: each task filed with its keys only (no prompt is trained or used),
+    then every test query routed on its own, for both scorers and both routing embedders. Cheap (embeddings
+    only); it isolates the router from the prompts. Label-aware hit@1 equals plain hit@1 here: the four tasks
+    have four different label sets."""
+    from promptbank import PromptBank
+    from promptbank.bank import TaskRecord, _Task
+    from promptbank.config import TrainConfig
+    from promptbank.embed import DEFAULT_EMBEDDER, load_embedder
+
+    tconf = TrainConfig(seed=0)
+    out = []
+    both = _Memo(load_embedder(ROUTING_EMBEDDER))
+    # one forward for both: the routing embedding's first half is the plain sentence embedding / sqrt(2)
+    embedders = {ROUTING_EMBEDDER: both, DEFAULT_EMBEDDER: _Memo(both, first_half=True, name=DEFAULT_EMBEDDER)}
+    for seed in range(args.seeds):
+        stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed)
+        texts = [ex.input for n in TASKS for ex in stream[n]["test"].examples]
+        gold = [n for n in TASKS for _ in stream[n]["test"].examples]
+        for ename, emb in embedders.items():
+            bank = PromptBank(backbone, emb)
+            for name in TASKS:
+                train = stream[name]["train"]
+                keys, groups, thr = bank._routing_keys(train, None, tconf)
+                record = TaskRecord(
+                    name=name, kind="classification", labels=list(train.labels), prompt_config={"method": "deep"},
+                    train_config=tconf.to_dict(), template="{input}", num_train=len(train), num_dev=0, steps=0,
+                    best_step=0, dev_loss=None, dev_accuracy=None, train_seconds=0.0, threshold=float(thr),
+                )  # fmt: skip
+                bank._insert(_Task(record, {}, keys, {}, None, key_groups=groups))
+            for scorer in ("lda", "knn"):
+                bank.routing = scorer
+                routes = bank.route_many(texts)
+                row = {
+                    "seed": seed,
+                    "embedder": ename,
+                    "scorer": scorer,
+                    "hit@1": float(np.mean([r.task == g for r, g in zip(routes, gold)])),
+                    "top1_ignoring_threshold": float(np.mean([r.ranked[0][0] == g for r, g in zip(routes, gold)])),
+                }
+                out.append(row)
+                print(row, flush=True)
+    return {"routing_only": out}
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,7 +328,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--train-per-class", type=int, default=16)
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--out", type=Path, default=RESULTS / "forgetting.json")
+    ap.add_argument("--embedder", default=ROUTING_EMBEDDER, help="routing embedder (default: MiniLM + middle layer)")
+    ap.add_argument("--routing", default="lda", choices=["lda", "knn"], help="routing scorer of the bank")
+    ap.add_argument("--routing-only", action="store_true", help="no training: routing of both scorers / embedders")
     args = ap.parse_args(argv)
+    global ROUTING
+    ROUTING = args.routing
     if args.quick:
         args.seeds, args.orders, args.steps, args.train_per_class, args.test_per_class = 1, "O1", 10, 4, 5
     if not (args.data / "ag_news").is_dir():
@@ -253,7 +348,27 @@ def main(argv=None) -> dict:
 
     t_start = time.perf_counter()
     backbone = load_backbone("all-minilm-l6-v2")
-    embedder = load_embedder(None)
+    if args.routing_only:
+        result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        result.update(routing_only(args, backbone))
+        result["wall_seconds"] = time.perf_counter() - t_start
+        out = args.out if args.out != RESULTS / "forgetting.json" else RESULTS / "forgetting_routing.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        rows = result["routing_only"]
+        print(f"\nCL-4 routing only, {args.seeds} seed(s), {len(rows) // 4 // max(1, args.seeds)} x 4 configurations\n")
+        print("| routing embedder | scorer | hit@1 (with 'no task' threshold) | top-1 (no threshold) |")
+        print("|---|---|---:|---:|")
+        for e in dict.fromkeys(r["embedder"] for r in rows):
+            for sc in ("lda", "knn"):
+                sel = [r for r in rows if r["embedder"] == e and r["scorer"] == sc]
+                h = [r["hit@1"] for r in sel]
+                t = [r["top1_ignoring_threshold"] for r in sel]
+                print(
+                    f"| {e} | {sc} | {100 * np.mean(h):.1f} ({100 * np.std(h):.1f}) | {100 * np.mean(t):.1f} ({100 * np.std(t):.1f}) |"
+                )
+        return result
+    embedder = load_embedder(args.embedder)
     orders = args.orders.split(",")
     runs = []
     for seed in range(args.seeds):
@@ -265,7 +380,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             R, routed, bank = run_promptbank(backbone, embedder, stream, order, args.steps, seed, trained)
             t_ours = time.perf_counter() - t0
-            router = lambda X, bank=bank: [r[0][0] if r else None for r in bank.router.route(X, top_k=1)]  # noqa: E731
+            router = lambda texts, bank=bank: [r.task for r in bank.route_many(texts)]  # noqa: E731
             logistic = run_logistic(embedder, stream, order, seed, router)
             t0 = time.perf_counter()
             R_seq = run_sequential_shared(backbone, stream, order, args.steps, seed)
@@ -312,6 +427,15 @@ def main(argv=None) -> dict:
         "promptbank (routed)": {
             "ACC": mean(("promptbank", "routed_ACC")),
             "hit@1": mean(("promptbank", "routing_hit@1")),
+        },
+        f"routing top-1, no threshold ({args.routing})": {
+            "hit@1": mean(("promptbank", "routing_top1_ignoring_threshold"))
+        },
+        f"routing hit@1, other scorer ({OTHER[args.routing]})": {
+            "hit@1": mean(("promptbank", f"routing_hit@1_{OTHER[args.routing]}"))
+        },
+        f"routing top-1, other scorer ({OTHER[args.routing]})": {
+            "hit@1": mean(("promptbank", f"routing_top1_{OTHER[args.routing]}"))
         },
         "frozen emb + logistic head (task given)": {"ACC": mean(("logistic_head", "ACC"))},
         "frozen emb + logistic head (routed)": {"ACC": mean(("logistic_head", "routed_ACC"))},

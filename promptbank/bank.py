@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from . import causal
 from .backbone import Backbone, load_backbone
 from .config import DEFAULT_LR, Method, PromptConfig, TrainConfig
-from .embed import Embedder, load_embedder
+from .embed import ROUTING_EMBEDDER, Embedder, load_embedder
 from .errors import (
     AdapterError,
     ResumeError,
@@ -27,6 +28,7 @@ from .errors import (
     VariantNotFoundError,
 )
 from .inject import PrefixKV, prompt_kv
+from .lda import ROUTING_SCORERS, GaussianRouter
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, load_task_data, split_dev, truncate_inputs
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # A task's routing score is the mean similarity of its 3 best keys (more robust than the single nearest key).
 ROUTER_TOP_KEYS = 3
+# Prompt prefix caches kept per bank (least recently used evicted); `bank.kv_cache_size` changes it per bank.
+KV_CACHE_SIZE = 256
 # Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
 DEFAULT_VARIANT = "main"
 
@@ -131,10 +135,11 @@ class _Variant:
 class _Task:
     record: TaskRecord
     prompt: dict[int, torch.Tensor]  # folded soft prompt, fp32 (P, d) per layer
-    keys: np.ndarray  # (k, d_embed) L2-normalised routing prototypes
+    keys: np.ndarray  # (k, d_embed) L2-normalised routing keys (embeddings of training inputs)
     train_state: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor] | None = None  # encoder backbones: linear head {"weight": (L, d), "bias": (L,)}
     variants: dict[str, _Variant] = field(default_factory=dict)  # the non-serving prompt variants, by name
+    key_groups: np.ndarray | None = None  # (k,) label / cluster of each key (learned router); None: one group
 
     def serving(self) -> _Variant:
         """The serving prompt as a variant (record.variant names it)."""
@@ -149,15 +154,22 @@ class PromptBank:
     >>> bank.predict(["My card was charged twice"])  # routed to "tickets" automatically
     """
 
-    def __init__(self, backbone: Backbone, embedder: Embedder):
+    def __init__(self, backbone: Backbone, embedder: Embedder, *, routing: str = "lda"):
         if backbone.kind not in ("causal_lm", "encoder"):
             raise ValueError(f"PromptBank supports causal LM and encoder backbones; got kind {backbone.kind!r}")
+        if routing not in ROUTING_SCORERS:
+            raise ValueError(f"routing must be one of {ROUTING_SCORERS}, got {routing!r}")
+        self.routing = routing  # "lda": learned Gaussian router (promptbank.lda); "knn": cosine to the nearest keys
+        self._lda: tuple[Router, GaussianRouter] | None = None  # the learned router, fitted for one router snapshot
         self.backbone = backbone
         self.embedder = embedder
         self.router = Router(embedder.dim, top_keys=ROUTER_TOP_KEYS)
         self._tasks: dict[str, _Task] = {}
         # Lazily computed prompt prefix cache per task (inference): name -> (the prompt it was computed from, kv).
-        self._kv: dict[str, tuple[dict[int, torch.Tensor], PrefixKV]] = {}
+        # Least recently used first; at most `kv_cache_size` tasks (SmolLM2: 0.88 MiB per 20-token prompt).
+        self._kv: OrderedDict[str, tuple[dict[int, torch.Tensor], PrefixKV]] = OrderedDict()
+        self._kv_lock = threading.Lock()
+        self._kv_cache_size = KV_CACHE_SIZE
         # Writers (_insert, remove_task; _replace for promote / variants / resume) hold this while they build a new
         # task table (and router), then publish; neither is ever changed in place, so readers (predict, route,
         # save) use them without locking.
@@ -170,12 +182,15 @@ class PromptBank:
         backbone: str | os.PathLike | Backbone | None = None,
         *,
         embedder: str | Embedder | None = None,
+        routing: str = "lda",
         **backbone_kwargs,
     ) -> PromptBank:
         """A new empty bank. ``backbone=None`` is SmolLM2-135M-Instruct (fetched and cached on first use);
-        ``embedder=None`` is all-MiniLM-L6-v2. A name, a local folder or a :class:`Backbone` work too."""
+        ``embedder=None`` is all-MiniLM-L6-v2 with its middle layer (:data:`promptbank.embed.ROUTING_EMBEDDER`).
+        A name, a local folder or a :class:`Backbone` work too. ``routing``: ``"lda"`` (the learned router,
+        :mod:`promptbank.lda`) or ``"knn"`` (cosine similarity to each task's nearest keys)."""
         bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, **backbone_kwargs)
-        return cls(bb, load_embedder(embedder))
+        return cls(bb, load_embedder(ROUTING_EMBEDDER if embedder is None else embedder), routing=routing)
 
     @classmethod
     def load(
@@ -266,15 +281,11 @@ class PromptBank:
         tconf = TrainConfig(**train_options)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
 
-        keys, threshold = self._routing_keys(
-            [ex.input for ex in train_data.examples],
-            [ex.input for ex in dev_data.examples] if dev_data else None,
-            tconf,
-        )
+        keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf)
 
         fit = self._fit(f"learn {name} ({pconf.method.value})", task_data, train_data, dev_data, pconf, tconf, template)
         record = fit.record(name, DEFAULT_VARIANT, task_data, pconf, tconf, template, float(threshold))
-        self._insert(_Task(record, fit.prompt, keys, fit.train_state, fit.head))
+        self._insert(_Task(record, fit.prompt, keys, fit.train_state, fit.head, key_groups=groups))
         logger.info(
             "learned task %r: %d steps, dev loss %s, dev accuracy %s",
             name,
@@ -373,21 +384,32 @@ class PromptBank:
         return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
     def _routing_keys(
-        self, train_inputs: list[str], dev_inputs: list[str] | None, tconf: TrainConfig
-    ) -> tuple[np.ndarray, float]:
-        """Routing keys and threshold for a task with these example inputs.
+        self, train_data: TaskData, dev_data: TaskData | None, tconf: TrainConfig
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Routing keys, their groups and the cosine ("knn" scorer) threshold for a task with these examples.
 
-        Keys: prototypes of the training inputs; the threshold accepts all but `threshold_quantile` of held-out
-        in-task queries (dev inputs, plus leave-one-out train inputs).
+        Keys: the embeddings of (at most ``max_keys``, label-stratified) training inputs. Groups: the label of each
+        key for classification, else its k-means cluster (``n_prototypes`` clusters); the learned router
+        (:mod:`promptbank.lda`) fits one Gaussian per group. The threshold accepts all but ``threshold_quantile``
+        of held-out in-task queries (dev inputs, plus leave-one-out train inputs) under the cosine scorer.
         """
-        train_emb = self.embedder.encode(train_inputs)
-        keys = make_prototypes(train_emb, tconf.n_prototypes, seed=tconf.seed)
+        inputs = [ex.input for ex in train_data.examples]
+        train_emb = self.embedder.encode(inputs)
+        if train_data.kind == "classification" and train_data.labels:
+            index = {lab: i for i, lab in enumerate(train_data.labels)}
+            groups = np.array([index[ex.target] for ex in train_data.examples], dtype=np.int64)
+        else:
+            centers = make_prototypes(train_emb, min(tconf.n_prototypes, max(1, len(inputs) // 4)), seed=tconf.seed)
+            groups = np.argmax(train_emb @ centers.T, axis=1).astype(np.int64)
+        keep = _stratified_subset(groups, tconf.max_keys, tconf.seed)
+        keys = np.ascontiguousarray(train_emb[keep])
+        _, groups = np.unique(groups[keep], return_inverse=True)  # dense group ids 0..G-1
         held_out = [_loo_scores(train_emb, self.router.top_keys)]
-        if dev_inputs:
-            dev_emb = self.embedder.encode(dev_inputs)
+        if dev_data:
+            dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
             held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
         threshold = calibrate_threshold(np.concatenate(held_out), tconf.threshold_quantile)
-        return keys, threshold
+        return keys, groups.astype(np.int64), threshold
 
     @property
     def is_encoder(self) -> bool:
@@ -693,7 +715,7 @@ class PromptBank:
             others = {n: x for n, x in t.variants.items() if n != variant}
             others[t.record.variant] = t.serving()
             record = replace(v.record, threshold=t.record.threshold)
-            self._replace(task, _Task(record, v.prompt, t.keys, v.train_state, v.head, others))
+            self._replace(task, _Task(record, v.prompt, t.keys, v.train_state, v.head, others, t.key_groups))
         logger.info("task %r now serves prompt variant %r", task, variant)
         return record
 
@@ -793,11 +815,7 @@ class PromptBank:
         embeddings, info = read_peft_adapter(folder, self.backbone)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
 
-        keys, threshold = self._routing_keys(
-            [ex.input for ex in train_data.examples],
-            [ex.input for ex in dev_data.examples] if dev_data else None,
-            tconf,
-        )
+        keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf)
 
         prompt = {0: embeddings}
         pconf = PromptConfig(method=Method.PROMPT_TUNING, num_virtual_tokens=int(embeddings.shape[0]))
@@ -827,7 +845,7 @@ class PromptBank:
             imported_from=info,
         )
         state = {"embeddings": embeddings.clone()} if tconf.keep_train_state else {}  # a PromptTuning state
-        self._insert(_Task(record, prompt, keys, state))
+        self._insert(_Task(record, prompt, keys, state, key_groups=groups))
         logger.info("imported %s adapter %s as task %r", info["peft_type"], info["file"], name)
         return record
 
@@ -836,13 +854,35 @@ class PromptBank:
         # Cached with the prompt it was computed from: a prompt replaced meanwhile (promote, resume_task) never
         # gets an old cache, even when a reader races the writer's invalidation.
         prompt = self._tasks[name].prompt
-        hit = self._kv.get(name)
-        if hit is not None and hit[0] is prompt:
-            return hit[1]
+        with self._kv_lock:
+            hit = self._kv.get(name)
+            if hit is not None and hit[0] is prompt:
+                self._kv.move_to_end(name)
+                return hit[1]
         with torch.no_grad():
             kv = prompt_kv(self.backbone.model, prompt)
-        self._kv[name] = (prompt, kv)
+        with self._kv_lock:  # evicted entries stay valid for callers holding them
+            self._kv[name] = (prompt, kv)
+            self._kv.move_to_end(name)
+            self._trim_kv()
         return kv
+
+    @property
+    def kv_cache_size(self) -> int:
+        """How many tasks' prompt prefix caches inference keeps (least recently used evicted; default 256)."""
+        return self._kv_cache_size
+
+    @kv_cache_size.setter
+    def kv_cache_size(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"kv_cache_size must be a positive int, got {n!r}")
+        with self._kv_lock:
+            self._kv_cache_size = n
+            self._trim_kv()
+
+    def _trim_kv(self) -> None:
+        while len(self._kv) > self._kv_cache_size:
+            self._kv.popitem(last=False)
 
     def route(self, text: str, *, top_k: int = 3) -> Routing:
         """Rank tasks for one query; ``task`` is ``None`` when the best score is under its threshold."""
@@ -854,11 +894,30 @@ class PromptBank:
         if not len(router):
             return [Routing(None, None, []) for _ in texts]
         emb = self.embedder.encode(texts)
+        scorer = self._learned_router(router) if self.routing == "lda" else router
         out = []
-        for ranked in router.route(emb, top_k=max(1, top_k)):
+        for ranked in scorer.route(emb, top_k=max(1, top_k)):
             best, score = ranked[0]
-            out.append(Routing(best if score >= router.threshold(best) else None, score, ranked))
+            out.append(Routing(best if score >= scorer.threshold(best) else None, score, ranked))
         return out
+
+    def _learned_router(self, router: Router) -> GaussianRouter:
+        """The learned router for this router snapshot (refitted from the keys when the task set changed)."""
+        cached = self._lda
+        if cached is not None and cached[0] is router:
+            return cached[1]
+        tasks = self._tasks
+        spec = {}
+        for name in router.tasks:
+            keys, t = router.keys(name), tasks.get(name)
+            groups = t.key_groups if t is not None and t.key_groups is not None else None
+            if groups is not None and len(groups) != len(keys):
+                groups = None
+            q = t.record.train_config.get("threshold_quantile", 0.05) if t is not None else 0.05
+            spec[name] = (keys, groups, q)
+        scorer = GaussianRouter(spec, router.dim)
+        self._lda = (router, scorer)
+        return scorer
 
     def _resolve_tasks(self, texts: list[str], task) -> tuple[list[str | None], list[float | None]]:
         if task is None:
@@ -1129,6 +1188,20 @@ def _copy_router(router: Router) -> Router:
         next_id=router.next_id,
         **router.index_config,
     )
+
+
+def _stratified_subset(groups: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most ``limit`` rows, each group keeping its share (and at least one row)."""
+    n = len(groups)
+    if n <= limit:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    ids, counts = np.unique(groups, return_counts=True)
+    quota = np.maximum(1, np.floor(counts * limit / n)).astype(int)
+    chosen = [
+        rng.choice(np.flatnonzero(groups == g), size=min(q, c), replace=False) for g, q, c in zip(ids, quota, counts)
+    ]
+    return np.sort(np.concatenate(chosen))
 
 
 def _top_mean(sims: np.ndarray, k: int) -> np.ndarray:

@@ -116,6 +116,9 @@ class TrainConfig:
     the similarity-weighted mix of the ``warm_start_k`` nearest stored soft prompts (mean-input-embedding cosine
     >= ``warm_start_min_similarity``) is used instead. ``keep_train_state`` stores the prompt module's state
     (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
+    Routing: the task's keys are the routing embeddings of at most ``max_keys`` training inputs (label-stratified),
+    grouped by label (classification) or into ``n_prototypes`` k-means clusters (generation); the "no task"
+    threshold rejects ``threshold_quantile`` of held-out in-task queries.
     """
 
     max_steps: int = 100
@@ -139,6 +142,7 @@ class TrainConfig:
     warm_start_min_similarity: float = 0.5
     keep_train_state: bool = True
     n_prototypes: int = 16
+    max_keys: int = 256
     threshold_quantile: float = 0.05
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -161,6 +165,7 @@ class TrainConfig:
             "warm_start_k": self.warm_start_k >= 1,
             "warm_start_min_similarity": -1 <= self.warm_start_min_similarity <= 1,
             "n_prototypes": self.n_prototypes >= 1,
+            "max_keys": self.max_keys >= 1,
             "threshold_quantile": 0 <= self.threshold_quantile < 1,
         }
         for name, ok in checks.items():

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_EMBEDDER",
     "Embedder",
     "HashingEmbedder",
+    "ROUTING_EMBEDDER",
     "SentenceEmbedder",
     "load_embedder",
 ]
@@ -36,6 +37,10 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
 _KNOWN_DIMS = {DEFAULT_EMBEDDER: 384}
 _HASHING_DEFAULT_DIM = 256
+_MID_SUFFIX = "+mid"
+# What banks route with unless told otherwise: MiniLM's sentence embedding plus its middle layer (see
+# SentenceEmbedder). Retrieval (LangChain embeddings) keeps the plain sentence embedding (DEFAULT_EMBEDDER).
+ROUTING_EMBEDDER = DEFAULT_EMBEDDER + _MID_SUFFIX
 
 
 @runtime_checkable
@@ -115,13 +120,29 @@ class SentenceEmbedder:
 
     ``model`` is ``"all-MiniLM-L6-v2"`` (default; loaded from the bundled package, never the hub, when the
     package is installed), a local model folder, or any other sentence-transformers model name.
-    ``name`` is what :func:`load_embedder` accepts back: the model name, or the folder's absolute path.
+    ``name`` is what :func:`load_embedder` accepts back: the model name, or the folder's absolute path, with
+    ``"+mid"`` appended when ``mid_layer`` is on.
+
+    ``mid_layer=True`` appends the mean-pooled, L2-normalised hidden state of the transformer's middle layer to
+    the sentence embedding (both halves scaled by 1/sqrt(2), so rows stay unit vectors and the inner product is
+    the mean of the two cosines). The final sentence embedding is trained to ignore surface form (what makes it
+    good for retrieval); the middle layer still carries it — the genre, register and formatting that tell one
+    data source from another. Banks route with it by default (:data:`ROUTING_EMBEDDER`); measured on the CL-4
+    stream (AG News / Amazon / DBpedia / Yahoo, 16 train examples per class) the routing accuracy of the same
+    classifier rises from 87 % to 96 % with it (``benchmarks/forgetting.py``). Same cost: one forward pass.
     """
 
-    def __init__(self, model: str | os.PathLike[str] = DEFAULT_EMBEDDER, *, device: str = "cpu"):
+    def __init__(
+        self, model: str | os.PathLike[str] = DEFAULT_EMBEDDER, *, device: str = "cpu", mid_layer: bool = False
+    ):
         spec = os.fspath(model)
         if not isinstance(spec, str) or not spec:
             raise ValueError(f"model must be a non-empty name or path, got {model!r}")
+        if spec.endswith(_MID_SUFFIX):
+            spec, mid_layer = spec[: -len(_MID_SUFFIX)], True
+            if not spec:
+                raise ValueError(f"model must be a non-empty name or path, got {model!r}")
+        self.mid_layer = bool(mid_layer)
         self.device = device
         self._model: Any = None
         self._lock = threading.Lock()
@@ -135,6 +156,9 @@ class SentenceEmbedder:
             self.name = spec
             self._source = spec
         self._dim: int | None = _KNOWN_DIMS.get(self.name)
+        if self.mid_layer:
+            self.name += _MID_SUFFIX
+            self._dim = None if self._dim is None else 2 * self._dim
 
     def __repr__(self) -> str:
         return f"SentenceEmbedder({self.name!r}, device={self.device!r})"
@@ -163,7 +187,7 @@ class SentenceEmbedder:
                     dim = get_dim() if get_dim is not None else None
                     if dim is None:  # some models only know it after a forward pass
                         dim = np.asarray(model.encode(["x"], convert_to_numpy=True)).shape[-1]
-                    dim = int(dim)
+                    dim = int(dim) * (2 if self.mid_layer else 1)
                     if self._dim is not None and dim != self._dim:
                         raise OSError(f"model {self._source!r} has dimension {dim}, expected {self._dim}")
                     self._dim = dim
@@ -183,6 +207,8 @@ class SentenceEmbedder:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self._load()
+        if self.mid_layer:
+            return self._encode_with_mid_layer(model, items, batch_size)
         out = model.encode(
             items,
             batch_size=batch_size,
@@ -191,6 +217,37 @@ class SentenceEmbedder:
             show_progress_bar=False,
         )
         return _normalise_rows(np.asarray(out).reshape(len(items), self.dim))
+
+    def _encode_with_mid_layer(self, model: Any, items: list[str], batch_size: int) -> np.ndarray:
+        """One forward per batch: the model's own sentence embedding plus the mean-pooled middle layer."""
+        import torch
+
+        transformer = model[0]
+        config = transformer.auto_model.config
+        n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        if n_layers < 2:
+            raise ValueError(f"embedder {self.name!r}: mid_layer needs a transformer with >= 2 layers")
+        prepare = getattr(model, "preprocess", None) or model.tokenize  # sentence-transformers >= 6: preprocess
+        order = np.argsort([-len(t) for t in items])  # similar lengths share a batch: less padding
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        with self._lock:  # output_hidden_states is a model-wide switch: one caller at a time
+            was = config.output_hidden_states
+            config.output_hidden_states = True
+            try:
+                with torch.no_grad():
+                    for s in range(0, len(items), batch_size):
+                        idx = order[s : s + batch_size]
+                        features = prepare([items[i] for i in idx])
+                        features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
+                        feats = model(features)
+                        sent = torch.nn.functional.normalize(feats["sentence_embedding"].float(), dim=-1)
+                        mask = feats["attention_mask"][..., None].float()
+                        hidden = feats["all_layer_embeddings"][n_layers // 2].float()
+                        mid = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+                        out[idx] = (torch.cat([sent, mid], dim=-1) / np.sqrt(2.0)).numpy()
+            finally:
+                config.output_hidden_states = was
+        return _normalise_rows(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,6 +315,7 @@ def load_embedder(spec: str | os.PathLike[str] | Embedder | None = None) -> Embe
     """Resolve an embedder spec.
 
     - ``None`` or ``"all-MiniLM-L6-v2"`` -> :class:`SentenceEmbedder` (the default model);
+    - any sentence-transformers spec + ``"+mid"`` (e.g. :data:`ROUTING_EMBEDDER`) -> the same with ``mid_layer``;
     - ``"hashing"`` or ``"hashing-<dim>"`` -> :class:`HashingEmbedder`;
     - a local folder -> ``SentenceEmbedder(folder)``; any other string -> ``SentenceEmbedder(name)``;
     - an object with ``name``, ``dim`` and ``encode`` -> returned as is.

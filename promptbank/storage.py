@@ -62,6 +62,7 @@ from safetensors.torch import save as _torch_bytes
 from .backbone import Backbone, check_fingerprint, load_backbone
 from .embed import Embedder, load_embedder
 from .errors import AdapterError, BankFormatError, PromptBankError
+from .lda import ROUTING_SCORERS
 
 try:
     import fcntl
@@ -269,12 +270,13 @@ def _write_folder(bank: PromptBank, tasks: dict, router, folder: Path) -> None:
     for name, task in tasks.items():
         base = f"tasks/{name}/"
         files.update(_prompt_files(base, task.prompt, task.train_state, task.head))
-        files[base + "keys.safetensors"] = _np_bytes(
-            {
-                "keys": np.ascontiguousarray(task.keys, dtype=np.float32),
-                "ids": np.ascontiguousarray(router.ids(name), dtype=np.int64),
-            }
-        )
+        key_tensors = {
+            "keys": np.ascontiguousarray(task.keys, dtype=np.float32),
+            "ids": np.ascontiguousarray(router.ids(name), dtype=np.int64),
+        }
+        if task.key_groups is not None:  # label / cluster of each key (the learned router's groups)
+            key_tensors["groups"] = np.ascontiguousarray(task.key_groups, dtype=np.int64)
+        files[base + "keys.safetensors"] = _np_bytes(key_tensors)
         for vname, v in task.variants.items():
             files.update(_prompt_files(f"{base}variants/{vname}/", v.prompt, v.train_state, v.head))
             variants.setdefault(name, []).append(v.record.to_dict())
@@ -297,6 +299,7 @@ def _write_folder(bank: PromptBank, tasks: dict, router, folder: Path) -> None:
             "top_keys": int(router.top_keys),
             "ntotal": int(router.ntotal),
             "next_id": int(router.next_id),
+            "scorer": bank.routing,
         },
         "tasks": {name: t.record.to_dict() for name, t in tasks.items()},
         "task_order": list(tasks),
@@ -720,8 +723,9 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
     need(
         isinstance(index, dict)
         and _is_int(index.get("top_keys", 1), 1)
-        and (index.get("next_id") is None or _is_int(index.get("next_id"))),
-        "bad 'index' (top_keys >= 1, next_id >= 0)",
+        and (index.get("next_id") is None or _is_int(index.get("next_id")))
+        and index.get("scorer", "knn") in ROUTING_SCORERS,
+        f"bad 'index' (top_keys >= 1, next_id >= 0, scorer one of {ROUTING_SCORERS})",
     )
     tasks = m.get("tasks")
     need(
@@ -930,7 +934,7 @@ def load_bank(
     else:
         raise BankFormatError(f"{where}: the bank kept changing while it was read ({_READ_ATTEMPTS} tries)")
 
-    bank = cls(bb, emb)
+    bank = cls(bb, emb, routing=manifest["index"].get("scorer", "knn"))  # banks from before the learned router
     try:
         bank.router = Router.from_keys(
             {n: t.keys for n, t in tasks.items()},
@@ -991,9 +995,11 @@ def _read_task(
     base = f"tasks/{record.name}/"
 
     def check_keys(path: Path, infos: dict[str, TensorInfo]) -> None:
-        _only(path, infos, {"keys", "ids"})
+        _only(path, infos, {"keys", "ids", "groups"})
         _expect(path, infos, "keys", "F32", ((1, MAX_KEYS), embed_dim), f"(k, {embed_dim}), 1 <= k <= {MAX_KEYS}")
         _expect(path, infos, "ids", "I64", (infos["keys"][1][0],), "(k,)")
+        if "groups" in infos:
+            _expect(path, infos, "groups", "I64", (infos["keys"][1][0],), "(k,)")
 
     prompt, state, head = _read_prompt_files(folder, files, base, record, p, layers, bb)
     key_file = _read_optional(folder, files, base + "keys.safetensors", True, check_keys)
@@ -1002,11 +1008,16 @@ def _read_task(
     norms = np.linalg.norm(keys.astype(np.float64), axis=1)
     if np.any(np.abs(norms - 1.0) > 1e-3):
         raise _fail(key_file.path, "routing keys must be L2-normalised rows")
+    groups = None
+    if "groups" in key_file.infos:
+        groups = key_file.array("groups")
+        if len(groups) and (groups.min() < 0 or groups.max() >= len(groups)):
+            raise _fail(key_file.path, f"key groups must lie in [0, {len(groups)}), got {groups.min()}..{groups.max()}")
     for fname in ("adapter_config.json", "adapter_model.safetensors"):  # exports: verified, not parsed
         present, ent = _file_entry(folder, files, base + fname, False)
         if present and ent is not None:
             _verify_file(folder, base + fname, ent)
-    return _Task(record, prompt, keys, state, head), key_file.array("ids")
+    return _Task(record, prompt, keys, state, head, key_groups=groups), key_file.array("ids")
 
 
 def _read_variants(

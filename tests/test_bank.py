@@ -366,3 +366,16 @@ def test_prompt_hooks_do_not_leak_into_other_threads(tiny_bank):
         handle.remove()
     torch.testing.assert_close(result["h"], clean)
     assert not torch.allclose(hooked, clean)
+
+
+def test_prompt_prefix_cache_is_bounded_and_eviction_changes_nothing(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options())
+    texts = ["the weather is sunny today", "i would like to eat a lemon"] * 3
+    tasks = ["weather", "fruit"] * 3
+    ref = [(p.output, p.label_scores) for p in tiny_bank.predict(texts, tasks, batch_size=1)]
+    tiny_bank.kv_cache_size = 1
+    for _ in range(3):  # each call needs both tasks: the cache evicts on every miss
+        got = [(p.output, p.label_scores) for p in tiny_bank.predict(texts, tasks, batch_size=1)]
+        assert got == ref
+        assert len(tiny_bank._kv) == 1

@@ -98,3 +98,21 @@ def test_real_encoder_backbone_learns_and_predicts(tmp_path):
     assert PromptBank.load(tmp_path / "enc").predict(["Who won the football world cup in 1998?"])[
         0
     ].label_scores == pytest.approx(pred.label_scores, abs=1e-5)
+
+
+def test_routing_embedder_adds_the_middle_layer_to_the_sentence_embedding():
+    import numpy as np
+
+    from promptbank.embed import ROUTING_EMBEDDER, load_embedder
+
+    texts = ["my card was charged twice", "Shell Oil Company  Shell Oil is a subsidiary of Royal Dutch Shell", "ok"]
+    plain, routing = load_embedder(None), load_embedder(ROUTING_EMBEDDER)
+    assert routing.name == ROUTING_EMBEDDER and routing.dim == 2 * plain.dim
+    a, b = routing.encode(texts), plain.encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a[:, : plain.dim] * np.sqrt(2), b, atol=1e-5)  # first half: the sentence embedding
+    mid = a[:, plain.dim :] * np.sqrt(2)
+    np.testing.assert_allclose(np.linalg.norm(mid, axis=1), 1.0, atol=1e-5)
+    assert np.abs(mid - b).max() > 0.1  # the second half is something else
+    one_by_one = np.concatenate([routing.encode([t]) for t in texts])
+    np.testing.assert_allclose(one_by_one, a, atol=1e-5)  # batch-independent (padding masked)

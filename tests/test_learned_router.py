@@ -1,0 +1,156 @@
+"""The learned router (promptbank.lda): Ledoit-Wolf covariance, LDA decisions, calibrated "no task" thresholds,
+and its place in a bank (default scorer, keys grouped by label, saved and loaded, old banks keep cosine routing)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from promptbank import PromptBank
+from promptbank.lda import GaussianRouter, ledoit_wolf_covariance
+from promptbank.storage import MANIFEST, manifest_digest
+from tests.conftest import fast_options
+from tests.test_bank import FRUIT, WEATHER
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    sk = pytest.importorskip("sklearn.covariance")
+    rng = np.random.default_rng(0)
+    for n, d in ((10, 40), (200, 16), (50, 50)):
+        x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+        x -= x.mean(0)
+        cov, s = ledoit_wolf_covariance(x)
+        ref = sk.LedoitWolf(assume_centered=True).fit(x)
+        assert s == pytest.approx(ref.shrinkage_, rel=1e-6)
+        np.testing.assert_allclose(cov, ref.covariance_, rtol=1e-6, atol=1e-9)
+
+
+def _two_sources(rng, n):
+    """Two tasks that share their content direction but differ along one 'style' direction, which a cosine
+    nearest-key rule half ignores and LDA picks up (the within-task spread is large along the content axes)."""
+    d = 16
+    x = rng.normal(size=(2 * n, d)) * np.r_[np.full(d - 1, 1.0), 0.2]
+    x[:, -1] += np.r_[np.zeros(n), np.ones(n)]  # the style: 5 within-task standard deviations apart
+    x[:, 0] += 3.0  # both sources share an offset, which dominates their cosine similarity
+    return x.astype(np.float32), np.r_[np.zeros(n, int), np.ones(n, int)]
+
+
+def test_lda_separates_what_cosine_cannot():
+    rng = np.random.default_rng(1)
+    x, y = _two_sources(rng, 200)
+    q, qy = _two_sources(rng, 200)
+    router = GaussianRouter({"a": (x[y == 0], None, 0.05), "b": (x[y == 1], None, 0.05)}, x.shape[1])
+    lda_acc = np.mean([r[0][0] == "ab"[t] for r, t in zip(router.route(q, top_k=1), qy)])
+    # cosine to the 3 nearest keys (the "knn" scorer's rule) on the same keys
+    sims = _unit(q) @ _unit(x).T
+    knn = np.stack([np.sort(sims[:, y == t], 1)[:, -3:].mean(1) for t in (0, 1)], 1).argmax(1)
+    knn_acc = np.mean(knn == qy)
+    assert lda_acc > 0.95 and knn_acc < 0.8
+
+
+def test_groups_give_one_gaussian_per_label():
+    """A task made of two far-apart labels: one Gaussian per label covers both; one per task sits in between."""
+    rng = np.random.default_rng(2)
+    d = 8
+    centers = np.eye(d)[:3] * 3
+    a = _unit(
+        np.concatenate([centers[0] + 0.1 * rng.normal(size=(30, d)), centers[1] + 0.1 * rng.normal(size=(30, d))])
+    )
+    b = _unit(centers[2] + 0.1 * rng.normal(size=(30, d)))
+    groups = np.r_[np.zeros(30, int), np.ones(30, int)]
+    between = _unit((centers[0] + centers[1])[None] / 2 + 0.05 * rng.normal(size=(20, d)))
+    grouped = GaussianRouter({"a": (a, groups, 0.05), "b": (b, None, 0.05)}, d)
+    lumped = GaussianRouter({"a": (a, None, 0.05), "b": (b, None, 0.05)}, d)
+    # the midpoint is typical for the lumped Gaussian, far from both labels of the grouped one
+    assert np.all(grouped.task_distances(between)[:, 0] > lumped.task_distances(between)[:, 0])
+    held = _unit(centers[0] + 0.1 * rng.normal(size=(50, d)))
+    assert all(r[0][0] == "a" for r in grouped.route(held, top_k=1))
+
+
+def test_thresholds_accept_in_task_queries_and_reject_far_ones():
+    rng = np.random.default_rng(3)
+    d, n = 12, 300
+    mus = np.eye(d)[:3] * 4
+    tasks = {f"t{i}": (_unit(mus[i] + rng.normal(size=(n, d))), None, 0.05) for i in range(3)}
+    router = GaussianRouter(tasks, d)
+    fresh = _unit(mus[0] + rng.normal(size=(2000, d)))
+    s = router.scores(fresh)[:, 0]
+    accepted = np.mean(s >= router.threshold("t0"))
+    assert 0.88 <= accepted <= 0.99  # calibrated to reject ~5 % of new in-task queries
+    far = _unit(-mus[0] - mus[1] + rng.normal(size=(500, d)))
+    best = router.scores(far).max(1)
+    assert np.mean(best >= min(router.thresholds.values())) < 0.05
+
+
+def test_empty_and_single_key_tasks():
+    router = GaussianRouter({}, 4)
+    assert router.route(np.eye(4, dtype=np.float32)[:2]) == [[], []]
+    router = GaussianRouter({"one": (np.eye(4, dtype=np.float32)[:1], None, 0.05)}, 4)
+    assert router.route(np.eye(4, dtype=np.float32)[:1], top_k=3)[0][0][0] == "one"
+    assert router.threshold("one") == -np.inf  # nothing to calibrate on: the best task is accepted
+
+
+# ----------------------------------------------------------------------------------------------- in a bank
+
+
+def test_bank_routes_with_the_learned_router_by_default(tiny_bank, tmp_path):
+    assert tiny_bank.routing == "lda"
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options())
+    t = tiny_bank._tasks["weather"]
+    labels = tiny_bank.tasks["weather"].labels
+    assert t.key_groups is not None and len(t.key_groups) == len(t.keys)
+    assert set(t.key_groups.tolist()) == set(range(len(labels)))  # one group per label
+    r = tiny_bank.route("the weather is rainy today")
+    assert r.task == "weather" and r.score <= 0 and r.ranked[0][0] == "weather"
+    tiny_bank.save(tmp_path / "b")
+    loaded = PromptBank.load(tmp_path / "b", tiny_bank.backbone, embedder=tiny_bank.embedder)
+    assert loaded.routing == "lda"
+    np.testing.assert_array_equal(loaded._tasks["weather"].key_groups, t.key_groups)
+    assert loaded.route("the weather is rainy today") == r
+
+
+def test_banks_saved_before_the_learned_router_keep_cosine_routing(tiny_bank, tmp_path):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.save(tmp_path / "b")
+    mpath = tmp_path / "b" / MANIFEST
+    m = json.loads(mpath.read_text())
+    del m["index"]["scorer"]  # what older versions wrote
+    m["manifest_sha256"] = manifest_digest(m)
+    mpath.write_text(json.dumps(m))
+    old = PromptBank.load(tmp_path / "b", tiny_bank.backbone, embedder=tiny_bank.embedder)
+    assert old.routing == "knn"
+    r = old.route("the weather is rainy today")
+    assert 0 < r.score <= 1 + 1e-5  # a cosine similarity
+
+
+def test_bad_scorer_and_bad_groups_are_refused(tiny_bank, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from promptbank.errors import BankFormatError
+
+    with pytest.raises(ValueError, match="routing must be one of"):
+        PromptBank(tiny_bank.backbone, tiny_bank.embedder, routing="magic")
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.save(tmp_path / "b")
+    mpath = tmp_path / "b" / MANIFEST
+    m = json.loads(mpath.read_text())
+    m["index"]["scorer"] = "magic"
+    m["manifest_sha256"] = manifest_digest(m)
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BankFormatError, match="scorer"):
+        PromptBank.load(tmp_path / "b", tiny_bank.backbone, embedder=tiny_bank.embedder)
+
+    tiny_bank.save(tmp_path / "c")
+    kpath = tmp_path / "c" / "tasks" / "weather" / "keys.safetensors"
+    tensors = load_file(kpath)
+    tensors["groups"] = np.full_like(tensors["groups"], 10_000)
+    save_file(tensors, kpath)
+    with pytest.raises(BankFormatError, match="keys.safetensors"):  # checksum, then the range check
+        PromptBank.load(tmp_path / "c", tiny_bank.backbone, embedder=tiny_bank.embedder)
