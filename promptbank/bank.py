@@ -884,6 +884,13 @@ class PromptBank:
         while len(self._kv) > self._kv_cache_size:
             self._kv.popitem(last=False)
 
+    def set_index(self, index: str = "flat", **options) -> None:
+        """Change the FAISS index of the routing keys (used by ``routing="knn"``): ``"flat"`` (exact, default),
+        ``"hnsw"`` (``hnsw_m``, ``ef_construction``, ``ef_search``) or ``"ivf"`` (``nlist``, ``nprobe``); see
+        :class:`promptbank.router.Router`. Saved with the bank. Keys, ids and thresholds are unchanged."""
+        with self._lock:
+            self.router = _copy_router(self.router, index=index, **options)
+
     def route(self, text: str, *, top_k: int = 3) -> Routing:
         """Rank tasks for one query; ``task`` is ``None`` when the best score is under its threshold."""
         return self.route_many([text], top_k=top_k)[0]
@@ -1177,8 +1184,9 @@ def _variant_of(task: _Task, variant: str | None) -> _Variant:
         ) from None
 
 
-def _copy_router(router: Router) -> Router:
-    """An independent copy of ``router`` (same keys, ids, thresholds and index options; the index rebuilt)."""
+def _copy_router(router: Router, **index_options) -> Router:
+    """An independent copy of ``router`` (same keys, ids, thresholds and index options unless overridden in
+    ``index_options``; the index rebuilt)."""
     names = router.tasks
     return Router.from_keys(
         {n: router.keys(n) for n in names},
@@ -1186,7 +1194,7 @@ def _copy_router(router: Router) -> Router:
         dim=router.dim,
         ids={n: router.ids(n) for n in names},
         next_id=router.next_id,
-        **router.index_config,
+        **{**router.index_config, **index_options},
     )
 
 

@@ -295,11 +295,12 @@ def _write_folder(bank: PromptBank, tasks: dict, router, folder: Path) -> None:
         "embedder": {"name": bank.embedder.name, "dim": int(bank.embedder.dim)},
         "index": {
             "file": INDEX_FILE,
-            "type": "IndexIDMap2(IndexFlatIP)",
+            "type": _INDEX_TYPES[router.index_kind],
             "top_keys": int(router.top_keys),
             "ntotal": int(router.ntotal),
             "next_id": int(router.next_id),
             "scorer": bank.routing,
+            "options": {k: v for k, v in router.index_config.items() if k != "top_keys"},
         },
         "tasks": {name: t.record.to_dict() for name, t in tasks.items()},
         "task_order": list(tasks),
@@ -944,11 +945,28 @@ def load_bank(
             ids=ids,
             next_id=manifest["index"].get("next_id"),
             index_bytes=index_bytes,
+            **_index_options(manifest["index"].get("options", {}), folder / MANIFEST),
         )
     except ValueError as e:
         raise BankFormatError(f"{folder / MANIFEST}: inconsistent routing keys ({e})") from None
     bank._tasks = tasks
     return bank
+
+
+_INDEX_TYPES = {"flat": "IndexIDMap2(IndexFlatIP)", "hnsw": "IndexIDMap2(IndexHNSWFlat)", "ivf": "IndexIVFFlat"}
+_INDEX_OPTIONS = {"index": str, "hnsw_m": int, "ef_construction": int, "ef_search": int, "nlist": int, "nprobe": int}
+
+
+def _index_options(options: Any, mpath: Path) -> dict[str, Any]:
+    """The saved FAISS index options (kind and parameters); values are range-checked by the Router itself."""
+    if not isinstance(options, dict) or set(options) - set(_INDEX_OPTIONS):
+        raise _fail(mpath, f"bad 'index.options' (allowed keys: {sorted(_INDEX_OPTIONS)})")
+    for k, v in options.items():
+        if v is None and k == "nlist":
+            continue
+        if isinstance(v, bool) or not isinstance(v, _INDEX_OPTIONS[k]) or (isinstance(v, int) and not 0 < v <= 1 << 20):
+            raise _fail(mpath, f"bad 'index.options.{k}': {v!r}")
+    return options
 
 
 def _models(manifest: dict[str, Any], folder: Path, backbone, embedder) -> tuple[Backbone, Embedder]:

@@ -154,3 +154,27 @@ def test_bad_scorer_and_bad_groups_are_refused(tiny_bank, tmp_path):
     save_file(tensors, kpath)
     with pytest.raises(BankFormatError, match="keys.safetensors"):  # checksum, then the range check
         PromptBank.load(tmp_path / "c", tiny_bank.backbone, embedder=tiny_bank.embedder)
+
+
+def test_index_kind_and_options_are_saved_with_the_bank(tiny_bank, tmp_path):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options())
+    tiny_bank.routing = "knn"
+    before = tiny_bank.route_many(["the weather is rainy today", "i would like to eat a lemon"])
+    tiny_bank.set_index("hnsw", hnsw_m=16, ef_search=64)
+    assert tiny_bank.router.index_kind == "hnsw" and tiny_bank.router.index_config["ef_search"] == 64
+    assert tiny_bank.route_many(["the weather is rainy today", "i would like to eat a lemon"]) == before
+    tiny_bank.save(tmp_path / "b")
+    loaded = PromptBank.load(tmp_path / "b", tiny_bank.backbone, embedder=tiny_bank.embedder)
+    assert loaded.router.index_config == tiny_bank.router.index_config
+    assert loaded.routing == "knn"
+
+    mpath = tmp_path / "b" / MANIFEST
+    m = json.loads(mpath.read_text())
+    m["index"]["options"]["ef_search"] = -3
+    m["manifest_sha256"] = manifest_digest(m)
+    mpath.write_text(json.dumps(m))
+    from promptbank.errors import BankFormatError
+
+    with pytest.raises(BankFormatError, match="ef_search"):
+        PromptBank.load(tmp_path / "b", tiny_bank.backbone, embedder=tiny_bank.embedder)
