@@ -11,16 +11,29 @@ from __future__ import annotations
 from ._runtime import clear_cache
 from .chat_models import PTunedLLM
 from .embeddings import PromptBankEmbeddings
-from .rag import ANSWER_TEMPLATE, build_rag_chain, format_answer_input, format_docs
+from .rag import (
+    ANSWER_TEMPLATE,
+    DEFAULT_REWRITE_WEIGHT,
+    answer_messages,
+    build_rag_chain,
+    format_answer_input,
+    format_docs,
+)
 from .retrievers import FaissRetriever
+from .xquad import ANSWER_TASK, REWRITE_TASK, train_rag_prompts
 
 __all__ = [
+    "ANSWER_TASK",
     "ANSWER_TEMPLATE",
+    "DEFAULT_REWRITE_WEIGHT",
+    "REWRITE_TASK",
     "FaissRetriever",
     "PTunedLLM",
     "PromptBankEmbeddings",
+    "answer_messages",
     "build_rag_chain",
     "clear_cache",
     "format_answer_input",
     "format_docs",
+    "train_rag_prompts",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -70,10 +71,16 @@ class FaissRetriever(BaseRetriever):
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None
     ) -> list[Document]:
+        return self.search_by_vector(self.embeddings.embed_query(query), k=k)
+
+    def search_by_vector(self, vector: Sequence[float], *, k: int | None = None) -> list[Document]:
+        """The ``k`` documents most similar to an embedding ``vector`` (normalised here), best first."""
         k = self.k if k is None else _check_k(k)
         if self._index is None:
             return []
-        q = _normalise([self.embeddings.embed_query(query)])
+        q = _normalise([list(vector)])
+        if q.shape[1] != self._index.d:
+            raise ValueError(f"query vector has dimension {q.shape[1]}, the documents {self._index.d}")
         scores, ids = self._index.search(q, min(k, len(self.documents)))
         out = []
         for score, i in zip(scores[0], ids[0]):
@@ -82,6 +89,33 @@ class FaissRetriever(BaseRetriever):
                 Document(page_content=doc.page_content, metadata={**doc.metadata, "score": float(score)}, id=doc.id)
             )
         return out
+
+    def search_fused(
+        self, queries: Sequence[str], weights: Sequence[float] | None = None, *, k: int | None = None
+    ) -> list[Document]:
+        """Rank documents by a weighted sum of their cosine similarities to several queries.
+
+        ``sum_i weights[i] * cos(query_i, doc)`` equals the inner product of the doc with
+        ``sum_i weights[i] * unit(query_i)``, so this is one exact search (scores in ``metadata["score"]`` are that
+        sum divided by the vector's norm, which does not change the order). ``weights`` default to 1 each.
+        Used by :func:`~langchain_promptbank.build_rag_chain` with ``query_mode="fuse"`` (question + rewrite).
+        """
+        queries = list(queries)
+        weights = [1.0] * len(queries) if weights is None else [float(w) for w in weights]
+        if not queries or len(weights) != len(queries):
+            raise ValueError(f"need one weight per query and at least one query; got {len(queries)}, {len(weights)}")
+        if not all(np.isfinite(weights)) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
+        if self._index is None:
+            return []
+        return self.search_by_vector(fuse_vectors(self.embeddings.embed_documents(queries), weights), k=k)
+
+
+def fuse_vectors(vectors: Sequence[Sequence[float]], weights: Sequence[float]) -> np.ndarray:
+    """``sum_i weights[i] * vectors[i] / |vectors[i]|``: the query whose inner product with a unit document
+    vector is the weighted sum of the cosine similarities."""
+    x = _normalise([list(v) for v in vectors])
+    return (np.asarray(weights, dtype=np.float32)[:, None] * x).sum(0)
 
 
 def _check_k(k: Any) -> int:
