@@ -1,0 +1,336 @@
+"""Fast tests of the pieces behind benchmarks/efficiency.py and benchmarks/transfer.py, on a tiny config-built BERT
+with the byte tokenizer and the hashing embedder (seconds, no files, no network)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_tokenizer
+
+from promptbank import PromptBank
+from promptbank.backbone import from_model
+from promptbank.config import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_common  # noqa: E402
+import efficiency  # noqa: E402
+import transfer  # noqa: E402
+
+LABELS = ["left", "right"]
+
+
+def _separable(n: int, seed: int) -> list[dict]:
+    """Rows whose label is given by the letters used: a-e -> "left", v-z -> "right" (trivially separable)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        lab = LABELS[i % 2]
+        letters = "abcde" if lab == "left" else "vwxyz"
+        words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 5))) for _ in range(rng.randint(2, 5))]
+        rows.append({"text": " ".join(words), "label": lab})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def _bert_proto():
+    from transformers import BertConfig, BertModel
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
+    return from_model(BertModel(cfg), tok, name="tiny-bert")
+
+
+@pytest.fixture
+def bert(_bert_proto):
+    return copy.deepcopy(_bert_proto)
+
+
+def _tconf(**kw) -> TrainConfig:
+    opts = {"max_steps": 30, "batch_size": 8, "eval_every": 5, "patience": 100, "head_lr": 0.1, "progress": False}
+    return TrainConfig(**{**opts, **kw})
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+def test_full_ft_fits_a_separable_set_and_leaves_the_backbone_alone(bert):
+    torch.manual_seed(0)
+    before = _state(bert.model)
+    enc = efficiency.full_ft_encoder(bert.model)
+    assert bench_common.count_params(enc, trainable_only=True) == bench_common.count_params(bert.model)
+    train, dev = _separable(48, 0), _separable(16, 1)
+    head, res = efficiency.train_encoder_classifier(enc, bert.tokenizer, train, dev, LABELS, _tconf(), lr=1e-3)
+    assert res.history[0]["dev_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: uniform predictions
+    assert res.best_dev_loss < 0.2
+    assert efficiency.encoder_accuracy(enc, bert.tokenizer, head, dev, LABELS, 64) == 1.0
+    after = bert.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the bank's frozen backbone is untouched
+    assert not all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # the copy did learn
+    assert not any(p.requires_grad for p in bert.model.parameters())
+
+
+def test_lora_trains_only_the_adapters(bert):
+    torch.manual_seed(0)
+    enc = efficiency.lora_encoder(bert.model, r=4)
+    # A (r x 32) and B (32 x r) for query and value in each of the 3 layers
+    assert bench_common.count_params(enc, trainable_only=True) == 3 * 2 * (4 * 32 + 32 * 4)
+    before = _state(enc)
+    train, dev = _separable(48, 0), _separable(16, 1)
+    head, res = efficiency.train_encoder_classifier(enc, bert.tokenizer, train, dev, LABELS, _tconf(), lr=1e-2)
+    assert res.best_dev_loss < 0.5 * res.history[0]["dev_loss"]
+    after = enc.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+    assert efficiency.encoder_accuracy(enc, bert.tokenizer, head, dev, LABELS, 64) >= 0.9
+
+
+def test_baselines_save_safetensors_only(bert, tmp_path):
+    from safetensors.torch import load_file
+
+    from promptbank.encoder import Head
+
+    lora = efficiency.lora_encoder(bert.model, r=4)
+    head = Head(32, 2)
+    torch.nn.init.normal_(head.linear.weight)
+    files = efficiency.save_baseline(lora, head, tmp_path / "lora")
+    assert set(files) == {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"}
+    assert files["adapter_model.safetensors"] >= 4 * 3 * 2 * (4 * 32 + 32 * 4)  # fp32 adapter weights
+    loaded = load_file(str(tmp_path / "lora" / "head.safetensors"))
+    assert torch.equal(loaded["weight"], head.tensors()["weight"])
+    full = efficiency.save_baseline(efficiency.full_ft_encoder(bert.model), head, tmp_path / "full")
+    assert "model.safetensors" in full and not any(f.endswith((".bin", ".pt", ".pkl")) for f in full)
+    assert full["model.safetensors"] >= 4 * bench_common.count_params(bert.model)
+
+
+# ----------------------------------------------------------------------------------------------- parameters, bytes
+def test_prompt_params_counts():
+    head = 32 * 2 + 2
+    assert efficiency.prompt_params("prompt_tuning", 3, 32, 2, tokens=4) == {
+        "trainable": 4 * 32 + head,
+        "stored": 4 * 32 + head,
+    }
+    assert efficiency.prompt_params("deep", 3, 32, 2, tokens=4) == {
+        "trainable": 3 * 4 * 32 + head,
+        "stored": 3 * 4 * 32 + head,
+    }
+    mlp = efficiency.prompt_params("ptuning_mlp", 3, 32, 2, tokens=4)
+    # input embedding (4 x 32) + MLP 32 -> 32 -> 32 with biases; folded into one (4, 32) prompt when stored
+    assert mlp == {"trainable": 4 * 32 + 2 * (32 * 32 + 32) + head, "stored": 4 * 32 + head}
+    lstm = efficiency.prompt_params("ptuning_lstm", 3, 32, 2, tokens=4)
+    assert lstm["trainable"] > mlp["trainable"] and lstm["stored"] == mlp["stored"]
+
+
+def test_count_params_counts_shared_tensors_once():
+    lin = torch.nn.Linear(3, 2)
+    both = torch.nn.ModuleDict({"a": lin, "b": lin})
+    assert bench_common.count_params(both) == 8
+    lin.bias.requires_grad_(False)
+    assert bench_common.count_params(both, trainable_only=True) == 6
+
+
+def test_bank_task_bytes_with_and_without_train_state(bert, hashing_embedder):
+    bank = PromptBank(bert, hashing_embedder)
+    bank.learn_task("t", _separable(16, 0), method="ptuning_mlp", num_virtual_tokens=4, max_steps=2, progress=False)
+    sizes = efficiency.bank_task_bytes(bank, "t")
+    with_ts, without = sizes["with_train_state"], sizes["without_train_state"]
+    assert "train_state.safetensors" in with_ts and "train_state.safetensors" not in without
+    assert {k: v for k, v in with_ts.items() if k != "train_state.safetensors"} == without
+    assert set(without) == {"prompt.safetensors", "keys.safetensors", "head.safetensors"}
+    assert with_ts["train_state.safetensors"] > without["prompt.safetensors"]  # the MLP encoder outweighs its prompt
+
+
+# ----------------------------------------------------------------------------------------------- curves, splits
+def test_steps_to_fraction_on_known_curves():
+    loss = [(0, 1.0), (10, 0.5), (20, 0.2), (30, 0.1), (40, 0.12)]
+    # drop 1.0 -> 0.1 (the best); 95 % of it is reached at loss <= 0.145, first at step 30
+    assert bench_common.steps_to_fraction(loss, 0.95) == 30
+    assert bench_common.steps_to_fraction(loss, 0.5) == 10  # exactly half-way counts
+    acc = [(0, 0.5), (5, 0.7), (10, 0.88), (15, 0.9)]
+    assert bench_common.steps_to_fraction(acc, 0.95, lower_is_better=False) == 10  # 0.5 + 0.95 * 0.4 = 0.88
+    assert bench_common.steps_to_fraction([(0, 0.7), (5, 0.8), (10, 0.9)], 0.95) is None  # never improves
+    assert bench_common.steps_to_fraction([], 0.95) is None
+    assert bench_common.first_step_at(loss, 0.15) == 30 and bench_common.first_step_at(loss, 0.05) is None
+    assert bench_common.first_step_at(acc, 0.7, lower_is_better=False) == 5
+
+
+def test_dev_loss_curve_reads_the_history():
+    hist = [{"step": 0, "dev_loss": 0.69}, {"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6, "dev_loss": 0.5}]
+    assert transfer.dev_loss_curve(hist) == [(0, 0.69), (2, 0.5)]
+
+
+def test_splits_are_deterministic_and_disjoint():
+    rows = [{"text": f"row {i}", "label": LABELS[i % 2]} for i in range(100)]
+    train, dev = bench_common.sample_disjoint(rows, [60, 20], seed=3)
+    assert (train, dev) == tuple(bench_common.sample_disjoint(rows, [60, 20], seed=3))
+    assert len(train) == 60 and len(dev) == 20
+    assert not {r["text"] for r in train} & {r["text"] for r in dev}
+    assert bench_common.sample_disjoint(rows, [60, 20], seed=4)[0] != train
+    with pytest.raises(ValueError, match="pool of 100"):
+        bench_common.sample_disjoint(rows, [90, 20], seed=0)
+    tr, te = bench_common.fixed_split(rows, 0.2)
+    assert (tr, te) == bench_common.fixed_split(rows, 0.2) and len(te) == 20 and len(tr) == 80
+    assert sorted(r["text"] for r in tr + te) == sorted(r["text"] for r in rows)
+    assert bench_common.subsample(rows, 10, 0) == bench_common.subsample(rows, 10, 0)
+    assert bench_common.subsample(rows, None) == rows and bench_common.subsample(rows, 500) == rows
+
+
+def test_load_task_splits_mr_style_data(tmp_path):
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    (folder / "labels.json").write_text('{"labels": ["negative", "positive"]}')
+    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(50)]
+    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = transfer.load_task(tmp_path, "mr", 20, 5, 8, seed=0)
+    b = transfer.load_task(tmp_path, "mr", 20, 5, 8, seed=1)
+    assert a["test"] == b["test"]  # the fixed test split does not move with the seed
+    for t in (a, b):
+        train, dev, test = ({r["text"] for r in t[k]} for k in ("train", "dev", "test"))
+        assert len(train) == 20 and len(dev) == 5 and len(test) == 8
+        assert not (train & dev) and not (train & test) and not (dev & test)
+    assert a["train"] != b["train"]
+
+
+# ----------------------------------------------------------------------------------------------- warm start
+_OPTS = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "patience": 10, "max_input_tokens": 32, "progress": False}
+SOURCE = [{"text": f"the movie was {w}", "label": lab} for w, lab in [("great", "pos"), ("awful", "neg")] * 6]
+NEAR = [{"text": f"the movie was {w} indeed", "label": lab} for w, lab in [("superb", "pos"), ("bad", "neg")] * 6]
+FAR = [{"text": f"{w} quarterly revenue", "label": lab} for w, lab in [("rising", "up"), ("falling", "down")] * 6]
+
+
+def _task(rows):
+    labels = sorted({r["label"] for r in rows})
+    return {"labels": labels, "train": rows[:8], "dev": rows[8:], "test": rows}
+
+
+def test_warm_start_without_candidates_is_the_cold_text_run(bert, hashing_embedder):
+    """transfer.py reports a warm-start run that found no stored prompt above the threshold as the cold text run."""
+    a = PromptBank(bert, hashing_embedder)
+    b = PromptBank(bert, hashing_embedder)
+    ra = a.learn_task("t", NEAR, method="deep", num_virtual_tokens=3, warm_start=True, **_OPTS)
+    rb = b.learn_task("t", NEAR, method="deep", num_virtual_tokens=3, warm_start=False, init="text", **_OPTS)
+    assert ra.warm_start_from == []
+    pa, pb = a.soft_prompt("t"), b.soft_prompt("t")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [h.get("dev_loss") for h in ra.history] == [h.get("dev_loss") for h in rb.history]
+
+
+def test_run_target_records_whether_warm_start_fired(bert, hashing_embedder):
+    bank = PromptBank(bert, hashing_embedder)
+    opts = {**_OPTS, "seed": 0}
+    transfer.learn(bank, "src", _task(SOURCE), opts, warm_start=False, init="text")
+
+    near = transfer.run_target(bank, "near", _task(NEAR), opts, low_threshold=-1.0)
+    assert near["warm_start_fired_at_default"] and near["similarity_to_sources"]["src"] >= 0.5
+    src = near["runs"]["warm"]["warm_start_from"]
+    assert [s["task"] for s in src] == ["src"]
+    assert src[0]["similarity"] == pytest.approx(near["similarity_to_sources"]["src"], abs=1e-5)
+    assert set(near["runs"]) == {"warm", "cold_text", "cold_vocab"}
+    assert sorted(bank.tasks) == ["near-text", "src"]  # the cold text run stays as a source, the rest is removed
+
+    far = transfer.run_target(bank, "far", _task(FAR), opts, low_threshold=-1.0)
+    assert not far["warm_start_fired_at_default"]
+    assert max(far["similarity_to_sources"].values()) < 0.5
+    assert far["runs"]["cold_text"]["same_run_as"] == "warm"
+    low = far["runs"]["warm_lowered"]["warm_start_from"]
+    # threshold -1: every stored prompt of the same shape, and none of this target's own earlier runs
+    assert {s["task"] for s in low} == {"src", "near-text"}
+    assert sorted(bank.tasks) == ["far-warm", "near-text", "src"]
+    assert sum(s["weight"] for s in low) == pytest.approx(1.0, abs=1e-5)
+    assert all(0 <= r["test_accuracy"] <= 1 for r in far["runs"].values())
+    cold = far["runs"]["cold_text"]
+    assert cold["reached_cold_text_level"] and cold["steps_to_cold_text_level"] == cold["steps_to_95"]
+
+
+def test_summarize_counts_step_savings_and_harm():
+    def run(steps, acc):
+        return {
+            "steps_to_95": steps,
+            "improved": True,
+            "steps_to_cold_text_level": steps,
+            "reached_cold_text_level": True,
+            "test_accuracy": acc,
+            "dev_accuracy": acc,
+        }
+
+    def seed(warm, cold):
+        return {
+            "chains": {
+                "c": {
+                    "targets": {
+                        "t": {
+                            "similarity_to_sources": {"s": 0.8},
+                            "warm_start_fired_at_default": True,
+                            "runs": {"warm": run(*warm), "cold_text": run(*cold), "cold_vocab": run(40, 0.7)},
+                        }
+                    }
+                }
+            }
+        }
+
+    s = transfer.summarize([seed((10, 0.80), (20, 0.80)), seed((20, 0.70), (20, 0.75)), seed((12, 0.80), (20, 0.805))])
+    w = s["t"]["conditions"]["warm"]
+    assert w["fewer_steps_to_95_vs_cold_text_pct"] == pytest.approx(100 * (1 - 14 / 20))
+    assert w["hurts_seeds"] == 1  # only seed 1 lost more than 1 point
+    assert w["seeds"] == 3 and s["t"]["conditions"]["cold_vocab"]["steps_to_95"] == 40
+    assert s["t"]["conditions"]["cold_vocab"]["fewer_steps_to_95_vs_cold_text_pct"] == pytest.approx(-100)
+
+
+def test_summarize_uses_only_the_seeds_that_have_a_condition():
+    def run(steps, acc):
+        return {
+            "steps_to_95": steps,
+            "improved": True,
+            "steps_to_cold_text_level": steps,
+            "reached_cold_text_level": True,
+            "test_accuracy": acc,
+            "dev_accuracy": acc,
+        }
+
+    def seed(fired):
+        runs = {"warm": run(10, 0.8), "cold_text": run(20, 0.8), "cold_vocab": run(20, 0.7)}
+        if not fired:  # the default warm start found nothing: its run is the cold text run; a lowered run exists
+            runs = {
+                "warm": run(20, 0.8),
+                "cold_text": run(20, 0.8),
+                "warm_lowered": run(5, 0.9),
+                "cold_vocab": run(20, 0.7),
+            }
+        t = {"similarity_to_sources": {"s": 0.5}, "warm_start_fired_at_default": fired, "runs": runs}
+        return {"chains": {"c": {"targets": {"t": t}}}}
+
+    c = transfer.summarize([seed(True), seed(False)])["t"]["conditions"]
+    assert c["warm"]["seeds"] == 2 and c["warm"]["steps_to_95"] == 15
+    assert c["warm_lowered"]["seeds"] == 1 and c["warm_lowered"]["fewer_steps_to_95_vs_cold_text_pct"] == 75
+    assert c["warm_lowered"]["hurts_seeds"] == 0 and c["cold_vocab"]["hurts_seeds"] == 2
+
+
+@pytest.mark.parametrize("system", ["lora", "prompt_tuning"])
+def test_run_system_is_reproducible_and_reports_everything(bert, hashing_embedder, system):
+    data = {"labels": LABELS, "train": _separable(24, 0), "dev": _separable(8, 1), "test": _separable(8, 2)}
+    opts = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "max_input_tokens": 32, "seed": 0, "progress": False}
+    a = efficiency.run_system(system, bert, hashing_embedder, data, opts, lr=1e-2)
+    torch.manual_seed(123)  # the global RNG state must not matter
+    b = efficiency.run_system(system, bert, hashing_embedder, data, opts, lr=1e-2)
+    assert a["dev_loss"] == b["dev_loss"] and a["test_accuracy"] == b["test_accuracy"]
+    assert a["history"] == b["history"] and a["steps"] == 4
+    assert 0 < a["trainable_params"] < bench_common.count_params(bert.model)
+    assert a["bytes"] > 0 and a["bytes_with_train_state"] >= a["bytes"] and a["ms_per_step"] > 0
