@@ -2,8 +2,9 @@
 related tasks? All-MiniLM-L6-v2 encoder backbone, deep prompts (20 virtual tokens at all 6 layers) + a new linear
 head per task.
 
-    python benchmarks/transfer.py                 # 3 chains x 3 seeds, ~20-25 min on 1 thread
+    python benchmarks/transfer.py                 # 3 chains x 3 seeds, ~20 min of CPU on 1 thread
     python benchmarks/transfer.py --quick         # sentiment chain, 1 seed, tiny sizes, 8 steps: a smoke run (~1 min)
+    python benchmarks/transfer.py --similarities  # only the warm-start similarity matrices (~1 min)
     python benchmarks/transfer.py --data /path/to/shared/data
 
 Chains (each in its own bank; the source tasks are learned first, cold, with the same settings):
@@ -129,6 +130,14 @@ def similarity_matrix(embedder, tokenizer, data_dir: Path, names: list[str], n: 
         c = embedder.encode([ex.input for ex in td.examples]).mean(0)
         cent[name] = c / (np.linalg.norm(c) + 1e-12)
     return {a: {b: round(float(cent[a] @ cent[b]), 4) for b in names} for a in names}
+
+
+def _print_matrix(sim: dict, embedder_name: str) -> None:
+    names = list(sim)
+    print(f"\nwarm-start similarity ({embedder_name}): cosine of mean training-input embeddings\n")
+    print("| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+    for a in names:
+        print(f"| {a} | " + " | ".join(f"{sim[a][b]:.2f}" for b in names) + " |")
 
 
 def dev_loss_curve(history: list[dict]) -> list[tuple[int, float]]:
@@ -365,6 +374,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--lr", type=float, default=LR, help="deep-prompt learning rate (all conditions)")
     ap.add_argument("--low-threshold", type=float, default=0.0, help="the lowered warm-start threshold")
+    ap.add_argument(
+        "--similarities",
+        action="store_true",
+        help="only the warm-start similarity matrices (default embedder and plain MiniLM) -> transfer_similarity.json",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -395,10 +409,30 @@ def main(argv=None) -> dict:
     chain_names = args.chains.split(",")
     names = list(dict.fromkeys([t for c in chain_names for t in CHAINS[c]] + ["trec"]))
     sim = similarity_matrix(embedder, backbone.tokenizer, args.data, names, args.train, args.max_tokens)
-    print(f"warm-start similarity ({embedder.name}), mean training-input embeddings:")
-    print("| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
-    for a in names:
-        print(f"| {a} | " + " | ".join(f"{sim[a][b]:.2f}" for b in names) + " |")
+    _print_matrix(sim, embedder.name)
+    if args.similarities:  # only the matrices: the bank's default embedder and the plain sentence embedding
+        from promptbank.embed import load_embedder
+
+        plain = load_embedder("all-MiniLM-L6-v2")
+        sims = {embedder.name: sim}
+        if plain.name != embedder.name:
+            sims[plain.name] = similarity_matrix(
+                plain, backbone.tokenizer, args.data, names, args.train, args.max_tokens
+            )
+            _print_matrix(sims[plain.name], plain.name)
+        path = args.out or RESULTS / "transfer_similarity.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "config": {"rows_per_dataset": args.train, "max_tokens": args.max_tokens},
+                    "versions": versions(),
+                    "similarity": sims,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return {"similarity": sims}
     seeds = []
     for seed in range(args.seeds):
         chains = {
