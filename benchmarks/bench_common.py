@@ -130,3 +130,17 @@ def versions() -> dict[str, str]:
 def mean(values: Sequence[float]) -> float:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
+
+
+def file_routing_keys_only(bank, name: str, train, tconf) -> None:
+    """File task ``name`` in ``bank`` with its routing keys only (no prompt is trained or stored): for benchmarks
+    that measure the router alone. ``train`` is a classification TaskData, ``tconf`` a TrainConfig."""
+    from promptbank.bank import TaskRecord, _Task
+
+    keys, groups, threshold = bank._routing_keys(train, None, tconf)
+    record = TaskRecord(
+        name=name, kind="classification", labels=list(train.labels), prompt_config={"method": "deep"},
+        train_config=tconf.to_dict(), template="{input}", num_train=len(train), num_dev=0, steps=0, best_step=0,
+        dev_loss=None, dev_accuracy=None, train_seconds=0.0, threshold=float(threshold),
+    )  # fmt: skip
+    bank._insert(_Task(record, {}, keys, {}, None, key_groups=groups))

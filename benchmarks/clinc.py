@@ -31,11 +31,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import default_data_dir, file_routing_keys_only  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("PROMPTBANK_DATA", ROOT.parent / "shared" / "data"))
 
 
 def load_clinc(data_dir: Path, train_per_intent: int, test_per_intent: int | None, seed: int, domains: int | None):
@@ -233,19 +232,12 @@ def main(argv=None) -> dict:
 
 def _routing_only(bank, stream, oos, order, args, t_start) -> dict:
     """Each domain filed with its routing keys only (no prompt is trained or used); routing of both scorers."""
-    from promptbank.bank import TaskRecord, _Task
     from promptbank.config import TrainConfig
 
     tconf = TrainConfig(seed=args.seed)
     for name in order:
         train = stream[name]["train"]
-        keys, groups, thr = bank._routing_keys(train, None, tconf)
-        record = TaskRecord(
-            name=name, kind="classification", labels=list(train.labels), prompt_config={"method": "deep"},
-            train_config=tconf.to_dict(), template="{input}", num_train=len(train), num_dev=0, steps=0, best_step=0,
-            dev_loss=None, dev_accuracy=None, train_seconds=0.0, threshold=float(thr),
-        )  # fmt: skip
-        bank._insert(_Task(record, {}, keys, {}, None, key_groups=groups))
+        file_routing_keys_only(bank, name, train, tconf)
     texts = [ex.input for n in order for ex in stream[n]["test"].examples]
     gold = [n for n in order for _ in stream[n]["test"].examples]
     routing = {}

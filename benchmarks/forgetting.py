@@ -37,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import default_data_dir, file_routing_keys_only  # noqa: E402
+
 from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 
 ROUTING = "lda"  # set from --routing
@@ -48,10 +51,6 @@ ORDERS = {
     "O2": ["dbpedia", "amazon", "ag", "yahoo"],
     "O3": ["yahoo", "amazon", "ag", "dbpedia"],
 }
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("PROMPTBANK_DATA", ROOT.parent / "shared" / "data"))
 
 
 def load_stream(data_dir: Path, train_per_class: int, test_per_class: int, seed: int):
@@ -278,7 +277,6 @@ def routing_only(args, backbone) -> dict:
     only); it isolates the router from the prompts. Label-aware hit@1 equals plain hit@1 here: the four tasks
     have four different label sets."""
     from promptbank import PromptBank
-    from promptbank.bank import TaskRecord, _Task
     from promptbank.config import TrainConfig
     from promptbank.embed import DEFAULT_EMBEDDER, load_embedder
 
@@ -295,13 +293,7 @@ def routing_only(args, backbone) -> dict:
             bank = PromptBank(backbone, emb)
             for name in TASKS:
                 train = stream[name]["train"]
-                keys, groups, thr = bank._routing_keys(train, None, tconf)
-                record = TaskRecord(
-                    name=name, kind="classification", labels=list(train.labels), prompt_config={"method": "deep"},
-                    train_config=tconf.to_dict(), template="{input}", num_train=len(train), num_dev=0, steps=0,
-                    best_step=0, dev_loss=None, dev_accuracy=None, train_seconds=0.0, threshold=float(thr),
-                )  # fmt: skip
-                bank._insert(_Task(record, {}, keys, {}, None, key_groups=groups))
+                file_routing_keys_only(bank, name, train, tconf)
             for scorer in ("lda", "knn"):
                 bank.routing = scorer
                 routes = bank.route_many(texts)

@@ -50,6 +50,26 @@ def make_tiny_model(vocab_size: int, *, layers: int = 2, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def make_tiny_bert(name: str = "tiny-bert"):
+    """A 3-layer BertModel over the tiny tokenizer, seeded (for encoder-backbone tests), as a Backbone."""
+    from transformers import BertConfig, BertModel
+
+    from promptbank.backbone import from_model
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
+    return from_model(BertModel(cfg), tok, name=name)
+
+
 @pytest.fixture(scope="session")
 def _tiny_backbone_proto():
     from promptbank.backbone import from_model

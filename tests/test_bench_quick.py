@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
+from conftest import make_tiny_bert
 
 from promptbank import PromptBank
-from promptbank.backbone import from_model
 from promptbank.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -40,20 +39,7 @@ def _separable(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def _bert_proto():
-    from transformers import BertConfig, BertModel
-
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-    )
-    return from_model(BertModel(cfg), tok, name="tiny-bert")
+    return make_tiny_bert()
 
 
 @pytest.fixture

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fast_options, make_tiny_tokenizer
+from conftest import fast_options, make_tiny_bert
 from test_bank import FRUIT, WEATHER, _state_hash, _tree_bytes
 
 from promptbank import PromptBank
-from promptbank.backbone import from_model
 from promptbank.encoder import pooled
 
 
 @pytest.fixture(scope="module")
 def _encoder_proto():
-    from transformers import BertConfig, BertModel
-
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-    )
-    return from_model(BertModel(cfg), tok, name="tiny-bert")
+    return make_tiny_bert()
 
 
 @pytest.fixture
