@@ -12,8 +12,8 @@ Chains (each in its own bank; the source tasks are learned first, cold, with the
   stars      Amazon -> Yelp      (target Yelp)
   topics     AG News -> Yahoo    (target Yahoo)
 For each target, same seed, data and steps:
-- ``warm``: ``warm_start=True`` with the library default (mix of the ``k=3`` nearest stored prompts of the same
-  shape whose mean-input-embedding cosine is >= 0.5). When no stored task passes the threshold the library falls
+- ``warm``: ``warm_start=True`` with the library default (mix of the prompts of the ``k=3`` stored tasks of the
+  same shape that the router sends the largest shares of the target's training inputs to, shares >= 0.25). When no stored task passes the threshold the library falls
   back to the text initialisation, so that run *is* the cold text run (reported as "no warm start");
 - ``warm, threshold 0.0``: only for targets where the default did not fire, ``warm_start_min_similarity=0.0``
   (labelled as lowered; not a library default);
@@ -76,7 +76,7 @@ DATA = {  # name -> (folder, train-pool file, test file; None: fixed 80/20 split
 CHAINS = {"sentiment": ["sst2", "mr", "cr"], "stars": ["amazon", "yelp"], "topics": ["ag_news", "yahoo"]}
 CONDITIONS = ["warm", "warm_lowered", "cold_text", "cold_vocab"]
 CONDITION_LABEL = {
-    "warm": "warm start (default, threshold 0.5)",
+    "warm": "warm start (default threshold)",
     "warm_lowered": "warm start, threshold lowered",
     "cold_text": "cold, text init",
     "cold_vocab": "cold, vocab init",
@@ -103,38 +103,43 @@ def load_task(data_dir: Path, name: str, n_train: int, n_dev: int, n_test: int |
 
 
 def centroid_similarities(bank, rows, max_tokens: int) -> dict[str, float]:
-    """Cosine between the new task's mean input embedding and each stored task's mean key: the quantity the
-    library's warm start compares with ``warm_start_min_similarity`` (inputs truncated as ``learn_task`` does)."""
+    """The warm-start similarity of the new task to each stored task (``PromptBank.task_similarities``: the share
+    of its training inputs, truncated as ``learn_task`` does, that the router sends to that task and accepts);
+    0.0 for stored tasks no input reaches. The quantity compared with ``warm_start_min_similarity``."""
     from promptbank.tasks import load_task_data, truncate_inputs
 
     td = truncate_inputs(load_task_data(rows), bank.backbone.tokenizer, max_tokens)
-    c = bank.embedder.encode([ex.input for ex in td.examples]).mean(0)
-    c /= np.linalg.norm(c) + 1e-12
-    out = {}
-    for name in bank.tasks:
-        k = bank.router.keys(name).mean(0)
-        out[name] = float(c @ (k / (np.linalg.norm(k) + 1e-12)))
-    return out
+    shares = bank.task_similarities([ex.input for ex in td.examples])
+    return {name: float(shares.get(name, 0.0)) for name in bank.tasks}
 
 
-def similarity_matrix(embedder, tokenizer, data_dir: Path, names: list[str], n: int, max_tokens: int) -> dict:
-    """Warm-start similarity between every two datasets: the cosine of the mean embeddings of ``n`` training inputs
-    each (the library compares a new task's mean embedding with the mean of a stored task's keys, which are the
-    embeddings of its training inputs). Shows where the 0.5 threshold falls for related and unrelated pairs."""
+def similarity_matrix(backbone, embedder, data_dir: Path, names: list[str], n: int, max_tokens: int) -> dict:
+    """Warm-start similarity between every two datasets, as the library computes it: every dataset is filed in one
+    bank with the routing keys of ``n`` training inputs (no prompt trained); row ``a``: the share of ``a``'s inputs
+    the router sends to each other dataset and accepts, with ``a`` itself left out (its own column: 1)."""
+    from bench_common import file_routing_keys_only
+
+    from promptbank import PromptBank
+    from promptbank.config import TrainConfig
     from promptbank.tasks import load_task_data, truncate_inputs
 
-    cent = {}
+    bank = PromptBank(backbone, embedder)
+    inputs = {}
     for name in names:
         rows = load_task(data_dir, name, n, 0, None, seed=0)["train"]
-        td = truncate_inputs(load_task_data(rows), tokenizer, max_tokens)
-        c = embedder.encode([ex.input for ex in td.examples]).mean(0)
-        cent[name] = c / (np.linalg.norm(c) + 1e-12)
-    return {a: {b: round(float(cent[a] @ cent[b]), 4) for b in names} for a in names}
+        td = truncate_inputs(load_task_data(rows), backbone.tokenizer, max_tokens)
+        inputs[name] = [ex.input for ex in td.examples]
+        file_routing_keys_only(bank, name, td, TrainConfig(seed=0))
+    out = {}
+    for a in names:
+        shares = bank.task_similarities(inputs[a], exclude=a)
+        out[a] = {b: 1.0 if a == b else round(float(shares.get(b, 0.0)), 4) for b in names}
+    return out
 
 
 def _print_matrix(sim: dict, embedder_name: str) -> None:
     names = list(sim)
-    print(f"\nwarm-start similarity ({embedder_name}): cosine of mean training-input embeddings\n")
+    print(f"\nwarm-start similarity ({embedder_name}): share of row inputs routed to the column task\n")
     print("| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for a in names:
         print(f"| {a} | " + " | ".join(f"{sim[a][b]:.2f}" for b in names) + " |")
@@ -302,9 +307,9 @@ def _print_table(result) -> None:
         fired, n = sum(e["warm_start_fired_at_default"]), len(e["warm_start_fired_at_default"])
         rows = []
         if fired:
-            rows.append(("warm", f"yes, default threshold 0.5 ({fired}/{n} seeds)" if fired < n else "yes (0.5)"))
+            rows.append(("warm", f"yes, default threshold ({fired}/{n} seeds)" if fired < n else "yes (default threshold)"))
         else:
-            rows.append((None, "none at 0.5 (the run is cold text)"))
+            rows.append((None, "none at the default threshold (the run is cold text)"))
         if "warm_lowered" in cs:
             k = cs["warm_lowered"]["seeds"]
             rows.append(
@@ -408,7 +413,7 @@ def main(argv=None) -> dict:
     }
     chain_names = args.chains.split(",")
     names = list(dict.fromkeys([t for c in chain_names for t in CHAINS[c]] + ["trec"]))
-    sim = similarity_matrix(embedder, backbone.tokenizer, args.data, names, args.train, args.max_tokens)
+    sim = similarity_matrix(backbone, embedder, args.data, names, args.train, args.max_tokens)
     _print_matrix(sim, embedder.name)
     if args.similarities:  # only the matrices: the bank's default embedder and the plain sentence embedding
         from promptbank.embed import load_embedder
@@ -417,7 +422,7 @@ def main(argv=None) -> dict:
         sims = {embedder.name: sim}
         if plain.name != embedder.name:
             sims[plain.name] = similarity_matrix(
-                plain, backbone.tokenizer, args.data, names, args.train, args.max_tokens
+                backbone, plain, args.data, names, args.train, args.max_tokens
             )
             _print_matrix(sims[plain.name], plain.name)
         path = args.out or RESULTS / "transfer_similarity.json"

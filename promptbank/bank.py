@@ -525,6 +525,27 @@ class PromptBank:
             self._tasks = tasks
             self.router = router
 
+    def task_similarities(self, texts: Sequence[str], *, exclude: str | None = None) -> dict[str, float]:
+        """For each stored task, the share of ``texts`` the router would send to it and accept (its threshold
+        passed): how much a new task's inputs look like that task's inputs, in [0, 1] with the bank's own
+        calibration. Tasks that no text reaches are left out. Task ``exclude`` is skipped (a text whose best
+        task it is goes to its next-ranked task). This is the warm-start similarity of :meth:`learn_task`."""
+        texts = _as_texts(texts)
+        router = self.router
+        if not len(router) or not texts:
+            return {}
+        emb = self.embedder.encode(texts)
+        return self._routing_shares(router, emb, exclude)
+
+    def _routing_shares(self, router: Router, emb: np.ndarray, exclude: str | None) -> dict[str, float]:
+        scorer = self._learned_router(router) if self.routing == "lda" else router
+        counts: dict[str, int] = {}
+        for ranked in scorer.route(emb, top_k=2 if exclude is not None else 1):
+            best = next(((n, s) for n, s in ranked if n != exclude), None)
+            if best is not None and best[1] >= scorer.threshold(best[0]):
+                counts[best[0]] = counts.get(best[0], 0) + 1
+        return {n: c / len(emb) for n, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+
     def _warm_start(
         self,
         train_emb: np.ndarray,
@@ -534,34 +555,34 @@ class PromptBank:
         *,
         exclude: str | None = None,
     ):
-        """Similarity-weighted mix of the ``k`` stored prompts of the same shape whose keys are nearest (SPoT).
+        """Share-weighted mix of the ``k`` stored prompts of the same shape that the new task's inputs route to
+        (SPoT-style transfer, with the router as the similarity).
 
-        Only stored tasks whose mean input embedding has cosine >= ``min_similarity`` with the new task's count:
-        a prompt trained for an unrelated task is a worse start than the label-text initialisation. Task
-        ``exclude`` never counts.
+        A stored task's similarity is the share of the new task's training inputs the router sends to it and
+        accepts (:meth:`task_similarities`); only tasks with share >= ``min_similarity`` count, since a prompt
+        trained for an unrelated task is a worse start than the label-text initialisation. Task ``exclude``
+        never counts. (Cosine of mean embeddings, used before, was 0.6-0.99 for unrelated tasks with the
+        routing embedder: mean-pooled middle-layer states share a large common direction.)
         """
-        centroid = train_emb.mean(0)
-        centroid /= np.linalg.norm(centroid) + 1e-12
+        router, tasks = self.router, self._tasks
+        if not len(router):
+            return None, []
         shape = {layer: tuple(t.shape) for layer, t in init.items()}
+        shares = self._routing_shares(router, train_emb, exclude)
         cands = []
-        tasks = self._tasks
         for name, t in tasks.items():
             if name == exclude or {layer: tuple(v.shape) for layer, v in t.prompt.items()} != shape:
                 continue
-            c = t.keys.mean(0)
-            c /= np.linalg.norm(c) + 1e-12
-            sim = float(centroid @ c)
-            if sim >= min_similarity:
-                cands.append((sim, name))
-        cands = sorted(cands, reverse=True)[:k]
+            share = shares.get(name, 0.0)
+            if share >= min_similarity:  # min_similarity 0: every stored task of the same shape
+                cands.append((share, name))
+        cands = sorted(cands, key=lambda c: (-c[0], c[1]))[:k]
         if not cands:
             return None, []
-        sims = torch.tensor([s for s, _ in cands])
-        weights = torch.softmax(sims / 0.1, dim=0)  # temperature 0.1 on cosine: nearest tasks dominate
+        total = sum(s for s, _ in cands)
+        weights = [s / total if total > 0 else 1 / len(cands) for s, _ in cands]
         mixed = {layer: sum(w * tasks[n].prompt[layer] for w, (_, n) in zip(weights, cands)) for layer in init}
-        info = [
-            {"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)
-        ]
+        info = [{"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)]
         return mixed, info
 
     def remove_task(self, name: str) -> None:

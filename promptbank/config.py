@@ -113,8 +113,9 @@ class TrainConfig:
     held out when no dev set is given. ``lr=None`` picks the method's default (:data:`DEFAULT_LR`).
     ``init``: ``"text"`` starts the soft prompt from the tokens of an instruction naming the task's labels,
     ``"vocab"`` from randomly sampled vocabulary tokens; with ``warm_start`` and a stored task of the same shape,
-    the similarity-weighted mix of the ``warm_start_k`` nearest stored soft prompts (mean-input-embedding cosine
-    >= ``warm_start_min_similarity``) is used instead. ``keep_train_state`` stores the prompt module's state
+    the mix of the soft prompts of the ``warm_start_k`` stored tasks that the router sends the most of the new
+    task's training inputs to (weighted by that share; only shares >= ``warm_start_min_similarity``) is used
+    instead. ``keep_train_state`` stores the prompt module's state
     (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
     Routing: the task's keys are the routing embeddings of at most ``max_keys`` training inputs (label-stratified),
     grouped by label (classification) or into ``n_prototypes`` k-means clusters (generation); the "no task"
@@ -139,7 +140,7 @@ class TrainConfig:
     init: str = "text"
     warm_start: bool = True
     warm_start_k: int = 3
-    warm_start_min_similarity: float = 0.5
+    warm_start_min_similarity: float = 0.25
     keep_train_state: bool = True
     n_prototypes: int = 16
     max_keys: int = 256
@@ -163,7 +164,7 @@ class TrainConfig:
             "max_target_tokens": self.max_target_tokens >= 1,
             "init": self.init in ("text", "vocab"),
             "warm_start_k": self.warm_start_k >= 1,
-            "warm_start_min_similarity": -1 <= self.warm_start_min_similarity <= 1,
+            "warm_start_min_similarity": 0 <= self.warm_start_min_similarity <= 1,
             "n_prototypes": self.n_prototypes >= 1,
             "max_keys": self.max_keys >= 1,
             "threshold_quantile": 0 <= self.threshold_quantile < 1,

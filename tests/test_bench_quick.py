@@ -197,8 +197,9 @@ def test_load_task_splits_mr_style_data(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- warm start
 _OPTS = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "patience": 10, "max_input_tokens": 32, "progress": False}
-SOURCE = [{"text": f"the movie was {w}", "label": lab} for w, lab in [("great", "pos"), ("awful", "neg")] * 6]
-NEAR = [{"text": f"the movie was {w} indeed", "label": lab} for w, lab in [("superb", "pos"), ("bad", "neg")] * 6]
+_WORDS = [("great", "pos"), ("awful", "neg"), ("superb", "pos"), ("bad", "neg"), ("fine", "pos"), ("dull", "neg")]
+SOURCE = [{"text": f"the movie was {w} in scene {i}", "label": lab} for i, (w, lab) in enumerate(_WORDS * 2)]
+NEAR = [{"text": f"the movie was {w} indeed in scene {i}", "label": lab} for i, (w, lab) in enumerate(_WORDS * 2)]
 FAR = [{"text": f"{w} quarterly revenue", "label": lab} for w, lab in [("rising", "up"), ("falling", "down")] * 6]
 
 
@@ -224,7 +225,7 @@ def test_run_target_records_whether_warm_start_fired(bert, hashing_embedder):
     opts = {**_OPTS, "seed": 0}
     transfer.learn(bank, "src", _task(SOURCE), opts, warm_start=False, init="text")
 
-    near = transfer.run_target(bank, "near", _task(NEAR), opts, low_threshold=-1.0)
+    near = transfer.run_target(bank, "near", _task(NEAR), opts, low_threshold=0.0)
     assert near["warm_start_fired_at_default"] and near["similarity_to_sources"]["src"] >= 0.5
     src = near["runs"]["warm"]["warm_start_from"]
     assert [s["task"] for s in src] == ["src"]
@@ -232,12 +233,12 @@ def test_run_target_records_whether_warm_start_fired(bert, hashing_embedder):
     assert set(near["runs"]) == {"warm", "cold_text", "cold_vocab"}
     assert sorted(bank.tasks) == ["near-text", "src"]  # the cold text run stays as a source, the rest is removed
 
-    far = transfer.run_target(bank, "far", _task(FAR), opts, low_threshold=-1.0)
+    far = transfer.run_target(bank, "far", _task(FAR), opts, low_threshold=0.0)
     assert not far["warm_start_fired_at_default"]
-    assert max(far["similarity_to_sources"].values()) < 0.5
+    assert max(far["similarity_to_sources"].values()) < 0.25
     assert far["runs"]["cold_text"]["same_run_as"] == "warm"
     low = far["runs"]["warm_lowered"]["warm_start_from"]
-    # threshold -1: every stored prompt of the same shape, and none of this target's own earlier runs
+    # threshold 0: every stored prompt of the same shape, and none of this target's own earlier runs
     assert {s["task"] for s in low} == {"src", "near-text"}
     assert sorted(bank.tasks) == ["far-warm", "near-text", "src"]
     assert sum(s["weight"] for s in low) == pytest.approx(1.0, abs=1e-5)
