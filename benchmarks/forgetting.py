@@ -1,23 +1,38 @@
-"""Forgetting benchmark: the CL-4 few-shot stream (AG News, Amazon, DBpedia, Yahoo; LFPT5 splits, 16 train
-examples per class) learned one task after another on the all-MiniLM-L6-v2 encoder backbone.
+"""Forgetting benchmark: tasks learned one after another on the all-MiniLM-L6-v2 encoder backbone.
 
-    python benchmarks/forgetting.py                       # 3 orders x 3 seeds, ~10-15 min on 2 cores
-    python benchmarks/forgetting.py --quick               # 1 order, 1 seed, tiny slices: a smoke run (~1 min)
+    python benchmarks/forgetting.py                       # CL-4: 3 orders x 3 seeds, every system
+    python benchmarks/forgetting.py --stream long         # 16 tasks from 14 datasets, 1 order, 1 seed
+    python benchmarks/forgetting.py --quick               # 1 order, 1 seed, tiny slices: a smoke run (~2 min)
+    python benchmarks/forgetting.py --routing-only        # CL-4 routing alone (keys only, no training; ~2 min)
     python benchmarks/forgetting.py --data /path/to/shared/data
 
+Streams:
+- ``cl4``: AG News, Amazon, DBpedia, Yahoo (LFPT5 splits, 16 train examples per class, 50 test per class),
+  orders O1 dbpedia->amazon->yahoo->ag, O2 dbpedia->amazon->ag->yahoo, O3 yahoo->amazon->ag->dbpedia.
+- ``long``: 16 tasks - sentiment (SST-2, MR, CR share one label set; SST-5), review stars (Amazon, Yelp share
+  one), subjectivity, question type (TREC), topic (AG News, DBpedia, Yahoo), medical abstracts, UNFAIR-ToS, CFPB
+  complaints, two CLINC150 domains; 16 train / 20 test examples per class, one fixed order.
+
 Systems, measured in the same run on the same samples:
-- promptbank: one deep soft prompt + linear head per task, routed by MiniLM keys (no task id at test time);
-  also reported with the task given (oracle).
+- promptbank: one deep soft prompt + linear head per task, routed by the learned router on MiniLM keys (no task
+  id at test time); also reported with the task given (oracle).
 - frozen embeddings + per-task logistic head (sklearn) with the same routing: a strong trivial baseline.
 - one shared deep prompt trained sequentially (a new head per task; old heads kept): forgets.
+- sequential full fine-tuning and sequential LoRA (PEFT, r=8 on query/value) of the encoder, a new head per task,
+  old heads kept (learning rates from ``efficiency.py``'s dev sweep); by default on the first order of each seed
+  only (``--ft-orders all`` for every order), as they cost as much as everything else together.
 - multitask joint training of one shared prompt + per-task heads on all tasks at once: an upper bound.
 Metrics (DESIGN.md): accuracy matrix R[i][j] (accuracy on task j after learning task i), ACC (mean of last row),
-BWT (mean of R[T][j] - R[j][j]), forgetting (mean of max earlier minus last), routing hit@1 at batch size 1,
-routed accuracy and the oracle-vs-routed gap. Amazon and Yahoo/AG News do not share label spaces here; Amazon's
-star labels are only evaluated within its own task.
-Writes benchmarks/results/forgetting.json, a PNG heatmap of promptbank's R, and prints a markdown table.
-Warm start is off for promptbank here (each task's prompt is independent of the order), so its per-task prompts
-are trained once per seed and reused across orders; the sequential baseline is retrained for every order.
+BWT (mean of R[T][j] - R[j][j]), forgetting (mean of max earlier minus last), FWT (mean over j >= 2 of R[j][j]
+minus the accuracy of promptbank's prompt trained on task j alone: what having learned the earlier tasks adds or
+costs when learning task j, against learning it alone on the frozen backbone; 0 for promptbank, whose tasks are
+independent), ACC after each task, routing hit@1 at batch size 1 (also label-aware: a query sent to another task
+with the same label set counts), the routing confusion matrix, routed accuracy (label-aware: a prediction counts
+when its label is right) and the oracle-vs-routed gap, wall time per system.
+Writes benchmarks/results/forgetting[_long].json, a PNG (R heatmaps, ACC vs number of tasks, routing confusion),
+and prints a markdown table. Warm start is off for promptbank here (each task's prompt is independent of the
+order), so its per-task prompts are trained once per seed and reused across orders; the sequential baselines are
+retrained for every order.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,41 +61,102 @@ from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 ROUTING = "lda"  # set from --routing
 OTHER = {"lda": "knn", "knn": "lda"}
 RESULTS = ROOT / "benchmarks" / "results"
-TASKS = {"ag": "ag_news", "amazon": "amazon_reviews", "dbpedia": "dbpedia", "yahoo": "yahoo_answers"}
-ORDERS = {
-    "O1": ["dbpedia", "amazon", "yahoo", "ag"],
-    "O2": ["dbpedia", "amazon", "ag", "yahoo"],
-    "O3": ["yahoo", "amazon", "ag", "dbpedia"],
+TEST_FRACTION = 0.2  # datasets without an official test split: a fixed 80/20 split (seed 0)
+# name -> (folder, train-pool file, test file or None: fixed split of the pool, CLINC150 domain or None)
+DATASETS = {
+    "ag": ("ag_news", "train.jsonl", "test.jsonl", None),
+    "amazon": ("amazon_reviews", "train.jsonl", "test.jsonl", None),
+    "dbpedia": ("dbpedia", "train.jsonl", "test.jsonl", None),
+    "yahoo": ("yahoo_answers", "train.jsonl", "test.jsonl", None),
+    "sst2": ("sst2", "train.jsonl", "test.jsonl", None),
+    "sst5": ("sst5", "train.jsonl", "test.jsonl", None),
+    "mr": ("mr", "all.jsonl", None, None),
+    "cr": ("cr", "all.jsonl", None, None),
+    "subj": ("subj", "all.jsonl", None, None),
+    "yelp": ("yelp_reviews", "train.jsonl", "dev.jsonl", None),  # no test split: its dev split is the test set
+    "trec": ("trec", "train.jsonl", "test.jsonl", None),
+    "medical": ("medical_abstracts", "test.jsonl", None, None),  # only the official test split exists
+    "unfair_tos": ("unfair_tos", "all.jsonl", None, None),
+    "cfpb": ("cfpb_complaints", "train.jsonl", "test.jsonl", None),
+    "clinc_banking": ("clinc150", "train.jsonl", "test.jsonl", "banking"),
+    "clinc_travel": ("clinc150", "train.jsonl", "test.jsonl", "travel"),
 }
+STREAMS = {
+    "cl4": {
+        "O1": ["dbpedia", "amazon", "yahoo", "ag"],
+        "O2": ["dbpedia", "amazon", "ag", "yahoo"],
+        "O3": ["yahoo", "amazon", "ag", "dbpedia"],
+    },
+    "long": {  # fixed before any run: related tasks spread out
+        "L1": [
+            "sst2", "ag", "trec", "amazon", "medical", "subj", "dbpedia", "cfpb",
+            "mr", "yahoo", "unfair_tos", "sst5", "clinc_banking", "cr", "yelp", "clinc_travel",
+        ],
+    },
+}  # fmt: skip
+TASKS = {"ag": "ag_news", "amazon": "amazon_reviews", "dbpedia": "dbpedia", "yahoo": "yahoo_answers"}  # CL-4
+ORDERS = STREAMS["cl4"]
 
 
-def load_stream(data_dir: Path, train_per_class: int, test_per_class: int, seed: int):
+def _dataset_rows(data_dir: Path, name: str) -> tuple[list[str], list[dict], list[dict]]:
+    """-> (labels, train pool rows, test rows) of one stream task."""
+    from bench_common import fixed_split, read_labels, read_rows
+
+    folder, pool_file, test_file, domain = DATASETS[name]
+    if domain is not None:  # one CLINC150 domain: its 15 intents
+        labels = sorted(json.loads((data_dir / folder / "labels.json").read_text())["domains"][domain])
+        keep = set(labels)
+        pool = [r for r in read_rows(data_dir / folder / pool_file) if r["label"] in keep]
+        test = [r for r in read_rows(data_dir / folder / test_file) if r["label"] in keep]
+        return labels, pool, test
+    labels = read_labels(data_dir / folder)
+    pool = read_rows(data_dir / folder / pool_file)
+    if test_file is None:
+        pool, test = fixed_split(pool, TEST_FRACTION, seed=0)
+    else:
+        test = read_rows(data_dir / folder / test_file)
+    return labels, pool, test
+
+
+def load_stream(data_dir: Path, train_per_class: int, test_per_class: int, seed: int, names=None):
+    """``{task: {"train": TaskData, "test": TaskData}}`` with ``train_per_class`` / ``test_per_class`` examples of
+    each label drawn at random (all of a label's rows when it has fewer). ``names`` defaults to CL-4."""
     from promptbank.tasks import TaskData, load_task_data
 
     rng = random.Random(seed)
     out = {}
-    for short, folder in TASKS.items():
-        labels = json.loads((data_dir / folder / "labels.json").read_text())["labels"]
+    for short in names or list(TASKS):
+        labels, pool, test = _dataset_rows(data_dir, short)
         parts = {}
-        for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-            data = load_task_data(data_dir / folder / f"{split}.jsonl", labels=labels)
+        for split, rows_in, per_class in (("train", pool, train_per_class), ("test", test, test_per_class)):
+            data = load_task_data(rows_in, labels=labels)
             by = {}
             for ex in data.examples:
                 by.setdefault(ex.target, []).append(ex)
-            rows = [ex for lab in labels for ex in rng.sample(by[lab], min(per_class, len(by[lab])))]
+            rows = [ex for lab in labels if lab in by for ex in rng.sample(by[lab], min(per_class, len(by[lab])))]
             rng.shuffle(rows)
-            parts[split] = TaskData(kind="classification", examples=rows, labels=labels, source=str(data.source))
+            parts[split] = TaskData(kind="classification", examples=rows, labels=labels, source=str(DATASETS[short][0]))
         out[short] = parts
     return out
 
 
-def metrics(R: np.ndarray) -> dict:
-    """ACC, BWT (GEM) and forgetting (Chaudhry) of an accuracy matrix R[i][j] (row i: after learning task i)."""
+def metrics(R: np.ndarray, single: Sequence[float] | None = None) -> dict:
+    """ACC, BWT (GEM), forgetting (Chaudhry) and ACC after each task of an accuracy matrix R[i][j] (row i: after
+    learning task i); with ``single`` (accuracy of a model trained on task j alone, per column) also FWT: the mean
+    over j >= 2 of R[j][j] - single[j]."""
     t = R.shape[0]
     acc = float(R[-1].mean())
     bwt = float(np.mean([R[-1, j] - R[j, j] for j in range(t - 1)])) if t > 1 else 0.0
     forg = float(np.mean([R[j:-1, j].max() - R[-1, j] for j in range(t - 1)])) if t > 1 else 0.0
-    return {"ACC": acc, "BWT": bwt, "forgetting": forg}
+    out = {
+        "ACC": acc,
+        "BWT": bwt,
+        "forgetting": forg,
+        "ACC_after_each_task": [float(R[i, : i + 1].mean()) for i in range(t)],
+    }
+    if single is not None:
+        out["FWT"] = float(np.mean([R[j, j] - single[j] for j in range(1, t)])) if t > 1 else 0.0
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- systems
@@ -123,13 +200,27 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
             gold_task.append(name)
             gold_label.append(ex.target)
     preds = bank.predict(texts, batch_size=64)
+    labels_of = {n: tuple(stream[n]["test"].labels) for n in order}
     hit = float(np.mean([p.task == g for p, g in zip(preds, gold_task)]))  # "no task" counts as a miss
+    hit_label_aware = float(
+        np.mean([p.task is not None and labels_of[p.task] == labels_of[g] for p, g in zip(preds, gold_task)])
+    )
     ranked = bank.route_many(texts)
     top1 = float(np.mean([bool(r.ranked) and r.ranked[0][0] == g for r, g in zip(ranked, gold_task)]))
     routed = float(
         np.mean([np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order])
     )
-    out = {"routing_hit@1": hit, "routing_top1_ignoring_threshold": top1, "routed_ACC": routed}
+    cols = [*order, None]
+    confusion = np.zeros((len(order), len(cols)), dtype=int)  # gold task x routed task ("no task" last)
+    for p, g in zip(preds, gold_task):
+        confusion[order.index(g), cols.index(p.task)] += 1
+    out = {
+        "routing_hit@1": hit,
+        "routing_hit@1_label_aware": hit_label_aware,
+        "routing_top1_ignoring_threshold": top1,
+        "routed_ACC": routed,
+        "routing_confusion": confusion.tolist(),
+    }
     out.update(_other_scorer(bank, texts, gold_task))
     return R, out, bank
 
@@ -249,6 +340,41 @@ def run_multitask(backbone, stream, order, steps, seed):
     return {n: _eval_shared(backbone, prompt, heads[n], stream[n]["test"]) for n in order}
 
 
+def _rows(data) -> list[dict]:
+    return [{"text": ex.input, "label": ex.target} for ex in data.examples]
+
+
+def run_sequential_encoder(backbone, stream, order, steps, seed, kind: str) -> np.ndarray:
+    """Sequential fine-tuning of one copy of the encoder (``kind="full_ft"``: every weight; ``"lora"``: one PEFT
+    LoRA adapter, r=8 on query/value) task after task, a new zero-initialised head per task and old heads kept (so
+    forgetting is the shared weights drifting). Same loop, schedule, batch, dev-loss model selection (10 % of the
+    task's train examples held out, as ``learn_task`` does) as promptbank; learning rates from efficiency.py's
+    SST-2 dev sweep."""
+    import efficiency
+
+    from promptbank.config import TrainConfig
+    from promptbank.tasks import split_dev
+
+    torch.manual_seed(seed)
+    enc = efficiency.full_ft_encoder(backbone.model) if kind == "full_ft" else efficiency.lora_encoder(backbone.model)
+    R = np.full((len(order), len(order)), np.nan)
+    heads = {}
+    for i, name in enumerate(order):
+        data = stream[name]["train"]
+        train, dev = split_dev(data, 0.1, seed=seed)
+        tconf = TrainConfig(
+            max_steps=steps, batch_size=16, eval_every=10, patience=4, seed=seed, progress=False, max_input_tokens=128
+        )
+        enc.train()
+        heads[name], _ = efficiency.train_encoder_classifier(
+            enc, backbone.tokenizer, _rows(train), _rows(dev), data.labels, tconf, lr=efficiency.LR[kind], desc=kind
+        )
+        for j in range(i + 1):
+            t = stream[order[j]]["test"]
+            R[i, j] = efficiency.encoder_accuracy(enc, backbone.tokenizer, heads[order[j]], _rows(t), t.labels, 128)
+    return R
+
+
 class _Memo:
     """An embedder that remembers every text it encoded (optionally: the first half of another's vectors)."""
 
@@ -310,32 +436,63 @@ def routing_only(args, backbone) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- main
+SYSTEMS = ["promptbank", "logistic", "shared", "full_ft", "lora", "multitask"]
+SYSTEM_LABEL = {
+    "promptbank": "promptbank",
+    "logistic": "frozen emb + logistic head",
+    "shared": "sequential shared prompt",
+    "full_ft": "sequential full fine-tuning",
+    "lora": "sequential LoRA",
+    "multitask": "multitask (upper bound)",
+}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=default_data_dir())
+    ap.add_argument("--stream", default="cl4", choices=list(STREAMS))
     ap.add_argument("--quick", action="store_true", help="1 order, 1 seed, 4/class train, 5/class test, 10 steps")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--orders", default="O1,O2,O3")
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per task (batch 16)")
+    ap.add_argument("--seeds", type=int, default=None, help="default: 3 (cl4), 1 (long)")
+    ap.add_argument("--orders", default=None, help="default: every order of the stream")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per task (batch 16); 60 (cl4), 40 (long)")
     ap.add_argument("--train-per-class", type=int, default=16)
-    ap.add_argument("--test-per-class", type=int, default=50)
-    ap.add_argument("--out", type=Path, default=RESULTS / "forgetting.json")
+    ap.add_argument("--test-per-class", type=int, default=None, help="default: 50 (cl4), 20 (long)")
+    ap.add_argument("--systems", default=None, help=f"comma list of {','.join(SYSTEMS)} (default: all for cl4; "
+                    "long: all but full_ft, lora)")  # fmt: skip
+    ap.add_argument("--ft-orders", default="first", choices=["first", "all"], help="orders for full_ft and lora")
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--embedder", default=ROUTING_EMBEDDER, help="routing embedder (default: MiniLM + middle layer)")
     ap.add_argument("--routing", default="lda", choices=["lda", "knn"], help="routing scorer of the bank")
     ap.add_argument("--routing-only", action="store_true", help="no training: routing of both scorers / embedders")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args(argv)
-    global ROUTING
-    ROUTING = args.routing
+    long = args.stream == "long"
+    args.seeds = args.seeds if args.seeds is not None else (1 if long else 3)
+    args.orders = args.orders or ",".join(STREAMS[args.stream])
+    args.steps = args.steps if args.steps is not None else (40 if long else 60)
+    args.test_per_class = args.test_per_class if args.test_per_class is not None else (20 if long else 50)
+    args.systems = args.systems or ",".join(s for s in SYSTEMS if not (long and s in ("full_ft", "lora")))
     if args.quick:
-        args.seeds, args.orders, args.steps, args.train_per_class, args.test_per_class = 1, "O1", 10, 4, 5
-    if not (args.data / "ag_news").is_dir():
-        sys.exit(
-            f"no CL-4 data under {args.data} (expected ag_news/, amazon_reviews/, dbpedia/, yahoo_answers/); "
-            "pass --data or set PROMPTBANK_DATA"
+        args.seeds, args.orders, args.steps, args.train_per_class, args.test_per_class = (
+            1,
+            args.orders.split(",")[0],
+            10,
+            4,
+            5,
         )
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    suffix = ("_long" if long else "") + ("_quick" if args.quick else "")
+    args.out = args.out or RESULTS / f"forgetting{suffix}.json"
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        sys.exit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    names = list(dict.fromkeys(t for o in args.orders.split(",") for t in STREAMS[args.stream][o]))
+    missing = [DATASETS[n][0] for n in names if not (args.data / DATASETS[n][0]).is_dir()]
+    if missing:
+        sys.exit(
+            f"no data under {args.data} (missing {', '.join(sorted(set(missing)))}/); pass --data or set PROMPTBANK_DATA"
+        )
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     from promptbank.backbone import load_backbone
-    from promptbank.bank import Routing  # noqa: F401  (import check)
     from promptbank.embed import load_embedder
 
     t_start = time.perf_counter()
@@ -360,113 +517,177 @@ def main(argv=None) -> dict:
                     f"| {e} | {sc} | {100 * np.mean(h):.1f} ({100 * np.std(h):.1f}) | {100 * np.mean(t):.1f} ({100 * np.std(t):.1f}) |"
                 )
         return result
-    embedder = load_embedder(args.embedder)
+    result = run(args, backbone, load_embedder(args.embedder), t_start=t_start)
+    print_table(result)
+    return result
+
+
+def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
+    """Every requested system on every (seed, order) of ``args.stream``; writes ``args.out`` (+ .png)."""
+    global ROUTING
+    ROUTING = args.routing
+    t_start = time.perf_counter() if t_start is None else t_start
+    systems = args.systems.split(",")
     orders = args.orders.split(",")
+    names = list(dict.fromkeys(t for o in orders for t in STREAMS[args.stream][o]))
     runs = []
     for seed in range(args.seeds):
-        stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed)
+        stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed, names)
         trained = {}
         mt = None
-        for oname in orders:
-            order = ORDERS[oname]
+        for k, oname in enumerate(orders):
+            order = STREAMS[args.stream][oname]
+            run_ = {"seed": seed, "order": oname, "tasks": order}
             t0 = time.perf_counter()
             R, routed, bank = run_promptbank(backbone, embedder, stream, order, args.steps, seed, trained)
-            t_ours = time.perf_counter() - t0
-            router = lambda texts, bank=bank: [r.task for r in bank.route_many(texts)]  # noqa: E731
-            logistic = run_logistic(embedder, stream, order, seed, router)
-            t0 = time.perf_counter()
-            R_seq = run_sequential_shared(backbone, stream, order, args.steps, seed)
-            t_seq = time.perf_counter() - t0
-            if mt is None:  # order-independent: once per seed
-                mt = run_multitask(backbone, stream, order, args.steps, seed)
-            run = {
-                "seed": seed,
-                "order": oname,
-                "tasks": order,
-                "promptbank": {
-                    "R": R.tolist(),
-                    **metrics(R),
-                    **routed,
-                    "seconds": t_ours,
-                    "train_seconds": {n: trained[(n, seed)][1] for n in order},
-                },
-                "logistic_head": logistic,
-                "sequential_shared_prompt": {"R": R_seq.tolist(), **metrics(R_seq), "seconds": t_seq},
-                "multitask": {"per_task": mt, "ACC": float(np.mean(list(mt.values())))},
+            single = [float(R[j, j]) for j in range(len(order))]  # each prompt is trained on its task alone
+            run_["promptbank"] = {
+                "R": R.tolist(),
+                **metrics(R, single),
+                **routed,
+                "seconds": time.perf_counter() - t0,
+                "train_seconds": {n: trained[(n, seed)][1] for n in order},
             }
-            run["promptbank"]["oracle_routed_gap"] = run["promptbank"]["ACC"] - run["promptbank"]["routed_ACC"]
-            runs.append(run)
-            print(
-                f"seed {seed} {oname}: promptbank ACC {run['promptbank']['ACC']:.3f} (routed "
-                f"{run['promptbank']['routed_ACC']:.3f}, hit@1 {run['promptbank']['routing_hit@1']:.3f}, BWT "
-                f"{run['promptbank']['BWT']:+.3f}); logistic {logistic['ACC']:.3f} (routed {logistic['routed_ACC']:.3f}); "
-                f"sequential shared prompt ACC {run['sequential_shared_prompt']['ACC']:.3f} BWT "
-                f"{run['sequential_shared_prompt']['BWT']:+.3f}; multitask {run['multitask']['ACC']:.3f}",
-                flush=True,
+            run_["promptbank"]["oracle_routed_gap"] = run_["promptbank"]["ACC"] - run_["promptbank"]["routed_ACC"]
+            if "logistic" in systems:
+                t0 = time.perf_counter()
+                router = lambda texts, bank=bank: [r.task for r in bank.route_many(texts)]  # noqa: E731
+                run_["logistic_head"] = {
+                    **run_logistic(embedder, stream, order, seed, router),
+                    "seconds": time.perf_counter() - t0,
+                }
+            if "shared" in systems:
+                t0 = time.perf_counter()
+                R_seq = run_sequential_shared(backbone, stream, order, args.steps, seed)
+                run_["sequential_shared_prompt"] = {
+                    "R": R_seq.tolist(),
+                    **metrics(R_seq, single),
+                    "seconds": time.perf_counter() - t0,
+                }
+            for kind, key in (("full_ft", "sequential_full_ft"), ("lora", "sequential_lora")):
+                if kind in systems and (args.ft_orders == "all" or k == 0):
+                    t0 = time.perf_counter()
+                    R_enc = run_sequential_encoder(backbone, stream, order, args.steps, seed, kind)
+                    run_[key] = {"R": R_enc.tolist(), **metrics(R_enc, single), "seconds": time.perf_counter() - t0}
+            if "multitask" in systems:
+                if mt is None:  # order-independent: once per seed
+                    t0 = time.perf_counter()
+                    mt = (run_multitask(backbone, stream, order, args.steps, seed), time.perf_counter() - t0)
+                run_["multitask"] = {"per_task": mt[0], "ACC": float(np.mean(list(mt[0].values()))), "seconds": mt[1]}
+            runs.append(run_)
+            pb = run_["promptbank"]
+            line = (
+                f"seed {seed} {oname}: promptbank ACC {pb['ACC']:.3f} (routed {pb['routed_ACC']:.3f}, hit@1 "
+                f"{pb['routing_hit@1']:.3f}, BWT {pb['BWT']:+.3f})"
             )
+            for key in RUN_KEYS[1:]:
+                if key in run_:
+                    line += f"; {key} ACC {run_[key]['ACC']:.3f}" + (
+                        f" BWT {run_[key]['BWT']:+.3f}" if "BWT" in run_[key] else ""
+                    )
+            print(line, flush=True)
 
-    def mean(path):
-        vals = []
-        for r in runs:
-            v = r
-            for k in path:
-                v = v[k]
-            vals.append(v)
-        return statistics.mean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
-
-    summary = {
-        "promptbank (task given)": {k: mean(("promptbank", k)) for k in ("ACC", "BWT", "forgetting")},
-        "promptbank (routed)": {
-            "ACC": mean(("promptbank", "routed_ACC")),
-            "hit@1": mean(("promptbank", "routing_hit@1")),
-        },
-        f"routing top-1, no threshold ({args.routing})": {
-            "hit@1": mean(("promptbank", "routing_top1_ignoring_threshold"))
-        },
-        f"routing hit@1, other scorer ({OTHER[args.routing]})": {
-            "hit@1": mean(("promptbank", f"routing_hit@1_{OTHER[args.routing]}"))
-        },
-        f"routing top-1, other scorer ({OTHER[args.routing]})": {
-            "hit@1": mean(("promptbank", f"routing_top1_{OTHER[args.routing]}"))
-        },
-        "frozen emb + logistic head (task given)": {"ACC": mean(("logistic_head", "ACC"))},
-        "frozen emb + logistic head (routed)": {"ACC": mean(("logistic_head", "routed_ACC"))},
-        "sequential shared prompt": {k: mean(("sequential_shared_prompt", k)) for k in ("ACC", "BWT", "forgetting")},
-        "multitask (upper bound)": {"ACC": mean(("multitask", "ACC"))},
-    }
     import transformers
 
     result = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "stream": {o: STREAMS[args.stream][o] for o in orders},
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
         },
         "wall_seconds": time.perf_counter() - t_start,
-        "summary": summary,
+        "summary": summarize(runs, args.routing),
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    _plot(runs[0], args.out.with_suffix(".png"))
-
-    print(
-        f"\nCL-4 few-shot ({args.train_per_class}/class train, {args.test_per_class}/class test), orders {args.orders}, "
-        f"{args.seeds} seed(s), {args.steps} steps/task; mean (std) over runs; wall {result['wall_seconds'] / 60:.1f} min\n"
-    )
-    print("| system | ACC | BWT | forgetting | routing hit@1 |")
-    print("|---|---:|---:|---:|---:|")
-    for name, m in summary.items():
-        cells = [
-            f"{100 * m[k][0]:.1f} ({100 * m[k][1]:.1f})" if k in m else ""
-            for k in ("ACC", "BWT", "forgetting", "hit@1")
-        ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    _plot(runs, args.out.with_suffix(".png"), args.stream)
     return result
 
 
-def _plot(run, path: Path) -> None:
+RUN_KEYS = [
+    "promptbank",
+    "logistic_head",
+    "sequential_shared_prompt",
+    "sequential_full_ft",
+    "sequential_lora",
+    "multitask",
+]
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    return statistics.mean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], routing: str) -> dict:
+    """Mean (population std) over runs of every metric, by system. A system absent from some runs (sequential
+    full FT / LoRA on the first order only) is averaged over the runs that have it (``runs`` says how many)."""
+
+    def agg(key: str, metric: str):
+        vals = [r[key][metric] for r in runs if key in r and metric in r[key]]
+        return _mean_std(vals) if vals else None
+
+    other = OTHER[routing]
+    out = {
+        "promptbank (task given)": {m: agg("promptbank", m) for m in ("ACC", "BWT", "forgetting", "FWT")},
+        "promptbank (routed)": {
+            "ACC": agg("promptbank", "routed_ACC"),
+            "hit@1": agg("promptbank", "routing_hit@1"),
+            "hit@1 label-aware": agg("promptbank", "routing_hit@1_label_aware"),
+            "oracle-routed gap": agg("promptbank", "oracle_routed_gap"),
+        },
+        f"routing top-1, no threshold ({routing})": {"hit@1": agg("promptbank", "routing_top1_ignoring_threshold")},
+        f"routing hit@1, other scorer ({other})": {"hit@1": agg("promptbank", f"routing_hit@1_{other}")},
+        f"routing top-1, other scorer ({other})": {"hit@1": agg("promptbank", f"routing_top1_{other}")},
+    }
+    if any("logistic_head" in r for r in runs):
+        out["frozen emb + logistic head (task given)"] = {"ACC": agg("logistic_head", "ACC")}
+        out["frozen emb + logistic head (routed)"] = {"ACC": agg("logistic_head", "routed_ACC")}
+    for key, label in (
+        ("sequential_shared_prompt", "sequential shared prompt"),
+        ("sequential_full_ft", "sequential full fine-tuning"),
+        ("sequential_lora", "sequential LoRA (r=8)"),
+    ):
+        if any(key in r for r in runs):
+            out[label] = {m: agg(key, m) for m in ("ACC", "BWT", "forgetting", "FWT")}
+            out[label]["runs"] = sum(key in r for r in runs)
+    if any("multitask" in r for r in runs):
+        out["multitask (upper bound)"] = {"ACC": agg("multitask", "ACC")}
+    seconds = {key: agg(key, "seconds") for key in RUN_KEYS if any(key in r for r in runs)}
+    out["seconds per run"] = {k: v for k, v in seconds.items() if v is not None}
+    return out
+
+
+def print_table(result: dict) -> None:
+    cfg = result["config"]
+    print(
+        f"\n{cfg['stream']} ({cfg['train_per_class']}/class train, {cfg['test_per_class']}/class test), orders "
+        f"{cfg['orders']}, {cfg['seeds']} seed(s), {cfg['steps']} steps/task; mean (std) over runs; wall "
+        f"{result['wall_seconds'] / 60:.1f} min\n"
+    )
+    print("| system | ACC | BWT | forgetting | FWT | routing hit@1 | hit@1 label-aware |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, m in result["summary"].items():
+        if name == "seconds per run":
+            continue
+        cells = [
+            f"{100 * m[k][0]:.1f} ({100 * m[k][1]:.1f})" if m.get(k) is not None else ""
+            for k in ("ACC", "BWT", "forgetting", "FWT", "hit@1", "hit@1 label-aware")
+        ]
+        runs = f" [{m['runs']} runs]" if "runs" in m else ""
+        print(f"| {name}{runs} | " + " | ".join(cells) + " |")
+    print(
+        "\nseconds per (seed, order) run: "
+        + ", ".join(f"{k} {v[0]:.0f}" for k, v in result["summary"]["seconds per run"].items())
+    )
+
+
+def _plot(runs: list[dict], path: Path, stream: str) -> None:
+    """R heatmaps (promptbank, sequential baselines) of the first run, ACC after each task (mean over runs of the
+    first order), routing confusion of the first run."""
     try:
         import matplotlib
 
@@ -474,23 +695,39 @@ def _plot(run, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, key, title in (
-        (axes[0], "promptbank", "promptbank (task given)"),
-        (axes[1], "sequential_shared_prompt", "one shared prompt, sequential"),
-    ):
+    run = runs[0]
+    keys = [k for k in ("promptbank", "sequential_shared_prompt", "sequential_full_ft", "sequential_lora") if k in run]
+    n = len(run["tasks"])
+    size = 3.2 if n <= 6 else 5.5
+    fig, axes = plt.subplots(1, len(keys) + 2, figsize=(size * (len(keys) + 2), size))
+    for ax, key in zip(axes, keys):
         R = np.array(run[key]["R"], dtype=float)
-        im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(run["tasks"])), run["tasks"], rotation=45)
-        ax.set_yticks(range(len(run["tasks"])), [f"after {t}" for t in run["tasks"]])
-        for i in range(R.shape[0]):
-            for j in range(R.shape[1]):
-                if not np.isnan(R[i, j]):
-                    ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
-        ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
-    fig.suptitle(f"CL-4 accuracy matrix R[i][j], order {run['order']}, seed {run['seed']}")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(n), run["tasks"], rotation=90, fontsize=7)
+        ax.set_yticks(range(n), [f"after {t}" for t in run["tasks"]], fontsize=7)
+        if n <= 6:
+            for i in range(n):
+                for j in range(n):
+                    if not np.isnan(R[i, j]):
+                        ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
+        ax.set_title(key.replace("_", " "), fontsize=9)
+    ax = axes[len(keys)]
+    first = [r for r in runs if r["order"] == run["order"]]
+    for key in keys:
+        curves = np.array([r[key]["ACC_after_each_task"] for r in first if key in r])
+        ax.plot(range(1, n + 1), 100 * curves.mean(0), marker="o", label=key.replace("_", " "))
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("ACC so far (%)")
+    ax.legend(fontsize=7)
+    ax.set_title(f"ACC vs tasks, order {run['order']}", fontsize=9)
+    ax = axes[-1]
+    C = np.array(run["promptbank"]["routing_confusion"], dtype=float)
+    ax.imshow(C / np.maximum(C.sum(1, keepdims=True), 1), vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(n + 1), [*run["tasks"], "none"], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), run["tasks"], fontsize=7)
+    ax.set_title("routing (rows: gold task)", fontsize=9)
+    fig.suptitle(f"{stream}: seed {run['seed']}, order {run['order']}")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
