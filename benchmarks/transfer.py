@@ -307,7 +307,9 @@ def _print_table(result) -> None:
         fired, n = sum(e["warm_start_fired_at_default"]), len(e["warm_start_fired_at_default"])
         rows = []
         if fired:
-            rows.append(("warm", f"yes, default threshold ({fired}/{n} seeds)" if fired < n else "yes (default threshold)"))
+            rows.append(
+                ("warm", f"yes, default threshold ({fired}/{n} seeds)" if fired < n else "yes (default threshold)")
+            )
         else:
             rows.append((None, "none at the default threshold (the run is cold text)"))
         if "warm_lowered" in cs:
@@ -421,9 +423,7 @@ def main(argv=None) -> dict:
         plain = load_embedder("all-MiniLM-L6-v2")
         sims = {embedder.name: sim}
         if plain.name != embedder.name:
-            sims[plain.name] = similarity_matrix(
-                backbone, plain, args.data, names, args.train, args.max_tokens
-            )
+            sims[plain.name] = similarity_matrix(backbone, plain, args.data, names, args.train, args.max_tokens)
             _print_matrix(sims[plain.name], plain.name)
         path = args.out or RESULTS / "transfer_similarity.json"
         path.write_text(

@@ -582,7 +582,9 @@ class PromptBank:
         total = sum(s for s, _ in cands)
         weights = [s / total if total > 0 else 1 / len(cands) for s, _ in cands]
         mixed = {layer: sum(w * tasks[n].prompt[layer] for w, (_, n) in zip(weights, cands)) for layer in init}
-        info = [{"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)]
+        info = [
+            {"task": n, "similarity": round(s, 6), "weight": round(float(w), 6)} for (s, n), w in zip(cands, weights)
+        ]
         return mixed, info
 
     def remove_task(self, name: str) -> None:

@@ -76,7 +76,9 @@ def test_long_stream_loader_handles_every_file_layout(tmp_path):
     clinc = tmp_path / "clinc150"
     clinc.mkdir()
     domains = {"banking": ["balance", "transfer"], "travel": ["book_flight"]}
-    (clinc / "labels.json").write_text(json.dumps({"labels": ["balance", "transfer", "book_flight"], "domains": domains}))
+    (clinc / "labels.json").write_text(
+        json.dumps({"labels": ["balance", "transfer", "book_flight"], "domains": domains})
+    )
     for split, n in (("train", 5), ("test", 3)):
         rows = [{"text": f"{split} {it} {k}", "label": it} for v in domains.values() for it in v for k in range(n)]
         (clinc / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
