@@ -18,7 +18,8 @@ its group means and its scatter; no old data is needed, only the stored keys.
 added, thresholds are recomputed with it, from the keys.
 
 Pure numpy; refitted from the keys whenever the task set changes: six Ledoit-Wolf fits and ``d x d``
-eigendecompositions, O(N d^2 + d^3) for N keys in d dimensions (about a second for 2,500 keys of dimension 768).
+eigendecompositions, O(min(N, 20,000) d^2 + d^3 + N d g) for N keys in d dimensions with g groups per task
+(about a second for 2,500 keys of dimension 768); the covariance is estimated from at most 20,000 keys.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ ROUTING_SCORERS = ("lda", "knn")
 
 _MIN_HELD_OUT = 5  # a task with fewer held-out distances uses the pooled distances of all tasks
 _FOLDS = 5  # cross-fitting folds for the thresholds
+# The shared covariance is estimated from at most this many within-group deviations (a fixed random subset):
+# 20,000 samples pin down a 768 x 768 covariance well, and it bounds each fit at O(20,000 d^2) however many keys
+# a bank holds (1,000 tasks x 256 keys). Group means always use every key.
+_MAX_COV_ROWS = 20_000
 
 
 def ledoit_wolf_covariance(centered: np.ndarray) -> tuple[np.ndarray, float]:
@@ -71,7 +76,10 @@ def _fit(items: list[tuple[int, np.ndarray, np.ndarray]], dim: int):
             centered.append(rows - mu)
     mus = np.stack(means) if means else np.zeros((0, dim))
     if centered:
-        cov, shrinkage = ledoit_wolf_covariance(np.concatenate(centered))
+        dev = np.concatenate(centered)
+        if len(dev) > _MAX_COV_ROWS:
+            dev = dev[np.sort(np.random.default_rng(0).choice(len(dev), _MAX_COV_ROWS, replace=False))]
+        cov, shrinkage = ledoit_wolf_covariance(dev)
     else:
         cov, shrinkage = np.eye(dim), 1.0
     # symmetric positive definite: invert through the eigendecomposition (stable for a near-singular C)
@@ -90,11 +98,13 @@ class _Params:
         self.w = (mus @ precision).astype(np.float32)  # (G, d)
         self.b = (-0.5 * np.einsum("gd,gd->g", mus, mus @ precision)).astype(np.float32)
 
-    def distances(self, x: np.ndarray) -> np.ndarray:
-        """(n, G) squared Mahalanobis distances of rows ``x`` to every group mean."""
+    def distances(self, x: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        """(n, G) squared Mahalanobis distances of rows ``x`` to every group mean (or (n, len(cols)) to groups
+        ``cols`` only)."""
         x = np.asarray(x, dtype=np.float32)
         quad = np.einsum("nd,nd->n", x @ self.precision, x)
-        return np.maximum(quad[:, None] - 2.0 * (x @ self.w.T + self.b), 0.0)
+        w, b = (self.w, self.b) if cols is None else (self.w[cols], self.b[cols])
+        return np.maximum(quad[:, None] - 2.0 * (x @ w.T + b), 0.0)
 
 
 class GaussianRouter:
@@ -116,6 +126,9 @@ class GaussianRouter:
         owner, mus, precision, self.shrinkage = _fit(items, self.dim)
         self._params = _Params(owner, mus, precision)
         self._task_cols = [np.flatnonzero(owner == t) for t in range(len(self.names))]
+        assert np.all(np.diff(owner) >= 0), "groups must be ordered by task"
+        self._nonempty = np.array([t for t, c in enumerate(self._task_cols) if len(c)], dtype=np.int64)
+        self._starts = np.array([c[0] for c in self._task_cols if len(c)], dtype=np.int64)
         self._thresholds = self._calibrate(items, [q for _, _, q in tasks.values()])
 
     def __len__(self) -> int:
@@ -124,9 +137,9 @@ class GaussianRouter:
     def task_distances(self, x: np.ndarray) -> np.ndarray:
         """(n, T) distance of each query to each task (its nearest group), tasks in :attr:`names` order."""
         d = self._params.distances(x)
-        out = np.empty((len(x), len(self.names)), dtype=np.float32)
-        for t, cols in enumerate(self._task_cols):
-            out[:, t] = d[:, cols].min(1)
+        out = np.full((len(x), len(self.names)), np.inf, dtype=np.float32)
+        if d.shape[1]:  # a task's groups are contiguous columns: one vectorised min per task
+            out[:, self._nonempty] = np.minimum.reduceat(d, self._starts, axis=1)
         return out
 
     def scores(self, x: np.ndarray) -> np.ndarray:
@@ -173,7 +186,7 @@ class GaussianRouter:
                 cols = np.flatnonzero(owner == t)
                 rows = keys[f == k]
                 if len(cols) and len(rows):
-                    held[t].append(params.distances(rows)[:, cols].min(1))
+                    held[t].append(params.distances(rows, cols).min(1))
         per_task = [np.concatenate(h) if h else np.zeros(0, dtype=np.float32) for h in held]
         pooled = np.concatenate(per_task) if per_task else np.zeros(0)
         out = {}

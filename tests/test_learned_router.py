@@ -96,6 +96,27 @@ def test_empty_and_single_key_tasks():
     assert router.threshold("one") == -np.inf  # nothing to calibrate on: the best task is accepted
 
 
+def test_covariance_from_a_capped_subset_of_keys_still_routes_and_calibrates(monkeypatch):
+    """Large banks: the shared covariance comes from at most _MAX_COV_ROWS keys; group means use every key."""
+    from promptbank import lda
+
+    rng = np.random.default_rng(4)
+    d, n = 12, 400
+    mus = np.eye(d)[:3] * 4
+    tasks = {f"t{i}": (_unit(mus[i] + rng.normal(size=(n, d))), None, 0.05) for i in range(3)}
+    full = GaussianRouter(tasks, d)
+    monkeypatch.setattr(lda, "_MAX_COV_ROWS", 300)  # of 1,200 keys
+    capped = GaussianRouter(tasks, d)
+    fresh = np.concatenate([_unit(mus[i] + rng.normal(size=(300, d))) for i in range(3)])
+    gold = np.repeat(np.arange(3), 300)
+    for router in (full, capped):
+        assert np.mean(router.scores(fresh).argmax(1) == gold) > 0.97
+        assert 0.85 <= np.mean(router.scores(fresh[:300])[:, 0] >= router.threshold("t0")) <= 0.99
+    # same means, a covariance from a quarter of the keys: the distances barely move
+    np.testing.assert_allclose(capped.task_distances(fresh), full.task_distances(fresh), rtol=0.2)
+    assert capped.task_distances(fresh).tolist() != full.task_distances(fresh).tolist()  # the cap did apply
+
+
 # ----------------------------------------------------------------------------------------------- in a bank
 
 
