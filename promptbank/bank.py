@@ -16,7 +16,7 @@ import torch
 
 from . import causal
 from .backbone import Backbone, load_backbone
-from .config import DEFAULT_LR, Method, PromptConfig, TrainConfig
+from .config import DEFAULT_LR, DEFAULT_LR_ENCODER, Method, PromptConfig, TrainConfig
 from .embed import ROUTING_EMBEDDER, Embedder, load_embedder
 from .errors import (
     AdapterError,
@@ -355,7 +355,8 @@ class PromptBank:
                 )
                 if mixed is not None:
                     init = mixed
-        lr = tconf.lr if tconf.lr is not None else DEFAULT_LR[pconf.method]
+        defaults = DEFAULT_LR_ENCODER if self.is_encoder else DEFAULT_LR
+        lr = tconf.lr if tconf.lr is not None else defaults[pconf.method]
         head = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tconf.seed)
@@ -1112,6 +1113,23 @@ class PromptBank:
         """
         self._get(name)
         return self._prompt_kv(name)
+
+    def prompt_embeds(
+        self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None
+    ) -> list[torch.Tensor]:
+        """Each text as the input-embedding sequence the bank's forward sees, for serving with vLLM
+        (``llm.generate({"prompt_embeds": e})`` on an engine made with ``enable_prompt_embeds=True``).
+
+        One float32 CPU tensor ``(P + T, hidden_size)`` per text: its task's soft prompt vectors, then the token
+        embeddings of its templated input exactly as :meth:`predict` / :meth:`generate` build it. ``task`` routes
+        as in :meth:`predict`; a text with no task gets the plain token embeddings (``T`` rows, no prompt) of the
+        input :meth:`generate` would give the backbone. Input-level methods only (``prompt_tuning``,
+        ``ptuning_mlp``, ``ptuning_lstm``): a ``deep`` task or an encoder bank raises ``ValueError``. See
+        :func:`promptbank.export.prompt_embeds`.
+        """
+        from .export import prompt_embeds
+
+        return prompt_embeds(self, texts, task)
 
 
 @dataclass
