@@ -10,6 +10,9 @@ order rotated every round, so machine noise hits all variants alike; medians and
   tokens. Ours: ``promptbank.train._batch_loss`` (prompt prefix once per batch, LM head on target tokens only)
   for prompt tuning, P-Tuning (MLP) and deep prompts. PEFT: PromptTuning, P-Tuning (PromptEncoder MLP) and
   PrefixTuning with a plain loop (``labels`` = -100 except on the label tokens).
+- tta: time to accuracy on one CLINC150 domain (15 intents, 8 train / 4 dev rows per intent): ours prompt tuning
+  vs PEFT PromptTuning + a plain loop, same init, optimizer and batches, steps interleaved; cumulative training
+  seconds until dev accuracy reaches 90 % of PEFT's best (both scored the same way).
 - generate: batch 8, 32 new tokens, greedy, EOS ignored so every variant decodes exactly 32 tokens. Ours with
   no soft prompt, one task's soft prompt on all rows, and 8 rows from 8 tasks; PEFT with 8 PromptTuning
   adapters holding the same soft prompts, serving the same 8 requests one by one with ``set_adapter``, and (for
@@ -18,7 +21,8 @@ order rotated every round, so machine noise hits all variants alike; medians and
   label by the likelihood of the full sequence (input + label) per label, (query, label) sequences batched 16
   at a time per adapter.
 - route: latency of one query (MiniLM embedding + search) at 10, 1,000, 16,000 (1,000 tasks x 16
-  prototypes) and 100,000 keys, exact flat index; HNSW and IVF at 100,000 keys with recall@1 vs exact search.
+  prototypes) and 100,000 keys, exact flat index (cosine scorer) and the learned router (LDA, the default);
+  HNSW and IVF at 100,000 keys with recall@1 vs exact search.
 - memory: peak RSS (``ru_maxrss``) of a fresh process serving 8 requests with the bare backbone vs a bank
   holding 100 tasks (prefix caches of all 100 computed), task given and routed.
 
@@ -64,11 +68,13 @@ SPARSE_TARGETS = {
     "train_pt": ("ours prompt tuning / PEFT PromptTuning, time per step", "<=", 0.6),
     "train_ptuning": ("ours P-Tuning (MLP) / PEFT P-Tuning, time per step", "<=", 0.6),
     "train_deep": ("ours deep prompts / PEFT PrefixTuning, time per step", "<=", 0.8),
+    "tta": ("time to accuracy, ours / PEFT PromptTuning + plain loop (CLINC domain)", "<=", 0.5),
     "gen_overhead": ("generation with vs without soft prompt, tokens/s overhead", "<=", 0.03),
     "mixed_vs_single": ("mixed 8-task batch / single-task batch, tokens/s", ">=", 0.95),
     "mixed_vs_peft": ("mixed 8-task batch vs PEFT set_adapter per request, speed-up", ">=", 3.0),
     "classify_vs_peft": ("classification q/s, ours routed vs PEFT task given, speed-up", ">=", None),
-    "route_p50_1000_tasks": ("routing p50, 1 query, 1,000 tasks x 16 keys, embedding incl. (ms)", "<=", 5.0),
+    "route_p50_1000_tasks": ("routing p50, 1 query, 1,000 tasks x 16 keys, embedding incl. (ms), cosine", "<=", 5.0),
+    "route_p50_1000_tasks_lda": ("routing p50, same, learned router (the default)", "<=", 5.0),
     "memory_given": ("peak RSS, bank with 100 tasks (task given) vs bare backbone", "<=", 1.10),
     "memory_routed": ("peak RSS, bank with 100 tasks + router/embedder vs bare backbone", "<=", 1.10),
 }
@@ -309,6 +315,134 @@ def bench_train(bank, cfg) -> dict:
         "train_deep": med["ours_deep"] / med["peft_prefix_tuning"],
     }
     return res
+
+
+def _clinc_domain(data_dir: Path, domain: str, train_per_intent: int, dev_per_intent: int, seed: int = 0):
+    """One CLINC150 domain as a classification task: ``train_per_intent`` rows per intent from train.jsonl and
+    ``dev_per_intent`` from val.jsonl (random, seeded) -> (train rows, dev rows, intents)."""
+    import random
+
+    folder = data_dir / "clinc150"
+    intents = sorted(json.loads((folder / "labels.json").read_text())["domains"][domain])
+    rng = random.Random(seed)
+    out = []
+    for name, per in (("train", train_per_intent), ("val", dev_per_intent)):
+        rows = _load_rows(data_dir, "clinc150", f"{name}.jsonl")
+        picked = [r for it in intents for r in rng.sample([r for r in rows if r["label"] == it], per)]
+        rng.shuffle(picked)
+        out.append(picked)
+    return out[0], out[1], intents
+
+
+def bench_time_to_accuracy(bank, cfg) -> dict:
+    """Wall time of training until dev accuracy reaches a fixed level: promptbank's prompt tuning step (prompt
+    prefix once per batch, LM head on label tokens only) vs PEFT PromptTuning with a plain loop (full sequence,
+    ``labels`` -100 except on the label tokens). Same task (one CLINC150 domain, 15 intents), same initial soft
+    prompt (the label-naming instruction), same optimizer (AdamW, the library's default prompt-tuning lr), same
+    batches in the same order: the two compute the same loss, so their accuracy curves per step nearly coincide
+    and the difference is time. Steps are interleaved (ours, PEFT, rotating), only training steps are timed; every
+    ``tta_eval_every`` steps both current prompts are scored the same way (promptbank's label ranking on the dev
+    rows). Level: ``tta_level`` x PEFT's best dev accuracy; time to it = cumulative training seconds."""
+    import random
+
+    import numpy as np
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from promptbank.causal import DEFAULT_TEMPLATE, encode_input, encode_target
+    from promptbank.config import DEFAULT_LR, Method, PromptConfig
+    from promptbank.prompts import build_prompt_module, describe_task, text_init_ids, token_init
+    from promptbank.train import _batch_loss, _batches
+
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    train, dev, intents = _clinc_domain(cfg.data, cfg.tta_domain, cfg.tta_train_per_intent, cfg.tta_dev_per_intent)
+    pairs = [(encode_input(tok, r["text"], DEFAULT_TEMPLATE), encode_target(tok, r["label"])) for r in train]
+    init = token_init(model, text_init_ids(tok, describe_task("classification", intents), P), [0])
+    lr = DEFAULT_LR[Method.PROMPT_TUNING]
+
+    module = build_prompt_module(PromptConfig(method="prompt_tuning", num_virtual_tokens=P), init)
+    ours_opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    pm = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P))
+    peft_emb = pm.prompt_encoder["default"].embedding
+    with torch.no_grad():
+        peft_emb.weight.copy_(init[0])
+    peft_opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+
+    def peft_batch(idx):
+        rows = [pairs[i] for i in idx]
+        width = max(len(a) + len(b) for a, b in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for r, (a, b) in enumerate(rows):
+            ids[r, : len(a) + len(b)] = torch.tensor(a + b)
+            mask[r, : len(a) + len(b)] = 1
+            labels[r, len(a) : len(a) + len(b)] = torch.tensor(b)
+        return ids, mask, labels
+
+    batches = _batches(len(pairs), cfg.tta_batch, random.Random(0))
+    plan = [next(batches) for _ in range(cfg.tta_steps)]
+    peft_inputs = [peft_batch(idx) for idx in plan]  # built up front: not part of either system's step
+
+    def ours_step(i):
+        loss = _batch_loss(model, tok, module, [pairs[j] for j in plan[i]])
+        ours_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ours_opt.step()
+        return float(loss)
+
+    def peft_step(i):
+        ids, mask, labels = peft_inputs[i]
+        loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        peft_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        peft_opt.step()
+        return float(loss)
+
+    @torch.no_grad()
+    def accuracy(prompt: torch.Tensor) -> float:
+        name = "_tta_eval"
+        key = np.eye(1, bank.embedder.dim, dtype=np.float32)  # a placeholder key: the task is given, never routed
+        _insert_task(bank, name, intents, {0: prompt.detach().clone()}, key)
+        try:
+            return float(bank.evaluate(dev, task=name, batch_size=16)["accuracy"])
+        finally:
+            bank.remove_task(name)
+
+    steps = {"ours": ours_step, "peft": peft_step}
+    seconds = {k: [] for k in steps}
+    losses = {k: [] for k in steps}
+    curve = {k: [(0, accuracy(init[0]))] for k in steps}
+    _log(f"time-to-accuracy: {cfg.tta_steps} steps of {cfg.tta_batch}, CLINC domain {cfg.tta_domain}")
+    for i in range(cfg.tta_steps):
+        names = list(steps)[i % 2 :] + list(steps)[: i % 2]
+        for k in names:
+            t = time.perf_counter()
+            losses[k].append(steps[k](i))
+            seconds[k].append(time.perf_counter() - t)
+        if (i + 1) % cfg.tta_eval_every == 0 or i + 1 == cfg.tta_steps:
+            module.eval()
+            curve["ours"].append((i + 1, accuracy(module()[0])))
+            module.train()
+            curve["peft"].append((i + 1, accuracy(peft_emb.weight)))
+    level = cfg.tta_level * max(a for _, a in curve["peft"])
+    out = {
+        "task": {"domain": cfg.tta_domain, "intents": len(intents), "train": len(train), "dev": len(dev)},
+        "lr": lr,
+        "batch": cfg.tta_batch,
+        "level": level,
+        "accuracy_curve": curve,
+        "loss": losses,
+        "ms_per_step": {k: _summary(v) for k, v in seconds.items()},
+    }
+    reached = {}
+    for k in steps:
+        step = next((s for s, a in curve[k] if a >= level), None)
+        reached[k] = None if step is None else {"step": step, "seconds": float(sum(seconds[k][:step]))}
+    out["reached"] = reached
+    if reached["ours"] and reached["peft"] and reached["peft"]["seconds"] > 0:
+        out["ratios"] = {"tta": reached["ours"]["seconds"] / reached["peft"]["seconds"]}
+    return out
 
 
 def _mac_floor(model, pairs) -> dict:
@@ -575,6 +709,7 @@ def bench_route(bank, tasks: list[dict], cfg) -> dict:
     import numpy as np
 
     from promptbank.bank import ROUTER_TOP_KEYS
+    from promptbank.lda import GaussianRouter
     from promptbank.router import Router, recall_at_1
 
     emb = bank.embedder
@@ -589,17 +724,21 @@ def bench_route(bank, tasks: list[dict], cfg) -> dict:
     configs += [
         (f"{kind}_{n_tasks * k}", n_tasks, k, kind) for n_tasks, k in cfg.route_sizes[-1:] for kind in ("hnsw", "ivf")
     ]
+    configs += [(f"lda_{n_tasks * k}", n_tasks, k, "lda") for n_tasks, k in cfg.route_sizes]
     routers, build_s, keysets = {}, {}, {}
     for name, n_tasks, k, kind in configs:
         if (n_tasks, k) not in keysets:
             keysets[(n_tasks, k)] = _synthetic_keys(pool, n_tasks, k, seed=n_tasks * 31 + k)
         keys = keysets[(n_tasks, k)]
         t = time.perf_counter()
-        r = Router.from_keys(keys, {n: 0.0 for n in keys}, top_keys=ROUTER_TOP_KEYS, index=kind)
-        r._layout()  # build now, not on the first query
+        if kind == "lda":  # the learned router (the default scorer): fitted from the keys, one Gaussian per task
+            r = GaussianRouter({n: (v, None, 0.05) for n, v in keys.items()}, pool.shape[1])
+        else:
+            r = Router.from_keys(keys, {n: 0.0 for n in keys}, top_keys=ROUTER_TOP_KEYS, index=kind)
+            r._layout()  # build now, not on the first query
         build_s[name] = time.perf_counter() - t
         routers[name] = r
-        _log(f"route: built {name} ({r.ntotal} keys) in {build_s[name]:.1f} s")
+        _log(f"route: built {name} ({n_tasks * k} keys) in {build_s[name]:.1f} s")
 
     # one query at a time; embedding included; routers interleaved per query
     e2e = {name: [] for name in routers}
@@ -620,7 +759,7 @@ def bench_route(bank, tasks: list[dict], cfg) -> dict:
             search[name].append(1000 * (time.perf_counter() - t))
     recall = {}
     for name, r in routers.items():
-        if r.index_kind == "flat":
+        if name.startswith(("flat", "lda")):  # exact search / a different rule, not an approximation of flat
             continue
         keys = keysets[(cfg.route_sizes[-1])]
         all_keys = np.concatenate(list(keys.values()))
@@ -646,9 +785,11 @@ def bench_route(bank, tasks: list[dict], cfg) -> dict:
         "search_only_ms": {k: _percentiles(v) for k, v in search.items()},
         "recall_at_1": recall,
     }
-    thousand = [n for n, (t, k) in zip(routers, [(c[1], c[2]) for c in configs]) if t == 1000 and k == 16]
+    thousand = {c[3]: c[0] for c in configs if c[1] == 1000 and c[2] == 16}
     if thousand:
-        res["ratios"] = {"route_p50_1000_tasks": res["end_to_end_ms"][thousand[0]]["p50"]}
+        res["ratios"] = {"route_p50_1000_tasks": res["end_to_end_ms"][thousand["flat"]]["p50"]}
+        if "lda" in thousand:
+            res["ratios"]["route_p50_1000_tasks_lda"] = res["end_to_end_ms"][thousand["lda"]]["p50"]
     return res
 
 
@@ -807,7 +948,7 @@ def _fmt(key: str, v: float) -> str:
 
 def table(result: dict) -> str:
     ratios = {}
-    for section in ("train", "generate", "classify", "route", "memory"):
+    for section in ("train", "tta", "generate", "classify", "route", "memory"):
         ratios.update(result.get(section, {}).get("ratios", {}))
     lines = ["| measure | result | target | |", "|---|---:|---:|---|"]
     for key, (label, op, target) in SPARSE_TARGETS.items():
@@ -836,6 +977,18 @@ def details(result: dict) -> str:
                 f"{f['ours_prompt_tuning_vs_peft_prompt_tuning']:.2f}, deep vs prefix tuning "
                 f"{f['ours_deep_vs_peft_prefix_tuning']:.2f}"
             )
+    if "tta" in result:
+        t = result["tta"]
+        reach = ", ".join(
+            f"{k} step {v['step']} after {v['seconds']:.0f} s" if v else f"{k} never" for k, v in t["reached"].items()
+        )
+        out.append(
+            f"Time to accuracy (CLINC {t['task']['domain']}, {t['task']['train']} train / {t['task']['dev']} dev, batch "
+            f"{t['batch']}, lr {t['lr']:g}): level {100 * t['level']:.1f} % dev accuracy reached by {reach}; ms/step "
+            + ", ".join(f"{k} {v['median']:.0f}" for k, v in t["ms_per_step"].items())
+            + "; final dev accuracy "
+            + ", ".join(f"{k} {100 * c[-1][1]:.1f} %" for k, c in t["accuracy_curve"].items())
+        )
     if "generate" in result:
         g = result["generate"]
         out.append(
@@ -942,6 +1095,8 @@ def _config(args) -> argparse.Namespace:
         c.route_sizes, c.route_queries = [(10, 1), (1000, 1), (1000, 16)], 10
         c.mem_tasks, c.mem_rounds = 10, 1
         c.query_tokens = 48
+        c.tta_domain, c.tta_train_per_intent, c.tta_dev_per_intent = "banking", 1, 1
+        c.tta_batch, c.tta_steps, c.tta_eval_every, c.tta_level = 4, 2, 1, 0.9
     else:
         c.train_batch, c.train_tokens, c.train_warmup, c.train_steps = 8, 64, 1, args.train_steps
         c.gen_batch, c.gen_tokens, c.gen_warmup, c.gen_rounds, c.gen_check_tokens = 8, 32, 0, args.gen_rounds, 8
@@ -951,6 +1106,8 @@ def _config(args) -> argparse.Namespace:
         c.route_queries = args.route_queries
         c.mem_tasks, c.mem_rounds = 100, 1
         c.query_tokens = 48
+        c.tta_domain, c.tta_train_per_intent, c.tta_dev_per_intent = "banking", 8, 4
+        c.tta_batch, c.tta_steps, c.tta_eval_every, c.tta_level = 8, args.tta_steps, 5, 0.9
     return c
 
 
@@ -959,6 +1116,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run at toy sizes (< 2 min)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the public datasets (../shared/data)")
     ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--tta-steps", type=int, default=60, help="training steps of the time-to-accuracy section")
     ap.add_argument("--gen-rounds", type=int, default=3)
     ap.add_argument("--gen-extra-rounds", type=int, default=7, help="extra rounds of promptbank's variants")
     ap.add_argument("--cls-rounds", type=int, default=3)
@@ -970,7 +1128,7 @@ def main() -> None:
         help="torch threads (default 1: on a shared machine, 2 threads make every op wait for a descheduled "
         "thread and steps 5-15x slower and erratic; use the core count on a quiet machine)",
     )
-    ap.add_argument("--only", default="train,generate,classify,route,memory", help="comma-separated sections")
+    ap.add_argument("--only", default="train,tta,generate,classify,route,memory", help="comma-separated sections")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default results/serving[_quick].json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tasks", type=int, default=100, help=argparse.SUPPRESS)
@@ -1021,6 +1179,10 @@ def main() -> None:
     if "train" in sections:
         result["train"] = bench_train(bank, cfg)
         _log(f"train done: {result['train']['ratios']}")
+    if "tta" in sections:
+        cfg.data = args.data
+        result["tta"] = bench_time_to_accuracy(bank, cfg)
+        _log(f"time-to-accuracy done: {result['tta'].get('ratios')} {result['tta']['reached']}")
 
     need_tasks = {"generate", "classify", "route"} & set(sections)
     if need_tasks:

@@ -476,7 +476,16 @@ class PromptBank:
             {"params": list(head.parameters()), "lr": tconf.head_lr},
         ]
         result = train_loop(
-            model, both, len(seqs), batch_loss, eval_loss, tconf, param_groups=groups, fold=module.fold, desc=desc
+            model,
+            both,
+            len(seqs),
+            batch_loss,
+            eval_loss,
+            tconf,
+            param_groups=groups,
+            fold=module.fold,
+            desc=desc,
+            lengths=[len(s) for s in seqs],
         )
         return result, head.tensors()
 

@@ -126,6 +126,11 @@ class TrainConfig:
     task's training inputs to (weighted by that share; only shares >= ``warm_start_min_similarity``) is used
     instead. ``keep_train_state`` stores the prompt module's state
     (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
+    ``length_bucketing`` (off by default): batches group examples of similar length (sorted within chunks of 50
+    batches, batch order shuffled; every example still once per epoch), so little compute goes to padding (AG
+    News at batch 16: 39.5 % -> 4.5 % padded positions). Off by default because where length goes with the label
+    (short positive vs long negative reviews, a small dataset sorted whole) batches become nearly single-label and
+    training suffers: on a 2-label toy task whose labels differ by one token, the dev loss rose instead of falling.
     Routing: the task's keys are the routing embeddings of at most ``max_keys`` training inputs (label-stratified),
     grouped by label (classification) or into ``n_prototypes`` k-means clusters (generation); the "no task"
     threshold rejects ``threshold_quantile`` of held-out in-task queries.
@@ -133,6 +138,7 @@ class TrainConfig:
 
     max_steps: int = 100
     batch_size: int = 8
+    length_bucketing: bool = False
     lr: float | None = None
     head_lr: float = 1e-2
     weight_decay: float = 0.0
@@ -160,6 +166,7 @@ class TrainConfig:
         checks = {
             "max_steps": self.max_steps >= 1,
             "batch_size": self.batch_size >= 1,
+            "length_bucketing": isinstance(self.length_bucketing, bool),
             "lr": self.lr is None or self.lr > 0,
             "head_lr": self.head_lr > 0,
             "weight_decay": self.weight_decay >= 0,

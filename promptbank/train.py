@@ -3,12 +3,17 @@
 One explicit loop, top to bottom: AdamW with linear warm-up and decay, gradient clipping, dev loss every
 ``eval_every`` steps with early stopping (the best soft prompt is kept), NaN/inf detection, a progress bar.
 The prompt's prefix keys/values are computed once per batch (at batch size 1) and shared by all rows.
+
+When the examples' lengths are known, batches are length-bucketed (rows of similar length share a batch, so little
+compute goes to padding). Under a distributed launcher (``torchrun``, ``accelerate launch``) the same loop runs
+data-parallel, with no change to the caller's code: see :class:`_DataParallel`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +78,125 @@ def _batches(n: int, batch_size: int, rng: random.Random):
             yield order[s : s + batch_size]
 
 
+BUCKET_BATCHES = 50  # length-bucketed batches are sorted by length within chunks of this many batches
+
+
+def _bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random):
+    """Endless epochs of length-bucketed index batches: rows are padded to the longest in their batch, so batches
+    of similar lengths waste little compute on padding.
+
+    Each epoch: shuffle all indices, cut them into chunks of ``BUCKET_BATCHES * batch_size``, sort each chunk by
+    length (stable: equal lengths keep their shuffled order), split the chunks into batches, shuffle the order of
+    the batches. Every example appears exactly once per epoch; only the last chunk can end in a partial batch.
+    Sorting within chunks rather than over the whole set keeps some randomness in which examples share a batch.
+    """
+    n, chunk = len(lengths), BUCKET_BATCHES * batch_size
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        epoch = []
+        for c in range(0, n, chunk):
+            part = sorted(order[c : c + chunk], key=lambda i: lengths[i])
+            epoch += [part[s : s + batch_size] for s in range(0, len(part), batch_size)]
+        rng.shuffle(epoch)
+        yield from epoch
+
+
+def _world_size() -> int:
+    """The number of processes of a distributed launch; 1 for a plain process.
+
+    A process group that is already initialized (by the caller, or by ``accelerate``) is used as it is. Otherwise,
+    when a launcher started several processes (``WORLD_SIZE`` > 1 with ``RANK`` or ``LOCAL_RANK`` set, as
+    ``torchrun`` and ``accelerate launch`` do), the group is initialized through ``accelerate.PartialState``: NCCL
+    on CUDA, gloo on CPU. It gets ``cpu=True`` on a machine without CUDA, where ``PartialState()`` would see a
+    single process; being a singleton, it then also gives the caller's later ``PartialState().is_main_process``
+    the right answer.
+    """
+    if not torch.distributed.is_available():
+        return 1
+    if not torch.distributed.is_initialized():
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("RANK" in os.environ or "LOCAL_RANK" in os.environ)
+        if not launched:
+            return 1
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    return torch.distributed.get_world_size()
+
+
+class _DataParallel:
+    """Data parallelism over the processes of a distributed launch, for a frozen backbone and a small trainable
+    module.
+
+    Every process holds the whole model and draws the same global batches (same seed). Each computes the loss of
+    its shard of a batch (``idx[rank::world]``); then the trainable parameters' gradients are averaged across
+    processes with one explicit all-reduce (no DistributedDataParallel wrapper: only the small trainable module
+    needs syncing). Each shard's gradient is weighted by what its loss is a mean over (``loss_weight``: its rows,
+    or its target tokens for a per-token loss), so a step equals the single-process step on the full batch up to
+    float rounding; a process whose shard is empty (a small last batch) takes part with weight 0. Parameters,
+    losses and decisions are identical on every process, so each returns the same result.
+    """
+
+    def __init__(self, params: list[torch.Tensor], loss_weight: Callable[[list[int]], float]):
+        dist = torch.distributed
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # NCCL moves CUDA tensors only; gloo (the CPU backend) CPU tensors
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        self.params = params
+        self.loss_weight = loss_weight
+        with torch.no_grad():  # one starting point everywhere, as DistributedDataParallel does
+            flat = self._flat(params)
+            dist.broadcast(flat, src=0)
+            self._unflat(flat, params)
+
+    def _flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One float32 buffer on the communication device holding ``tensors``."""
+        return torch.cat([t.detach().float().reshape(-1) for t in tensors]).to(self.device)
+
+    @staticmethod
+    def _unflat(flat: torch.Tensor, targets: Sequence[torch.Tensor]) -> None:
+        for target, part in zip(targets, torch.split(flat, [t.numel() for t in targets])):
+            target.copy_(part.view_as(target))
+
+    def backward(self, batch_loss: Callable[[list[int]], torch.Tensor], idx: list[int]) -> float:
+        """Loss and gradients of the global batch ``idx``: forward and backward of this process's shard, then the
+        weighted mean over processes. Returns the global loss, the same on every process.
+
+        A non-finite shard loss makes the all-reduced loss non-finite on every process, so all of them raise
+        together (no process is left waiting in a collective); gradients are not synced then. A parameter that
+        received no gradient on any process keeps ``grad=None``, as in a single process.
+        """
+        dist = torch.distributed
+        shard = idx[self.rank :: self.world]
+        weight, weighted_loss = 0.0, 0.0
+        if shard:
+            loss = batch_loss(shard)
+            weight = float(self.loss_weight(shard))
+            weighted_loss = loss.item() * weight
+            if math.isfinite(weighted_loss):
+                loss.backward()
+        has_grad = [float(p.grad is not None) for p in self.params]
+        stats = torch.tensor([weighted_loss, weight, *has_grad], dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats)
+        total_loss, total_weight, grad_anywhere = stats[0].item(), stats[1].item(), stats[2:].tolist()
+        if not math.isfinite(total_loss):
+            return total_loss
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = self._flat(grads) * weight
+        dist.all_reduce(flat)
+        self._unflat(flat / total_weight, grads)
+        for p, grad, anywhere in zip(self.params, grads, grad_anywhere):
+            if anywhere:
+                p.grad = grad
+        return total_loss / total_weight
+
+    def from_main(self, compute: Callable[[], float]) -> float:
+        """``compute()`` run on the main process, its value returned on every process (so all decide alike)."""
+        value = torch.tensor([compute() if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(value, src=0)
+        return value.item()
+
+
 def train_soft_prompt(
     model: nn.Module,
     tokenizer,
@@ -87,7 +211,8 @@ def train_soft_prompt(
 ) -> TrainResult:
     """Train a causal-LM soft prompt on ``train`` (lists of (input ids, target ids)); select on ``dev`` loss.
 
-    Raises :class:`TrainingDivergedError` on a NaN/inf loss or gradient. ``model`` must be frozen.
+    Batches are length-bucketed on input + target tokens (``config.length_bucketing``). Raises
+    :class:`TrainingDivergedError` on a NaN/inf loss or gradient. ``model`` must be frozen.
     """
     return train_loop(
         model,
@@ -100,6 +225,8 @@ def train_soft_prompt(
         desc=desc,
         on_step=on_step,
         fold=module.fold,
+        lengths=[len(inp) + len(tgt) for inp, tgt in train],
+        loss_weight=lambda idx: sum(len(train[i][1]) for i in idx),  # lm_loss is a mean over target tokens
     )
 
 
@@ -115,14 +242,25 @@ def train_loop(
     fold: Callable[[], dict[int, torch.Tensor]],
     desc: str = "training",
     on_step: Callable[[int, float], None] | None = None,
+    lengths: Sequence[int] | None = None,
+    loss_weight: Callable[[list[int]], float] = len,
 ) -> TrainResult:
     """The loop itself, for any frozen backbone: ``batch_loss(indices)`` is the loss of a batch of training
     examples, ``eval_loss()`` the dev loss (``None``: no dev set, keep the last state). ``module`` holds every
     trainable tensor (its state at the best dev loss is restored at the end); ``fold()`` gives the soft prompt.
+
+    ``lengths``: each training example's length in tokens; with ``config.length_bucketing`` batches are drawn
+    length-bucketed (:func:`_bucketed_batches`), else (or without lengths) plainly shuffled.
+    ``loss_weight(indices)``: how many terms ``batch_loss(indices)`` is a mean over (default: its rows; a
+    per-token loss gives its token count). Used only in a distributed launch, where each process computes the loss
+    of a shard of every batch and the shards' gradients are averaged with these weights (:class:`_DataParallel`);
+    every process then returns the same result (``seconds`` aside). A single process runs exactly as without it.
     """
     _check_frozen(model)
     if not n_train:
         raise ValueError("no training examples")
+    if lengths is not None and len(lengths) != n_train:
+        raise ValueError(f"{len(lengths)} lengths for {n_train} training examples")
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_ratio * config.max_steps))
@@ -134,24 +272,40 @@ def train_loop(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(config.seed)
-    batches = _batches(n_train, config.batch_size, rng)
+    if lengths is not None and config.length_bucketing:
+        batches = _bucketed_batches(lengths, config.batch_size, rng)
+    else:
+        batches = _batches(n_train, config.batch_size, rng)
+    parallel = _DataParallel(params, loss_weight) if _world_size() > 1 else None
     dev = eval_loss is not None
 
-    best_loss = eval_loss() if dev else None
+    def measure_dev() -> float:
+        """The dev loss; in a distributed launch measured on the main process alone and sent to the others, so
+        that all of them take the same early-stopping decisions and keep the same best state."""
+        return parallel.from_main(eval_loss) if parallel is not None else eval_loss()
+
+    best_loss = measure_dev() if dev else None
     best_step, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     history: list[dict] = [{"step": 0, "dev_loss": best_loss}]
     bad_evals, stopped_early, step = 0, False, 0
     t0 = time.perf_counter()
-    bar = _progress(config.max_steps, desc, config.progress)
+    bar = _progress(config.max_steps, desc, config.progress and (parallel is None or parallel.rank == 0))
     checked_grads = False
     module.train()
     try:
         for step in range(1, config.max_steps + 1):
-            loss = batch_loss(next(batches))
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at step {step}; nothing was stored")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if parallel is None:
+                loss = batch_loss(next(batches))
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at step {step}; nothing was stored")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                loss_value = loss.item()
+            else:
+                opt.zero_grad(set_to_none=True)
+                loss_value = parallel.backward(batch_loss, next(batches))
+                if not math.isfinite(loss_value):
+                    raise TrainingDivergedError(f"{desc}: loss became {loss_value} at step {step}; nothing was stored")
             if not checked_grads:  # the backbone must never receive gradients
                 leaked = [n for n, p in model.named_parameters() if p.grad is not None]
                 if leaked:
@@ -165,12 +319,12 @@ def train_loop(
                     )
             opt.step()
             sched.step()
-            entry = {"step": step, "loss": loss.item()}
+            entry = {"step": step, "loss": loss_value}
             if on_step:
                 on_step(step, entry["loss"])
             if dev and (step % config.eval_every == 0 or step == config.max_steps):
                 module.eval()
-                dl = eval_loss()
+                dl = measure_dev()
                 module.train()
                 if not math.isfinite(dl):
                     raise TrainingDivergedError(f"{desc}: dev loss became {dl} at step {step}; nothing was stored")
