@@ -10,6 +10,7 @@ order rotated every round, so machine noise hits all variants alike; medians and
   tokens. Ours: ``promptbank.train._batch_loss`` (prompt prefix once per batch, LM head on target tokens only)
   for prompt tuning, P-Tuning (MLP) and deep prompts. PEFT: PromptTuning, P-Tuning (PromptEncoder MLP) and
   PrefixTuning with a plain loop (``labels`` = -100 except on the label tokens).
+- precision: the training step in fp32 vs bf16 (autocast, and bf16 backbone weights), interleaved.
 - tta: time to accuracy on one CLINC150 domain (15 intents, 8 train / 4 dev rows per intent): ours prompt tuning
   vs PEFT PromptTuning + a plain loop, same init, optimizer and batches, steps interleaved; cumulative training
   seconds until dev accuracy reaches 90 % of PEFT's best (both scored the same way).
@@ -315,6 +316,62 @@ def bench_train(bank, cfg) -> dict:
         "train_deep": med["ours_deep"] / med["peft_prefix_tuning"],
     }
     return res
+
+
+def bench_precision(bank, cfg) -> dict:
+    """bf16 on CPU, for training: ms/step of promptbank's prompt-tuning step (batch ``train_batch`` x
+    ``train_tokens``) in fp32, under ``torch.autocast("cpu", bfloat16)`` (fp32 weights cast on the fly), and with
+    the frozen backbone's weights stored in bf16 (``load_backbone(dtype=torch.bfloat16)``); steps interleaved,
+    same batch and initial prompt, so the losses should track each other (reported per step)."""
+    import copy
+
+    import torch
+
+    from promptbank.causal import encode_target
+    from promptbank.config import PromptConfig
+    from promptbank.examples import example_path
+    from promptbank.prompts import build_prompt_module, text_init_ids, token_init
+    from promptbank.tasks import load_task_data
+    from promptbank.train import _batch_loss
+
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    data = load_task_data(example_path("ticket_routing_train"))
+    text_ids = tok(" ".join(ex.input for ex in data.examples), add_special_tokens=False)["input_ids"]
+    n, b = cfg.train_tokens, cfg.train_batch
+    pairs = [(text_ids[i * n : (i + 1) * n], encode_target(tok, data.examples[i].target)) for i in range(b)]
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    conf = PromptConfig(method="prompt_tuning", num_virtual_tokens=P)
+    init = token_init(model, text_init_ids(tok, "Classify the text. ", P), [0])
+    kinds = ("fp32", "autocast_bf16", "bf16_weights")
+    modules = {k: build_prompt_module(conf, init) for k in kinds}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for k, m in modules.items()}
+    losses = {k: [] for k in kinds}
+
+    def make_step(kind):
+        def step():
+            if kind == "autocast_bf16":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = _batch_loss(model, tok, modules[kind], pairs)
+            else:
+                loss = _batch_loss(model_bf16 if kind == "bf16_weights" else model, tok, modules[kind], pairs)
+            opts[kind].zero_grad(set_to_none=True)
+            loss.float().backward()
+            opts[kind].step()
+            losses[kind].append(float(loss))
+
+        return step
+
+    _log(f"precision: {len(kinds)} variants x ({cfg.train_warmup} warm-up + {cfg.train_steps}) steps")
+    times = _interleaved({k: make_step(k) for k in kinds}, cfg.train_steps, cfg.train_warmup)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "ms_per_step": {k: _summary(v) for k, v in times.items()},
+        "loss_per_step": losses,
+        "ratios": {
+            "autocast_bf16_vs_fp32": med["autocast_bf16"] / med["fp32"],
+            "bf16_weights_vs_fp32": med["bf16_weights"] / med["fp32"],
+        },
+    }
 
 
 def _clinc_domain(data_dir: Path, domain: str, train_per_intent: int, dev_per_intent: int, seed: int = 0):
@@ -977,6 +1034,16 @@ def details(result: dict) -> str:
                 f"{f['ours_prompt_tuning_vs_peft_prompt_tuning']:.2f}, deep vs prefix tuning "
                 f"{f['ours_deep_vs_peft_prefix_tuning']:.2f}"
             )
+    if "precision" in result:
+        pr = result["precision"]
+        out.append(
+            "bf16 training step (prompt tuning, ms/step median): "
+            + ", ".join(f"{k} {v['median']:.0f}" for k, v in pr["ms_per_step"].items())
+            + "; time vs fp32: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in pr["ratios"].items())
+            + "; loss at the last step: "
+            + ", ".join(f"{k} {v[-1]:.3f}" for k, v in pr["loss_per_step"].items())
+        )
     if "tta" in result:
         t = result["tta"]
         reach = ", ".join(
@@ -1128,7 +1195,9 @@ def main() -> None:
         help="torch threads (default 1: on a shared machine, 2 threads make every op wait for a descheduled "
         "thread and steps 5-15x slower and erratic; use the core count on a quiet machine)",
     )
-    ap.add_argument("--only", default="train,tta,generate,classify,route,memory", help="comma-separated sections")
+    ap.add_argument(
+        "--only", default="train,precision,tta,generate,classify,route,memory", help="comma-separated sections"
+    )
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default results/serving[_quick].json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tasks", type=int, default=100, help=argparse.SUPPRESS)
@@ -1179,6 +1248,9 @@ def main() -> None:
     if "train" in sections:
         result["train"] = bench_train(bank, cfg)
         _log(f"train done: {result['train']['ratios']}")
+    if "precision" in sections:
+        result["precision"] = bench_precision(bank, cfg)
+        _log(f"precision done: {result['precision']['ratios']}")
     if "tta" in sections:
         cfg.data = args.data
         result["tta"] = bench_time_to_accuracy(bank, cfg)
