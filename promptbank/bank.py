@@ -449,14 +449,16 @@ class PromptBank:
             feats = pooled(model, tok, [seqs[i] for i in idx], [prompt] * len(idx))  # (B, d)
             return torch.nn.functional.cross_entropy(head(feats), ys[idx])
 
-        eval_loss = None
+        eval_loss, dev_metrics = None, None
         if dev_data:
             dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], tconf.max_input_tokens)
             dev_ys = torch.tensor([index[ex.target] for ex in dev_data.examples])
 
+            last_accuracy = [float("nan")]  # set by each dev evaluation, read by the history hook
+
             @torch.no_grad()
             def eval_loss() -> float:
-                prompt, total = module(), 0.0
+                prompt, total, correct = module(), 0.0, 0
                 for s in range(0, len(dev_seqs), tconf.batch_size):
                     feats = pooled(
                         model,
@@ -464,12 +466,13 @@ class PromptBank:
                         dev_seqs[s : s + tconf.batch_size],
                         [prompt] * len(dev_seqs[s : s + tconf.batch_size]),
                     )
-                    total += float(
-                        torch.nn.functional.cross_entropy(
-                            head(feats), dev_ys[s : s + tconf.batch_size], reduction="sum"
-                        )
-                    )
+                    logits, ys_ = head(feats), dev_ys[s : s + tconf.batch_size]
+                    total += float(torch.nn.functional.cross_entropy(logits, ys_, reduction="sum"))
+                    correct += int((logits.argmax(-1) == ys_).sum())
+                last_accuracy[0] = correct / len(dev_seqs)
                 return total / len(dev_seqs)
+
+            dev_metrics = {"dev_accuracy": lambda: last_accuracy[0]}  # free: same forward as the dev loss
 
         groups = [
             {"params": [p for p in module.parameters() if p.requires_grad], "lr": lr},
@@ -486,6 +489,7 @@ class PromptBank:
             fold=module.fold,
             desc=desc,
             lengths=[len(s) for s in seqs],
+            dev_metrics=dev_metrics,
         )
         return result, head.tensors()
 

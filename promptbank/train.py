@@ -244,6 +244,7 @@ def train_loop(
     on_step: Callable[[int, float], None] | None = None,
     lengths: Sequence[int] | None = None,
     loss_weight: Callable[[list[int]], float] = len,
+    dev_metrics: dict[str, Callable[[], float]] | None = None,
 ) -> TrainResult:
     """The loop itself, for any frozen backbone: ``batch_loss(indices)`` is the loss of a batch of training
     examples, ``eval_loss()`` the dev loss (``None``: no dev set, keep the last state). ``module`` holds every
@@ -255,6 +256,9 @@ def train_loop(
     per-token loss gives its token count). Used only in a distributed launch, where each process computes the loss
     of a shard of every batch and the shards' gradients are averaged with these weights (:class:`_DataParallel`);
     every process then returns the same result (``seconds`` aside). A single process runs exactly as without it.
+    ``dev_metrics``: more dev numbers to record in ``history`` next to each dev loss, e.g.
+    ``{"dev_accuracy": fn}``; each ``fn()`` is called right after ``eval_loss()`` (so it can return a value that
+    evaluation computed). They are recorded only, never used for selection.
     """
     _check_frozen(model)
     if not n_train:
@@ -284,9 +288,16 @@ def train_loop(
         that all of them take the same early-stopping decisions and keep the same best state."""
         return parallel.from_main(eval_loss) if parallel is not None else eval_loss()
 
+    def measure_extras() -> dict[str, float]:
+        if not dev_metrics:
+            return {}
+        if parallel is not None:
+            return {k: parallel.from_main(fn) for k, fn in dev_metrics.items()}
+        return {k: float(fn()) for k, fn in dev_metrics.items()}
+
     best_loss = measure_dev() if dev else None
     best_step, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
-    history: list[dict] = [{"step": 0, "dev_loss": best_loss}]
+    history: list[dict] = [{"step": 0, "dev_loss": best_loss, **(measure_extras() if dev else {})}]
     bad_evals, stopped_early, step = 0, False, 0
     t0 = time.perf_counter()
     bar = _progress(config.max_steps, desc, config.progress and (parallel is None or parallel.rank == 0))
@@ -325,6 +336,7 @@ def train_loop(
             if dev and (step % config.eval_every == 0 or step == config.max_steps):
                 module.eval()
                 dl = measure_dev()
+                entry.update(measure_extras())
                 module.train()
                 if not math.isfinite(dl):
                     raise TrainingDivergedError(f"{desc}: dev loss became {dl} at step {step}; nothing was stored")

@@ -36,6 +36,11 @@ def test_encoder_learning_keeps_backbone_and_lowers_loss(enc_bank, method):
     assert _state_hash(enc_bank.backbone.model) == before
     assert rec.dev_loss < rec.history[0]["dev_loss"]
     assert enc_bank._tasks["weather"].head["weight"].shape == (2, 32)
+    # dev accuracy is recorded at every dev evaluation (step 0 included), and at the best step it is the record's
+    evals = [h for h in rec.history if "dev_loss" in h]
+    assert len(evals) >= 2 and all(0.0 <= h["dev_accuracy"] <= 1.0 for h in evals)
+    best = next(h for h in evals if h["step"] == rec.best_step)
+    assert best["dev_accuracy"] == pytest.approx(rec.dev_accuracy)
 
 
 def test_encoder_no_forgetting_and_batch_independence(enc_bank):
