@@ -346,7 +346,7 @@ class PromptBank:
                 init_ids = text_init_ids(tok, desc_text, pconf.num_virtual_tokens)
             else:
                 gen = torch.Generator().manual_seed(tconf.seed)
-                init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen)
+                init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen, tokenizer=tok)
             init = token_init(model, init_ids, layer_set, causal=not self.is_encoder)
             if tconf.warm_start:
                 train_emb = self.embedder.encode([ex.input for ex in train_data.examples])

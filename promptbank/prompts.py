@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -121,12 +123,25 @@ def token_init(
     return {layer: out.hidden_states[layer][0].float().clone() for layer in layers}
 
 
+_PLACEHOLDER = re.compile(r"^(\[[^\]]*\]|<[^>]*>)$")  # [unused12], [CLS], <|endoftext|>, <pad>
+
+
 def vocab_init_ids(
-    model: nn.Module, num_tokens: int, *, generator: torch.Generator, max_vocab: int = 5000
+    model: nn.Module, num_tokens: int, *, generator: torch.Generator, max_vocab: int = 5000, tokenizer=None
 ) -> list[int]:
-    """``num_tokens`` ids sampled from the first ``max_vocab`` of the vocabulary (frequent tokens in BPE vocabularies)."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    return torch.randint(0, min(vocab, max_vocab), (num_tokens,), generator=generator).tolist()
+    """``num_tokens`` ids sampled from the first ``max_vocab`` of the vocabulary (frequent tokens in BPE
+    vocabularies). With ``tokenizer``, special and placeholder tokens are never drawn (``[CLS]``, ``<|im_start|>``,
+    BERT's ~1,000 ``[unused*]`` slots, whose embeddings were never trained)."""
+    vocab = min(model.get_input_embeddings().weight.shape[0], max_vocab)
+    allowed = list(range(vocab))
+    if tokenizer is not None:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        names = tokenizer.convert_ids_to_tokens(allowed)
+        allowed = [i for i, t in zip(allowed, names) if i not in special and t and not _PLACEHOLDER.match(t)]
+        if not allowed:
+            raise ValueError("no ordinary tokens among the first max_vocab ids to initialise a soft prompt from")
+    picks = torch.randint(0, len(allowed), (num_tokens,), generator=generator).tolist()
+    return [allowed[i] for i in picks]
 
 
 def text_init_ids(tokenizer, text: str, num_tokens: int) -> list[int]:

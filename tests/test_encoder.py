@@ -91,3 +91,27 @@ def test_encoder_rejects_generation(enc_bank):
         enc_bank.learn_task("gen", [{"input": "a", "target": "b"}] * 4, **fast_options())
     with pytest.raises(ValueError, match="cannot generate"):
         enc_bank.generate(["hi"])
+
+
+def test_vocab_init_never_draws_special_or_unused_tokens(tmp_path):
+    """BERT vocabularies start with [PAD], ~1,000 [unused*] slots and [CLS]/[SEP]/[MASK], whose embeddings were
+    never trained: init="vocab" must skip them (and any tokenizer's special tokens)."""
+    import torch
+
+    from promptbank.prompts import vocab_init_ids
+
+    words = ["[PAD]", *[f"[unused{i}]" for i in range(40)], "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+
+    class BertLikeTokenizer:  # the two things vocab_init_ids asks a tokenizer
+        all_special_ids = [0, 41, 42, 43, 44]
+
+        def convert_ids_to_tokens(self, ids):
+            return [words[i] for i in ids]
+
+    tok = BertLikeTokenizer()
+    model = torch.nn.Module()
+    model.get_input_embeddings = lambda: torch.nn.Embedding(len(words), 4)
+    ids = vocab_init_ids(model, 200, generator=torch.Generator().manual_seed(0), tokenizer=tok)
+    assert set(ids) == {words.index("hello"), words.index("world")}
+    plain = vocab_init_ids(model, 200, generator=torch.Generator().manual_seed(0))  # no tokenizer: any id
+    assert len(set(plain)) > 10
