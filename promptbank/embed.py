@@ -146,7 +146,7 @@ class SentenceEmbedder:
         self.device = device
         self._model: Any = None
         self._lock = threading.Lock()
-        if spec in _DEFAULT_ALIASES:
+        if spec in _DEFAULT_ALIASES or spec.lower() in {a.lower() for a in _DEFAULT_ALIASES}:
             self.name = DEFAULT_EMBEDDER
             self._source = _default_model_path() or "sentence-transformers/all-MiniLM-L6-v2"
         elif os.path.isdir(spec):

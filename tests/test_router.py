@@ -476,6 +476,8 @@ def test_load_embedder_specs(tmp_path):
     assert not default.loaded  # lazy: nothing loaded just to know the name and dim
     assert load_embedder("all-MiniLM-L6-v2").name == DEFAULT_EMBEDDER
     assert load_embedder("sentence-transformers/all-MiniLM-L6-v2").name == DEFAULT_EMBEDDER
+    assert load_embedder("all-minilm-l6-v2").name == DEFAULT_EMBEDDER  # names are case-insensitive, as on the hub
+    assert load_embedder("ALL-MiniLM-L6-v2+mid").name == DEFAULT_EMBEDDER + "+mid"
 
     h = load_embedder("hashing")
     assert isinstance(h, HashingEmbedder) and h.dim == 256
