@@ -586,6 +586,14 @@ def _from_pretrained(
     model_cls = _MODEL_CLASSES[kind]
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     model = model_cls.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+    if kind == "encoder":  # AutoModel loads a decoder's body too; a bank would then misuse it as an encoder
+        archs = list(getattr(model.config, "architectures", None) or [])
+        if getattr(model.config, "is_decoder", False) or not hasattr(getattr(model, "encoder", None), "layer"):
+            raise PromptBankError(
+                f"{source} is not a BERT-family encoder ({type(model).__name__}"
+                + (f", saved as {', '.join(archs)}" if archs else "")
+                + "); load a causal LM with kind='causal_lm'."
+            )
     return model, tokenizer
 
 

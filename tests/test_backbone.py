@@ -243,6 +243,12 @@ def test_load_backbone_rejects_unsupported_kind(tiny_folder: Path):
 # --- the default model cache (no real conversion; _convert_gguf is faked) --------------------
 
 
+def test_load_backbone_as_encoder_refuses_a_decoder_folder(tiny_folder: Path):
+    """AutoModel would load the Llama body happily; a bank would then pool a causal model as if it were BERT."""
+    with pytest.raises(PromptBankError, match="not a BERT-family encoder.*LlamaForCausalLM.*kind='causal_lm'"):
+        load_backbone(tiny_folder, kind="encoder")
+
+
 def test_cache_dir_honours_the_environment(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("PROMPTBANK_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
