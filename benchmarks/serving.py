@@ -10,7 +10,8 @@ order rotated every round, so machine noise hits all variants alike; medians and
   tokens. Ours: ``promptbank.train._batch_loss`` (prompt prefix once per batch, LM head on target tokens only)
   for prompt tuning, P-Tuning (MLP) and deep prompts. PEFT: PromptTuning, P-Tuning (PromptEncoder MLP) and
   PrefixTuning with a plain loop (``labels`` = -100 except on the label tokens).
-- precision: the training step in fp32 vs bf16 (autocast, and bf16 backbone weights), interleaved.
+- precision: the training step in fp32 vs bf16 (autocast, and bf16 backbone weights), interleaved; with
+  ``--compile`` also ``torch.compile`` of the decoder body (its compile time reported).
 - tta: time to accuracy on one CLINC150 domain (15 intents, 8 train / 4 dev rows per intent): ours prompt tuning
   vs PEFT PromptTuning + a plain loop, same init, optimizer and batches, steps interleaved; cumulative training
   seconds until dev accuracy reaches 90 % of PEFT's best (both scored the same way).
@@ -342,7 +343,11 @@ def bench_precision(bank, cfg) -> dict:
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     conf = PromptConfig(method="prompt_tuning", num_virtual_tokens=P)
     init = token_init(model, text_init_ids(tok, "Classify the text. ", P), [0])
-    kinds = ("fp32", "autocast_bf16", "bf16_weights")
+    kinds = ("fp32", "autocast_bf16", "bf16_weights") + (("compiled_fp32",) if cfg.compile else ())
+    model_compiled = None
+    if cfg.compile:  # torch.compile of the decoder body (the part our forward calls), dynamic shapes
+        model_compiled = copy.deepcopy(model)
+        model_compiled.model = torch.compile(model_compiled.model, dynamic=True)
     modules = {k: build_prompt_module(conf, init) for k in kinds}
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for k, m in modules.items()}
     losses = {k: [] for k in kinds}
@@ -353,7 +358,8 @@ def bench_precision(bank, cfg) -> dict:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = _batch_loss(model, tok, modules[kind], pairs)
             else:
-                loss = _batch_loss(model_bf16 if kind == "bf16_weights" else model, tok, modules[kind], pairs)
+                m = {"bf16_weights": model_bf16, "compiled_fp32": model_compiled}.get(kind, model)
+                loss = _batch_loss(m, tok, modules[kind], pairs)
             opts[kind].zero_grad(set_to_none=True)
             loss.float().backward()
             opts[kind].step()
@@ -361,16 +367,26 @@ def bench_precision(bank, cfg) -> dict:
 
         return step
 
+    compile_s = None
+    if cfg.compile:
+        t = time.perf_counter()
+        make_step("compiled_fp32")()  # the first call compiles
+        compile_s = time.perf_counter() - t
+        losses["compiled_fp32"].clear()
     _log(f"precision: {len(kinds)} variants x ({cfg.train_warmup} warm-up + {cfg.train_steps}) steps")
     times = _interleaved({k: make_step(k) for k in kinds}, cfg.train_steps, cfg.train_warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {
+        "autocast_bf16_vs_fp32": med["autocast_bf16"] / med["fp32"],
+        "bf16_weights_vs_fp32": med["bf16_weights"] / med["fp32"],
+    }
+    if cfg.compile:
+        ratios["compiled_vs_fp32"] = med["compiled_fp32"] / med["fp32"]
     return {
+        "compile_seconds": compile_s,
         "ms_per_step": {k: _summary(v) for k, v in times.items()},
         "loss_per_step": losses,
-        "ratios": {
-            "autocast_bf16_vs_fp32": med["autocast_bf16"] / med["fp32"],
-            "bf16_weights_vs_fp32": med["bf16_weights"] / med["fp32"],
-        },
+        "ratios": ratios,
     }
 
 
@@ -1183,6 +1199,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run at toy sizes (< 2 min)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the public datasets (../shared/data)")
     ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="precision section: also torch.compile (minutes to compile)")
     ap.add_argument("--tta-steps", type=int, default=60, help="training steps of the time-to-accuracy section")
     ap.add_argument("--gen-rounds", type=int, default=3)
     ap.add_argument("--gen-extra-rounds", type=int, default=7, help="extra rounds of promptbank's variants")
@@ -1221,6 +1238,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = _config(args)
     cfg.threads = args.threads
+    cfg.compile = args.compile
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     t_start = time.perf_counter()
     result: dict = {
