@@ -24,6 +24,7 @@ eigendecompositions, O(min(N, 20,000) d^2 + d^3 + N d g) for N keys in d dimensi
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -169,9 +170,10 @@ class GaussianRouter:
         covariance is fitted to the very points, in hundreds of dimensions), so the threshold would reject most
         new in-task queries.
         """
-        rng = np.random.default_rng(0)
         folds = []
-        for _, keys, _ in items:
+        for name, (_, keys, _) in zip(self.names, items):
+            # each task's folds from its own name: thresholds do not depend on the order tasks were added in
+            rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
             f = np.empty(len(keys), dtype=np.int64)
             f[rng.permutation(len(keys))] = np.arange(len(keys)) % _FOLDS
             folds.append(f)

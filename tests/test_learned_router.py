@@ -199,3 +199,15 @@ def test_index_kind_and_options_are_saved_with_the_bank(tiny_bank, tmp_path):
 
     with pytest.raises(BankFormatError, match="ef_search"):
         PromptBank.load(tmp_path / "b", tiny_bank.backbone, embedder=tiny_bank.embedder)
+
+
+def test_routing_does_not_depend_on_the_order_tasks_were_added_in():
+    rng = np.random.default_rng(5)
+    d = 10
+    tasks = {f"t{i}": (_unit(np.eye(d)[i] * 3 + rng.normal(size=(60, d))), None, 0.05) for i in range(4)}
+    forward = GaussianRouter(tasks, d)
+    backward = GaussianRouter(dict(reversed(list(tasks.items()))), d)
+    for name in tasks:
+        assert forward.threshold(name) == pytest.approx(backward.threshold(name), rel=1e-5)
+    q = _unit(rng.normal(size=(200, d)) + np.eye(d)[rng.integers(0, 4, 200)] * 3)
+    assert [r[0][0] for r in forward.route(q, top_k=1)] == [r[0][0] for r in backward.route(q, top_k=1)]
