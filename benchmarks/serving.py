@@ -163,6 +163,7 @@ def _task_data(data_dir: Path, tok, n_queries: int, query_tokens: int) -> list[d
                     "name": folder,
                     "labels": labels,
                     "key_texts": [_truncate(tok, r["text"], 128) for r in keys[:KEY_ROWS]],
+                    "key_labels": [r["label"] for r in keys[:KEY_ROWS]],
                     "queries": [(_truncate(tok, r["text"], query_tokens), r["label"]) for r in picked],
                 }
             )
@@ -180,6 +181,7 @@ def _task_data(data_dir: Path, tok, n_queries: int, query_tokens: int) -> list[d
                 "name": f"{base}_{i}",
                 "labels": list(train.labels),
                 "key_texts": [ex.input for ex in train.examples[:KEY_ROWS]],
+                "key_labels": [ex.target for ex in train.examples[:KEY_ROWS]],
                 "queries": [(_truncate(tok, ex.input, query_tokens), ex.target) for ex in test.examples[:n_queries]],
             }
         )
@@ -195,7 +197,9 @@ def _random_prompt(model, layers: list[int], seed: int) -> dict:
     return token_init(model, vocab_init_ids(model, P, generator=gen), layers)
 
 
-def _insert_task(bank, name: str, labels: list[str] | None, prompt: dict, keys, method: str = "prompt_tuning"):
+def _insert_task(
+    bank, name: str, labels: list[str] | None, prompt: dict, keys, method: str = "prompt_tuning", groups=None
+):
     """Put a task with the given soft prompt and routing keys into ``bank`` through its internals (no training)."""
     from promptbank.bank import TaskRecord, _Task
     from promptbank.causal import DEFAULT_TEMPLATE
@@ -217,9 +221,9 @@ def _insert_task(bank, name: str, labels: list[str] | None, prompt: dict, keys, 
         dev_loss=None,
         dev_accuracy=None,
         train_seconds=0.0,
-        threshold=-1.0,  # accept every routed query: all of them do real work
+        threshold=-1.0,  # the cosine scorer accepts every routed query; the learned router calibrates its own
     )
-    bank._insert(_Task(record, {k: v.float().contiguous() for k, v in prompt.items()}, keys, {}))
+    bank._insert(_Task(record, {k: v.float().contiguous() for k, v in prompt.items()}, keys, {}, key_groups=groups))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1277,11 +1281,13 @@ def main() -> None:
     need_tasks = {"generate", "classify", "route"} & set(sections)
     if need_tasks:
         tasks = _task_data(args.data, tok, max(cfg.cls_per_task, cfg.route_queries // 8 + 1, 2), cfg.query_tokens)
-        from promptbank.router import make_prototypes
+        from promptbank.config import TrainConfig
+        from promptbank.tasks import load_task_data
 
-        for i, t in enumerate(tasks):
-            keys = make_prototypes(bank.embedder.encode(t["key_texts"]), 16, seed=0)
-            _insert_task(bank, t["name"], t["labels"], _random_prompt(model, [0], seed=i), keys)
+        for i, t in enumerate(tasks):  # routing keys, label groups and threshold exactly as learn_task files them
+            rows = [{"text": x, "label": y} for x, y in zip(t["key_texts"], t["key_labels"])]
+            keys, groups, threshold = bank._routing_keys(load_task_data(rows, labels=t["labels"]), None, TrainConfig())
+            _insert_task(bank, t["name"], t["labels"], _random_prompt(model, [0], seed=i), keys, groups=groups)
         names = [t["name"] for t in tasks]
         pm = _peft_adapters(bank, names) if {"generate", "classify"} & set(sections) else None
         if "generate" in sections:
