@@ -119,5 +119,10 @@ def test_run_every_system_on_a_tiny_stream(cl4_dir, tmp_path, monkeypatch):
     assert second["promptbank"]["R"][-1][second["tasks"].index("ag")] == first["promptbank"]["R"][-1][3]
     s = result["summary"]
     assert s["sequential full fine-tuning"]["runs"] == 1 and s["sequential shared prompt"]["runs"] == 2
-    assert out.with_suffix(".png").exists()
+    try:
+        import matplotlib  # noqa: F401  (a bench extra, not a test one: no plot without it)
+    except ImportError:
+        assert not out.with_suffix(".png").exists()
+    else:
+        assert out.with_suffix(".png").exists()
     forgetting.print_table(result)
