@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -374,6 +375,15 @@ class PromptBank:
                 result = train_soft_prompt(model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc)
                 num_train, num_dev = len(train_pairs), len(dev_pairs)
 
+        if resume_from is None and dev_data and result.steps and result.best_step == 0:
+            warnings.warn(
+                f"{desc}: the dev loss never improved on the initial soft prompt in {result.steps} steps, so the "
+                "untrained state was kept"
+                + (" (a new linear head at zero: it predicts one label for everything)" if self.is_encoder else "")
+                + "; more examples or steps, a larger dev set (dev=) or another lr may help",
+                UserWarning,
+                stacklevel=3,
+            )
         dev_acc = None
         if dev_data and task_data.kind == "classification":
             if self.is_encoder:

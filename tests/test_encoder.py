@@ -115,3 +115,21 @@ def test_vocab_init_never_draws_special_or_unused_tokens(tmp_path):
     assert set(ids) == {words.index("hello"), words.index("world")}
     plain = vocab_init_ids(model, 200, generator=torch.Generator().manual_seed(0))  # no tokenizer: any id
     assert len(set(plain)) > 10
+
+
+def test_a_task_whose_dev_loss_never_improves_warns(enc_bank):
+    """Early stopping on dev loss keeps step 0 when nothing beats it: on an encoder that is a zero head predicting
+    one label for everything (CL-4 Amazon with 8 dev examples). Say so instead of storing it silently."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="never improved.*untrained state was kept.*one label"):
+        rec = enc_bank.learn_task(
+            "stuck", WEATHER, method="deep", num_virtual_tokens=3, **fast_options(lr=1e-12, head_lr=1e-12)
+        )
+    assert rec.best_step == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never improved.*")
+        rec = enc_bank.learn_task(
+            "learns", WEATHER, method="deep", num_virtual_tokens=3, **fast_options(max_steps=20, eval_every=5, head_lr=0.1)
+        )
+    assert rec.best_step > 0
