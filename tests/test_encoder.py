@@ -130,6 +130,10 @@ def test_a_task_whose_dev_loss_never_improves_warns(enc_bank):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*never improved.*")
         rec = enc_bank.learn_task(
-            "learns", WEATHER, method="deep", num_virtual_tokens=3, **fast_options(max_steps=20, eval_every=5, head_lr=0.1)
+            "learns",
+            WEATHER,
+            method="deep",
+            num_virtual_tokens=3,
+            **fast_options(max_steps=20, eval_every=5, head_lr=0.1),
         )
     assert rec.best_step > 0
