@@ -54,6 +54,15 @@ def fixed_split(rows: Sequence[dict], test_fraction: float, seed: int = 0) -> tu
     return train, test
 
 
+def pool_and_test(folder: Path, pool_file: str, test_file: str | None, test_fraction: float = 0.2):
+    """``(pool rows, test rows)`` of a dataset folder: the official test file, or, when there is none
+    (``test_file=None``: MR, CR, SUBJ, ...), a fixed split of the pool (seed 0) holding out ``test_fraction``."""
+    pool = read_rows(folder / pool_file)
+    if test_file is None:
+        return fixed_split(pool, test_fraction, seed=0)
+    return pool, read_rows(folder / test_file)
+
+
 def subsample(rows: Sequence[dict], n: int | None, seed: int = 0) -> list[dict]:
     """``n`` rows drawn at random (all rows, in file order, when ``n`` is ``None`` or not smaller)."""
     if n is None or n >= len(rows):

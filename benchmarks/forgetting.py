@@ -100,7 +100,7 @@ ORDERS = STREAMS["cl4"]
 
 def _dataset_rows(data_dir: Path, name: str) -> tuple[list[str], list[dict], list[dict]]:
     """-> (labels, train pool rows, test rows) of one stream task."""
-    from bench_common import fixed_split, read_labels, read_rows
+    from bench_common import pool_and_test, read_labels, read_rows
 
     folder, pool_file, test_file, domain = DATASETS[name]
     if domain is not None:  # one CLINC150 domain: its 15 intents
@@ -109,13 +109,7 @@ def _dataset_rows(data_dir: Path, name: str) -> tuple[list[str], list[dict], lis
         pool = [r for r in read_rows(data_dir / folder / pool_file) if r["label"] in keep]
         test = [r for r in read_rows(data_dir / folder / test_file) if r["label"] in keep]
         return labels, pool, test
-    labels = read_labels(data_dir / folder)
-    pool = read_rows(data_dir / folder / pool_file)
-    if test_file is None:
-        pool, test = fixed_split(pool, TEST_FRACTION, seed=0)
-    else:
-        test = read_rows(data_dir / folder / test_file)
-    return labels, pool, test
+    return (read_labels(data_dir / folder), *pool_and_test(data_dir / folder, pool_file, test_file, TEST_FRACTION))
 
 
 def load_stream(data_dir: Path, train_per_class: int, test_per_class: int, seed: int, names=None):

@@ -231,35 +231,49 @@ def _insert_task(
 # --------------------------------------------------------------------------------------------------
 
 
+def _train_pairs(bank, cfg) -> list[tuple[list[int], list[int]]]:
+    """``train_batch`` (input ids, label ids) pairs of exactly ``train_tokens`` input tokens, cut from the example
+    ticket-routing texts: the batch of the training-speed sections."""
+    from promptbank.causal import encode_target
+    from promptbank.examples import example_path
+    from promptbank.tasks import load_task_data
+
+    tok = bank.backbone.tokenizer
+    data = load_task_data(example_path("ticket_routing_train"))
+    text_ids = tok(" ".join(ex.input for ex in data.examples), add_special_tokens=False)["input_ids"]
+    n = cfg.train_tokens
+    return [
+        (text_ids[i * n : (i + 1) * n], encode_target(tok, data.examples[i].target)) for i in range(cfg.train_batch)
+    ]
+
+
+def _peft_batch(tok, pairs):
+    """PEFT inputs for (input ids, label ids) pairs: the same tokens right-padded, loss only on the label tokens ->
+    (input_ids, attention_mask, labels)."""
+    import torch
+
+    width = max(len(a) + len(b) for a, b in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    for r, (a, b) in enumerate(pairs):
+        ids[r, : len(a) + len(b)] = torch.tensor(a + b)
+        mask[r, : len(a) + len(b)] = 1
+        labels[r, len(a) : len(a) + len(b)] = torch.tensor(b)
+    return ids, mask, labels
+
+
 def bench_train(bank, cfg) -> dict:
     import torch
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
-    from promptbank.causal import encode_target
     from promptbank.config import PromptConfig
-    from promptbank.examples import example_path
     from promptbank.prompts import build_prompt_module, text_init_ids, token_init
-    from promptbank.tasks import load_task_data
     from promptbank.train import _batch_loss
 
     model, tok = bank.backbone.model, bank.backbone.tokenizer
-    data = load_task_data(example_path("ticket_routing_train"))
-    text_ids = tok(" ".join(ex.input for ex in data.examples), add_special_tokens=False)["input_ids"]
-    n, b = cfg.train_tokens, cfg.train_batch
-    inputs = [text_ids[i * n : (i + 1) * n] for i in range(b)]
-    targets = [encode_target(tok, data.examples[i].target) for i in range(b)]
-    pairs = list(zip(inputs, targets))
-
-    # PEFT inputs: the same tokens, right-padded; loss only on the label tokens
-    width = max(len(i) + len(t) for i, t in pairs)
-    ids = torch.full((b, width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    labels = torch.full((b, width), -100, dtype=torch.long)
-    for r, (i, t) in enumerate(pairs):
-        seq = i + t
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
-        labels[r, len(i) : len(seq)] = torch.tensor(t)
+    pairs = _train_pairs(bank, cfg)
+    ids, mask, labels = _peft_batch(tok, pairs)
 
     variants, params = {}, {}
     for method in ("prompt_tuning", "ptuning_mlp", "deep"):
@@ -332,18 +346,12 @@ def bench_precision(bank, cfg) -> dict:
 
     import torch
 
-    from promptbank.causal import encode_target
     from promptbank.config import PromptConfig
-    from promptbank.examples import example_path
     from promptbank.prompts import build_prompt_module, text_init_ids, token_init
-    from promptbank.tasks import load_task_data
     from promptbank.train import _batch_loss
 
     model, tok = bank.backbone.model, bank.backbone.tokenizer
-    data = load_task_data(example_path("ticket_routing_train"))
-    text_ids = tok(" ".join(ex.input for ex in data.examples), add_special_tokens=False)["input_ids"]
-    n, b = cfg.train_tokens, cfg.train_batch
-    pairs = [(text_ids[i * n : (i + 1) * n], encode_target(tok, data.examples[i].target)) for i in range(b)]
+    pairs = _train_pairs(bank, cfg)
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     conf = PromptConfig(method="prompt_tuning", num_virtual_tokens=P)
     init = token_init(model, text_init_ids(tok, "Classify the text. ", P), [0])
@@ -445,21 +453,9 @@ def bench_time_to_accuracy(bank, cfg) -> dict:
         peft_emb.weight.copy_(init[0])
     peft_opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
 
-    def peft_batch(idx):
-        rows = [pairs[i] for i in idx]
-        width = max(len(a) + len(b) for a, b in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for r, (a, b) in enumerate(rows):
-            ids[r, : len(a) + len(b)] = torch.tensor(a + b)
-            mask[r, : len(a) + len(b)] = 1
-            labels[r, len(a) : len(a) + len(b)] = torch.tensor(b)
-        return ids, mask, labels
-
     batches = _batches(len(pairs), cfg.tta_batch, random.Random(0))
     plan = [next(batches) for _ in range(cfg.tta_steps)]
-    peft_inputs = [peft_batch(idx) for idx in plan]  # built up front: not part of either system's step
+    peft_inputs = [_peft_batch(tok, [pairs[j] for j in idx]) for idx in plan]  # up front: in neither step
 
     def ours_step(i):
         loss = _batch_loss(model, tok, module, [pairs[j] for j in plan[i]])

@@ -54,10 +54,9 @@ from bench_common import (  # noqa: E402
     RESULTS,
     default_data_dir,
     first_step_at,
-    fixed_split,
     mean,
+    pool_and_test,
     read_labels,
-    read_rows,
     sample_disjoint,
     steps_to_fraction,
     subsample,
@@ -94,11 +93,7 @@ TEST_FRACTION = 0.2  # MR, CR: fixed train/test split
 
 def load_task(data_dir: Path, name: str, n_train: int, n_dev: int, n_test: int | None, seed: int) -> dict:
     folder, pool_file, test_file = DATA[name]
-    pool = read_rows(data_dir / folder / pool_file)
-    if test_file is None:
-        pool, test = fixed_split(pool, TEST_FRACTION, seed=0)
-    else:
-        test = read_rows(data_dir / folder / test_file)
+    pool, test = pool_and_test(data_dir / folder, pool_file, test_file, TEST_FRACTION)
     train, dev = sample_disjoint(pool, [n_train, n_dev], seed)
     return {"labels": read_labels(data_dir / folder), "train": train, "dev": dev, "test": subsample(test, n_test, 0)}
 

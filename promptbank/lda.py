@@ -126,10 +126,9 @@ class GaussianRouter:
             items.append((t, keys, groups))
         owner, mus, precision, self.shrinkage = _fit(items, self.dim)
         self._params = _Params(owner, mus, precision)
-        self._task_cols = [np.flatnonzero(owner == t) for t in range(len(self.names))]
         assert np.all(np.diff(owner) >= 0), "groups must be ordered by task"
-        self._nonempty = np.array([t for t, c in enumerate(self._task_cols) if len(c)], dtype=np.int64)
-        self._starts = np.array([c[0] for c in self._task_cols if len(c)], dtype=np.int64)
+        # tasks that have groups, and each one's first group column (a task's groups are contiguous)
+        self._nonempty, self._starts = np.unique(owner, return_index=True)
         self._thresholds = self._calibrate(items, [q for _, _, q in tasks.values()])
 
     def __len__(self) -> int:

@@ -247,17 +247,19 @@ def test_run_target_records_whether_warm_start_fired(bert, hashing_embedder):
     assert cold["reached_cold_text_level"] and cold["steps_to_cold_text_level"] == cold["steps_to_95"]
 
 
-def test_summarize_counts_step_savings_and_harm():
-    def run(steps, acc):
-        return {
-            "steps_to_95": steps,
-            "improved": True,
-            "steps_to_cold_text_level": steps,
-            "reached_cold_text_level": True,
-            "test_accuracy": acc,
-            "dev_accuracy": acc,
-        }
+def _run(steps, acc):
+    """One condition's measurements as transfer.learn + run_target record them (what summarize reads)."""
+    return {
+        "steps_to_95": steps,
+        "improved": True,
+        "steps_to_cold_text_level": steps,
+        "reached_cold_text_level": True,
+        "test_accuracy": acc,
+        "dev_accuracy": acc,
+    }
 
+
+def test_summarize_counts_step_savings_and_harm():
     def seed(warm, cold):
         return {
             "chains": {
@@ -266,7 +268,7 @@ def test_summarize_counts_step_savings_and_harm():
                         "t": {
                             "similarity_to_sources": {"s": 0.8},
                             "warm_start_fired_at_default": True,
-                            "runs": {"warm": run(*warm), "cold_text": run(*cold), "cold_vocab": run(40, 0.7)},
+                            "runs": {"warm": _run(*warm), "cold_text": _run(*cold), "cold_vocab": _run(40, 0.7)},
                         }
                     }
                 }
@@ -282,24 +284,14 @@ def test_summarize_counts_step_savings_and_harm():
 
 
 def test_summarize_uses_only_the_seeds_that_have_a_condition():
-    def run(steps, acc):
-        return {
-            "steps_to_95": steps,
-            "improved": True,
-            "steps_to_cold_text_level": steps,
-            "reached_cold_text_level": True,
-            "test_accuracy": acc,
-            "dev_accuracy": acc,
-        }
-
     def seed(fired):
-        runs = {"warm": run(10, 0.8), "cold_text": run(20, 0.8), "cold_vocab": run(20, 0.7)}
+        runs = {"warm": _run(10, 0.8), "cold_text": _run(20, 0.8), "cold_vocab": _run(20, 0.7)}
         if not fired:  # the default warm start found nothing: its run is the cold text run; a lowered run exists
             runs = {
-                "warm": run(20, 0.8),
-                "cold_text": run(20, 0.8),
-                "warm_lowered": run(5, 0.9),
-                "cold_vocab": run(20, 0.7),
+                "warm": _run(20, 0.8),
+                "cold_text": _run(20, 0.8),
+                "warm_lowered": _run(5, 0.9),
+                "cold_vocab": _run(20, 0.7),
             }
         t = {"similarity_to_sources": {"s": 0.5}, "warm_start_fired_at_default": fired, "runs": runs}
         return {"chains": {"c": {"targets": {"t": t}}}}
