@@ -8,7 +8,7 @@
 
 Systems, all on the same frozen-or-not MiniLM weights, the same data and the same training loop
 (``promptbank.train.train_loop``: AdamW, linear warm-up over 10 % then decay to 10 %, gradient clipping 1.0,
-batch 16, dev loss every 10 steps, early stop after 5 evaluations without improvement, best dev-loss state kept):
+batch 16, dev loss every 10 steps, early stop after 5 evaluations without improvement, best dev state kept: dev accuracy, ties by dev loss):
 - promptbank prompt tuning, P-Tuning (MLP), P-Tuning (LSTM), deep prompts: ``PromptBank.learn_task`` on an encoder
   bank, 20 virtual tokens, a zero-initialised linear head on the mean-pooled output (head lr 1e-2).
 - LoRA (PEFT ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])``) on a copy of
@@ -141,16 +141,22 @@ def encoder_features(encoder: nn.Module, tokenizer, seqs, batch_size: int | None
 
     if batch_size is None:
         return pooled(_plain(encoder), tokenizer, seqs, [None] * len(seqs))
-    return torch.cat(
-        [encoder_features(encoder, tokenizer, seqs[s : s + batch_size]) for s in range(0, len(seqs), batch_size)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
+    feats = torch.cat(
+        [
+            encoder_features(encoder, tokenizer, [seqs[i] for i in order[s : s + batch_size]])
+            for s in range(0, len(seqs), batch_size)
+        ]
     )
+    return feats[torch.argsort(torch.tensor(order))]
 
 
 def train_encoder_classifier(encoder: nn.Module, tokenizer, train, dev, labels, tconf, *, lr: float, desc: str = ""):
     """Train ``encoder``'s trainable weights plus a new linear head (zero-initialised, as promptbank's) with
-    cross-entropy on the mean-pooled output; the same loop, schedule and dev-loss selection as ``learn_task``.
+    cross-entropy on the mean-pooled output; the same loop, schedule and model selection (``tconf.select_on``:
+    by default dev accuracy, ties broken by dev loss) as ``learn_task`` on an encoder.
 
-    ``train``/``dev``: ``{"text", "label"}`` rows. Returns ``(head, TrainResult)`` with the best dev-loss state
+    ``train``/``dev``: ``{"text", "label"}`` rows. Returns ``(head, TrainResult)`` with the best dev state
     loaded into ``encoder`` and ``head``.
     """
     from promptbank.encoder import Head, encode_texts
@@ -168,9 +174,12 @@ def train_encoder_classifier(encoder: nn.Module, tokenizer, train, dev, labels, 
         feats = encoder_features(encoder, tokenizer, [seqs[i] for i in idx])  # (B, d)
         return nn.functional.cross_entropy(head(feats), ys[idx])
 
+    last_accuracy = [float("nan")]
+
     @torch.no_grad()
     def eval_loss() -> float:
         logits = head(encoder_features(encoder, tokenizer, dev_seqs, tconf.batch_size))
+        last_accuracy[0] = float((logits.argmax(-1) == dev_ys).float().mean())
         return float(nn.functional.cross_entropy(logits, dev_ys))
 
     groups = [
@@ -178,7 +187,18 @@ def train_encoder_classifier(encoder: nn.Module, tokenizer, train, dev, labels, 
         {"params": list(head.parameters()), "lr": tconf.head_lr},
     ]
     result = train_loop(
-        _NoBackbone(), both, len(seqs), batch_loss, eval_loss, tconf, param_groups=groups, fold=dict, desc=desc
+        _NoBackbone(),
+        both,
+        len(seqs),
+        batch_loss,
+        eval_loss,
+        tconf,
+        param_groups=groups,
+        fold=dict,
+        desc=desc,
+        dev_metrics={"dev_accuracy": lambda: last_accuracy[0]},
+        select_on=None if tconf.select_on == "loss" else "dev_accuracy",  # as learn_task on an encoder
+        initial_is_candidate=False,  # as learn_task: a zero head is never the kept state
     )
     return head, result
 

@@ -5,6 +5,9 @@
     python benchmarks/forgetting.py --quick               # 1 order, 1 seed, tiny slices: a smoke run (~2 min)
     python benchmarks/forgetting.py --routing-only        # CL-4 routing alone (keys only, no training; ~2 min)
     python benchmarks/forgetting.py --data /path/to/shared/data
+    # the seeds in parallel processes, then one result:
+    python benchmarks/forgetting.py --seeds 1 --first-seed 0 --out s0.json   # (and 1, 2 alongside)
+    python benchmarks/forgetting.py --merge s0.json s1.json s2.json
 
 Streams:
 - ``cl4``: AG News, Amazon, DBpedia, Yahoo (LFPT5 splits, 16 train examples per class, 50 test per class),
@@ -32,7 +35,11 @@ when its label is right) and the oracle-vs-routed gap, wall time per system.
 Writes benchmarks/results/forgetting[_long].json, a PNG (R heatmaps, ACC vs number of tasks, routing confusion),
 and prints a markdown table. Warm start is off for promptbank here (each task's prompt is independent of the
 order), so its per-task prompts are trained once per seed and reused across orders; the sequential baselines are
-retrained for every order.
+retrained for every order. promptbank's oracle accuracies are memoised on the sha256 of each task's prompt and
+head tensors (recorded as ``task_digests``): a bit-identical task is not evaluated again, any changed one is.
+promptbank, full FT and LoRA keep the state with the best dev accuracy, ties broken by dev loss (the library's
+``TrainConfig.select_on`` default on encoders; 10 % of each task's train examples held out); the shared prompt
+and multitask train on every example and keep their last state.
 """
 
 from __future__ import annotations
@@ -154,8 +161,14 @@ def metrics(R: np.ndarray, single: Sequence[float] | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- systems
-def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache):
-    """Learn tasks in order; after each, evaluate every task learned so far with the task given (oracle)."""
+def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache, eval_cache=None):
+    """Learn tasks in order; after each, evaluate every task learned so far with the task given (oracle).
+
+    ``eval_cache`` memoises oracle accuracies on the sha256 of the task's soft prompt and head tensors (the
+    accuracy is a function of those, the frozen backbone and the test set): a task whose tensors are bit-identical
+    to an evaluated one is not run again (later rows of R, other orders of the same seed); any change to a prompt
+    or head changes the digest and is evaluated afresh. The digests go into the result."""
+    eval_cache = {} if eval_cache is None else eval_cache
     from promptbank import PromptBank
     from promptbank.bank import _Task
 
@@ -183,9 +196,10 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
             trained_cache[key] = (t, time.perf_counter() - t0)
         else:
             t = trained_cache[key][0]
-            bank._insert(_Task(t.record, t.prompt, t.keys, t.train_state, t.head))
+            bank._insert(_Task(t.record, t.prompt, t.keys, t.train_state, t.head, key_groups=t.key_groups))
         for j in range(i + 1):
-            R[i, j] = bank.evaluate(stream[order[j]]["test"], task=order[j], batch_size=64)["accuracy"]
+            R[i, j] = _oracle_accuracy(bank, order[j], stream[order[j]]["test"], eval_cache)
+    digests = {n: _task_digest(bank, n) for n in order}
     # routed: every test query of every task, one at a time through the router (no task id)
     texts, gold_task, gold_label = [], [], []
     for name in order:
@@ -209,6 +223,7 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
     for p, g in zip(preds, gold_task):
         confusion[order.index(g), cols.index(p.task)] += 1
     out = {
+        "task_digests": digests,
         "routing_hit@1": hit,
         "routing_hit@1_label_aware": hit_label_aware,
         "routing_top1_ignoring_threshold": top1,
@@ -217,6 +232,26 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
     }
     out.update(_other_scorer(bank, texts, gold_task))
     return R, out, bank
+
+
+def _task_digest(bank, name: str) -> str:
+    """sha256 over a task's serving soft prompt and head tensors (layer / key order fixed)."""
+    import hashlib
+
+    t = bank._tasks[name]
+    h = hashlib.sha256()
+    for part in (t.prompt, t.head or {}):
+        for k in sorted(part):
+            h.update(str(k).encode())
+            h.update(part[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _oracle_accuracy(bank, name: str, test, eval_cache: dict) -> float:
+    key = (name, _task_digest(bank, name))
+    if key not in eval_cache:
+        eval_cache[key] = bank.evaluate(test, task=name, batch_size=64)["accuracy"]
+    return eval_cache[key]
 
 
 def _other_scorer(bank, texts, gold_task) -> dict:
@@ -259,7 +294,7 @@ def _train_shared(backbone, data_by_task, steps, seed, prompt=None, heads=None, 
     """Train one shared deep prompt (+ per-task heads). Sequential: one task's data; multitask: all tasks mixed."""
     from torch import nn
 
-    from promptbank.config import Method, PromptConfig, TrainConfig
+    from promptbank.config import DEFAULT_LR_ENCODER, Method, PromptConfig, TrainConfig
     from promptbank.encoder import Head, encode_texts, pooled
     from promptbank.prompts import build_prompt_module, describe_task, text_init_ids, token_init
     from promptbank.train import train_loop
@@ -295,7 +330,7 @@ def _train_shared(backbone, data_by_task, steps, seed, prompt=None, heads=None, 
         return torch.stack(losses).mean()
 
     groups = [
-        {"params": list(prompt.parameters()), "lr": 0.1},
+        {"params": list(prompt.parameters()), "lr": DEFAULT_LR_ENCODER[Method.DEEP]},  # as promptbank's tasks
         {"params": [p for n, h in heads.items() if n in data_by_task for p in h.parameters()], "lr": 1e-2},
     ]
     tconf = TrainConfig(max_steps=steps, batch_size=16, progress=False, seed=seed)
@@ -308,12 +343,14 @@ def _eval_shared(backbone, prompt, head, data):
     from promptbank.encoder import encode_texts, pooled
 
     seqs = encode_texts(backbone.tokenizer, [ex.input for ex in data.examples], 128)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
     p = prompt.fold()
     correct = 0
-    for s in range(0, len(seqs), 64):
-        feats = pooled(backbone.model, backbone.tokenizer, seqs[s : s + 64], [p] * len(seqs[s : s + 64]))
+    for s in range(0, len(order), 64):
+        rows = order[s : s + 64]
+        feats = pooled(backbone.model, backbone.tokenizer, [seqs[i] for i in rows], [p] * len(rows))
         pred = head(feats).argmax(-1)
-        correct += sum(data.labels[int(k)] == ex.target for k, ex in zip(pred, data.examples[s : s + 64]))
+        correct += sum(data.labels[int(k)] == data.examples[i].target for k, i in zip(pred, rows))
     return correct / len(seqs)
 
 
@@ -341,7 +378,7 @@ def _rows(data) -> list[dict]:
 def run_sequential_encoder(backbone, stream, order, steps, seed, kind: str) -> np.ndarray:
     """Sequential fine-tuning of one copy of the encoder (``kind="full_ft"``: every weight; ``"lora"``: one PEFT
     LoRA adapter, r=8 on query/value) task after task, a new zero-initialised head per task and old heads kept (so
-    forgetting is the shared weights drifting). Same loop, schedule, batch, dev-loss model selection (10 % of the
+    forgetting is the shared weights drifting). Same loop, schedule, batch, model selection (dev accuracy, then loss; 10 % of the
     task's train examples held out, as ``learn_task`` does) as promptbank; learning rates from efficiency.py's
     SST-2 dev sweep."""
     import efficiency
@@ -405,7 +442,7 @@ def routing_only(args, backbone) -> dict:
     both = _Memo(load_embedder(ROUTING_EMBEDDER))
     # one forward for both: the routing embedding's first half is the plain sentence embedding / sqrt(2)
     embedders = {ROUTING_EMBEDDER: both, DEFAULT_EMBEDDER: _Memo(both, first_half=True, name=DEFAULT_EMBEDDER)}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed)
         texts = [ex.input for n in TASKS for ex in stream[n]["test"].examples]
         gold = [n for n in TASKS for _ in stream[n]["test"].examples]
@@ -447,6 +484,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--stream", default="cl4", choices=list(STREAMS))
     ap.add_argument("--quick", action="store_true", help="1 order, 1 seed, 4/class train, 5/class test, 10 steps")
     ap.add_argument("--seeds", type=int, default=None, help="default: 3 (cl4), 1 (long)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="combine the runs of these result files (e.g. one seed each, run in parallel) into --out")  # fmt: skip
     ap.add_argument("--orders", default=None, help="default: every order of the stream")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per task (batch 16); 60 (cl4), 40 (long)")
     ap.add_argument("--train-per-class", type=int, default=16)
@@ -476,6 +516,10 @@ def main(argv=None) -> dict:
         )
     suffix = ("_long" if long else "") + ("_quick" if args.quick else "")
     args.out = args.out or RESULTS / f"forgetting{suffix}.json"
+    if args.merge:
+        result = merge(args.merge, args.out)
+        print_table(result)
+        return result
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         sys.exit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
@@ -521,19 +565,20 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     global ROUTING
     ROUTING = args.routing
     t_start = time.perf_counter() if t_start is None else t_start
+    embedder = _Memo(embedder)  # each text embedded once per run (keys, routing, the logistic baseline)
     systems = args.systems.split(",")
     orders = args.orders.split(",")
     names = list(dict.fromkeys(t for o in orders for t in STREAMS[args.stream][o]))
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed, names)
-        trained = {}
+        trained, evals = {}, {}  # per seed: trained tasks, oracle accuracies by prompt+head digest
         mt = None
         for k, oname in enumerate(orders):
             order = STREAMS[args.stream][oname]
             run_ = {"seed": seed, "order": oname, "tasks": order}
             t0 = time.perf_counter()
-            R, routed, bank = run_promptbank(backbone, embedder, stream, order, args.steps, seed, trained)
+            R, routed, bank = run_promptbank(backbone, embedder, stream, order, args.steps, seed, trained, evals)
             single = [float(R[j, j]) for j in range(len(order))]  # each prompt is trained on its task alone
             run_["promptbank"] = {
                 "R": R.tolist(),
@@ -599,6 +644,44 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     _plot(runs, args.out.with_suffix(".png"), args.stream)
+    return result
+
+
+def merge(files: list[Path], out: Path) -> dict:
+    """One result from several result files of the same stream and settings (seeds or orders run in separate
+    processes): runs concatenated, summary recomputed, wall time the sum over files (the sum of processes'
+    wall times, not elapsed time when they ran side by side). Writes ``out`` (+ .png)."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    first = parts[0]
+    ignore = {"seeds", "first_seed", "out", "merge", "orders", "ft_orders", "threads"}
+    for f, p in zip(files, parts):
+        diff = {k for k in set(first["config"]) | set(p["config"]) if k not in ignore}
+        diff = {k for k in diff if first["config"].get(k) != p["config"].get(k)}
+        if diff:
+            sys.exit(f"{f}: settings differ from {files[0]} in {sorted(diff)}; not merged")
+    runs = [r for p in parts for r in p["runs"]]
+    seen = [(r["seed"], r["order"]) for r in runs]
+    if len(set(seen)) != len(seen):
+        sys.exit(f"the files repeat (seed, order) runs: {sorted(x for x in set(seen) if seen.count(x) > 1)}")
+    config = dict(first["config"])
+    config.update(
+        seeds=len({r["seed"] for r in runs}),
+        orders=",".join(dict.fromkeys(r["order"] for r in runs)),
+        merged_from=[str(f) for f in files],
+        out=str(out),
+    )
+    result = {
+        "config": config,
+        "stream": {o: s for p in parts for o, s in p["stream"].items()},
+        "versions": first["versions"],
+        "wall_seconds": sum(p["wall_seconds"] for p in parts),
+        "wall_seconds_per_file": [p["wall_seconds"] for p in parts],
+        "summary": summarize(runs, config.get("routing", "lda")),
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(runs, out.with_suffix(".png"), config.get("stream", "cl4"))
     return result
 
 

@@ -26,7 +26,9 @@ order rotated every round, so machine noise hits all variants alike; medians and
   prototypes) and 100,000 keys, exact flat index (cosine scorer) and the learned router (LDA, the default);
   HNSW and IVF at 100,000 keys with recall@1 vs exact search.
 - memory: peak RSS (``ru_maxrss``) of a fresh process serving 8 requests with the bare backbone vs a bank
-  holding 100 tasks (prefix caches of all 100 computed), task given and routed.
+  holding 100 tasks (prefix caches of all 100 computed), task given and routed: with the prefix cache unlimited,
+  and (``_budget``) under the default byte budget (``bank.kv_cache_bytes``, 5 % of the backbone's parameter
+  bytes), routed also with the embedder's weights in bf16 (``_bf16``).
 
 Soft prompts are untrained (vocabulary-initialised): speed does not depend on their values. Writes
 benchmarks/results/serving.json (config, versions, raw timings, ratios) and serving.png, and prints a markdown
@@ -77,8 +79,13 @@ SPARSE_TARGETS = {
     "classify_vs_peft": ("classification q/s, ours routed vs PEFT task given, speed-up", ">=", None),
     "route_p50_1000_tasks": ("routing p50, 1 query, 1,000 tasks x 16 keys, embedding incl. (ms), cosine", "<=", 5.0),
     "route_p50_1000_tasks_lda": ("routing p50, same, learned router (the default)", "<=", 5.0),
+    "route_p50_1000_tasks_bf16": ("routing p50, same, cosine, embedder weights in bf16", "<=", 5.0),
+    "route_p50_1000_tasks_bf16_lda": ("routing p50, same, learned router, embedder weights in bf16", "<=", 5.0),
     "memory_given": ("peak RSS, bank with 100 tasks (task given) vs bare backbone", "<=", 1.10),
     "memory_routed": ("peak RSS, bank with 100 tasks + router/embedder vs bare backbone", "<=", 1.10),
+    "memory_given_budget": ("peak RSS, same, task given, default prefix-cache budget", "<=", 1.10),
+    "memory_routed_budget": ("peak RSS, same, routed, default prefix-cache budget", "<=", 1.10),
+    "memory_routed_budget_bf16": ("peak RSS, same, routed, budget + bf16 embedder weights", "<=", 1.10),
 }
 
 
@@ -779,6 +786,19 @@ def _synthetic_keys(pool, n_tasks: int, keys_per_task: int, seed: int) -> dict:
 
 
 def bench_route(bank, tasks: list[dict], cfg) -> dict:
+    """Routing latency with numpy's and FAISS's BLAS / OpenMP pools at ``--threads`` like torch's (threadpoolctl,
+    when installed): with 2 OpenBLAS threads on a loaded 2-core machine, every matrix product of the learned
+    router waits for a descheduled thread (measured: a 10-task fit 30 s instead of 0.5 s, a search 8 ms instead
+    of 0.13 ms)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return _bench_route(bank, tasks, cfg)
+    with threadpool_limits(limits=cfg.threads):
+        return _bench_route(bank, tasks, cfg)
+
+
+def _bench_route(bank, tasks: list[dict], cfg) -> dict:
     import numpy as np
 
     from promptbank.bank import ROUTER_TOP_KEYS
@@ -813,23 +833,39 @@ def bench_route(bank, tasks: list[dict], cfg) -> dict:
         routers[name] = r
         _log(f"route: built {name} ({n_tasks * k} keys) in {build_s[name]:.1f} s")
 
-    # one query at a time; embedding included; routers interleaved per query
-    e2e = {name: [] for name in routers}
+    # the same embedder with its weights in bf16 (SentenceEmbedder(dtype="bfloat16"); same name, same keys): its
+    # own rows at 1,000 tasks x 16 keys, the query embedded in bf16, searched among the fp32 keys
+    from promptbank.embed import SentenceEmbedder
+
+    emb16 = SentenceEmbedder(emb.name, device=emb.device, dtype="bfloat16") if type(emb) is SentenceEmbedder else None
+    embedders = {"": emb} | ({"_bf16": emb16} if emb16 is not None else {})
+    variants = {name: (name, emb) for name in routers}  # end-to-end row -> (router, embedder)
+    if emb16 is not None:
+        variants |= {f"{n}_bf16": (n, emb16) for n in routers if n in ("flat_16000", "lda_16000")}
+
+    # one query at a time; embedding included; routers (and embedders) interleaved per query
+    e2e = {name: [] for name in variants}
     search = {name: [] for name in routers}
-    embed_ms = []
-    emb.encode(queries[:2])  # warm-up
+    embed_ms = {suffix: [] for suffix in embedders}
+    for e_ in embedders.values():
+        e_.encode(queries[:2])  # warm-up
     for i, text in enumerate(queries):
-        t = time.perf_counter()
-        e = emb.encode([text])
-        embed_ms.append(1000 * (time.perf_counter() - t))
-        names = list(routers)
+        for suffix in list(embedders)[i % len(embedders) :] + list(embedders)[: i % len(embedders)]:
+            t = time.perf_counter()
+            got = embedders[suffix].encode([text])
+            embed_ms[suffix].append(1000 * (time.perf_counter() - t))
+            if suffix == "":
+                e = got
+        names = list(variants)
         for name in names[i % len(names) :] + names[: i % len(names)]:
+            router, embedder = variants[name]
             t = time.perf_counter()
-            routers[name].route(emb.encode([text]), top_k=1)
+            routers[router].route(embedder.encode([text]), top_k=1)
             e2e[name].append(1000 * (time.perf_counter() - t))
-            t = time.perf_counter()
-            routers[name].route(e, top_k=1)
-            search[name].append(1000 * (time.perf_counter() - t))
+            if router == name:
+                t = time.perf_counter()
+                routers[name].route(e, top_k=1)
+                search[name].append(1000 * (time.perf_counter() - t))
     recall = {}
     for name, r in routers.items():
         if name.startswith(("flat", "lda")):  # exact search / a different rule, not an approximation of flat
@@ -853,16 +889,30 @@ def bench_route(bank, tasks: list[dict], cfg) -> dict:
         "top_keys": ROUTER_TOP_KEYS,
         "sizes": {name: {"tasks": n, "keys_per_task": k, "keys": n * k, "index": kind} for name, n, k, kind in configs},
         "build_s": build_s,
-        "embed_ms": _percentiles(embed_ms),
+        "embed_ms": _percentiles(embed_ms[""]),
         "end_to_end_ms": {k: _percentiles(v) for k, v in e2e.items()},
         "search_only_ms": {k: _percentiles(v) for k, v in search.items()},
         "recall_at_1": recall,
     }
+    if emb16 is not None:  # what bf16 weights change: latency, and the embeddings / routing decisions
+        q16 = emb16.encode(query_texts)
+        res["embed_ms_bf16"] = _percentiles(embed_ms["_bf16"])
+        agree = {"n": int(q_emb.shape[0]), "cosine_min": float((q_emb * q16).sum(1).min())}
+        for name in ("flat_16000", "lda_16000"):
+            if name in routers:
+                a = [r[0][0] if r else None for r in routers[name].route(q_emb, top_k=1)]
+                b = [r[0][0] if r else None for r in routers[name].route(q16, top_k=1)]
+                agree[f"{name}_same_task"] = sum(x == y for x, y in zip(a, b)) / len(a)
+        res["bf16_vs_fp32"] = agree
     thousand = {c[3]: c[0] for c in configs if c[1] == 1000 and c[2] == 16}
     if thousand:
         res["ratios"] = {"route_p50_1000_tasks": res["end_to_end_ms"][thousand["flat"]]["p50"]}
         if "lda" in thousand:
             res["ratios"]["route_p50_1000_tasks_lda"] = res["end_to_end_ms"][thousand["lda"]]["p50"]
+        for kind in ("flat", "lda"):
+            if f"{thousand.get(kind)}_bf16" in res["end_to_end_ms"]:
+                key = "route_p50_1000_tasks_bf16" + ("_lda" if kind == "lda" else "")
+                res["ratios"][key] = res["end_to_end_ms"][f"{thousand[kind]}_bf16"]["p50"]
     return res
 
 
@@ -899,11 +949,15 @@ def memory_child(mode: str, n_tasks: int, new_tokens: int) -> None:
         causal.generate(model, _NoEos(tok), [None] * len(texts), inputs, max_new_tokens=new_tokens)
     else:
         from promptbank import PromptBank
+        from promptbank.embed import ROUTING_EMBEDDER, SentenceEmbedder
 
-        bank = PromptBank.from_pretrained()
+        embedder = SentenceEmbedder(ROUTING_EMBEDDER, dtype="bfloat16") if mode.endswith("_bf16") else None
+        bank = PromptBank.from_pretrained(embedder=embedder)  # the embedder loads lazily, when routing
+        if "_budget" not in mode:
+            bank.kv_cache_bytes = 1 << 40  # unlimited (the rows before the byte budget): all 100 prefixes kept
         model, tok = bank.backbone.model, bank.backbone.tokenizer
         after_load = _reset_peak()  # what follows (tasks, prefix caches, embedder, serving) is the bank's cost
-        deep = mode.endswith("deep")
+        deep = "deep" in mode
         layers = list(range(bank.backbone.num_layers)) if deep else [0]
         rng = np.random.default_rng(0)
         d_emb = bank.router.dim
@@ -925,10 +979,18 @@ def memory_child(mode: str, n_tasks: int, new_tokens: int) -> None:
         causal.generate(model, _NoEos(tok), kv, inputs, max_new_tokens=new_tokens)
     process_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; includes loading
     status = _proc_status()
+    cache = {}
+    if mode != "bare":
+        cache = {
+            "kv_cache_tasks": len(bank._kv),
+            "kv_cache_mib": bank.kv_cache_nbytes / 2**20,
+            "kv_cache_budget_mib": bank.kv_cache_bytes / 2**20,
+        }
     print(
         json.dumps(
             {
                 "mode": mode,
+                **cache,
                 "rss_after_load_mib": after_load,
                 "serving_peak_rss_mib": status.get("VmHWM", 0) / 1024 if after_load is not None else None,
                 "process_peak_rss_mib": process_peak_kib / 1024,
@@ -970,6 +1032,7 @@ def _reset_peak() -> float | None:
 
 def bench_memory(cfg) -> dict:
     modes = ["bare", "bank_given", "bank_routed", "bank_given_deep"] if not cfg.quick else ["bare", "bank_given"]
+    modes += ["bank_given_budget", "bank_routed_budget", "bank_routed_budget_bf16"]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(cfg.mem_rounds):
         for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
@@ -994,6 +1057,8 @@ def bench_memory(cfg) -> dict:
         res["ratios"]["memory_routed"] = peak["bank_routed"] / peak["bare"]
     if "bank_given_deep" in peak:
         res["ratios"]["memory_given_deep"] = peak["bank_given_deep"] / peak["bare"]
+    for m in ("bank_given_budget", "bank_routed_budget", "bank_routed_budget_bf16"):
+        res["ratios"][m.replace("bank_", "memory_")] = peak[m] / peak["bare"]
     return res
 
 
@@ -1094,6 +1159,15 @@ def details(result: dict) -> str:
     if "route" in result:
         r = result["route"]
         out.append(f"Routing: query embedding p50 {r['embed_ms']['p50']:.1f} ms / p99 {r['embed_ms']['p99']:.1f} ms")
+        if "embed_ms_bf16" in r:
+            b, a = r["embed_ms_bf16"], r["bf16_vs_fp32"]
+            out[-1] += (
+                f"; bf16 weights {b['p50']:.1f} / {b['p99']:.1f} ms (cosine to fp32 >= {a['cosine_min']:.5f}; same task "
+                + ", ".join(
+                    f"{k.removesuffix('_same_task')} {100 * v:.1f} %" for k, v in a.items() if k.endswith("_same_task")
+                )
+                + ")"
+            )
         rows = [
             "| index | keys | build s | end-to-end p50 / p99 ms | search only p50 / p99 ms | recall@1 task (real / near-key) |",
             "|---|---:|---:|---:|---:|---:|",

@@ -19,7 +19,9 @@ For each target, same seed, data and steps:
   (labelled as lowered; not a library default);
 - ``cold text``: ``warm_start=False``, ``init="text"`` (the label-naming instruction, the library default);
 - ``cold vocab``: ``warm_start=False``, ``init="vocab"`` (random vocabulary tokens).
-The warm start covers only the soft prompt: every task also gets a new linear head, trained from zero.
+The warm start mixes the sources' soft prompts, and their linear heads when a source has every label of the
+target (by name: SST-2 / MR / CR share negative / positive, Amazon / Yelp share the five star labels; AG News and
+Yahoo do not share a label set, so Yahoo's head starts from zero). Cold runs start from a zero head.
 
 Data: MR and CR have only ``all.jsonl`` -> a fixed 80/20 train/test split (seed 0); Yelp has no test split -> its
 ``dev.jsonl`` is the test set; dev sets (model selection) are always carved from TRAIN. Per seed: ``--train`` train
@@ -28,9 +30,10 @@ and ``--dev`` dev rows sampled disjointly from the train pool; test: a fixed ``-
 Metrics for speed, from ``TaskRecord.history`` (dev loss and, on encoder banks, dev accuracy every ``eval_every``
 steps): "steps to 95 % of final dev accuracy" (the issue's measure: first evaluation at >= 95 % of the kept
 state's dev accuracy; coarse with a small dev set), and "steps to 95 % of the dev-loss drop" (first step at which
-the dev loss has made 95 % of its improvement from step 0 to its best value). Every run starts from the same dev loss (the head is
-zero-initialised: uniform predictions, loss ln(#labels)), so the curves are directly comparable. Runs are not
-stopped early (patience > steps) so every curve is complete; the best dev-loss state is kept, as always.
+the dev loss has made 95 % of its improvement from step 0 to its best value; 0 for a run whose step 0 is its best).
+Cold runs start from the same dev loss (zero head: uniform predictions, loss ln(#labels)); a warm run whose head
+was lent starts lower. Runs are not stopped early (patience > steps) so every curve is complete; the kept state
+is the library's choice (dev accuracy, ties broken by dev loss; a zero head at step 0 is never kept).
 Also: final dev accuracy and test accuracy of the kept state, and how often warm start hurts (test accuracy more
 than 1 point below cold text).
 Writes benchmarks/results/transfer.json (config, versions, every curve), transfer.png, prints a markdown table.

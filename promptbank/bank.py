@@ -28,7 +28,7 @@ from .errors import (
     VariantExistsError,
     VariantNotFoundError,
 )
-from .inject import PrefixKV, prompt_kv
+from .inject import PrefixKV, model_device, prompt_kv
 from .lda import ROUTING_SCORERS, GaussianRouter
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 # A task's routing score is the mean similarity of its 3 best keys (more robust than the single nearest key).
 ROUTER_TOP_KEYS = 3
-# Prompt prefix caches kept per bank (least recently used evicted); `bank.kv_cache_size` changes it per bank.
+# Prompt prefix caches kept per bank, least recently used evicted beyond either limit: at most KV_CACHE_SIZE tasks
+# (`bank.kv_cache_size`) and at most KV_CACHE_FRACTION of the backbone's parameter bytes (`bank.kv_cache_bytes`).
 KV_CACHE_SIZE = 256
+KV_CACHE_FRACTION = 0.05
 # Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
 DEFAULT_VARIANT = "main"
 
@@ -166,11 +168,13 @@ class PromptBank:
         self.embedder = embedder
         self.router = Router(embedder.dim, top_keys=ROUTER_TOP_KEYS)
         self._tasks: dict[str, _Task] = {}
-        # Lazily computed prompt prefix cache per task (inference): name -> (the prompt it was computed from, kv).
-        # Least recently used first; at most `kv_cache_size` tasks (SmolLM2: 0.88 MiB per 20-token prompt).
-        self._kv: OrderedDict[str, tuple[dict[int, torch.Tensor], PrefixKV]] = OrderedDict()
+        # Lazily computed prompt prefix cache per task (inference): name -> (the prompt it was computed from, kv,
+        # its bytes). Least recently used first; at most `kv_cache_size` tasks and `kv_cache_bytes` bytes
+        # (SmolLM2: 0.88 MiB per 20-token prompt).
+        self._kv: OrderedDict[str, tuple[dict[int, torch.Tensor], PrefixKV, int]] = OrderedDict()
         self._kv_lock = threading.Lock()
         self._kv_cache_size = KV_CACHE_SIZE
+        self._kv_cache_bytes: int | None = None  # None: KV_CACHE_FRACTION of the backbone's parameter bytes
         # Writers (_insert, remove_task; _replace for promote / variants / resume) hold this while they build a new
         # task table (and router), then publish; neither is ever changed in place, so readers (predict, route,
         # save) use them without locking.
@@ -282,9 +286,19 @@ class PromptBank:
         tconf = TrainConfig(**train_options)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
 
-        keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf)
+        train_emb = self.embedder.encode([ex.input for ex in train_data.examples])  # routing keys and warm start
+        keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf, train_emb=train_emb)
 
-        fit = self._fit(f"learn {name} ({pconf.method.value})", task_data, train_data, dev_data, pconf, tconf, template)
+        fit = self._fit(
+            f"learn {name} ({pconf.method.value})",
+            task_data,
+            train_data,
+            dev_data,
+            pconf,
+            tconf,
+            template,
+            train_emb=train_emb,
+        )
         record = fit.record(name, DEFAULT_VARIANT, task_data, pconf, tconf, template, float(threshold))
         self._insert(_Task(record, fit.prompt, keys, fit.train_state, fit.head, key_groups=groups))
         logger.info(
@@ -329,14 +343,21 @@ class PromptBank:
         *,
         resume_from: _Variant | None = None,
         warm_exclude: str | None = None,
+        train_emb: np.ndarray | None = None,
     ) -> _Fit:
         """Train one soft prompt (and, on encoder backbones, its head); stores nothing.
 
         A new prompt starts from the text / vocabulary initialisation or a warm start (from stored tasks other
         than ``warm_exclude``); with ``resume_from`` it starts from that variant's stored ``train_state`` (prompt
-        module, P-Tuning encoder and head included).
+        module, P-Tuning encoder and head included). ``train_emb``: the training inputs' routing embeddings, if
+        the caller has them (else computed here when the warm start needs them).
         """
         model, tok = self.backbone.model, self.backbone.tokenizer
+        if tconf.select_on == "accuracy" and not self.is_encoder:
+            raise ValueError(
+                "select_on='accuracy' needs an encoder backbone (the dev accuracy is measured there during "
+                "training); use 'loss' or 'auto' on a causal LM"
+            )
         warm_from: list[dict[str, Any]] = []
         if resume_from is not None:
             init = {layer: t.clone() for layer, t in resume_from.prompt.items()}  # shapes only: the state overrides
@@ -350,7 +371,8 @@ class PromptBank:
                 init_ids = vocab_init_ids(model, pconf.num_virtual_tokens, generator=gen, tokenizer=tok)
             init = token_init(model, init_ids, layer_set, causal=not self.is_encoder)
             if tconf.warm_start:
-                train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+                if train_emb is None:
+                    train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
                 mixed, warm_from = self._warm_start(
                     train_emb, init, tconf.warm_start_k, tconf.warm_start_min_similarity, exclude=warm_exclude
                 )
@@ -361,10 +383,13 @@ class PromptBank:
         head = None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tconf.seed)
-            module = build_prompt_module(pconf, init)
+            module = build_prompt_module(pconf, init).to(model_device(model))  # stored/warm inits may be on CPU
             state = resume_from.train_state if resume_from is not None else None
             if self.is_encoder:
-                result, head = self._train_encoder(module, train_data, dev_data, tconf, lr, desc, state=state)
+                head_init = self._warm_head(task_data.labels, warm_from) if warm_from else None
+                result, head = self._train_encoder(
+                    module, train_data, dev_data, tconf, lr, desc, state=state, head_init=head_init
+                )
                 num_train, num_dev = len(train_data), len(dev_data) if dev_data else 0
             else:
                 if state is not None:
@@ -377,9 +402,15 @@ class PromptBank:
 
         if resume_from is None and dev_data and result.steps and result.best_step == 0:
             warnings.warn(
-                f"{desc}: the dev loss never improved on the initial soft prompt in {result.steps} steps, so the "
-                "untrained state was kept"
-                + (" (a new linear head at zero: it predicts one label for everything)" if self.is_encoder else "")
+                f"{desc}: no trained state beat the initial one on the dev set "
+                f"({'accuracy, then loss' if self.is_encoder and tconf.select_on != 'loss' else 'loss'}) in "
+                f"{result.steps} steps, so the "
+                + (
+                    "warm-started state was kept (from " + ", ".join(w["task"] for w in warm_from) + ")"
+                    if warm_from
+                    else "untrained state was kept"
+                    + (" (a new linear head at zero: it predicts one label for everything)" if self.is_encoder else "")
+                )
                 + "; more examples or steps, a larger dev set (dev=) or another lr may help",
                 UserWarning,
                 stacklevel=3,
@@ -395,7 +426,12 @@ class PromptBank:
         return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
     def _routing_keys(
-        self, train_data: TaskData, dev_data: TaskData | None, tconf: TrainConfig
+        self,
+        train_data: TaskData,
+        dev_data: TaskData | None,
+        tconf: TrainConfig,
+        *,
+        train_emb: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """Routing keys, their groups and the cosine ("knn" scorer) threshold for a task with these examples.
 
@@ -403,9 +439,13 @@ class PromptBank:
         key for classification, else its k-means cluster (``n_prototypes`` clusters); the learned router
         (:mod:`promptbank.lda`) fits one Gaussian per group. The threshold accepts all but ``threshold_quantile``
         of held-out in-task queries (dev inputs, plus leave-one-out train inputs) under the cosine scorer.
+        ``train_emb``: the training inputs' embeddings when the caller has them.
         """
         inputs = [ex.input for ex in train_data.examples]
-        train_emb = self.embedder.encode(inputs)
+        if train_emb is None:
+            train_emb = self.embedder.encode(inputs)
+        elif len(train_emb) != len(inputs):
+            raise ValueError(f"{len(train_emb)} embeddings for {len(inputs)} training inputs")
         if train_data.kind == "classification" and train_data.labels:
             index = {lab: i for i, lab in enumerate(train_data.labels)}
             groups = np.array([index[ex.target] for ex in train_data.examples], dtype=np.int64)
@@ -437,9 +477,11 @@ class PromptBank:
         desc: str,
         *,
         state: dict[str, torch.Tensor] | None = None,
+        head_init: dict[str, torch.Tensor] | None = None,
     ):
         """Train a soft prompt plus a linear head on the mean-pooled encoder output (cross-entropy). ``state``: a
-        stored train state (``prompt.*`` and ``head.*`` tensors) to resume from."""
+        stored train state (``prompt.*`` and ``head.*`` tensors) to resume from. ``head_init``: the head's
+        starting ``{"weight", "bias"}`` (a warm start; else zeros)."""
         from torch import nn
 
         from .encoder import Head, encode_texts, pooled
@@ -448,8 +490,13 @@ class PromptBank:
         labels = train_data.labels
         index = {lab: i for i, lab in enumerate(labels)}
         seqs = encode_texts(tok, [ex.input for ex in train_data.examples], tconf.max_input_tokens)
-        ys = torch.tensor([index[ex.target] for ex in train_data.examples])
-        head = Head(self.backbone.hidden_size, len(labels))
+        device = model_device(model)
+        ys = torch.tensor([index[ex.target] for ex in train_data.examples], device=device)
+        head = Head(self.backbone.hidden_size, len(labels)).to(device)
+        if head_init is not None:
+            with torch.no_grad():
+                head.linear.weight.copy_(head_init["weight"])
+                head.linear.bias.copy_(head_init["bias"])
         both = nn.ModuleDict({"prompt": module, "head": head})
         if state is not None:
             _load_train_state(both, state, desc)
@@ -462,7 +509,7 @@ class PromptBank:
         eval_loss, dev_metrics = None, None
         if dev_data:
             dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], tconf.max_input_tokens)
-            dev_ys = torch.tensor([index[ex.target] for ex in dev_data.examples])
+            dev_ys = torch.tensor([index[ex.target] for ex in dev_data.examples], device=device)
 
             last_accuracy = [float("nan")]  # set by each dev evaluation, read by the history hook
 
@@ -500,6 +547,9 @@ class PromptBank:
             desc=desc,
             lengths=[len(s) for s in seqs],
             dev_metrics=dev_metrics,
+            select_on="dev_accuracy" if dev_metrics and tconf.select_on != "loss" else None,
+            # a new zero head predicts one label for everything: not a state to keep (a resumed or warm one is)
+            initial_is_candidate=state is not None or head_init is not None,
         )
         return result, head.tensors()
 
@@ -514,13 +564,17 @@ class PromptBank:
         from .encoder import encode_texts, head_logits, pooled
 
         model, tok = self.backbone.model, self.backbone.tokenizer
-        out: list[torch.Tensor] = []
+        seqs = encode_texts(tok, texts, max_tokens)
+        # Batches of similar length (little padding); each row's result does not depend on its batch.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: list[torch.Tensor | None] = [None] * len(seqs)
         with torch.no_grad():
-            for s in range(0, len(texts), batch_size):
-                seqs = encode_texts(tok, texts[s : s + batch_size], max_tokens)
-                feats = pooled(model, tok, seqs, prompts[s : s + batch_size])
-                out += [head_logits(h, f[None])[0] for h, f in zip(heads[s : s + batch_size], feats)]
-        return out
+            for s in range(0, len(order), batch_size):
+                rows = order[s : s + batch_size]
+                feats = pooled(model, tok, [seqs[i] for i in rows], [prompts[i] for i in rows])
+                for i, f in zip(rows, feats):
+                    out[i] = head_logits(heads[i], f[None])[0]
+        return out  # type: ignore[return-value]
 
     def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int) -> float:
         logits = self._encoder_logits(
@@ -611,6 +665,30 @@ class PromptBank:
         ]
         return mixed, info
 
+    def _warm_head(self, labels: Sequence[str] | None, warm_from: list[dict[str, Any]]) -> dict | None:
+        """A starting head for a new encoder task from the heads of the warm-start tasks that have every one of its
+        labels (by name): their rows for those labels, mixed with the warm-start weights renormalised over them.
+        A head that lacks some label would leave that label's row at zero among trained rows, biasing the start
+        against it, so such tasks lend only their prompt. Marks each entry of ``warm_from`` with
+        ``"head": True/False``. ``None`` when no task qualifies (the head starts at zero)."""
+        if not labels:
+            return None
+        tasks, parts = self._tasks, []
+        for w in warm_from:
+            t = tasks.get(w["task"])
+            src = {lab: i for i, lab in enumerate(t.record.labels or [])} if t is not None and t.head else {}
+            w["head"] = all(lab in src for lab in labels)
+            if w["head"]:
+                rows = torch.tensor([src[lab] for lab in labels])
+                parts.append((w["weight"], t.head["weight"][rows], t.head["bias"][rows]))
+        if not parts:
+            return None
+        total = sum(p[0] for p in parts)
+        return {
+            "weight": sum(p[0] / total * p[1] for p in parts).float(),
+            "bias": sum(p[0] / total * p[2] for p in parts).float(),
+        }
+
     def remove_task(self, name: str) -> None:
         """Delete task ``name`` (its soft prompt, keys and record)."""
         with self._lock:  # copy, then publish: the router first, so it never names a task missing from the table
@@ -639,8 +717,9 @@ class PromptBank:
         The method and prompt config are the task's; the :class:`TrainConfig` is the stored one with
         ``train_options`` applied (``max_steps``, ``lr``, ...). Training starts from the stored module state (the
         prompt vectors, P-Tuning MLP/LSTM encoder weights, and on encoder backbones the head) with a fresh AdamW
-        schedule (optimizer moments are not stored). The step-0 dev evaluation is the stored state and the best
-        dev-loss state is kept, so on the same dev data the dev loss cannot get worse. Routing keys and threshold
+        schedule (optimizer moments are not stored). The step-0 dev evaluation is the stored state and a later
+        state replaces it only if it is better by the ``select_on`` rule, so on the same dev data the selection
+        measure cannot get worse (the dev loss; on encoders by default the dev accuracy, then the loss). Routing keys and threshold
         are kept. ``variant`` resumes one of the task's non-serving prompt variants instead of the serving one.
 
         The returned record counts steps, seconds and history across runs (history steps continue from the
@@ -803,8 +882,8 @@ class PromptBank:
                     int(r.train_config.get("max_input_tokens", 256)),
                     batch_size,
                 )
-                ys = torch.tensor([rec.labels.index(ex.target) for ex in td.examples])
                 stacked = torch.stack(logits)
+                ys = torch.tensor([rec.labels.index(ex.target) for ex in td.examples], device=stacked.device)
                 row["loss"] = float(torch.nn.functional.cross_entropy(stacked, ys))
                 row["accuracy"] = float((stacked.argmax(-1) == ys).float().mean())
             else:
@@ -897,6 +976,14 @@ class PromptBank:
         return record
 
     # ------------------------------------------------------------------ inference
+    def _call_kv(self, names: Sequence[str]) -> list[PrefixKV]:
+        """Each row's prompt prefix, every task's fetched once: within one call a task is never recomputed, even
+        when the call names more tasks than the cache budget holds."""
+        once: dict[str, PrefixKV] = {}
+        for n in dict.fromkeys(names):
+            once[n] = self._prompt_kv(n)
+        return [once[n] for n in names]
+
     def _prompt_kv(self, name: str) -> PrefixKV:
         # Cached with the prompt it was computed from: a prompt replaced meanwhile (promote, resume_task) never
         # gets an old cache, even when a reader races the writer's invalidation.
@@ -907,16 +994,18 @@ class PromptBank:
                 self._kv.move_to_end(name)
                 return hit[1]
         with torch.no_grad():
-            kv = prompt_kv(self.backbone.model, prompt)
+            kv = self._packed_kv(prompt_kv(self.backbone.model, prompt))
+        nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
         with self._kv_lock:  # evicted entries stay valid for callers holding them
-            self._kv[name] = (prompt, kv)
+            self._kv[name] = (prompt, kv, nbytes)
             self._kv.move_to_end(name)
             self._trim_kv()
         return kv
 
     @property
     def kv_cache_size(self) -> int:
-        """How many tasks' prompt prefix caches inference keeps (least recently used evicted; default 256)."""
+        """At most how many tasks' prompt prefix caches inference keeps (default 256, :data:`KV_CACHE_SIZE`);
+        :attr:`kv_cache_bytes` limits them too. Setting it evicts the least recently used beyond it."""
         return self._kv_cache_size
 
     @kv_cache_size.setter
@@ -927,9 +1016,61 @@ class PromptBank:
             self._kv_cache_size = n
             self._trim_kv()
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Byte budget of the prompt prefix caches (each task's per-layer prompt keys/values, computed on first
+        use): least recently used tasks are evicted beyond it, and recomputed on their next use (same outputs).
+        A miss costs one forward over the ``P`` prompt positions: for SmolLM2-135M, 20 positions, one CPU thread,
+        about 0.6x the time of classifying one query with its task given (150 vs 250 ms on a loaded machine).
+
+        Default: :data:`KV_CACHE_FRACTION` (5 %) of the backbone's parameter bytes, so the cache grows with the
+        model it serves, not with the number of tasks, and stays small next to the weights every request reads
+        anyway (SmolLM2-135M fp32: 26 MiB, 29 tasks at 0.88 MiB per 20-token prompt; a bf16 backbone halves
+        both). Set an int (bytes; ``0`` caches nothing) or ``None`` (back to the default); setting it evicts at
+        once. :attr:`kv_cache_size` (a task count) applies as well.
+        """
+        if self._kv_cache_bytes is not None:
+            return self._kv_cache_bytes
+        params = sum(p.numel() * p.element_size() for p in self.backbone.model.parameters())
+        return int(KV_CACHE_FRACTION * params)
+
+    @kv_cache_bytes.setter
+    def kv_cache_bytes(self, n: int | None) -> None:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"kv_cache_bytes must be an int >= 0 or None (the default), got {n!r}")
+        with self._kv_lock:
+            self._kv_cache_bytes = n
+            self._trim_kv()
+
+    @property
+    def kv_cache_nbytes(self) -> int:
+        """Bytes the cached prompt prefixes hold now (at most :attr:`kv_cache_bytes`)."""
+        with self._kv_lock:
+            return sum(entry[2] for entry in list(self._kv.values()))
+
     def _trim_kv(self) -> None:
-        while len(self._kv) > self._kv_cache_size:
-            self._kv.popitem(last=False)
+        """Evict least recently used prefixes until both limits hold; the caller holds ``_kv_lock``."""
+        budget = self.kv_cache_bytes
+        held = sum(entry[2] for entry in list(self._kv.values()))  # list(): one step, writers pop without the lock
+        while self._kv and (len(self._kv) > self._kv_cache_size or held > budget):
+            try:
+                held -= self._kv.popitem(last=False)[1][2]
+            except KeyError:  # emptied meanwhile by a writer (remove_task, _insert, _replace)
+                break
+
+    @staticmethod
+    def _packed_kv(kv: PrefixKV) -> PrefixKV:
+        """``kv`` copied into one contiguous block, as per-layer views of it (same shapes and values). One
+        allocation per task instead of two per layer: the cache does not fragment the heap (measured: 100 SmolLM2
+        prefixes held ~30 MiB more RSS than their 88 MiB unpacked) and an evicted prefix frees its memory."""
+        k0 = kv[0][0]
+        if any(t.shape != k0.shape or t.dtype != k0.dtype or t.device != k0.device for pair in kv for t in pair):
+            return kv  # layers of different shapes: kept as they are
+        block = torch.empty((len(kv), 2, *k0.shape), dtype=k0.dtype, device=k0.device)
+        for i, (k, v) in enumerate(kv):
+            block[i, 0].copy_(k)
+            block[i, 1].copy_(v)
+        return [(block[i, 0], block[i, 1]) for i in range(len(kv))]
 
     def set_index(self, index: str = "flat", **options) -> None:
         """Change the FAISS index of the routing keys (used by ``routing="knn"``): ``"flat"`` (exact, default),
@@ -1009,7 +1150,7 @@ class PromptBank:
                 scored = self._rank_rows(
                     rows_text,
                     [t.record.template for t in tasks],
-                    [self._prompt_kv(names[i]) for i in cls_rows],
+                    self._call_kv([names[i] for i in cls_rows]),
                     [self._label_ids(t.record) for t in tasks],
                     batch_size,
                 )
@@ -1053,6 +1194,7 @@ class PromptBank:
         tok, model = self.backbone.tokenizer, self.backbone.model
         gen = torch.Generator().manual_seed(seed)
         outputs: list[str] = []
+        call_kv: dict[str, PrefixKV] = {}  # each task's prefix fetched once per call (the cache may evict it)
         for s in range(0, len(texts), batch_size):
             chunk = list(range(s, min(s + batch_size, len(texts))))
             inputs, kv = [], []
@@ -1063,7 +1205,9 @@ class PromptBank:
                     kv.append(None)
                 else:
                     inputs.append(causal.encode_input(tok, texts[i], self._tasks[n].record.template))
-                    kv.append(self._prompt_kv(n))
+                    if n not in call_kv:
+                        call_kv[n] = self._prompt_kv(n)
+                    kv.append(call_kv[n])
             ids = causal.generate(
                 model,
                 tok,

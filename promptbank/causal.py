@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inject import PrefixKV, cache_kwargs, forward_hidden, output_cache
+from .inject import PrefixKV, cache_kwargs, forward_hidden, model_device, output_cache
 
 # How an example's input is shown to the model behind its soft prompt; the target follows after a space.
 DEFAULT_TEMPLATE = "{input}\nAnswer:"
@@ -33,8 +33,11 @@ def encode_target(tokenizer, target: str, max_tokens: int | None = None) -> list
     return ids + ([eos] if eos is not None else [])
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and attention mask of left-padded sequences."""
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask of left-padded sequences, built on the CPU and moved to ``device`` (if given)
+    in one copy each."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -42,6 +45,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
         if s:
             ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s) :] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
     return ids, mask
 
 
@@ -62,7 +67,8 @@ def target_logprobs(
     Returns one (len(target_b),) tensor per row. Only target positions go through the LM head.
     """
     seqs = [list(i) + list(t) for i, t in zip(inputs, targets)]
-    ids, mask = left_pad(seqs, _pad_id(tokenizer))
+    dev = model_device(model)
+    ids, mask = left_pad(seqs, _pad_id(tokenizer), dev)
     hidden, _, _ = forward_hidden(model, ids, mask, row_kv)  # (B, T, d)
     width = ids.shape[1]
     rows, pos, tgt, sizes = [], [], [], []
@@ -72,9 +78,9 @@ def target_logprobs(
         pos += list(range(start, start + len(t)))
         tgt += list(t)
         sizes.append(len(t))
-    selected = hidden[torch.tensor(rows), torch.tensor(pos)]  # (N, d)
+    selected = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # (N, d)
     logits = model.get_output_embeddings()(selected).float()  # (N, V)
-    logp = -F.cross_entropy(logits, torch.tensor(tgt), reduction="none")  # (N,)
+    logp = -F.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")  # (N,)
     return list(torch.split(logp, sizes))
 
 
@@ -98,7 +104,8 @@ def rank_labels(
     scored from the input's last position, so labels share the input's forward. Rows may use different tasks,
     prompt lengths and label sets.
     """
-    ids, mask = left_pad(inputs, _pad_id(tokenizer))
+    dev = model_device(model)
+    ids, mask = left_pad(inputs, _pad_id(tokenizer), dev)
     hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
     head = model.get_output_embeddings()
     first_logp = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1)  # (B, V)
@@ -107,8 +114,8 @@ def rank_labels(
     flat = [list(lab) for labels in label_ids for lab in labels]
     if any(not lab for lab in flat):
         raise ValueError("every label must have at least one token")
-    index = torch.tensor(owner)
-    scores = first_logp[index, torch.tensor([lab[0] for lab in flat])]  # (N,)
+    index = torch.tensor(owner, device=dev)
+    scores = first_logp[index, torch.tensor([lab[0] for lab in flat], device=dev)]  # (N,)
 
     width = max(len(lab) for lab in flat) - 1
     if width > 0:  # feed label tokens [0 .. n-2] to score tokens [1 .. n-1]; right-padded, pads come last
@@ -118,13 +125,14 @@ def rank_labels(
         for i, lab in enumerate(flat):
             feed[i, : len(lab) - 1] = torch.tensor(lab[:-1], dtype=torch.long)
             feed_mask[i, : len(lab) - 1] = 1
+        feed, feed_mask = feed.to(dev), feed_mask.to(dev)
         cache.batch_select_indices(index)  # (B, ...) -> (N, ...): each pair gets its row's prefix + input
         base = model.base_model
         start = prefix.position_ids[:, -1][index] + 1  # (N,)
         out = base(
             input_ids=feed,
             attention_mask=torch.cat([prefix.attention_mask[index], feed_mask], dim=1),
-            position_ids=start[:, None] + torch.arange(width)[None],
+            position_ids=start[:, None] + torch.arange(width, device=dev)[None],
             use_cache=True,
             **cache_kwargs(base, cache),
         )
@@ -132,9 +140,10 @@ def rank_labels(
         cols = [j for lab in flat for j in range(len(lab) - 1)]
         tgts = [t for lab in flat for t in lab[1:]]
         if rows:
-            logits = head(out.last_hidden_state[torch.tensor(rows), torch.tensor(cols)]).float()  # (M, V)
-            logp = -F.cross_entropy(logits, torch.tensor(tgts), reduction="none")
-            scores = scores.index_add(0, torch.tensor(rows), logp)
+            rows_t = torch.tensor(rows, device=dev)
+            logits = head(out.last_hidden_state[rows_t, torch.tensor(cols, device=dev)]).float()  # (M, V)
+            logp = -F.cross_entropy(logits, torch.tensor(tgts, device=dev), reduction="none")
+            scores = scores.index_add(0, rows_t, logp)
     return list(torch.split(scores, [len(labels) for labels in label_ids]))
 
 
@@ -181,6 +190,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if generator is not None and generator.device != probs.device:  # e.g. a CPU generator, a CUDA model
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -211,7 +222,7 @@ def generate_steps(
     if max_new_tokens == 0 or bsz == 0:
         return
     eos = tokenizer.eos_token_id
-    ids, mask = left_pad(inputs, _pad_id(tokenizer))
+    ids, mask = left_pad(inputs, _pad_id(tokenizer), model_device(model))
     hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
     head = model.get_output_embeddings()
     attn = prefix.attention_mask
@@ -231,7 +242,7 @@ def generate_steps(
         yield new
         if all(done) or step == max_new_tokens - 1:
             return
-        attn = torch.cat([attn, torch.ones(bsz, 1, dtype=attn.dtype)], dim=1)
+        attn = torch.cat([attn, attn.new_ones(bsz, 1)], dim=1)
         out = base(
             input_ids=nxt[:, None],
             attention_mask=attn,

@@ -117,14 +117,15 @@ class TrainConfig:
     """Training options for :meth:`PromptBank.learn_task`.
 
     ``max_steps`` optimizer steps of ``batch_size`` examples, AdamW with linear warm-up over ``warmup_ratio`` of
-    the steps then linear decay; every ``eval_every`` steps the dev loss is measured and the best soft prompt
-    kept; training stops after ``patience`` evaluations without improvement. ``dev_fraction`` of the data is
+    the steps then linear decay; every ``eval_every`` steps the dev set is measured and the best soft prompt
+    kept (``select_on``); training stops after ``patience`` evaluations without improvement. ``dev_fraction`` of the data is
     held out when no dev set is given. ``lr=None`` picks the method's default (:data:`DEFAULT_LR` on causal LMs, :data:`DEFAULT_LR_ENCODER` on encoders).
     ``init``: ``"text"`` starts the soft prompt from the tokens of an instruction naming the task's labels,
     ``"vocab"`` from randomly sampled vocabulary tokens; with ``warm_start`` and a stored task of the same shape,
     the mix of the soft prompts of the ``warm_start_k`` stored tasks that the router sends the most of the new
     task's training inputs to (weighted by that share; only shares >= ``warm_start_min_similarity``) is used
-    instead. ``keep_train_state`` stores the prompt module's state
+    instead; on encoder backbones the head starts from those tasks' heads that have all the new task's labels
+    (rows matched by label name), else at zero. ``keep_train_state`` stores the prompt module's state
     (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
     ``length_bucketing`` (off by default): batches group examples of similar length (sorted within chunks of 50
     batches, batch order shuffled; every example still once per epoch), so little compute goes to padding (AG
@@ -134,6 +135,13 @@ class TrainConfig:
     Routing: the task's keys are the routing embeddings of at most ``max_keys`` training inputs (label-stratified),
     grouped by label (classification) or into ``n_prototypes`` k-means clusters (generation); the "no task"
     threshold rejects ``threshold_quantile`` of held-out in-task queries.
+    ``select_on``: which dev number picks the state that is kept. ``"loss"``: the lowest dev loss.
+    ``"accuracy"``: the highest dev accuracy, ties broken by the lower dev loss (classification on an encoder
+    backbone, where the dev forward gives both at once). ``"auto"`` (default): accuracy where it is measured,
+    else loss. Why accuracy on encoders: a new linear head starts at zero (uniform predictions, dev loss ln C);
+    on a small dev set a trained head that is right more often but confidently wrong on a few examples has a
+    higher loss than that. (That zero head is never kept in any case: on CL-4's Amazon, 8 dev examples, it also
+    tied on accuracy; a warm-started or resumed starting state is a candidate.)
     """
 
     max_steps: int = 100
@@ -160,6 +168,7 @@ class TrainConfig:
     n_prototypes: int = 16
     max_keys: int = 256
     threshold_quantile: float = 0.05
+    select_on: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -184,6 +193,7 @@ class TrainConfig:
             "n_prototypes": self.n_prototypes >= 1,
             "max_keys": self.max_keys >= 1,
             "threshold_quantile": 0 <= self.threshold_quantile < 1,
+            "select_on": self.select_on in ("auto", "loss", "accuracy"),
         }
         for name, ok in checks.items():
             if not ok:

@@ -130,10 +130,29 @@ class SentenceEmbedder:
     data source from another. Banks route with it by default (:data:`ROUTING_EMBEDDER`); measured on the CL-4
     stream (AG News / Amazon / DBpedia / Yahoo, 16 train examples per class) the routing accuracy of the same
     classifier rises from 87 % to 96 % with it (``benchmarks/forgetting.py``). Same cost: one forward pass.
+
+    ``dtype`` (opt-in): the weights' dtype, ``"float32"`` (default, also ``None``), ``"bfloat16"`` or
+    ``"float16"`` (or the ``torch`` dtype); embeddings are still returned as L2-normalised float32 rows.
+    ``"bfloat16"`` makes a one-query forward faster on CPUs with bf16 matrix units (AMX / AVX512-BF16; measured
+    0.75-0.8x the float32 time). It does not save resident memory: float32 weights are memory-mapped from the
+    safetensors file and only the pages in use become resident (most vocabulary rows never are), while the
+    bf16 weights are a full in-memory copy, made from the mapped file while loading (all-MiniLM-L6-v2: RSS
+    +80 vs +76 MiB after the first query; +137 vs +76 MiB at the peak while loading).
+    On all-MiniLM-L6-v2+mid its embeddings keep a cosine of >= 0.9998 to the float32 ones
+    (min 0.99989 over 500 CLINC150 queries; 1 of 500 routing decisions changed, hit@1 the same), so ``name``
+    stays the same and a bank's stored float32 keys are routed with it as they are: pass
+    ``embedder=SentenceEmbedder(ROUTING_EMBEDDER, dtype="bfloat16")`` to
+    :meth:`promptbank.PromptBank.from_pretrained` or :meth:`~promptbank.PromptBank.load`. Without bf16 hardware
+    it can be slower than float32.
     """
 
     def __init__(
-        self, model: str | os.PathLike[str] = DEFAULT_EMBEDDER, *, device: str = "cpu", mid_layer: bool = False
+        self,
+        model: str | os.PathLike[str] = DEFAULT_EMBEDDER,
+        *,
+        device: str = "cpu",
+        mid_layer: bool = False,
+        dtype: Any = None,
     ):
         spec = os.fspath(model)
         if not isinstance(spec, str) or not spec:
@@ -144,6 +163,7 @@ class SentenceEmbedder:
                 raise ValueError(f"model must be a non-empty name or path, got {model!r}")
         self.mid_layer = bool(mid_layer)
         self.device = device
+        self.dtype = _dtype_name(dtype)
         self._model: Any = None
         self._lock = threading.Lock()
         if spec in _DEFAULT_ALIASES or spec.lower() in {a.lower() for a in _DEFAULT_ALIASES}:
@@ -161,7 +181,8 @@ class SentenceEmbedder:
             self._dim = None if self._dim is None else 2 * self._dim
 
     def __repr__(self) -> str:
-        return f"SentenceEmbedder({self.name!r}, device={self.device!r})"
+        extra = "" if self.dtype == "float32" else f", dtype={self.dtype!r}"
+        return f"SentenceEmbedder({self.name!r}, device={self.device!r}{extra})"
 
     @property
     def loaded(self) -> bool:
@@ -171,11 +192,17 @@ class SentenceEmbedder:
         if self._model is None:
             with self._lock:
                 if self._model is None:
+                    import torch
                     from sentence_transformers import SentenceTransformer
 
+                    options: dict[str, Any] = {}
+                    if self.dtype != "float32":
+                        options["model_kwargs"] = {"dtype": getattr(torch, self.dtype)}
                     try:
                         with _quiet_transformers():
-                            model = SentenceTransformer(self._source, device=self.device)
+                            model = SentenceTransformer(self._source, device=self.device, **options)
+                            if any(p.dtype != getattr(torch, self.dtype) for p in model.parameters()):
+                                model = model.to(getattr(torch, self.dtype))  # a model class that ignored it
                     except Exception as e:  # re-raised with context
                         raise OSError(
                             f"could not load sentence-transformers model {self._source!r} for embedder "
@@ -209,6 +236,15 @@ class SentenceEmbedder:
         model = self._load()
         if self.mid_layer:
             return self._encode_with_mid_layer(model, items, batch_size)
+        if self.dtype != "float32":  # numpy has no bfloat16: take the tensor, in float32
+            out = model.encode(
+                items,
+                batch_size=batch_size,
+                convert_to_tensor=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+            return _normalise_rows(out.float().cpu().numpy().reshape(len(items), self.dim))
         out = model.encode(
             items,
             batch_size=batch_size,
@@ -234,7 +270,7 @@ class SentenceEmbedder:
             was = config.output_hidden_states
             config.output_hidden_states = True
             try:
-                with torch.no_grad():
+                with torch.inference_mode():
                     for s in range(0, len(items), batch_size):
                         idx = order[s : s + batch_size]
                         features = prepare([items[i] for i in idx])
@@ -248,6 +284,22 @@ class SentenceEmbedder:
             finally:
                 config.output_hidden_states = was
         return _normalise_rows(out)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``None`` / a torch floating dtype / its name -> ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+    if dtype is None:
+        return "float32"
+    name = str(dtype).removeprefix("torch.")
+    name = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(
+        name, name
+    )
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES} (or the torch dtype), got {dtype!r}")
+    return name
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .inject import find_layers
+from .inject import find_layers, model_device
 
 SoftPrompt = Mapping[int, torch.Tensor]
 
@@ -42,7 +42,8 @@ class _RowOverwrite:
 
     def _apply(self, hidden: torch.Tensor) -> torch.Tensor:
         p = self.value.shape[1]
-        head = torch.where(self.rows[:, None, None], self.value.to(hidden.dtype), hidden[:, :p])
+        value, rows = self.value.to(hidden.device, hidden.dtype), self.rows.to(hidden.device)
+        head = torch.where(rows[:, None, None], value, hidden[:, :p])
         return torch.cat([head, hidden[:, p:]], dim=1)  # (B, P + T, d)
 
     def __call__(self, module, args, kwargs):
@@ -79,6 +80,8 @@ def pooled(
         ids[b, p_max : p_max + len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[b, p_max - n : p_max + len(s)] = 1
         positions[b, p_max : p_max + len(s)] = torch.arange(len(s))
+    device = model_device(model)  # built on the CPU above, moved in one copy each
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
 
     handles = []
     layers = encoder_layers(model)
@@ -87,10 +90,12 @@ def pooled(
         for layer in sorted({layer for p in row_prompts if p is not None for layer in p}):
             if not 0 <= layer < len(layers):
                 raise ValueError(f"soft prompt layer {layer} out of range for a {len(layers)}-layer encoder")
-            rows = torch.tensor([p is not None and layer in p for p in row_prompts])
+            rows = torch.tensor([p is not None and layer in p for p in row_prompts], device=device)
             value = torch.stack(
                 [
-                    _left_pad(p[layer], p_max) if p is not None and layer in p else torch.zeros(p_max, dim)
+                    _left_pad(p[layer].to(device), p_max)
+                    if p is not None and layer in p
+                    else torch.zeros(p_max, dim, device=device)
                     for p in row_prompts
                 ]
             )  # (B, P_max, d)
@@ -132,4 +137,4 @@ class Head(nn.Module):
 
 def head_logits(head: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     """Apply a stored head ``{"weight": (L, d), "bias": (L,)}`` to pooled features (B, d)."""
-    return features @ head["weight"].T + head["bias"]
+    return features @ head["weight"].to(features.device).T + head["bias"].to(features.device)

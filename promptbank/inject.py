@@ -33,6 +33,12 @@ SoftPrompt = Mapping[int, torch.Tensor]
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s (first) parameters: where the tensors it is fed must be built. CPU without any."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def find_layers(model: nn.Module, paths: Sequence[str]) -> nn.ModuleList | None:
     """The first ``nn.ModuleList`` found under ``model.base_model`` at one of the dotted ``paths``."""
     base = getattr(model, "base_model", model)
@@ -91,9 +97,9 @@ class _OverwriteHidden:
             return None
         if args:
             hidden = args[0]
-            return (self.value.to(hidden.dtype).expand_as(hidden), *args[1:]), kwargs
+            return (self.value.to(hidden.device, hidden.dtype).expand_as(hidden), *args[1:]), kwargs
         hidden = kwargs["hidden_states"]
-        kwargs = dict(kwargs, hidden_states=self.value.to(hidden.dtype).expand_as(hidden))
+        kwargs = dict(kwargs, hidden_states=self.value.to(hidden.device, hidden.dtype).expand_as(hidden))
         return args, kwargs
 
 
@@ -119,8 +125,9 @@ def prompt_kv(model: nn.Module, soft_prompt: SoftPrompt) -> PrefixKV:
             handles.append(layers[layer_idx].register_forward_pre_hook(_OverwriteHidden(value[None]), with_kwargs=True))
         base = model.base_model
         cache = DynamicCache(config=model.config)
-        dtype = next(model.parameters()).dtype
-        base(inputs_embeds=x0[None].to(dtype), use_cache=True, **cache_kwargs(base, cache))  # (1, P, d)
+        param = next(model.parameters())
+        embeds = x0[None].to(param.device, param.dtype)  # a stored prompt may be on another device than the model
+        base(inputs_embeds=embeds, use_cache=True, **cache_kwargs(base, cache))  # (1, P, d)
     finally:
         for h in handles:
             h.remove()

@@ -116,7 +116,7 @@ def token_init(
 ) -> dict[int, torch.Tensor]:
     """Initial soft prompt from real tokens: their input embeddings, and for deeper layers the hidden states those
     tokens produce entering each layer, so every vector starts at a natural scale. Returns ``{layer: (P, d)}``."""
-    ids = torch.tensor([token_ids], dtype=torch.long)
+    ids = torch.tensor([token_ids], dtype=torch.long, device=next(model.parameters()).device)
     extra = {"use_cache": False} if causal else {}
     out = model.base_model(input_ids=ids, output_hidden_states=True, **extra)
     # hidden_states[l] is the input of decoder layer l (hidden_states[0] = embeddings).

@@ -106,22 +106,30 @@ def _world_size() -> int:
     """The number of processes of a distributed launch; 1 for a plain process.
 
     A process group that is already initialized (by the caller, or by ``accelerate``) is used as it is. Otherwise,
-    when a launcher started several processes (``WORLD_SIZE`` > 1 with ``RANK`` or ``LOCAL_RANK`` set, as
-    ``torchrun`` and ``accelerate launch`` do), the group is initialized through ``accelerate.PartialState``: NCCL
-    on CUDA, gloo on CPU. It gets ``cpu=True`` on a machine without CUDA, where ``PartialState()`` would see a
-    single process; being a singleton, it then also gives the caller's later ``PartialState().is_main_process``
-    the right answer.
+    when a launcher started several processes, the group is initialized through ``accelerate.PartialState``: NCCL
+    on CUDA, gloo on CPU. Launchers recognised: torch's elastic launcher (``torchrun``, and ``accelerate launch
+    --multi_gpu``, which runs it: ``WORLD_SIZE`` > 1 with ``RANK`` or ``LOCAL_RANK``) and MPI (``accelerate
+    launch --cpu --mpirun_hostfile FILE``, or ``mpirun`` itself: ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE`` or
+    ``MV2_COMM_WORLD_SIZE`` > 1, the variables accelerate reads). ``PartialState`` gets ``cpu=True`` on a machine
+    without CUDA, where ``PartialState()`` would see a single process, and under MPI, where it needs ``cpu=True``
+    to see the launch at all (gloo then; the gradients are moved to the CPU for it). Being a singleton, it then
+    also gives the caller's later ``PartialState().is_main_process`` the right answer.
     """
     if not torch.distributed.is_available():
         return 1
     if not torch.distributed.is_initialized():
-        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("RANK" in os.environ or "LOCAL_RANK" in os.environ)
-        if not launched:
+        env = os.environ
+        elastic = int(env.get("WORLD_SIZE", "1")) > 1 and ("RANK" in env or "LOCAL_RANK" in env)
+        mpi = not elastic and any(int(env.get(k, "1")) > 1 for k in _MPI_WORLD_SIZE)
+        if not (elastic or mpi):
             return 1
         from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available())
+        PartialState(cpu=mpi or not torch.cuda.is_available())
     return torch.distributed.get_world_size()
+
+
+_MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")  # Open MPI, Intel MPI / MPICH, MVAPICH
 
 
 class _DataParallel:
@@ -245,6 +253,8 @@ def train_loop(
     lengths: Sequence[int] | None = None,
     loss_weight: Callable[[list[int]], float] = len,
     dev_metrics: dict[str, Callable[[], float]] | None = None,
+    select_on: str | None = None,
+    initial_is_candidate: bool = True,
 ) -> TrainResult:
     """The loop itself, for any frozen backbone: ``batch_loss(indices)`` is the loss of a batch of training
     examples, ``eval_loss()`` the dev loss (``None``: no dev set, keep the last state). ``module`` holds every
@@ -258,13 +268,22 @@ def train_loop(
     every process then returns the same result (``seconds`` aside). A single process runs exactly as without it.
     ``dev_metrics``: more dev numbers to record in ``history`` next to each dev loss, e.g.
     ``{"dev_accuracy": fn}``; each ``fn()`` is called right after ``eval_loss()`` (so it can return a value that
-    evaluation computed). They are recorded only, never used for selection.
+    evaluation computed). They are recorded only, unless named by ``select_on``.
+    ``select_on``: ``None`` keeps the state with the lowest dev loss; the name of a ``dev_metrics`` entry keeps
+    the state where that number is highest, ties (within 1e-9) going to the lower dev loss. Either way a state
+    replaces the kept one only if it is strictly better, so the starting state (step 0) is kept when nothing
+    beats it, and patience counts evaluations that are not better.
+    ``initial_is_candidate=False``: the starting state is measured and recorded but never kept when there is a
+    dev set; the first evaluation after training replaces it whatever its numbers (for a starting state that is
+    no model at all, like a zero-initialised classification head, which predicts one label for everything).
     """
     _check_frozen(model)
     if not n_train:
         raise ValueError("no training examples")
     if lengths is not None and len(lengths) != n_train:
         raise ValueError(f"{len(lengths)} lengths for {n_train} training examples")
+    if select_on is not None and select_on not in (dev_metrics or {}):
+        raise ValueError(f"select_on={select_on!r} is not one of the dev metrics {sorted(dev_metrics or {})}")
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
     warmup = max(1, int(config.warmup_ratio * config.max_steps))
@@ -295,9 +314,19 @@ def train_loop(
             return {k: parallel.from_main(fn) for k, fn in dev_metrics.items()}
         return {k: float(fn()) for k, fn in dev_metrics.items()}
 
+    def better(entry: dict, best: dict) -> bool:
+        """Whether the state measured in ``entry`` beats the kept one (see ``select_on``)."""
+        if select_on is not None:
+            if entry[select_on] > best[select_on] + 1e-9:
+                return True
+            if entry[select_on] < best[select_on] - 1e-9:
+                return False
+        return entry["dev_loss"] < best["dev_loss"] - 1e-6
+
     best_loss = measure_dev() if dev else None
     best_step, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
     history: list[dict] = [{"step": 0, "dev_loss": best_loss, **(measure_extras() if dev else {})}]
+    best_entry = history[0]
     bad_evals, stopped_early, step = 0, False, 0
     t0 = time.perf_counter()
     bar = _progress(config.max_steps, desc, config.progress and (parallel is None or parallel.rank == 0))
@@ -341,8 +370,8 @@ def train_loop(
                 if not math.isfinite(dl):
                     raise TrainingDivergedError(f"{desc}: dev loss became {dl} at step {step}; nothing was stored")
                 entry["dev_loss"] = dl
-                if dl < best_loss - 1e-6:
-                    best_loss, best_step, bad_evals = dl, step, 0
+                if (best_step == 0 and not initial_is_candidate) or better(entry, best_entry):
+                    best_entry, best_loss, best_step, bad_evals = entry, dl, step, 0
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 else:
                     bad_evals += 1
@@ -352,9 +381,7 @@ def train_loop(
                 bar.update(1)
             if dev and bad_evals >= config.patience:
                 stopped_early = True
-                logger.info(
-                    "%s: early stop at step %d (best dev loss %.4f at step %d)", desc, step, best_loss, best_step
-                )
+                logger.info("%s: early stop at step %d (kept step %d: dev loss %.4f)", desc, step, best_step, best_loss)
                 break
     finally:
         if bar is not None:

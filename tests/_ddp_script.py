@@ -2,7 +2,8 @@
 
 ``train_tasks()`` is ordinary single-process user code: it builds the tiny config-built Llama and BERT of
 conftest.py, a PromptBank on each with the hashing embedder, and learns one task on each. Launched as
-``python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_script.py OUTDIR``, the same code trains
+``python -m torch.distributed.run --nproc_per_node 2 tests/_ddp_script.py OUTDIR`` (or ``accelerate launch
+--multi_gpu --num_processes 2 ...``, which runs the same launcher, even without a GPU), the same code trains
 data-parallel; each process writes its learned soft prompts to ``OUTDIR/rank{r}.safetensors`` and its records
 (history, steps, dev loss), ``PartialState().is_main_process`` and the outcome of :func:`diverge_on_rank_1` to
 ``OUTDIR/rank{r}.json``.

@@ -93,6 +93,24 @@ def test_warm_start_off_records_nothing(tiny_bank):
     assert rec3.warm_start_from[0]["similarity"] >= 0.9 and rec3.warm_start_from[0]["weight"] == 1.0
 
 
+def test_learn_task_embeds_each_training_input_once(tiny_bank):
+    """The routing keys and the warm start use the same embeddings of the training inputs."""
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    calls: list[list[str]] = []
+    encode = tiny_bank.embedder.encode
+
+    def counting(texts, **kw):
+        calls.append(list(texts))
+        return encode(texts, **kw)
+
+    tiny_bank.embedder.encode = counting
+    rec = tiny_bank.learn_task(
+        "fruit", FRUIT, num_virtual_tokens=4, dev=FRUIT[:4], **fast_options(warm_start_min_similarity=0)
+    )
+    assert rec.warm_start_from  # the warm start ran
+    assert sum(len(c) for c in calls) == len(FRUIT) + 4, calls  # the training inputs once, the dev inputs once
+
+
 def test_task_similarities_is_the_routing_share(tiny_bank):
     tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
     tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options(warm_start=False))

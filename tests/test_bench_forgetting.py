@@ -43,7 +43,7 @@ def _args(data: Path, out: Path, **kw) -> argparse.Namespace:
     base = dict(
         data=data, stream="cl4", quick=False, seeds=1, orders="O1,O3", steps=2, train_per_class=3, test_per_class=2,
         systems=",".join(forgetting.SYSTEMS), ft_orders="first", out=out, embedder="hashing", routing="lda",
-        routing_only=False, threads=None,
+        routing_only=False, threads=None, first_seed=0,
     )  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
@@ -115,8 +115,12 @@ def test_run_every_system_on_a_tiny_stream(cl4_dir, tmp_path, monkeypatch):
     assert C.shape == (4, 5) and C.sum() == sum(len(WORDS[t]) * 2 for t in WORDS)
     assert pb["routing_hit@1"] == pytest.approx(np.trace(C[:, :4]) / C.sum())
     assert pb["routing_hit@1_label_aware"] >= pb["routing_hit@1"]
-    # the same task's prompt in the other order: trained once per seed, so the same accuracy
+    # the same task's prompt in the other order: trained once per seed, so the same tensors and accuracy
+    assert second["promptbank"]["task_digests"] == first["promptbank"]["task_digests"]
     assert second["promptbank"]["R"][-1][second["tasks"].index("ag")] == first["promptbank"]["R"][-1][3]
+    # the same four tasks in another order route the same way (groups kept when a trained task is re-filed)
+    perm = [second["tasks"].index(t) for t in first["tasks"]]
+    assert np.array_equal(np.array(second["promptbank"]["routing_confusion"])[perm][:, [*perm, 4]], C)
     s = result["summary"]
     assert s["sequential full fine-tuning"]["runs"] == 1 and s["sequential shared prompt"]["runs"] == 2
     try:
@@ -126,3 +130,22 @@ def test_run_every_system_on_a_tiny_stream(cl4_dir, tmp_path, monkeypatch):
     else:
         assert out.with_suffix(".png").exists()
     forgetting.print_table(result)
+
+
+def test_runs_of_separate_processes_merge_into_one_result(cl4_dir, tmp_path):
+    """Seeds run in parallel processes (``--first-seed``) and combined with ``--merge``."""
+    pytest.importorskip("sklearn")
+    from promptbank.embed import HashingEmbedder
+
+    backbone, emb = make_tiny_bert(), HashingEmbedder(64)
+    a, b = tmp_path / "s0.json", tmp_path / "s1.json"
+    ra = forgetting.run(_args(cl4_dir, a, orders="O1", systems="promptbank,logistic"), backbone, emb)
+    rb = forgetting.run(_args(cl4_dir, b, orders="O1", systems="promptbank,logistic", first_seed=1), backbone, emb)
+    assert [r["seed"] for r in rb["runs"]] == [1]
+    merged = forgetting.main(["--data", str(cl4_dir), "--merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
+    assert [r["seed"] for r in merged["runs"]] == [0, 1] and merged["config"]["seeds"] == 2
+    accs = [r["promptbank"]["ACC"] for r in (*ra["runs"], *rb["runs"])]
+    assert merged["summary"]["promptbank (task given)"]["ACC"][0] == pytest.approx(np.mean(accs))
+    assert merged["wall_seconds"] == pytest.approx(ra["wall_seconds"] + rb["wall_seconds"])
+    with pytest.raises(SystemExit, match="repeat"):
+        forgetting.main(["--data", str(cl4_dir), "--merge", str(a), str(a), "--out", str(tmp_path / "x.json")])

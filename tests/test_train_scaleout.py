@@ -1,11 +1,14 @@
 """Scale-out of the training loop: length-bucketed batches (less padding) and data-parallel training under a
-distributed launcher (``torchrun``), which must give every process, and a single process, the same soft prompt."""
+distributed launcher (``torchrun``, ``accelerate launch``), which must give every process, and a single process,
+the same soft prompt."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,20 +122,80 @@ def test_length_bucketing_option():
         _drawn_batches(5, TrainConfig(max_steps=1, progress=False), [1, 2, 3])
 
 
-def test_data_parallel_training_equals_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def single_process_run():
+    """``tests/_ddp_script.py``'s training in this (plain, single) process: what every launch must reproduce."""
+    from _ddp_script import train_tasks
+
+    return train_tasks()
+
+
+def _launch_two_processes(launcher: list[str], out: Path, env: dict[str, str] | None = None) -> None:
+    """Run ``tests/_ddp_script.py OUT`` under ``launcher`` (a command that starts 2 CPU processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(
+        [*launcher, str(TESTS / "_ddp_script.py"), str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accelerate_cli() -> str:
+    """The ``accelerate`` command of this environment; the test skips without it."""
+    cli = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if cli is None:
+        pytest.skip("the `accelerate` command-line tool is not installed in this environment")
+    return cli
+
+
+def test_data_parallel_training_equals_single_process(tmp_path, single_process_run):
     """Two processes under torchrun on CPU (gloo): both learn the same prompts, equal to a single process's, since
     the row- (encoder) or token-weighted (causal LM) mean of the shards' gradients is the full batch's gradient.
     Every epoch of the data has a 1-row batch, where one process has an empty shard. A NaN loss on one
     process makes both raise instead of leaving one waiting."""
-    from _ddp_script import train_tasks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _launch_two_processes(cmd, tmp_path)
+    _check_two_process_run(tmp_path, single_process_run)
+
+
+def test_data_parallel_training_under_accelerate_launch(tmp_path, single_process_run):
+    """The same script, unchanged, under ``accelerate launch`` with 2 CPU processes: ``--multi_gpu`` selects
+    accelerate's multi-process launcher (torch's elastic launcher, as torchrun), which needs no GPU; on this
+    machine the loop then runs on gloo. (``--cpu --num_processes 2`` alone starts ONE process: accelerate's CPU
+    path starts several only through mpirun; see the next test.)"""
+    cli = _accelerate_cli()
+    opts = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    _launch_two_processes([cli, "launch", "--multi_gpu", "--num_processes", "2", *opts], tmp_path)
+    _check_two_process_run(tmp_path, single_process_run)
+
+
+def test_data_parallel_training_under_accelerate_launch_mpirun(tmp_path, single_process_run):
+    """accelerate's own multi-CPU launch, ``accelerate launch --cpu --num_processes 2 --mpirun_hostfile FILE``:
+    mpirun starts the processes (MPI variables, no ``RANK``/``WORLD_SIZE``) and the loop joins them over gloo."""
+    cli = _accelerate_cli()
+    if shutil.which("mpirun") is None and shutil.which("mpiexec") is None:
+        pytest.skip(
+            "mpirun/mpiexec not installed (accelerate's --cpu multi-process launch needs an MPI, e.g. Open MPI)"
+        )
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    (tmp_path / "out").mkdir()
+    opts = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    opts += ["--main_process_port", str(_free_port()), "--mpirun_hostfile", str(hostfile)]
+    root_ok = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}  # Open MPI refuses root else
+    _launch_two_processes([cli, "launch", "--cpu", "--num_processes", "2", *opts], tmp_path / "out", root_ok)
+    _check_two_process_run(tmp_path / "out", single_process_run)
+
+
+def _check_two_process_run(tmp_path: Path, single_process_run) -> None:
+    """Both processes' outputs agree exactly, and with the single-process run up to float rounding."""
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(TESTS / "_ddp_script.py"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     prompts = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -143,7 +206,7 @@ def test_data_parallel_training_equals_single_process(tmp_path):
     assert [r["is_main_process"] for r in records] == [True, False]  # the README's "save on the main process"
     assert all("loss became nan" in r["diverged"] for r in records)
 
-    single, single_records = train_tasks()
+    single, single_records = single_process_run
     assert single.keys() == prompts[0].keys()
     for key, tensor in single.items():
         assert torch.allclose(prompts[0][key], tensor, atol=1e-5, rtol=1e-5), key
