@@ -175,6 +175,7 @@ class PromptBank:
         self._kv_lock = threading.Lock()
         self._kv_cache_size = KV_CACHE_SIZE
         self._kv_cache_bytes: int | None = None  # None: KV_CACHE_FRACTION of the backbone's parameter bytes
+        self._param_bytes: int | None = None
         # Writers (_insert, remove_task; _replace for promote / variants / resume) hold this while they build a new
         # task table (and router), then publish; neither is ever changed in place, so readers (predict, route,
         # save) use them without locking.
@@ -976,13 +977,11 @@ class PromptBank:
         return record
 
     # ------------------------------------------------------------------ inference
-    def _call_kv(self, names: Sequence[str]) -> list[PrefixKV]:
-        """Each row's prompt prefix, every task's fetched once: within one call a task is never recomputed, even
-        when the call names more tasks than the cache budget holds."""
-        once: dict[str, PrefixKV] = {}
-        for n in dict.fromkeys(names):
-            once[n] = self._prompt_kv(n)
-        return [once[n] for n in names]
+    def _call_kv(self, names: Sequence[str | None]) -> list[PrefixKV | None]:
+        """Each row's prompt prefix (``None`` for a row without a task), every task's fetched once: within one
+        call a task is never recomputed, even when the call names more tasks than the cache budget holds."""
+        once = {n: self._prompt_kv(n) for n in dict.fromkeys(names) if n is not None}
+        return [None if n is None else once[n] for n in names]
 
     def _prompt_kv(self, name: str) -> PrefixKV:
         # Cached with the prompt it was computed from: a prompt replaced meanwhile (promote, resume_task) never
@@ -1031,8 +1030,9 @@ class PromptBank:
         """
         if self._kv_cache_bytes is not None:
             return self._kv_cache_bytes
-        params = sum(p.numel() * p.element_size() for p in self.backbone.model.parameters())
-        return int(KV_CACHE_FRACTION * params)
+        if self._param_bytes is None:  # the backbone never changes: counted once, not on every cache insert
+            self._param_bytes = sum(p.numel() * p.element_size() for p in self.backbone.model.parameters())
+        return int(KV_CACHE_FRACTION * self._param_bytes)
 
     @kv_cache_bytes.setter
     def kv_cache_bytes(self, n: int | None) -> None:
@@ -1194,20 +1194,16 @@ class PromptBank:
         tok, model = self.backbone.tokenizer, self.backbone.model
         gen = torch.Generator().manual_seed(seed)
         outputs: list[str] = []
-        call_kv: dict[str, PrefixKV] = {}  # each task's prefix fetched once per call (the cache may evict it)
+        row_kv = self._call_kv(names)
         for s in range(0, len(texts), batch_size):
             chunk = list(range(s, min(s + batch_size, len(texts))))
-            inputs, kv = [], []
-            for i in chunk:
-                n = names[i]
-                if n is None:
-                    inputs.append(self._plain_input(texts[i]))
-                    kv.append(None)
-                else:
-                    inputs.append(causal.encode_input(tok, texts[i], self._tasks[n].record.template))
-                    if n not in call_kv:
-                        call_kv[n] = self._prompt_kv(n)
-                    kv.append(call_kv[n])
+            kv = [row_kv[i] for i in chunk]
+            inputs = [
+                self._plain_input(texts[i])
+                if names[i] is None
+                else causal.encode_input(tok, texts[i], self._tasks[names[i]].record.template)
+                for i in chunk
+            ]
             ids = causal.generate(
                 model,
                 tok,

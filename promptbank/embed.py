@@ -236,23 +236,14 @@ class SentenceEmbedder:
         model = self._load()
         if self.mid_layer:
             return self._encode_with_mid_layer(model, items, batch_size)
-        if self.dtype != "float32":  # numpy has no bfloat16: take the tensor, in float32
-            out = model.encode(
-                items,
-                batch_size=batch_size,
-                convert_to_tensor=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-            return _normalise_rows(out.float().cpu().numpy().reshape(len(items), self.dim))
-        out = model.encode(
+        out = model.encode(  # a tensor, cast to float32 here: numpy has no bfloat16
             items,
             batch_size=batch_size,
-            convert_to_numpy=True,
+            convert_to_tensor=True,
             normalize_embeddings=True,
             show_progress_bar=False,
         )
-        return _normalise_rows(np.asarray(out).reshape(len(items), self.dim))
+        return _normalise_rows(out.float().cpu().numpy().reshape(len(items), self.dim))
 
     def _encode_with_mid_layer(self, model: Any, items: list[str], batch_size: int) -> np.ndarray:
         """One forward per batch: the model's own sentence embedding plus the mean-pooled middle layer."""

@@ -323,9 +323,8 @@ def train_loop(
                 return False
         return entry["dev_loss"] < best["dev_loss"] - 1e-6
 
-    best_loss = measure_dev() if dev else None
     best_step, best_state = 0, {k: v.detach().clone() for k, v in module.state_dict().items()}
-    history: list[dict] = [{"step": 0, "dev_loss": best_loss, **(measure_extras() if dev else {})}]
+    history: list[dict] = [{"step": 0, "dev_loss": measure_dev() if dev else None, **(measure_extras() if dev else {})}]
     best_entry = history[0]
     bad_evals, stopped_early, step = 0, False, 0
     t0 = time.perf_counter()
@@ -371,7 +370,7 @@ def train_loop(
                     raise TrainingDivergedError(f"{desc}: dev loss became {dl} at step {step}; nothing was stored")
                 entry["dev_loss"] = dl
                 if (best_step == 0 and not initial_is_candidate) or better(entry, best_entry):
-                    best_entry, best_loss, best_step, bad_evals = entry, dl, step, 0
+                    best_entry, best_step, bad_evals = entry, step, 0
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 else:
                     bad_evals += 1
@@ -381,7 +380,13 @@ def train_loop(
                 bar.update(1)
             if dev and bad_evals >= config.patience:
                 stopped_early = True
-                logger.info("%s: early stop at step %d (kept step %d: dev loss %.4f)", desc, step, best_step, best_loss)
+                logger.info(
+                    "%s: early stop at step %d (kept step %d: dev loss %.4f)",
+                    desc,
+                    step,
+                    best_step,
+                    best_entry["dev_loss"],
+                )
                 break
     finally:
         if bar is not None:
@@ -395,7 +400,7 @@ def train_loop(
         train_state={k: v.float().contiguous() for k, v in best_state.items()},
         steps=step,
         best_step=best_step,
-        best_dev_loss=best_loss,
+        best_dev_loss=best_entry["dev_loss"],
         stopped_early=stopped_early,
         seconds=time.perf_counter() - t0,
         history=history,

@@ -9,21 +9,13 @@ import threading
 import pytest
 import torch
 from conftest import fast_options
+from test_bank import ECHO, FRUIT, WEATHER
 
 from promptbank import PromptBank
 from promptbank.bank import KV_CACHE_FRACTION
 from promptbank.embed import HashingEmbedder
 from promptbank.inject import prompt_kv
 
-WEATHER = [
-    {"text": f"the weather is {w} today", "label": lab}
-    for w, lab in [("sunny", "good"), ("rainy", "bad"), ("lovely", "good"), ("awful", "bad")] * 4
-]
-FRUIT = [
-    {"text": f"i would like to eat a {f}", "label": lab}
-    for f, lab in [("apple", "red"), ("banana", "yellow"), ("cherry", "red"), ("lemon", "yellow")] * 4
-]
-ECHO = [{"input": f"repeat {w}", "target": w} for w in ["cat", "dog", "sun", "moon", "tree", "car", "red", "blue"]]
 TEXTS = ["the weather is sunny today", "i would like to eat a lemon", "the weather is awful", "eat a cherry"]
 
 
