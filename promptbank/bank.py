@@ -387,7 +387,11 @@ class PromptBank:
             module = build_prompt_module(pconf, init).to(model_device(model))  # stored/warm inits may be on CPU
             state = resume_from.train_state if resume_from is not None else None
             if self.is_encoder:
-                head_init = self._warm_head(task_data.labels, warm_from) if warm_from else None
+                head_init = (
+                    self._warm_head(task_data.labels, warm_from, tconf.warm_start_head_min_similarity)
+                    if warm_from
+                    else None
+                )
                 result, head = self._train_encoder(
                     module, train_data, dev_data, tconf, lr, desc, state=state, head_init=head_init
                 )
@@ -666,19 +670,22 @@ class PromptBank:
         ]
         return mixed, info
 
-    def _warm_head(self, labels: Sequence[str] | None, warm_from: list[dict[str, Any]]) -> dict | None:
+    def _warm_head(
+        self, labels: Sequence[str] | None, warm_from: list[dict[str, Any]], min_similarity: float = 0.0
+    ) -> dict | None:
         """A starting head for a new encoder task from the heads of the warm-start tasks that have every one of its
-        labels (by name): their rows for those labels, mixed with the warm-start weights renormalised over them.
-        A head that lacks some label would leave that label's row at zero among trained rows, biasing the start
-        against it, so such tasks lend only their prompt. Marks each entry of ``warm_from`` with
-        ``"head": True/False``. ``None`` when no task qualifies (the head starts at zero)."""
+        labels (by name) and a similarity (routing share) >= ``min_similarity``: their rows for those labels, mixed
+        with the warm-start weights renormalised over them. A head that lacks some label would leave that label's
+        row at zero among trained rows, biasing the start against it, so such tasks lend only their prompt (as do
+        tasks below ``min_similarity``). Marks each entry of ``warm_from`` with ``"head": True/False``. ``None``
+        when no task qualifies (the head starts at zero)."""
         if not labels:
             return None
         tasks, parts = self._tasks, []
         for w in warm_from:
             t = tasks.get(w["task"])
             src = {lab: i for i, lab in enumerate(t.record.labels or [])} if t is not None and t.head else {}
-            w["head"] = all(lab in src for lab in labels)
+            w["head"] = w["similarity"] >= min_similarity and all(lab in src for lab in labels)
             if w["head"]:
                 rows = torch.tensor([src[lab] for lab in labels])
                 parts.append((w["weight"], t.head["weight"][rows], t.head["bias"][rows]))

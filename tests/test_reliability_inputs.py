@@ -21,7 +21,10 @@ from promptbank.errors import DataError  # noqa: E402
 from promptbank.tasks import load_task_data  # noqa: E402
 
 FAST = settings(
-    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 json_values = st.recursive(

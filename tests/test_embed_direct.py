@@ -1,0 +1,138 @@
+"""SentenceEmbedder runs plain mean-pooled sentence-transformers models through transformers directly: the same
+embeddings as sentence-transformers, without importing it. Tiny config-built BERT folders saved by
+sentence-transformers itself; (real_model) all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from promptbank.embed import SentenceEmbedder, _MeanPooledEncoder
+
+TEXTS = [
+    "the weather is sunny today",
+    "  Leading and trailing spaces  ",
+    "I would like to eat a LEMON",
+    "x",
+    "word " * 300,  # longer than max_seq_length: truncated the same way
+    "Ünïcödé – text\twith\nbreaks",
+]
+
+
+def _save_st_folder(path, pooling: str = "mean", normalize: bool = True, max_seq_length: int = 32, lower=False):
+    from conftest import make_tiny_bert, make_tiny_tokenizer
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    hf = path.parent / (path.name + "_hf")
+    make_tiny_bert().model.save_pretrained(hf)
+    make_tiny_tokenizer().save_pretrained(hf)
+    first = Transformer(str(hf), max_seq_length=max_seq_length, do_lower_case=lower)
+    modules = [first, Pooling(first.get_embedding_dimension(), pooling_mode=pooling)]
+    if normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(path))
+    return path
+
+
+def _st_reference(folder, mid_layer: bool) -> SentenceEmbedder:
+    """The same embedder forced onto the sentence-transformers path."""
+    ref = SentenceEmbedder(folder, mid_layer=mid_layer)
+    model = ref._load_sentence_transformers(torch)
+    ref._model, ref._dim = model, model.dim * (2 if mid_layer else 1)
+    return ref
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mid_layer", [False, True])
+def test_mean_pooled_folder_runs_directly_and_matches_sentence_transformers(tmp_path, mid_layer, normalize):
+    folder = _save_st_folder(tmp_path / "st", normalize=normalize)
+    direct = SentenceEmbedder(folder, mid_layer=mid_layer)
+    assert isinstance(direct._load(), _MeanPooledEncoder)
+    assert direct._load().max_length == 32  # from sentence_bert_config.json
+    ref = _st_reference(folder, mid_layer)
+    assert not isinstance(ref._model, _MeanPooledEncoder)
+    a, b = direct.encode(TEXTS, batch_size=3), ref.encode(TEXTS, batch_size=3)
+    assert a.shape == b.shape == (len(TEXTS), direct.dim)
+    np.testing.assert_allclose(a, b, atol=2e-6)
+    assert np.abs(a[0] - a[2]).max() > 1e-3  # distinct texts, distinct rows (not a degenerate match)
+
+
+def test_lower_case_option_is_applied(tmp_path):
+    folder = _save_st_folder(tmp_path / "st", lower=True)
+    direct = SentenceEmbedder(folder)
+    assert isinstance(direct._load(), _MeanPooledEncoder)
+    np.testing.assert_allclose(direct.encode(["LEMON Tree"]), direct.encode(["lemon tree"]), atol=1e-7)
+    np.testing.assert_allclose(direct.encode(TEXTS), _st_reference(folder, False).encode(TEXTS), atol=2e-6)
+
+
+def test_plain_hugging_face_folder_is_mean_pooled_as_sentence_transformers_does(tmp_path):
+    from conftest import make_tiny_bert, make_tiny_tokenizer
+
+    folder = tmp_path / "hf"
+    make_tiny_bert().model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    direct = SentenceEmbedder(folder, mid_layer=True)
+    assert isinstance(direct._load(), _MeanPooledEncoder)
+    np.testing.assert_allclose(direct.encode(TEXTS), _st_reference(folder, True).encode(TEXTS), atol=2e-6)
+
+
+def test_other_pooling_falls_back_to_sentence_transformers(tmp_path):
+    folder = _save_st_folder(tmp_path / "st", pooling="cls")
+    e = SentenceEmbedder(folder)
+    assert not isinstance(e._load(), _MeanPooledEncoder)
+    rows = e.encode(TEXTS)
+    assert rows.shape == (len(TEXTS), e.dim) and rows.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+
+
+def test_direct_path_is_thread_safe(tmp_path):
+    e = SentenceEmbedder(_save_st_folder(tmp_path / "st"), mid_layer=True)
+    want = e.encode(TEXTS)
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            got[i] = e.encode(TEXTS[i % 3 :] + TEXTS[: i % 3], batch_size=2)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, rows in got.items():
+        np.testing.assert_allclose(rows, np.roll(want, -(i % 3), axis=0), atol=1e-6)
+
+
+@pytest.mark.real_model
+def test_default_routing_embedder_needs_no_sentence_transformers_import():
+    code = (
+        "import sys, numpy as np\n"
+        "from promptbank.embed import ROUTING_EMBEDDER, SentenceEmbedder, _MeanPooledEncoder\n"
+        "e = SentenceEmbedder(ROUTING_EMBEDDER)\n"
+        "v = e.encode(['how do I reset my password', 'the stock market fell today'])\n"
+        "assert isinstance(e._load(), _MeanPooledEncoder) and v.shape == (2, 768)\n"
+        "print('sentence_transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.real_model
+def test_default_routing_embedder_matches_sentence_transformers():
+    from promptbank.embed import ROUTING_EMBEDDER
+
+    e = SentenceEmbedder(ROUTING_EMBEDDER)
+    ref = SentenceEmbedder(ROUTING_EMBEDDER)
+    model = ref._load_sentence_transformers(torch)
+    ref._model = model
+    texts = [*TEXTS, ""]  # MiniLM's tokenizer adds [CLS] / [SEP]: an empty text still has tokens
+    np.testing.assert_allclose(e.encode(texts), ref.encode(texts), atol=1e-6)
