@@ -362,17 +362,23 @@ class _MeanPooledEncoder:
                 )
                 batch = {k: v.to(device) for k, v in batch.items()}
                 res = self.model(**batch, output_hidden_states=mid_layer)
-                mask = batch["attention_mask"][..., None].float()
-                count = mask.sum(1).clamp(min=1e-9)
-
-                def pooled(hidden: Any, mask: Any = mask, count: Any = count) -> Any:
-                    return torch.nn.functional.normalize((hidden.float() * mask).sum(1) / count, dim=-1)
-
-                rows = pooled(res.last_hidden_state)
+                mask = batch["attention_mask"]
+                rows = _mean_pool(res.last_hidden_state, mask)
                 if mid_layer:
-                    rows = torch.cat([rows, pooled(res.hidden_states[self.n_layers // 2])], dim=-1) / np.sqrt(2.0)
+                    mid = _mean_pool(res.hidden_states[self.n_layers // 2], mask)
+                    rows = torch.cat([rows, mid], dim=-1) / np.sqrt(2.0)
                 out[idx] = rows.cpu().numpy()
         return out
+
+
+def _mean_pool(hidden: Any, attention_mask: Any) -> Any:
+    """L2-normalised mean of the real tokens' states, ``(B, T, d) -> (B, d)`` float32 (sentence-transformers'
+    mean pooling, then its normalisation)."""
+    import torch
+
+    mask = attention_mask[..., None].float()
+    mean = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(mean, dim=-1)
 
 
 # sentence_bert_config.json of a plain transformer module, as sentence-transformers < 6 and >= 6 write it
