@@ -13,6 +13,7 @@ cosine similarities (what :class:`promptbank.router.Router` expects).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -39,6 +40,7 @@ _DEFAULT_ALIASES = {DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"}
 _KNOWN_DIMS = {DEFAULT_EMBEDDER: 384}
 _HASHING_DEFAULT_DIM = 256
 _MID_SUFFIX = "+mid"
+_LAYERS_RE = re.compile(r"\+layers=(\d+(?:,\d+)*)$")
 # What banks route with unless told otherwise: MiniLM's sentence embedding plus its middle layer (see
 # SentenceEmbedder). Retrieval (LangChain embeddings) keeps the plain sentence embedding (DEFAULT_EMBEDDER).
 ROUTING_EMBEDDER = DEFAULT_EMBEDDER + _MID_SUFFIX
@@ -116,6 +118,19 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextmanager
+def _transformers_verbosity_error() -> Iterator[None]:
+    """transformers' logging at ERROR while loading (its load report lists the weights a truncated model skips)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(was)
+
+
 class SentenceEmbedder:
     """A sentence-transformers model, loaded lazily on first use (thread-safe), on CPU by default.
 
@@ -139,6 +154,13 @@ class SentenceEmbedder:
     stream (AG News / Amazon / DBpedia / Yahoo, 16 train examples per class) the routing accuracy of the same
     classifier rises from 87 % to 96 % with it (``benchmarks/forgetting.py``). Same cost: one forward pass.
 
+    ``layers`` (or the suffix ``"+layers=3,2"`` on the model spec), opt-in: the embedding is the mean-pooled,
+    L2-normalised hidden states of these transformer layers (1 = the first), concatenated and scaled by
+    ``1/sqrt(len(layers))``; only the first ``max(layers)`` layers are loaded and run, so on all-MiniLM-L6-v2
+    ``"all-MiniLM-L6-v2+layers=3,2"`` costs half the forward of :data:`ROUTING_EMBEDDER` (one-query latency and
+    resident weights) with the same dimension (768). For plain mean-pooled models in a local folder (the
+    default model is one). What it costs in routing accuracy: ``benchmarks/routing_layers.py``.
+
     ``dtype`` (opt-in): the weights' dtype, ``"float32"`` (default, also ``None``), ``"bfloat16"`` or
     ``"float16"`` (or the ``torch`` dtype); embeddings are still returned as L2-normalised float32 rows.
     ``"bfloat16"`` makes a one-query forward faster on CPUs with bf16 matrix units (AMX / AVX512-BF16; measured
@@ -160,6 +182,7 @@ class SentenceEmbedder:
         *,
         device: str = "cpu",
         mid_layer: bool = False,
+        layers: Sequence[int] | None = None,
         dtype: Any = None,
     ):
         spec = os.fspath(model)
@@ -167,8 +190,21 @@ class SentenceEmbedder:
             raise ValueError(f"model must be a non-empty name or path, got {model!r}")
         if spec.endswith(_MID_SUFFIX):
             spec, mid_layer = spec[: -len(_MID_SUFFIX)], True
-            if not spec:
-                raise ValueError(f"model must be a non-empty name or path, got {model!r}")
+        elif (m := _LAYERS_RE.search(spec)) is not None and not os.path.isdir(spec):
+            spec, layers = spec[: m.start()], [int(x) for x in m.group(1).split(",")]
+        if not spec:
+            raise ValueError(f"model must be a non-empty name or path, got {model!r}")
+        if layers is not None:
+            layers = list(layers)
+            if mid_layer:
+                raise ValueError("pass mid_layer or layers, not both")
+            if (
+                not layers
+                or len(set(layers)) != len(layers)
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers)
+            ):
+                raise ValueError(f"layers must be distinct layer numbers >= 1, got {layers!r}")
+        self.layers = layers
         self.mid_layer = bool(mid_layer)
         self.device = device
         self.dtype = _dtype_name(dtype)
@@ -187,6 +223,9 @@ class SentenceEmbedder:
         if self.mid_layer:
             self.name += _MID_SUFFIX
             self._dim = None if self._dim is None else 2 * self._dim
+        elif self.layers is not None:
+            self.name += "+layers=" + ",".join(map(str, self.layers))
+            self._dim = None if self._dim is None else len(self.layers) * self._dim
 
     def __repr__(self) -> str:
         extra = "" if self.dtype == "float32" else f", dtype={self.dtype!r}"
@@ -204,8 +243,15 @@ class SentenceEmbedder:
 
                     try:
                         with _quiet_transformers():
-                            model = _MeanPooledEncoder.load(self._source, self.device, getattr(torch, self.dtype))
+                            model = _MeanPooledEncoder.load(
+                                self._source, self.device, getattr(torch, self.dtype), depth=max(self.layers or [0])
+                            )
                             if model is None:  # not a plain mean-pooled model: sentence-transformers loads it
+                                if self.layers is not None:
+                                    raise ValueError(
+                                        "layers= needs a plain mean-pooled model (transformer + mean pooling) in a "
+                                        "local folder"
+                                    )
                                 model = self._load_sentence_transformers(torch)
                     except Exception as e:  # re-raised with context
                         raise OSError(
@@ -215,7 +261,7 @@ class SentenceEmbedder:
                     dim = model.dim
                     if dim is None:  # some models only know it after a forward pass
                         dim = np.asarray(model.encode(["x"], convert_to_numpy=True)).shape[-1]
-                    dim = int(dim) * (2 if self.mid_layer else 1)
+                    dim = int(dim) * (2 if self.mid_layer else len(self.layers or [0]))
                     if self._dim is not None and dim != self._dim:
                         raise OSError(f"model {self._source!r} has dimension {dim}, expected {self._dim}")
                     self._dim = dim
@@ -251,7 +297,8 @@ class SentenceEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self._load()
         if isinstance(model, _MeanPooledEncoder):
-            return _normalise_rows(model.encode(items, batch_size, mid_layer=self.mid_layer))
+            layers = self.layers or ([model.n_layers, model.n_layers // 2] if self.mid_layer else [model.n_layers])
+            return _normalise_rows(model.encode(items, batch_size, layers=layers))
         if self.mid_layer:
             return self._encode_with_mid_layer(model, items, batch_size)
         out = model.encode(  # a tensor, cast to float32 here: numpy has no bfloat16
@@ -316,7 +363,9 @@ class _MeanPooledEncoder:
         self.n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
 
     @classmethod
-    def load(cls, source: str, device: str, dtype: Any) -> _MeanPooledEncoder | None:
+    def load(cls, source: str, device: str, dtype: Any, *, depth: int = 0) -> _MeanPooledEncoder | None:
+        """The model in folder ``source``, or ``None`` if it is not of the plain shape. ``depth`` > 0: only its
+        first ``depth`` transformer layers are loaded and run (for embeddings from those layers)."""
         if not os.path.isdir(source) or not os.path.isfile(os.path.join(source, "config.json")):
             return None
         options = _plain_mean_pooling(source)
@@ -329,7 +378,12 @@ class _MeanPooledEncoder:
         if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "hidden_size"):
             return None
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source, dtype=dtype).to(device).eval()
+        total = int(getattr(config, "num_hidden_layers", 0) or 0)
+        if depth > total:
+            raise ValueError(f"layer {depth} asked for, but the model has {total} layers")
+        extra = {"num_hidden_layers": depth} if 0 < depth < total else {}
+        with _transformers_verbosity_error() if extra else contextlib.nullcontext():  # the skipped layers' weights
+            model = AutoModel.from_pretrained(source, dtype=dtype, **extra).to(device).eval()  # are "unexpected"
         if max_length is None:  # as sentence-transformers: the tokenizer's limit, capped by the model's positions
             limit = getattr(config, "max_position_embeddings", None)
             max_length = tokenizer.model_max_length
@@ -340,15 +394,20 @@ class _MeanPooledEncoder:
     def parameters(self) -> Iterator[Any]:
         return self.model.parameters()
 
-    def encode(self, items: list[str], batch_size: int, *, mid_layer: bool = False) -> np.ndarray:
-        """``(n, dim)`` float32 mean-pooled rows (L2-normalised), with the middle layer's appended if asked."""
+    def encode(self, items: list[str], batch_size: int, *, layers: Sequence[int]) -> np.ndarray:
+        """``(n, len(layers) * dim)`` float32: per layer (1 = the first transformer layer's output, ...,
+        :attr:`n_layers` = the last), the L2-normalised mean of the real tokens' states, scaled by
+        ``1 / sqrt(len(layers))`` (rows are unit vectors; inner products are the mean of the layers' cosines)."""
         import torch
 
-        if mid_layer and self.n_layers < 2:
+        if self.n_layers < 2 and len(layers) > 1:
             raise ValueError("mid_layer needs a transformer with >= 2 layers")
+        if any(not 1 <= x <= self.n_layers for x in layers):
+            raise ValueError(f"layers {list(layers)} out of range for a {self.n_layers}-layer model")
         texts = [t.lower() for t in items] if self.lower_case else items
         order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch
-        out = np.zeros((len(texts), self.dim * (2 if mid_layer else 1)), dtype=np.float32)
+        out = np.zeros((len(texts), self.dim * len(layers)), dtype=np.float32)
+        hidden_states = list(layers) != [self.n_layers]
         device = self.model.device
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
@@ -361,12 +420,13 @@ class _MeanPooledEncoder:
                     return_tensors="pt",
                 )
                 batch = {k: v.to(device) for k, v in batch.items()}
-                res = self.model(**batch, output_hidden_states=mid_layer)
+                res = self.model(**batch, output_hidden_states=hidden_states)
                 mask = batch["attention_mask"]
-                rows = _mean_pool(res.last_hidden_state, mask)
-                if mid_layer:
-                    mid = _mean_pool(res.hidden_states[self.n_layers // 2], mask)
-                    rows = torch.cat([rows, mid], dim=-1) / np.sqrt(2.0)
+                if hidden_states:
+                    parts = [_mean_pool(res.hidden_states[x], mask) for x in layers]
+                    rows = torch.cat(parts, dim=-1) / np.sqrt(len(parts))
+                else:
+                    rows = _mean_pool(res.last_hidden_state, mask)
                 out[idx] = rows.cpu().numpy()
         return out
 
@@ -512,6 +572,7 @@ def load_embedder(spec: str | os.PathLike[str] | Embedder | None = None) -> Embe
 
     - ``None`` or ``"all-MiniLM-L6-v2"`` -> :class:`SentenceEmbedder` (the default model);
     - any sentence-transformers spec + ``"+mid"`` (e.g. :data:`ROUTING_EMBEDDER`) -> the same with ``mid_layer``;
+    - a plain mean-pooled model spec + ``"+layers=3,2"`` -> the same with ``layers=[3, 2]``;
     - ``"hashing"`` or ``"hashing-<dim>"`` -> :class:`HashingEmbedder`;
     - a local folder -> ``SentenceEmbedder(folder)``; any other string -> ``SentenceEmbedder(name)``;
     - an object with ``name``, ``dim`` and ``encode`` -> returned as is.

@@ -136,3 +136,68 @@ def test_default_routing_embedder_matches_sentence_transformers():
     ref._model = model
     texts = [*TEXTS, ""]  # MiniLM's tokenizer adds [CLS] / [SEP]: an empty text still has tokens
     np.testing.assert_allclose(e.encode(texts), ref.encode(texts), atol=1e-6)
+
+
+def _layer_means(folder, texts, layers):
+    """Reference: the full model's hidden states, each layer mean-pooled and normalised, concatenated / sqrt(k)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    b = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(**b, output_hidden_states=True).hidden_states
+    m = b["attention_mask"][..., None].float()
+    parts = [torch.nn.functional.normalize((hs[x] * m).sum(1) / m.sum(1), dim=-1) for x in layers]
+    return (torch.cat(parts, -1) / np.sqrt(len(parts))).numpy()
+
+
+def test_layers_spec_runs_only_the_layers_it_needs(tmp_path):
+    """``+layers=2,1``: the mean-pooled states of layers 2 and 1 (of 3), from a model truncated to 2 layers (less
+    compute and memory than the whole model), equal to the same layers of the full model; the name round-trips."""
+    from promptbank.embed import load_embedder
+
+    folder = _save_st_folder(tmp_path / "st")
+    e = SentenceEmbedder(folder, layers=[2, 1])
+    assert e.name == f"{folder}+layers=2,1" and load_embedder(e.name).name == e.name
+    rows = e.encode(TEXTS, batch_size=3)
+    assert e._load().n_layers == 2 and rows.shape == (len(TEXTS), 64)
+    np.testing.assert_allclose(rows, _layer_means(folder, TEXTS, [2, 1]), atol=2e-6)
+    last = SentenceEmbedder(f"{folder}+layers=3")  # the last layer alone is the plain sentence embedding
+    np.testing.assert_allclose(last.encode(TEXTS), SentenceEmbedder(folder).encode(TEXTS), atol=1e-6)
+
+
+def test_layers_spec_errors(tmp_path):
+    folder = _save_st_folder(tmp_path / "st")
+    for bad in ([0], [1, 1], [], [True]):
+        with pytest.raises(ValueError, match="layers"):
+            SentenceEmbedder(folder, layers=bad)
+    with pytest.raises(ValueError, match="not both"):
+        SentenceEmbedder(folder, layers=[1], mid_layer=True)
+    with pytest.raises(OSError, match="layer 4 asked for, but the model has 3 layers"):
+        SentenceEmbedder(folder, layers=[4, 1]).encode(["x"])
+    with pytest.raises(OSError, match="plain mean-pooled"):
+        SentenceEmbedder(_save_st_folder(tmp_path / "cls", pooling="cls"), layers=[1]).encode(["x"])
+
+
+def test_bank_with_a_layers_embedder_saves_and_loads(tmp_path, tiny_backbone):
+    from conftest import fast_options
+
+    from promptbank import PromptBank
+
+    folder = _save_st_folder(tmp_path / "st")
+    rows = [{"text": f"the weather is {w} today", "label": lab} for w, lab in [("sunny", "good"), ("awful", "bad")] * 4]
+    bank = PromptBank(tiny_backbone, SentenceEmbedder(folder, layers=[2, 1]), routing="knn")
+    bank.learn_task("weather", rows, num_virtual_tokens=3, **fast_options(max_steps=1))
+    bank.save(tmp_path / "bank")
+    loaded = PromptBank.load(tmp_path / "bank", backbone=tiny_backbone)
+    assert loaded.embedder.name == bank.embedder.name and loaded.embedder.layers == [2, 1]
+    assert loaded.route("the weather is sunny today").ranked == bank.route("the weather is sunny today").ranked
+
+
+@pytest.mark.real_model
+def test_fast_routing_embedder_on_the_real_model():
+    """all-MiniLM-L6-v2+layers=3,2 (opt-in fast routing): half of MiniLM's layers, 768-d like the default."""
+    e = SentenceEmbedder("all-MiniLM-L6-v2+layers=3,2")
+    v = e.encode(["how do I reset my password", "I forgot my login password", "the stock market fell today"])
+    assert e.dim == 768 and v.shape == (3, 768) and e._load().n_layers == 3
+    assert v[0] @ v[1] > v[0] @ v[2]
