@@ -81,6 +81,11 @@ SPARSE_TARGETS = {
     "route_p50_1000_tasks_lda": ("routing p50, same, learned router (the default)", "<=", 5.0),
     "route_p50_1000_tasks_bf16": ("routing p50, same, cosine, embedder weights in bf16", "<=", 5.0),
     "route_p50_1000_tasks_bf16_lda": ("routing p50, same, learned router, embedder weights in bf16", "<=", 5.0),
+    "route_p50_1000_tasks_fast_lda": (
+        "routing p50, same, learned router, fast embedder (all-MiniLM-L6-v2+layers=3,2)",
+        "<=",
+        5.0,
+    ),
     "memory_given": ("peak RSS, bank with 100 tasks (task given) vs bare backbone", "<=", 1.10),
     "memory_routed": ("peak RSS, bank with 100 tasks + router/embedder vs bare backbone", "<=", 1.10),
     "memory_given_budget": ("peak RSS, same, task given, default prefix-cache budget", "<=", 1.10),
@@ -835,13 +840,22 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
 
     # the same embedder with its weights in bf16 (SentenceEmbedder(dtype="bfloat16"); same name, same keys): its
     # own rows at 1,000 tasks x 16 keys, the query embedded in bf16, searched among the fp32 keys
-    from promptbank.embed import SentenceEmbedder
+    from promptbank.embed import FAST_ROUTING_EMBEDDER, ROUTING_EMBEDDER, SentenceEmbedder
 
     emb16 = SentenceEmbedder(emb.name, device=emb.device, dtype="bfloat16") if type(emb) is SentenceEmbedder else None
     embedders = {"": emb} | ({"_bf16": emb16} if emb16 is not None else {})
     variants = {name: (name, emb) for name in routers}  # end-to-end row -> (router, embedder)
     if emb16 is not None:
         variants |= {f"{n}_bf16": (n, emb16) for n in routers if n in ("flat_16000", "lda_16000")}
+    # the opt-in fast routing embedder (MiniLM's first 3 layers): its own embedding space, so its own keys (the same
+    # synthetic construction from its embeddings of the same key texts) and its own learned router
+    all_routers = dict(routers)
+    if emb.name == ROUTING_EMBEDDER and type(emb) is SentenceEmbedder and "lda_16000" in routers:
+        fast = SentenceEmbedder(FAST_ROUTING_EMBEDDER, device=emb.device)
+        fast_keys = _synthetic_keys(fast.encode(pool_texts), 1000, 16, seed=1000 * 31 + 16)
+        all_routers["lda_16000_fast"] = GaussianRouter({n: (v, None, 0.05) for n, v in fast_keys.items()}, fast.dim)
+        embedders["_fast"] = fast
+        variants["lda_16000_fast"] = ("lda_16000_fast", fast)
 
     # one query at a time; embedding included; routers (and embedders) interleaved per query
     e2e = {name: [] for name in variants}
@@ -860,9 +874,9 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         for name in names[i % len(names) :] + names[: i % len(names)]:
             router, embedder = variants[name]
             t = time.perf_counter()
-            routers[router].route(embedder.encode([text]), top_k=1)
+            all_routers[router].route(embedder.encode([text]), top_k=1)
             e2e[name].append(1000 * (time.perf_counter() - t))
-            if router == name:
+            if router == name and name in search:
                 t = time.perf_counter()
                 routers[name].route(e, top_k=1)
                 search[name].append(1000 * (time.perf_counter() - t))
@@ -894,6 +908,8 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         "search_only_ms": {k: _percentiles(v) for k, v in search.items()},
         "recall_at_1": recall,
     }
+    if "_fast" in embed_ms:
+        res["embed_ms_fast"] = _percentiles(embed_ms["_fast"])
     if emb16 is not None:  # what bf16 weights change: latency, and the embeddings / routing decisions
         q16 = emb16.encode(query_texts)
         res["embed_ms_bf16"] = _percentiles(embed_ms["_bf16"])
@@ -909,6 +925,8 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         res["ratios"] = {"route_p50_1000_tasks": res["end_to_end_ms"][thousand["flat"]]["p50"]}
         if "lda" in thousand:
             res["ratios"]["route_p50_1000_tasks_lda"] = res["end_to_end_ms"][thousand["lda"]]["p50"]
+        if "lda_16000_fast" in res["end_to_end_ms"]:
+            res["ratios"]["route_p50_1000_tasks_fast_lda"] = res["end_to_end_ms"]["lda_16000_fast"]["p50"]
         for kind in ("flat", "lda"):
             if f"{thousand.get(kind)}_bf16" in res["end_to_end_ms"]:
                 key = "route_p50_1000_tasks_bf16" + ("_lda" if kind == "lda" else "")
@@ -1159,6 +1177,10 @@ def details(result: dict) -> str:
     if "route" in result:
         r = result["route"]
         out.append(f"Routing: query embedding p50 {r['embed_ms']['p50']:.1f} ms / p99 {r['embed_ms']['p99']:.1f} ms")
+        if "embed_ms_fast" in r:
+            out[-1] += (
+                f"; fast embedder (+layers=3,2) {r['embed_ms_fast']['p50']:.1f} / {r['embed_ms_fast']['p99']:.1f} ms"
+            )
         if "embed_ms_bf16" in r:
             b, a = r["embed_ms_bf16"], r["bf16_vs_fp32"]
             out[-1] += (
