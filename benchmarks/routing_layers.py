@@ -80,21 +80,10 @@ def layer_means(encoder, texts: list[str], batch_size: int = 64) -> np.ndarray:
     from promptbank.embed import _mean_pool
 
     out = [None] * len(texts)
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    with torch.inference_mode():
-        for s in range(0, len(texts), batch_size):
-            idx = order[s : s + batch_size]
-            b = encoder.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation="longest_first",
-                max_length=encoder.max_length,
-                return_tensors="pt",
-            )
-            hs = encoder.model(**b, output_hidden_states=True).hidden_states
-            pooled = torch.stack([_mean_pool(h, b["attention_mask"]) for h in hs], 1)
-            for j, i in enumerate(idx):
-                out[i] = pooled[j].numpy()
+    for idx, res, mask in encoder.forward_batches(texts, batch_size, hidden_states=True):
+        pooled = torch.stack([_mean_pool(h, mask) for h in res.hidden_states], 1)
+        for j, i in enumerate(idx):
+            out[i] = pooled[j].numpy()
     return np.stack(out)
 
 

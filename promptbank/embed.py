@@ -408,10 +408,25 @@ class _MeanPooledEncoder:
             raise ValueError("mid_layer needs a transformer with >= 2 layers")
         if any(not 1 <= x <= self.n_layers for x in layers):
             raise ValueError(f"layers {list(layers)} out of range for a {self.n_layers}-layer model")
-        texts = [t.lower() for t in items] if self.lower_case else items
-        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths share a batch
-        out = np.zeros((len(texts), self.dim * len(layers)), dtype=np.float32)
+        out = np.zeros((len(items), self.dim * len(layers)), dtype=np.float32)
         hidden_states = list(layers) != [self.n_layers]
+        for idx, res, mask in self.forward_batches(items, batch_size, hidden_states=hidden_states):
+            if hidden_states:
+                parts = [_mean_pool(res.hidden_states[x], mask) for x in layers]
+                rows = torch.cat(parts, dim=-1) / np.sqrt(len(parts))
+            else:
+                rows = _mean_pool(res.last_hidden_state, mask)
+            out[idx] = rows.cpu().numpy()
+        return out
+
+    def forward_batches(self, items: list[str], batch_size: int, *, hidden_states: bool) -> Iterator[tuple]:
+        """``(row indices, model output, attention mask)`` per batch of ``items``, tokenised as
+        sentence-transformers does; texts of similar length share a batch (less padding). Runs under
+        ``torch.inference_mode``."""
+        import torch
+
+        texts = [t.lower() for t in items] if self.lower_case else items
+        order = np.argsort([-len(t) for t in texts], kind="stable")
         device = self.model.device
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
@@ -424,15 +439,7 @@ class _MeanPooledEncoder:
                     return_tensors="pt",
                 )
                 batch = {k: v.to(device) for k, v in batch.items()}
-                res = self.model(**batch, output_hidden_states=hidden_states)
-                mask = batch["attention_mask"]
-                if hidden_states:
-                    parts = [_mean_pool(res.hidden_states[x], mask) for x in layers]
-                    rows = torch.cat(parts, dim=-1) / np.sqrt(len(parts))
-                else:
-                    rows = _mean_pool(res.last_hidden_state, mask)
-                out[idx] = rows.cpu().numpy()
-        return out
+                yield idx, self.model(**batch, output_hidden_states=hidden_states), batch["attention_mask"]
 
 
 def _mean_pool(hidden: Any, attention_mask: Any) -> Any:
