@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--embedder",
             metavar="NAME",
             default=d(None),
-            help="routing embedder: all-MiniLM-L6-v2 (default), 'hashing[-DIM]' or a folder",
+            help="routing embedder: all-MiniLM-L6-v2+mid (default), all-MiniLM-L6-v2+layers=3,2 (half the "
+            "latency), 'hashing[-DIM]' or a folder (for an existing bank: the one it was made with)",
         )
         p.add_argument("-v", "--verbose", action="store_true", default=d(False), help="log progress (INFO)")
         p.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks on errors")
