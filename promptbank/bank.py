@@ -8,7 +8,7 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -984,16 +984,23 @@ class PromptBank:
         return record
 
     # ------------------------------------------------------------------ inference
-    def _call_kv(self, names: Sequence[str | None]) -> list[PrefixKV | None]:
+    def _call_kv(self, names: Sequence[str | None], table: Mapping[str, _Task] | None = None) -> list[PrefixKV | None]:
         """Each row's prompt prefix (``None`` for a row without a task), every task's fetched once: within one
-        call a task is never recomputed, even when the call names more tasks than the cache budget holds."""
-        once = {n: self._prompt_kv(n) for n in dict.fromkeys(names) if n is not None}
+        call a task is never recomputed, even when the call names more tasks than the cache budget holds.
+        ``table``: the call's snapshot of the task table, so that the prefixes are those of the prompts whose
+        templates and labels the call uses (a promote landing mid-call does not mix the two)."""
+        table = self._tasks if table is None else table
+        once = {n: self._prompt_kv(n, table[n].prompt) for n in dict.fromkeys(names) if n is not None}
         return [None if n is None else once[n] for n in names]
 
-    def _prompt_kv(self, name: str) -> PrefixKV:
-        # Cached with the prompt it was computed from: a prompt replaced meanwhile (promote, resume_task) never
-        # gets an old cache, even when a reader races the writer's invalidation.
-        prompt = self._tasks[name].prompt
+    def _prompt_kv(self, name: str, prompt: dict | None = None) -> PrefixKV:
+        """Task ``name``'s prompt prefix (of ``prompt``, a snapshot's, else the serving one), cached.
+
+        Cached with the prompt it was computed from: a prompt replaced meanwhile (promote, resume_task) never gets
+        an old cache, even when a reader races the writer's invalidation; the prefix of a prompt that is no longer
+        the serving one is computed for its caller but not cached."""
+        if prompt is None:
+            prompt = self._tasks[name].prompt
         with self._kv_lock:
             hit = self._kv.get(name)
             if hit is not None and hit[0] is prompt:
@@ -1002,6 +1009,9 @@ class PromptBank:
         with torch.no_grad():
             kv = self._packed_kv(prompt_kv(self.backbone.model, prompt))
         nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+        current = self._tasks.get(name)
+        if current is None or current.prompt is not prompt:
+            return kv  # stale (replaced or removed meanwhile): not worth a cache slot
         with self._kv_lock:  # evicted entries stay valid for callers holding them
             self._kv[name] = (prompt, kv, nbytes)
             self._kv.move_to_end(name)
@@ -1141,11 +1151,12 @@ class PromptBank:
         generation task generates. Texts with no task get ``output=None``."""
         texts = _as_texts(texts)
         names, scores = self._resolve_tasks(texts, task)
+        table = self._tasks  # one snapshot for the call: each task's template, labels and prompt belong together
         preds: list[Prediction | None] = [None] * len(texts)
-        cls_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "classification"]
-        gen_rows = [i for i, n in enumerate(names) if n is not None and self._tasks[n].record.kind == "generation"]
+        cls_rows = [i for i, n in enumerate(names) if n is not None and table[n].record.kind == "classification"]
+        gen_rows = [i for i, n in enumerate(names) if n is not None and table[n].record.kind == "generation"]
         if cls_rows:
-            tasks = [self._tasks[names[i]] for i in cls_rows]
+            tasks = [table[names[i]] for i in cls_rows]
             rows_text = [texts[i] for i in cls_rows]
             if self.is_encoder:  # per-task linear heads on the pooled encoder output
                 max_tokens = max(t.record.train_config.get("max_input_tokens", 256) for t in tasks)
@@ -1157,7 +1168,7 @@ class PromptBank:
                 scored = self._rank_rows(
                     rows_text,
                     [t.record.template for t in tasks],
-                    self._call_kv([names[i] for i in cls_rows]),
+                    self._call_kv([names[i] for i in cls_rows], table),
                     [self._label_ids(t.record) for t in tasks],
                     batch_size,
                 )
@@ -1167,7 +1178,9 @@ class PromptBank:
                     labels[int(lp.argmax())], names[i], scores[i], {lab: float(v) for lab, v in zip(labels, lp)}
                 )
         if gen_rows:
-            outs = self.generate([texts[i] for i in gen_rows], [names[i] for i in gen_rows], batch_size=batch_size)
+            outs = self._generate(
+                [texts[i] for i in gen_rows], [names[i] for i in gen_rows], table, batch_size=batch_size
+            )
             for i, out in zip(gen_rows, outs):
                 preds[i] = Prediction(out, names[i], scores[i])
         for i, n in enumerate(names):
@@ -1198,17 +1211,41 @@ class PromptBank:
             raise ValueError(f"encoder backbone {self.backbone.name!r} classifies (predict); it cannot generate text")
         texts = _as_texts(texts)
         names, _ = self._resolve_tasks(texts, task)
+        return self._generate(
+            texts,
+            names,
+            self._tasks,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            batch_size=batch_size,
+        )
+
+    def _generate(
+        self,
+        texts: list[str],
+        names: list[str | None],
+        table: Mapping[str, _Task],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """:meth:`generate` for resolved task names, with templates and prompts from one task-table snapshot."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         gen = torch.Generator().manual_seed(seed)
         outputs: list[str] = []
-        row_kv = self._call_kv(names)
+        row_kv = self._call_kv(names, table)
         for s in range(0, len(texts), batch_size):
             chunk = list(range(s, min(s + batch_size, len(texts))))
             kv = [row_kv[i] for i in chunk]
             inputs = [
                 self._plain_input(texts[i])
                 if names[i] is None
-                else causal.encode_input(tok, texts[i], self._tasks[names[i]].record.template)
+                else causal.encode_input(tok, texts[i], table[names[i]].record.template)
                 for i in chunk
             ]
             ids = causal.generate(

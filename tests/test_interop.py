@@ -565,6 +565,36 @@ def test_encoder_variants_compare_promote_round_trip(enc_bank, tmp_path):  # noq
     assert loaded.compare("weather", WEATHER) == enc_bank.compare("weather", WEATHER)
 
 
+def test_a_promote_landing_mid_call_keeps_each_tasks_template_with_its_prompt(with_variant, monkeypatch):
+    """``predict`` takes one snapshot of the task table: a promote to a variant with another template that lands
+    after the call has read the template still gets the old prompt's prefix (not the new prompt behind the old
+    template); the stale prefix is not cached, and the next call serves the new variant."""
+    bank = with_variant
+    bank.learn_variant(
+        "weather", "tpl", WEATHER, num_virtual_tokens=3, template="Weather note: {input}\nMood:", **fast_options()
+    )
+    old = [p.label_scores for p in bank.predict(TEXTS, task="weather")]
+    bank.promote("weather", "tpl")
+    new = [p.label_scores for p in bank.predict(TEXTS, task="weather")]
+    bank.promote("weather", "main")
+    bank._kv.clear()
+    assert new != old
+    real, calls = bank._prompt_kv, []
+
+    def promote_first(name, prompt=None):
+        if not calls:
+            bank.promote("weather", "tpl")  # lands after predict took its snapshot
+        calls.append(name)
+        return real(name, prompt)
+
+    monkeypatch.setattr(bank, "_prompt_kv", promote_first)
+    assert [p.label_scores for p in bank.predict(TEXTS, task="weather")] == old
+    assert "weather" not in bank._kv  # the old prompt's prefix was not cached for the new serving variant
+    monkeypatch.undo()
+    assert [p.label_scores for p in bank.predict(TEXTS, task="weather")] == new
+    assert bank._kv["weather"][0] is bank._tasks["weather"].prompt
+
+
 def test_promote_while_predicting_never_mixes_prompts(with_variant):
     """Readers see the old or the new serving prompt, never a stale prompt cache after a promote."""
     bank = with_variant
