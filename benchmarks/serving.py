@@ -86,6 +86,16 @@ SPARSE_TARGETS = {
         "<=",
         5.0,
     ),
+    "route_p50_1000_tasks_bf16c_lda": (
+        "routing p50, same, learned router, default embedder in bf16, compiled (compile=True)",
+        "<=",
+        5.0,
+    ),
+    "route_p50_1000_tasks_fast_bf16c_lda": (
+        "routing p50, same, learned router, fast embedder in bf16, compiled (compile=True)",
+        "<=",
+        5.0,
+    ),
     "memory_given": ("peak RSS, bank with 100 tasks (task given) vs bare backbone", "<=", 1.10),
     "memory_routed": ("peak RSS, bank with 100 tasks + router/embedder vs bare backbone", "<=", 1.10),
     "memory_given_budget": ("peak RSS, same, task given, default prefix-cache budget", "<=", 1.10),
@@ -857,13 +867,29 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         all_routers["lda_16000_fast"] = GaussianRouter({n: (v, None, 0.05) for n, v in fast_keys.items()}, fast.dim)
         embedders["_fast"] = fast
         variants["lda_16000_fast"] = ("lda_16000_fast", fast)
+    # SentenceEmbedder(compile=True): the one-query forward torch.compile'd (compiled while loading, in the warm-up
+    # below), with bf16 weights; the default embedder (same name: its keys and router) and the fast one
+    compiled = {}
+    if emb.name == ROUTING_EMBEDDER and type(emb) is SentenceEmbedder and "lda_16000" in routers:
+        compiled["_bf16c"] = (
+            "lda_16000",
+            SentenceEmbedder(emb.name, device=emb.device, dtype="bfloat16", compile=True),
+        )
+        if "_fast" in embedders:
+            fastc = SentenceEmbedder(FAST_ROUTING_EMBEDDER, device=emb.device, dtype="bfloat16", compile=True)
+            compiled["_fast_bf16c"] = ("lda_16000_fast", fastc)
+    for suffix, (router, e_) in compiled.items():
+        embedders[suffix] = e_
+        variants[f"lda_16000{suffix}"] = (router, e_)
 
     # one query at a time; embedding included; routers (and embedders) interleaved per query
     e2e = {name: [] for name in variants}
     search = {name: [] for name in routers}
     embed_ms = {suffix: [] for suffix in embedders}
-    for e_ in embedders.values():
-        e_.encode(queries[:2])  # warm-up
+    for suffix, e_ in embedders.items():
+        t = time.perf_counter()
+        e_.encode(queries[:2])  # warm-up (loads the model; compiles the compiled ones)
+        _log(f"route: embedder{suffix or ' (default)'} loaded and warmed up in {time.perf_counter() - t:.1f} s")
     for i, text in enumerate(queries):
         for suffix in list(embedders)[i % len(embedders) :] + list(embedders)[: i % len(embedders)]:
             t = time.perf_counter()
@@ -911,6 +937,21 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
     }
     if "_fast" in embed_ms:
         res["embed_ms_fast"] = _percentiles(embed_ms["_fast"])
+    if compiled:  # what the compiled bf16 forward changes: latency, and the routing decisions, one query at a time
+        fp32 = {"_bf16c": (emb, "lda_16000"), "_fast_bf16c": (embedders.get("_fast"), "lda_16000_fast")}
+        res["compiled_vs_fp32"] = {}
+        for suffix, (router, e_) in compiled.items():
+            ref_e, ref_router = fp32[suffix]
+            a = np.concatenate([ref_e.encode([t]) for t in query_texts])
+            b = np.concatenate([e_.encode([t]) for t in query_texts])
+            ra = [r[0][0] if r else None for r in all_routers[ref_router].route(a, top_k=1)]
+            rb = [r[0][0] if r else None for r in all_routers[router].route(b, top_k=1)]
+            res["compiled_vs_fp32"][suffix] = {
+                "n": len(query_texts),
+                "cosine_min": float((a * b).sum(1).min()),
+                "same_task": sum(x == y for x, y in zip(ra, rb)) / len(ra),
+                "embed_ms": _percentiles(embed_ms[suffix]),
+            }
     if emb16 is not None:  # what bf16 weights change: latency, and the embeddings / routing decisions
         q16 = emb16.encode(query_texts)
         res["embed_ms_bf16"] = _percentiles(embed_ms["_bf16"])
@@ -928,6 +969,8 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
             res["ratios"]["route_p50_1000_tasks_lda"] = res["end_to_end_ms"][thousand["lda"]]["p50"]
         if "lda_16000_fast" in res["end_to_end_ms"]:
             res["ratios"]["route_p50_1000_tasks_fast_lda"] = res["end_to_end_ms"]["lda_16000_fast"]["p50"]
+        for suffix in compiled:
+            res["ratios"][f"route_p50_1000_tasks{suffix}_lda"] = res["end_to_end_ms"][f"lda_16000{suffix}"]["p50"]
         for kind in ("flat", "lda"):
             if f"{thousand.get(kind)}_bf16" in res["end_to_end_ms"]:
                 key = "route_p50_1000_tasks_bf16" + ("_lda" if kind == "lda" else "")
@@ -1100,7 +1143,7 @@ def _fmt(key: str, v: float) -> str:
         return f"{100 * v:+.1f} %"
     if key.startswith("memory"):
         return f"{v:.3f}x ({100 * (v - 1):+.1f} %)"
-    if key == "route_p50_1000_tasks":
+    if key.startswith("route_p50"):
         return f"{v:.1f} ms"
     return f"{v:.2f}x" if key in ("mixed_vs_peft", "classify_vs_peft", "mixed_vs_single") else f"{v:.2f}"
 
@@ -1192,6 +1235,11 @@ def details(result: dict) -> str:
                     f"{k.removesuffix('_same_task')} {100 * v:.1f} %" for k, v in a.items() if k.endswith("_same_task")
                 )
                 + ")"
+            )
+        for suffix, c in r.get("compiled_vs_fp32", {}).items():
+            out[-1] += (
+                f"; {suffix[1:]} (compile=True) {c['embed_ms']['p50']:.1f} / {c['embed_ms']['p99']:.1f} ms (cosine to "
+                f"fp32 eager >= {c['cosine_min']:.5f}, same task {100 * c['same_task']:.1f} % of {c['n']} queries)"
             )
         rows = [
             "| index | keys | build s | end-to-end p50 / p99 ms | search only p50 / p99 ms | recall@1 task (real / near-key) |",

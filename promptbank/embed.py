@@ -178,6 +178,14 @@ class SentenceEmbedder:
     ``embedder=SentenceEmbedder(ROUTING_EMBEDDER, dtype="bfloat16")`` to
     :meth:`promptbank.PromptBank.from_pretrained` or :meth:`~promptbank.PromptBank.load`. Without bf16 hardware
     it can be slower than float32.
+
+    ``compile=True`` (opt-in, plain mean-pooled models): the one-text forward — what one-query routing runs — is
+    ``torch.compile``'d (inductor, dynamic sequence length, weights frozen into the graph) while loading, so the
+    first :meth:`encode` of a process takes the compile time (all-MiniLM-L6-v2 on 2 CPU cores: ~20-30 s for
+    ``+mid``, under 10 s for ``+layers=3,2``) and no later caller waits for it. Batches of several texts stay eager.
+    Same embeddings (float32: cosine 1.0 to the eager path; the name does not change, so a bank's keys are routed
+    as they are). Measured with ``dtype="bfloat16"`` in ``benchmarks/serving.py``'s route section. If the compiler
+    is missing or fails (inductor needs a C++ compiler on CPU), it warns and runs eagerly.
     """
 
     def __init__(
@@ -188,6 +196,7 @@ class SentenceEmbedder:
         mid_layer: bool = False,
         layers: Sequence[int] | None = None,
         dtype: Any = None,
+        compile: bool = False,  # noqa: A002 - the torch.compile option it stands for
     ):
         spec = os.fspath(model)
         if not isinstance(spec, str) or not spec:
@@ -212,6 +221,9 @@ class SentenceEmbedder:
         self.mid_layer = bool(mid_layer)
         self.device = device
         self.dtype = _dtype_name(dtype)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {compile!r}")
+        self.compile = compile
         self._model: Any = None
         self._lock = threading.Lock()
         if spec in _DEFAULT_ALIASES or spec.lower() in {a.lower() for a in _DEFAULT_ALIASES}:
@@ -233,6 +245,7 @@ class SentenceEmbedder:
 
     def __repr__(self) -> str:
         extra = "" if self.dtype == "float32" else f", dtype={self.dtype!r}"
+        extra += ", compile=True" if self.compile else ""
         return f"SentenceEmbedder({self.name!r}, device={self.device!r}{extra})"
 
     @property
@@ -251,11 +264,12 @@ class SentenceEmbedder:
                                 self._source, self.device, getattr(torch, self.dtype), depth=max(self.layers or [0])
                             )
                             if model is None:  # not a plain mean-pooled model: sentence-transformers loads it
-                                if self.layers is not None:
-                                    raise ValueError(
-                                        "layers= needs a plain mean-pooled model (transformer + mean pooling) in a "
-                                        "local folder"
-                                    )
+                                for option, on in (("layers=", self.layers is not None), ("compile=", self.compile)):
+                                    if on:
+                                        raise ValueError(
+                                            f"{option} needs a plain mean-pooled model (transformer + mean pooling) "
+                                            "in a local folder"
+                                        )
                                 model = self._load_sentence_transformers(torch)
                     except Exception as e:  # re-raised with context
                         raise OSError(
@@ -269,8 +283,15 @@ class SentenceEmbedder:
                     if self._dim is not None and dim != self._dim:
                         raise OSError(f"model {self._source!r} has dimension {dim}, expected {self._dim}")
                     self._dim = dim
+                    if self.compile:
+                        model.compile_one_row(self._layers_of(model))
                     self._model = model
         return self._model
+
+    def _layers_of(self, model: _MeanPooledEncoder) -> list[int]:
+        if self.layers is not None:
+            return list(self.layers)
+        return [model.n_layers, model.n_layers // 2] if self.mid_layer else [model.n_layers]
 
     def _load_sentence_transformers(self, torch: Any) -> Any:
         from sentence_transformers import SentenceTransformer
@@ -301,8 +322,7 @@ class SentenceEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         model = self._load()
         if isinstance(model, _MeanPooledEncoder):
-            layers = self.layers or ([model.n_layers, model.n_layers // 2] if self.mid_layer else [model.n_layers])
-            return _normalise_rows(model.encode(items, batch_size, layers=layers))
+            return _normalise_rows(model.encode(items, batch_size, layers=self._layers_of(model)))
         if self.mid_layer:
             return self._encode_with_mid_layer(model, items, batch_size)
         out = model.encode(  # a tensor, cast to float32 here: numpy has no bfloat16
@@ -365,6 +385,7 @@ class _MeanPooledEncoder:
         self.lower_case = lower_case
         self.dim = int(model.config.hidden_size)
         self.n_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+        self._one_row: tuple[tuple[int, ...], Any] | None = None  # (layers, compiled one-row forward)
 
     @classmethod
     def load(cls, source: str, device: str, dtype: Any, *, depth: int = 0) -> _MeanPooledEncoder | None:
@@ -398,25 +419,80 @@ class _MeanPooledEncoder:
     def parameters(self) -> Iterator[Any]:
         return self.model.parameters()
 
+    def _pooled(self, batch: dict, layers: Sequence[int]) -> Any:
+        """``(B, len(layers) * dim)`` float32: the forward of one tokenised batch, mean-pooled per layer."""
+        res = self.model(**batch, output_hidden_states=list(layers) != [self.n_layers])
+        return self._pool_output(res, batch["attention_mask"], layers)
+
+    def _pool_output(self, res: Any, mask: Any, layers: Sequence[int]) -> Any:
+        import torch
+
+        if list(layers) == [self.n_layers]:
+            return _mean_pool(res.last_hidden_state, mask)
+        return torch.cat([_mean_pool(res.hidden_states[x], mask) for x in layers], dim=-1) / np.sqrt(len(layers))
+
+    def compile_one_row(self, layers: Sequence[int]) -> bool:
+        """Compile the one-text forward (``torch.compile``, dynamic sequence length, inductor with frozen weights)
+        for these ``layers`` and run it once, so that no caller waits for the compiler later. One-text
+        :meth:`encode` calls (one-query routing) then use it; batches stay eager (the per-operation overhead that
+        compiling removes is spread over their rows). Returns False, with a warning, and stays eager if the
+        compiler is missing or fails (inductor needs a C++ compiler on CPU)."""
+        import warnings
+
+        import torch
+
+        layers = tuple(layers)
+        self._check_layers(layers)
+
+        def one_row(input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                batch["token_type_ids"] = token_type_ids
+            return self._pooled(batch, layers)
+
+        try:
+            compiled = torch.compile(one_row, dynamic=True, options={"freezing": True})
+            with torch.inference_mode():
+                for text in ("warm up", "warm up the compiled forward"):  # two lengths: no recompile later
+                    batch = self._tokenize([text])
+                    got, want = compiled(**batch), self._pooled(batch, layers)
+                    if not torch.allclose(got, want, atol=1e-2):  # bf16 weights: roughly 1e-3 apart
+                        raise RuntimeError(f"compiled forward differs from eager by {(got - want).abs().max():.2g}")
+        except Exception as e:  # noqa: BLE001 - any compiler failure: stay eager, say why
+            warnings.warn(
+                f"torch.compile of the embedder failed; running it eagerly: {e}", RuntimeWarning, stacklevel=3
+            )
+            return False
+        self._one_row = (layers, compiled)
+        return True
+
+    def _check_layers(self, layers: Sequence[int]) -> None:
+        if self.n_layers < 2 and len(layers) > 1:
+            raise ValueError("mid_layer needs a transformer with >= 2 layers")
+        if any(not 1 <= x <= self.n_layers for x in layers):
+            raise ValueError(f"layers {list(layers)} out of range for a {self.n_layers}-layer model")
+
+    def _tokenize(self, texts: list[str]) -> dict:
+        batch = self.tokenizer(
+            texts, padding=True, truncation="longest_first", max_length=self.max_length, return_tensors="pt"
+        )
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
     def encode(self, items: list[str], batch_size: int, *, layers: Sequence[int]) -> np.ndarray:
         """``(n, len(layers) * dim)`` float32: per layer (1 = the first transformer layer's output, ...,
         :attr:`n_layers` = the last), the L2-normalised mean of the real tokens' states, scaled by
         ``1 / sqrt(len(layers))`` (rows are unit vectors; inner products are the mean of the layers' cosines)."""
         import torch
 
-        if self.n_layers < 2 and len(layers) > 1:
-            raise ValueError("mid_layer needs a transformer with >= 2 layers")
-        if any(not 1 <= x <= self.n_layers for x in layers):
-            raise ValueError(f"layers {list(layers)} out of range for a {self.n_layers}-layer model")
+        self._check_layers(layers)
+        if len(items) == 1 and self._one_row is not None and self._one_row[0] == tuple(layers):
+            with torch.inference_mode():
+                texts = [items[0].lower()] if self.lower_case else items
+                return self._one_row[1](**self._tokenize(texts)).cpu().numpy()
         out = np.zeros((len(items), self.dim * len(layers)), dtype=np.float32)
         hidden_states = list(layers) != [self.n_layers]
         for idx, res, mask in self.forward_batches(items, batch_size, hidden_states=hidden_states):
-            if hidden_states:
-                parts = [_mean_pool(res.hidden_states[x], mask) for x in layers]
-                rows = torch.cat(parts, dim=-1) / np.sqrt(len(parts))
-            else:
-                rows = _mean_pool(res.last_hidden_state, mask)
-            out[idx] = rows.cpu().numpy()
+            out[idx] = self._pool_output(res, mask, layers).cpu().numpy()
         return out
 
     def forward_batches(self, items: list[str], batch_size: int, *, hidden_states: bool) -> Iterator[tuple]:
@@ -427,18 +503,10 @@ class _MeanPooledEncoder:
 
         texts = [t.lower() for t in items] if self.lower_case else items
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        device = self.model.device
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
                 idx = order[s : s + batch_size]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation="longest_first",
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                )
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = self._tokenize([texts[i] for i in idx])
                 yield idx, self.model(**batch, output_hidden_states=hidden_states), batch["attention_mask"]
 
 

@@ -201,3 +201,61 @@ def test_fast_routing_embedder_on_the_real_model():
     v = e.encode(["how do I reset my password", "I forgot my login password", "the stock market fell today"])
     assert e.dim == 768 and v.shape == (3, 768) and e._load().n_layers == 3
     assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_compiled_one_text_forward_matches_eager(tmp_path):
+    """``compile=True``: the one-text forward (one-query routing) runs torch.compile'd, with the same embeddings
+    as the eager path; batches stay eager; lower-casing is applied on both paths."""
+    folder = _save_st_folder(tmp_path / "st", lower=True)
+    eager = SentenceEmbedder(folder, layers=[3, 1])
+    compiled = SentenceEmbedder(folder, layers=[3, 1], compile=True)
+    assert "compile=True" in repr(compiled) and compiled.name == eager.name  # same embeddings: same name, same keys
+    model = compiled._load()
+    assert model._one_row is not None and model._one_row[0] == (3, 1)
+    calls = []
+    fn = model._one_row[1]
+    model._one_row = ((3, 1), lambda **kw: calls.append(kw) or fn(**kw))
+    for text in TEXTS:  # lengths other than the warm-up's: the dynamic-shape graph, no recompile needed
+        np.testing.assert_allclose(compiled.encode([text]), eager.encode([text]), atol=1e-5)
+    assert len(calls) == len(TEXTS)
+    np.testing.assert_allclose(compiled.encode(TEXTS, batch_size=4), eager.encode(TEXTS, batch_size=4), atol=1e-6)
+    assert len(calls) == len(TEXTS)  # the batch did not go through the compiled one-row forward
+    want = {t: eager.encode([t]) for t in TEXTS}
+    got, errors = [], []
+
+    def work(i):  # concurrent one-text calls into the compiled forward
+        try:
+            for t in TEXTS[i % 3 :] + TEXTS[: i % 3]:
+                got.append((t, compiled.encode([t])))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 4 * len(TEXTS)
+    for t, rows in got:
+        np.testing.assert_allclose(rows, want[t], atol=1e-5)
+
+
+def test_compile_failure_warns_and_runs_eagerly(tmp_path, monkeypatch):
+    folder = _save_st_folder(tmp_path / "st")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    e = SentenceEmbedder(folder, compile=True)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        rows = e.encode(["the weather is sunny today"])
+    assert e._load()._one_row is None
+    np.testing.assert_allclose(rows, SentenceEmbedder(folder).encode(["the weather is sunny today"]), atol=1e-6)
+
+
+def test_compile_option_errors(tmp_path):
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        SentenceEmbedder("all-MiniLM-L6-v2", compile="yes")
+    with pytest.raises(OSError, match="compile= needs a plain mean-pooled"):
+        SentenceEmbedder(_save_st_folder(tmp_path / "cls", pooling="cls"), compile=True).encode(["x"])

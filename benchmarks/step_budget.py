@@ -1,0 +1,193 @@
+"""Is the CL-4 step budget binding? promptbank's held-out accuracy per task at several step budgets, no test split.
+
+``forgetting.py`` trains each task's deep prompt for at most ``--steps`` optimizer steps (60 on CL-4, batch 16,
+dev evaluation every 10 steps, patience 4). This measures, per CL-4 task and seed, what a larger budget changes,
+on data drawn from the TRAIN pools only (so choosing a budget from it does not tune on the test sets):
+
+- train: 16 examples per label from the task's train pool (as ``forgetting.py`` draws them);
+- held-out: up to ``--heldout-per-class`` other examples per label from the same pool, disjoint from train;
+- per budget: the same ``learn_task`` call as ``forgetting.py`` (deep prompt, warm start off, 10 % of train held
+  out as dev for model selection) with ``max_steps`` = the budget; held-out accuracy with the task given, the
+  steps run and the step whose state was kept;
+- reference: frozen embeddings + logistic head (``forgetting.py``'s baseline) on the same train / held-out rows.
+
+    python benchmarks/step_budget.py                        # budgets 60,120; seed 0; CL-4 (~30 min at 1 thread)
+    python benchmarks/step_budget.py --seed 1 --out b1.json   # other seeds alongside, then --merge
+    python benchmarks/step_budget.py --merge b0.json b1.json
+    python benchmarks/step_budget.py --quick                # 2 tasks, 4 per label, budgets 2,4: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import RESULTS, default_data_dir, versions  # noqa: E402
+
+CL4 = ["ag", "amazon", "dbpedia", "yahoo"]
+
+
+def sample(data_dir: Path, name: str, train_per_class: int, heldout_per_class: int, seed: int):
+    """(train TaskData, held-out TaskData) of one task, disjoint draws from its train pool."""
+    import forgetting
+
+    from promptbank.tasks import TaskData, load_task_data
+
+    labels, pool, _ = forgetting._dataset_rows(data_dir, name)
+    data = load_task_data(pool, labels=labels)
+    by: dict[str, list] = {}
+    for ex in data.examples:
+        by.setdefault(ex.target, []).append(ex)
+    rng = random.Random(seed)
+    train, held = [], []
+    for lab in labels:
+        rows = rng.sample(by.get(lab, []), min(train_per_class + heldout_per_class, len(by.get(lab, []))))
+        train += rows[:train_per_class]
+        held += rows[train_per_class:]
+    rng.shuffle(train)
+    source = str(forgetting.DATASETS[name][0])
+    return (
+        TaskData(kind="classification", examples=train, labels=labels, source=source),
+        TaskData(kind="classification", examples=held, labels=labels, source=source),
+    )
+
+
+def run(args, backbone, embedder) -> dict:
+    from promptbank import PromptBank
+
+    rows = []
+    for name in args.tasks:
+        train, held = sample(args.data, name, args.train_per_class, args.heldout_per_class, args.seed)
+        logistic = _logistic(embedder, train, held, args.seed)
+        for budget in args.budgets:
+            bank = PromptBank(backbone, embedder, routing="lda")
+            t0 = time.perf_counter()
+            bank.learn_task(
+                name,
+                train,
+                method="deep",
+                max_steps=budget,
+                batch_size=16,
+                eval_every=args.eval_every,
+                patience=4,
+                seed=args.seed,
+                warm_start=False,
+                progress=False,
+                max_input_tokens=128,
+                keep_train_state=False,
+            )
+            seconds = time.perf_counter() - t0
+            rec = bank._tasks[name].record
+            acc = bank.evaluate(held, task=name, batch_size=64)["accuracy"]
+            row = {
+                "task": name,
+                "seed": args.seed,
+                "budget": budget,
+                "heldout_accuracy": acc,
+                "logistic_heldout_accuracy": logistic,
+                "steps_run": rec.steps,
+                "best_step": rec.best_step,
+                "dev_accuracy": rec.dev_accuracy,
+                "train_seconds": seconds,
+                "n_train": len(train),
+                "n_heldout": len(held),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"rows": rows}
+
+
+def _logistic(embedder, train, held, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    X = embedder.encode([ex.input for ex in train.examples])
+    clf = LogisticRegression(max_iter=2000, C=10.0, random_state=seed).fit(X, [ex.target for ex in train.examples])
+    pred = clf.predict(embedder.encode([ex.input for ex in held.examples]))
+    return float(np.mean([p == ex.target for p, ex in zip(pred, held.examples)]))
+
+
+def table(rows: list[dict]) -> str:
+    budgets = sorted({r["budget"] for r in rows})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    head = "| task | logistic | " + " | ".join(f"{b} steps (kept step)" for b in budgets) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(budgets)]
+
+    def cell(task, b):
+        rs = [r for r in rows if r["task"] == task and r["budget"] == b]
+        if not rs:
+            return "-"
+        acc = statistics.mean(100 * r["heldout_accuracy"] for r in rs)
+        kept = "/".join(str(r["best_step"]) for r in rs)
+        return f"{acc:.1f} ({kept})"
+
+    for task in tasks:
+        lg = statistics.mean(100 * r["logistic_heldout_accuracy"] for r in rows if r["task"] == task)
+        lines.append(f"| {task} | {lg:.1f} | " + " | ".join(cell(task, b) for b in budgets) + " |")
+    means = []
+    for b in budgets:
+        rs = [r for r in rows if r["budget"] == b]
+        means.append(f"{statistics.mean(100 * r['heldout_accuracy'] for r in rs):.1f}")
+    lg_all = statistics.mean(100 * r["logistic_heldout_accuracy"] for r in rows if r["budget"] == budgets[0])
+    lines.append(f"| **mean** | {lg_all:.1f} | " + " | ".join(means) + " |")
+    return f"Held-out (train-pool) accuracy, seeds {seeds}; kept step per seed in brackets\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=default_data_dir())
+    ap.add_argument("--budgets", default="60,120", help="comma list of max_steps values")
+    ap.add_argument("--tasks", default=",".join(CL4), help="comma list of forgetting.py task names")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-per-class", type=int, default=16)
+    ap.add_argument("--heldout-per-class", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--quick", action="store_true", help="2 tasks, 4 train / 4 held-out per label, budgets 2,4")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="merge runs, print table")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/step_budget[_quick].json")
+    args = ap.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        result = {"config": [r["config"] for r in runs], "rows": [row for r in runs for row in r["rows"]]}
+        out = args.out or RESULTS / "step_budget.json"
+    else:
+        if args.quick:
+            args.tasks, args.train_per_class, args.heldout_per_class, args.budgets = "ag,amazon", 4, 4, "2,4"
+            args.eval_every = 1
+        args.tasks = [t for t in args.tasks.split(",") if t]
+        args.budgets = sorted({int(b) for b in args.budgets.split(",") if b})
+        if not args.budgets or min(args.budgets) < 1:
+            ap.error("--budgets must be positive integers")
+        import forgetting
+        import torch
+
+        from promptbank.backbone import load_backbone
+        from promptbank.embed import load_embedder
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        result = run(args, load_backbone("all-minilm-l6-v2"), load_embedder(forgetting.ROUTING_EMBEDDER))  # as there
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "merge"}
+        result = {"config": config | {"wall_s": time.perf_counter() - t0}, "versions": versions(), **result}
+        out = args.out or RESULTS / ("step_budget_quick.json" if args.quick else "step_budget.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print("\n" + table(result["rows"]) + f"\n\nWrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""benchmarks/step_budget.py on a tiny config-built BERT, a hashing embedder and tiny fake CL-4 folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_bert
+from test_bench_forgetting import cl4_dir  # noqa: F401 - fixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import step_budget  # noqa: E402
+
+
+def test_train_and_heldout_are_disjoint_draws_from_the_train_pool(cl4_dir):  # noqa: F811 - fixture
+    train, held = step_budget.sample(cl4_dir, "amazon", 2, 3, seed=0)
+    assert len(train) == 5 * 2 and len(held) == 5 * 3
+    assert not {ex.input for ex in train.examples} & {ex.input for ex in held.examples}
+    assert all("example" in ex.input for ex in held.examples)  # from train.jsonl: the test file is never read
+    again, _ = step_budget.sample(cl4_dir, "amazon", 2, 3, seed=0)
+    assert [ex.input for ex in again.examples] == [ex.input for ex in train.examples]
+
+
+def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - fixture
+    pytest.importorskip("sklearn")
+    from promptbank.embed import HashingEmbedder
+
+    args = argparse.Namespace(
+        data=cl4_dir, tasks=["ag", "yahoo"], budgets=[1, 3], seed=0, train_per_class=3, heldout_per_class=2,
+        eval_every=1,
+    )  # fmt: skip
+    rows = step_budget.run(args, make_tiny_bert(), HashingEmbedder(64))["rows"]
+    assert [(r["task"], r["budget"]) for r in rows] == [("ag", 1), ("ag", 3), ("yahoo", 1), ("yahoo", 3)]
+    for r in rows:
+        assert 1 <= r["steps_run"] <= r["budget"] and 0 <= r["best_step"] <= r["steps_run"]
+        assert 0.0 <= r["heldout_accuracy"] <= 1.0 and 0.0 <= r["logistic_heldout_accuracy"] <= 1.0
+    table = step_budget.table(rows)
+    assert "| ag |" in table and "| **mean** |" in table and "3 steps (kept step)" in table
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"config": {"seed": 0}, "rows": rows}))
+    b.write_text(json.dumps({"config": {"seed": 1}, "rows": [r | {"seed": 1} for r in rows]}))
+    merged = step_budget.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
+    assert len(merged["rows"]) == 8 and "seeds [0, 1]" in step_budget.table(merged["rows"])
