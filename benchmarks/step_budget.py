@@ -7,8 +7,8 @@ on data drawn from the TRAIN pools only (so choosing a budget from it does not t
 - train: 16 examples per label from the task's train pool (as ``forgetting.py`` draws them);
 - held-out: up to ``--heldout-per-class`` other examples per label from the same pool, disjoint from train;
 - per budget: the same ``learn_task`` call as ``forgetting.py`` (deep prompt, warm start off, 10 % of train held
-  out as dev for model selection) with ``max_steps`` = the budget; held-out accuracy with the task given, the
-  steps run and the step whose state was kept;
+  out as dev for model selection; ``--dev-fraction`` to try another) with ``max_steps`` = the budget; held-out
+  accuracy with the task given, the steps run and the step whose state was kept;
 - reference: frozen embeddings + logistic head (``forgetting.py``'s baseline) on the same train / held-out rows.
 
     python benchmarks/step_budget.py                        # budgets 60,120; seed 0; CL-4 (~30 min at 1 thread)
@@ -86,6 +86,7 @@ def run(args, backbone, embedder) -> dict:
                 progress=False,
                 max_input_tokens=128,
                 keep_train_state=False,
+                dev_fraction=args.dev_fraction,
             )
             seconds = time.perf_counter() - t0
             rec = bank._tasks[name].record
@@ -94,6 +95,7 @@ def run(args, backbone, embedder) -> dict:
                 "task": name,
                 "seed": args.seed,
                 "budget": budget,
+                "dev_fraction": args.dev_fraction,
                 "heldout_accuracy": acc,
                 "logistic_heldout_accuracy": logistic,
                 "steps_run": rec.steps,
@@ -117,15 +119,19 @@ def _logistic(embedder, train, held, seed: int) -> float:
     return float(np.mean([p == ex.target for p, ex in zip(pred, held.examples)]))
 
 
+def _setting(r: dict) -> tuple[int, float]:
+    return r["budget"], r.get("dev_fraction", 0.1)
+
+
 def table(rows: list[dict]) -> str:
-    budgets = sorted({r["budget"] for r in rows})
+    settings = sorted({_setting(r) for r in rows})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
-    head = "| task | logistic | " + " | ".join(f"{b} steps (kept step)" for b in budgets) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(budgets)]
+    head = "| task | logistic | " + " | ".join(f"{b} steps, dev {d:g} (kept step)" for b, d in settings) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(settings)]
 
-    def cell(task, b):
-        rs = [r for r in rows if r["task"] == task and r["budget"] == b]
+    def cell(task, setting):
+        rs = [r for r in rows if r["task"] == task and _setting(r) == setting]
         if not rs:
             return "-"
         acc = statistics.mean(100 * r["heldout_accuracy"] for r in rs)
@@ -134,13 +140,13 @@ def table(rows: list[dict]) -> str:
 
     for task in tasks:
         lg = statistics.mean(100 * r["logistic_heldout_accuracy"] for r in rows if r["task"] == task)
-        lines.append(f"| {task} | {lg:.1f} | " + " | ".join(cell(task, b) for b in budgets) + " |")
-    means = []
-    for b in budgets:
-        rs = [r for r in rows if r["budget"] == b]
-        means.append(f"{statistics.mean(100 * r['heldout_accuracy'] for r in rs):.1f}")
-    lg_all = statistics.mean(100 * r["logistic_heldout_accuracy"] for r in rows if r["budget"] == budgets[0])
-    lines.append(f"| **mean** | {lg_all:.1f} | " + " | ".join(means) + " |")
+        lines.append(f"| {task} | {lg:.1f} | " + " | ".join(cell(task, st) for st in settings) + " |")
+    common = [t for t in tasks if all(any(r["task"] == t and _setting(r) == st for r in rows) for st in settings)]
+    if len(common) > 1:  # mean over the tasks every setting has
+        rs = [r for r in rows if r["task"] in common]
+        means = [statistics.mean(100 * r["heldout_accuracy"] for r in rs if _setting(r) == st) for st in settings]
+        lg = statistics.mean(100 * r["logistic_heldout_accuracy"] for r in rs)
+        lines.append(f"| **mean** ({', '.join(common)}) | {lg:.1f} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     return f"Held-out (train-pool) accuracy, seeds {seeds}; kept step per seed in brackets\n\n" + "\n".join(lines)
 
 
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-per-class", type=int, default=16)
     ap.add_argument("--heldout-per-class", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--dev-fraction", type=float, default=0.1, help="of train, held out for model selection")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="2 tasks, 4 train / 4 held-out per label, budgets 2,4")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="merge runs, print table")
