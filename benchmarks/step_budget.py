@@ -8,7 +8,8 @@ on data drawn from the TRAIN pools only (so choosing a budget from it does not t
 - held-out: up to ``--heldout-per-class`` other examples per label from the same pool, disjoint from train;
 - per budget: the same ``learn_task`` call as ``forgetting.py`` (deep prompt, warm start off, 10 % of train held
   out as dev for model selection; ``--dev-fraction`` to try another) with ``max_steps`` = the budget; held-out
-  accuracy with the task given, the steps run and the step whose state was kept;
+  accuracy with the task given, the steps run and the step whose state was kept (``--head-lr``: the head's
+  learning rate, 1e-2 by default);
 - reference: frozen embeddings + logistic head (``forgetting.py``'s baseline) on the same train / held-out rows.
 
     python benchmarks/step_budget.py                        # budgets 60,120; seed 0; CL-4 (~30 min at 1 thread)
@@ -87,6 +88,7 @@ def run(args, backbone, embedder) -> dict:
                 max_input_tokens=128,
                 keep_train_state=False,
                 dev_fraction=args.dev_fraction,
+                head_lr=args.head_lr,
             )
             seconds = time.perf_counter() - t0
             rec = bank._tasks[name].record
@@ -96,6 +98,7 @@ def run(args, backbone, embedder) -> dict:
                 "seed": args.seed,
                 "budget": budget,
                 "dev_fraction": args.dev_fraction,
+                "head_lr": args.head_lr,
                 "heldout_accuracy": acc,
                 "logistic_heldout_accuracy": logistic,
                 "steps_run": rec.steps,
@@ -119,15 +122,19 @@ def _logistic(embedder, train, held, seed: int) -> float:
     return float(np.mean([p == ex.target for p, ex in zip(pred, held.examples)]))
 
 
-def _setting(r: dict) -> tuple[int, float]:
-    return r["budget"], r.get("dev_fraction", 0.1)
+def _setting(r: dict) -> tuple[int, float, float]:
+    return r["budget"], r.get("dev_fraction", 0.1), r.get("head_lr", 1e-2)
 
 
 def table(rows: list[dict]) -> str:
     settings = sorted({_setting(r) for r in rows})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
-    head = "| task | logistic | " + " | ".join(f"{b} steps, dev {d:g} (kept step)" for b, d in settings) + " |"
+    head = (
+        "| task | logistic | "
+        + " | ".join(f"{b} steps, dev {d:g}, head lr {h:g} (kept step)" for b, d, h in settings)
+        + " |"
+    )
     lines = [head, "|---|---:|" + "---:|" * len(settings)]
 
     def cell(task, setting):
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--heldout-per-class", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--dev-fraction", type=float, default=0.1, help="of train, held out for model selection")
+    ap.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the task's linear head")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="2 tasks, 4 train / 4 held-out per label, budgets 2,4")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="merge runs, print table")

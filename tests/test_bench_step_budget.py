@@ -30,7 +30,7 @@ def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - f
 
     args = argparse.Namespace(
         data=cl4_dir, tasks=["ag", "yahoo"], budgets=[1, 3], seed=0, train_per_class=3, heldout_per_class=2,
-        eval_every=1, dev_fraction=0.1,
+        eval_every=1, dev_fraction=0.1, head_lr=1e-2,
     )  # fmt: skip
     rows = step_budget.run(args, make_tiny_bert(), HashingEmbedder(64))["rows"]
     assert [(r["task"], r["budget"]) for r in rows] == [("ag", 1), ("ag", 3), ("yahoo", 1), ("yahoo", 3)]
@@ -38,7 +38,11 @@ def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - f
         assert 1 <= r["steps_run"] <= r["budget"] and 0 <= r["best_step"] <= r["steps_run"]
         assert 0.0 <= r["heldout_accuracy"] <= 1.0 and 0.0 <= r["logistic_heldout_accuracy"] <= 1.0
     table = step_budget.table(rows)
-    assert "| ag |" in table and "| **mean** (ag, yahoo) |" in table and "3 steps, dev 0.1 (kept step)" in table
+    assert (
+        "| ag |" in table
+        and "| **mean** (ag, yahoo) |" in table
+        and "3 steps, dev 0.1, head lr 0.01 (kept step)" in table
+    )
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"config": {"seed": 0}, "rows": rows}))
     b.write_text(json.dumps({"config": {"seed": 1}, "rows": [r | {"seed": 1} for r in rows]}))
