@@ -184,8 +184,10 @@ class SentenceEmbedder:
     first :meth:`encode` of a process takes the compile time (all-MiniLM-L6-v2 on 2 CPU cores: ~20-30 s for
     ``+mid``, under 10 s for ``+layers=3,2``) and no later caller waits for it. Batches of several texts stay eager.
     Same embeddings (float32: cosine 1.0 to the eager path; the name does not change, so a bank's keys are routed
-    as they are). Measured with ``dtype="bfloat16"`` in ``benchmarks/serving.py``'s route section. If the compiler
-    is missing or fails (inductor needs a C++ compiler on CPU), it warns and runs eagerly.
+    as they are). Measured with ``dtype="bfloat16"`` in ``benchmarks/serving.py``'s route section. It costs
+    resident memory: ~110 MiB more after the first query (the compiler's modules and the weights frozen into the
+    graph; all-MiniLM-L6-v2, +mid fp32 or +layers=3,2 bf16), so it is for latency, not for lean processes. If the
+    compiler is missing or fails (inductor needs a C++ compiler on CPU), it warns and runs eagerly.
     """
 
     def __init__(
