@@ -103,6 +103,11 @@ STREAMS = {
 }  # fmt: skip
 TASKS = {"ag": "ag_news", "amazon": "amazon_reviews", "dbpedia": "dbpedia", "yahoo": "yahoo_answers"}  # CL-4
 ORDERS = STREAMS["cl4"]
+# promptbank's learn_task options in every CL benchmark run (step_budget.py varies some of them on held-out data)
+LEARN_OPTIONS = dict(
+    method="deep", batch_size=16, eval_every=10, patience=4, warm_start=False, progress=False, max_input_tokens=128,
+    keep_train_state=False,
+)  # fmt: skip
 
 
 def _dataset_rows(data_dir: Path, name: str) -> tuple[list[str], list[dict], list[dict]]:
@@ -178,20 +183,7 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         key = (name, seed)
         if key not in trained_cache:  # order-independent (warm start off): train once per seed
             t0 = time.perf_counter()
-            bank.learn_task(
-                name,
-                stream[name]["train"],
-                method="deep",
-                max_steps=steps,
-                batch_size=16,
-                eval_every=10,
-                patience=4,
-                seed=seed,
-                warm_start=False,
-                progress=False,
-                max_input_tokens=128,
-                keep_train_state=False,
-            )
+            bank.learn_task(name, stream[name]["train"], max_steps=steps, seed=seed, **LEARN_OPTIONS)
             t = bank._tasks[name]
             trained_cache[key] = (t, time.perf_counter() - t0)
         else:
@@ -270,15 +262,17 @@ def _other_scorer(bank, texts, gold_task) -> dict:
     }
 
 
-def run_logistic(embedder, stream, order, seed, router):
-    """Frozen MiniLM embeddings + one logistic-regression head per task; same router as promptbank."""
+def fit_logistic(embedder, train, seed: int):
+    """The baseline's head: logistic regression on the frozen embeddings of ``train``'s inputs."""
     from sklearn.linear_model import LogisticRegression
 
-    heads = {}
-    for name in order:
-        X = embedder.encode([ex.input for ex in stream[name]["train"].examples])
-        y = [ex.target for ex in stream[name]["train"].examples]
-        heads[name] = LogisticRegression(max_iter=2000, C=10.0, random_state=seed).fit(X, y)
+    X = embedder.encode([ex.input for ex in train.examples])
+    return LogisticRegression(max_iter=2000, C=10.0, random_state=seed).fit(X, [ex.target for ex in train.examples])
+
+
+def run_logistic(embedder, stream, order, seed, router):
+    """Frozen MiniLM embeddings + one logistic-regression head per task; same router as promptbank."""
+    heads = {name: fit_logistic(embedder, stream[name]["train"], seed) for name in order}
     oracle, routed_acc = [], []
     for name in order:
         X = embedder.encode([ex.input for ex in stream[name]["test"].examples])

@@ -937,12 +937,13 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
     }
     if "_fast" in embed_ms:
         res["embed_ms_fast"] = _percentiles(embed_ms["_fast"])
-    if compiled:  # what the compiled bf16 forward changes: latency, and the routing decisions, one query at a time
+    if compiled:  # what the compiled bf16 forward changes: latency, routing decisions (its queries one at a time, its
+        # path; against the fp32 eager embeddings, q_emb for the default embedder)
         fp32 = {"_bf16c": (emb, "lda_16000"), "_fast_bf16c": (embedders.get("_fast"), "lda_16000_fast")}
         res["compiled_vs_fp32"] = {}
         for suffix, (router, e_) in compiled.items():
             ref_e, ref_router = fp32[suffix]
-            a = np.concatenate([ref_e.encode([t]) for t in query_texts])
+            a = q_emb if ref_e is emb else np.concatenate([ref_e.encode([t]) for t in query_texts])
             b = np.concatenate([e_.encode([t]) for t in query_texts])
             ra = [r[0][0] if r else None for r in all_routers[ref_router].route(a, top_k=1)]
             rb = [r[0][0] if r else None for r in all_routers[router].route(b, top_k=1)]

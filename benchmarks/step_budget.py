@@ -65,6 +65,8 @@ def sample(data_dir: Path, name: str, train_per_class: int, heldout_per_class: i
 
 
 def run(args, backbone, embedder) -> dict:
+    import forgetting
+
     from promptbank import PromptBank
 
     rows = []
@@ -74,22 +76,16 @@ def run(args, backbone, embedder) -> dict:
         for budget in args.budgets:
             bank = PromptBank(backbone, embedder, routing="lda")
             t0 = time.perf_counter()
+            options = forgetting.LEARN_OPTIONS | {"eval_every": args.eval_every}
             bank.learn_task(
                 name,
                 train,
-                method="deep",
                 max_steps=budget,
-                batch_size=16,
-                eval_every=args.eval_every,
-                patience=4,
                 seed=args.seed,
-                warm_start=False,
-                progress=False,
-                max_input_tokens=128,
-                keep_train_state=False,
                 dev_fraction=args.dev_fraction,
                 head_lr=args.head_lr,
                 lr=args.lr,
+                **options,
             )
             seconds = time.perf_counter() - t0
             rec = bank._tasks[name].record
@@ -116,11 +112,9 @@ def run(args, backbone, embedder) -> dict:
 
 
 def _logistic(embedder, train, held, seed: int) -> float:
-    from sklearn.linear_model import LogisticRegression
+    import forgetting
 
-    X = embedder.encode([ex.input for ex in train.examples])
-    clf = LogisticRegression(max_iter=2000, C=10.0, random_state=seed).fit(X, [ex.target for ex in train.examples])
-    pred = clf.predict(embedder.encode([ex.input for ex in held.examples]))
+    pred = forgetting.fit_logistic(embedder, train, seed).predict(embedder.encode([ex.input for ex in held.examples]))
     return float(np.mean([p == ex.target for p, ex in zip(pred, held.examples)]))
 
 

@@ -475,6 +475,9 @@ class _MeanPooledEncoder:
             raise ValueError(f"layers {list(layers)} out of range for a {self.n_layers}-layer model")
 
     def _tokenize(self, texts: list[str]) -> dict:
+        """As sentence-transformers tokenises (lower-cased first when the model says so), on the model's device."""
+        if self.lower_case:
+            texts = [t.lower() for t in texts]
         batch = self.tokenizer(
             texts, padding=True, truncation="longest_first", max_length=self.max_length, return_tensors="pt"
         )
@@ -489,8 +492,7 @@ class _MeanPooledEncoder:
         self._check_layers(layers)
         if len(items) == 1 and self._one_row is not None and self._one_row[0] == tuple(layers):
             with torch.inference_mode():
-                texts = [items[0].lower()] if self.lower_case else items
-                return self._one_row[1](**self._tokenize(texts)).cpu().numpy()
+                return self._one_row[1](**self._tokenize(items)).cpu().numpy()
         out = np.zeros((len(items), self.dim * len(layers)), dtype=np.float32)
         hidden_states = list(layers) != [self.n_layers]
         for idx, res, mask in self.forward_batches(items, batch_size, hidden_states=hidden_states):
@@ -503,12 +505,11 @@ class _MeanPooledEncoder:
         ``torch.inference_mode``."""
         import torch
 
-        texts = [t.lower() for t in items] if self.lower_case else items
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        order = np.argsort([-len(t) for t in items], kind="stable")
         with torch.inference_mode():
-            for s in range(0, len(texts), batch_size):
+            for s in range(0, len(items), batch_size):
                 idx = order[s : s + batch_size]
-                batch = self._tokenize([texts[i] for i in idx])
+                batch = self._tokenize([items[i] for i in idx])
                 yield idx, self.model(**batch, output_hidden_states=hidden_states), batch["attention_mask"]
 
 
