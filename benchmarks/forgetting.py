@@ -223,7 +223,27 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         "routing_confusion": confusion.tolist(),
     }
     out.update(_other_scorer(bank, texts, gold_task))
+    if any("probe_weight" in (bank._tasks[n].head or {}) for n in order):
+        out.update(_without_probe(bank, order, stream, texts, gold_label, gold_task, eval_cache))
     return R, out, bank
+
+
+def _without_probe(bank, order, stream, texts, gold_label, gold_task, eval_cache) -> dict:
+    """Ablation on the same trained tasks: the prompted heads alone, embedding probes removed (the prompts and
+    heads are the ones trained; the probe is fitted after training and changes neither). Oracle ACC after the
+    last task and routed ACC (same routing: same keys)."""
+    from promptbank import PromptBank
+    from promptbank.bank import _Task
+
+    plain = PromptBank(bank.backbone, bank.embedder, routing=bank.routing)
+    for n in order:
+        t = bank._tasks[n]
+        head = {k: v for k, v in t.head.items() if not k.startswith("probe_")}
+        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
+    oracle = [_oracle_accuracy(plain, n, stream[n]["test"], eval_cache) for n in order]
+    preds = plain.predict(texts, batch_size=64)
+    routed = [np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order]
+    return {"ACC_head_only": float(np.mean(oracle)), "routed_ACC_head_only": float(np.mean(routed))}
 
 
 def _task_digest(bank, name: str) -> str:
@@ -711,6 +731,8 @@ def summarize(runs: list[dict], routing: str) -> dict:
             "oracle-routed gap": agg("promptbank", "oracle_routed_gap"),
         },
         f"routing top-1, no threshold ({routing})": {"hit@1": agg("promptbank", "routing_top1_ignoring_threshold")},
+        "promptbank, prompted head alone (no embedding probe; task given)": {"ACC": agg("promptbank", "ACC_head_only")},
+        "promptbank, prompted head alone (routed)": {"ACC": agg("promptbank", "routed_ACC_head_only")},
         f"routing hit@1, other scorer ({other})": {"hit@1": agg("promptbank", f"routing_hit@1_{other}")},
         f"routing top-1, other scorer ({other})": {"hit@1": agg("promptbank", f"routing_top1_{other}")},
     }
@@ -748,6 +770,8 @@ def print_table(result: dict) -> None:
             f"{100 * m[k][0]:.1f} ({100 * m[k][1]:.1f})" if m.get(k) is not None else ""
             for k in ("ACC", "BWT", "forgetting", "FWT", "hit@1", "hit@1 label-aware")
         ]
+        if not any(cells):  # a metric these runs do not have (the probe ablation of runs without probes)
+            continue
         runs = f" [{m['runs']} runs]" if "runs" in m else ""
         print(f"| {name}{runs} | " + " | ".join(cells) + " |")
     print(

@@ -9,7 +9,8 @@ on data drawn from the TRAIN pools only (so choosing a budget from it does not t
 - per budget: the same ``learn_task`` call as ``forgetting.py`` (deep prompt, warm start off, 10 % of train held
   out as dev for model selection; ``--dev-fraction`` to try another) with ``max_steps`` = the budget; held-out
   accuracy with the task given, the steps run and the step whose state was kept (``--head-lr``: the head's
-  learning rate, 1e-2 by default; ``--lr``: the prompt's, the deep-prompt default 1e-2 on encoders);
+  learning rate, 1e-2 by default; ``--lr``: the prompt's, the deep-prompt default 1e-2 on encoders; the task's
+  embedding probe is on, as by default, unless ``--no-probe``);
 - reference: frozen embeddings + logistic head (``forgetting.py``'s baseline) on the same train / held-out rows.
 
     python benchmarks/step_budget.py                        # budgets 60,120; seed 0; CL-4 (~30 min at 1 thread)
@@ -85,6 +86,7 @@ def run(args, backbone, embedder) -> dict:
                 dev_fraction=args.dev_fraction,
                 head_lr=args.head_lr,
                 lr=args.lr,
+                probe=not args.no_probe,
                 **options,
             )
             seconds = time.perf_counter() - t0
@@ -97,6 +99,7 @@ def run(args, backbone, embedder) -> dict:
                 "dev_fraction": args.dev_fraction,
                 "head_lr": args.head_lr,
                 "lr": args.lr,
+                "probe": not args.no_probe,
                 "heldout_accuracy": acc,
                 "logistic_heldout_accuracy": logistic,
                 "steps_run": rec.steps,
@@ -118,8 +121,9 @@ def _logistic(embedder, train, held, seed: int) -> float:
     return float(np.mean([p == ex.target for p, ex in zip(pred, held.examples)]))
 
 
-def _setting(r: dict) -> tuple[int, float, float, float]:
-    return r["budget"], r.get("dev_fraction", 0.1), r.get("head_lr", 1e-2), r.get("lr") or 1e-2
+def _setting(r: dict) -> tuple[int, float, float, float, bool]:
+    # rows written before the embedding probe existed were without one
+    return r["budget"], r.get("dev_fraction", 0.1), r.get("head_lr", 1e-2), r.get("lr") or 1e-2, r.get("probe", False)
 
 
 def table(rows: list[dict]) -> str:
@@ -128,7 +132,10 @@ def table(rows: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     head = (
         "| task | logistic | "
-        + " | ".join(f"{b} steps, dev {d:g}, head lr {h:g}, lr {lr:g} (kept step)" for b, d, h, lr in settings)
+        + " | ".join(
+            f"{b} steps, dev {d:g}, head lr {h:g}, lr {lr:g}{' + probe' if pr else ''} (kept step)"
+            for b, d, h, lr, pr in settings
+        )
         + " |"
     )
     lines = [head, "|---|---:|" + "---:|" * len(settings)]
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dev-fraction", type=float, default=0.1, help="of train, held out for model selection")
     ap.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the task's linear head")
     ap.add_argument("--lr", type=float, default=None, help="the prompt's learning rate (default: the method's, 1e-2)")
+    ap.add_argument("--no-probe", action="store_true", help="the prompted head alone (TrainConfig.probe=False)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--quick", action="store_true", help="2 tasks, 4 train / 4 held-out per label, budgets 2,4")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="merge runs, print table")

@@ -395,6 +395,8 @@ class PromptBank:
                 result, head = self._train_encoder(
                     module, train_data, dev_data, tconf, lr, desc, state=state, head_init=head_init
                 )
+                if tconf.probe:
+                    head = head | self._fit_probe(train_data, tconf, train_emb)
                 num_train, num_dev = len(train_data), len(dev_data) if dev_data else 0
             else:
                 if state is not None:
@@ -558,6 +560,17 @@ class PromptBank:
         )
         return result, head.tensors()
 
+    def _fit_probe(self, train_data: TaskData, tconf: TrainConfig, train_emb: np.ndarray | None) -> dict:
+        """The embedding probe of a new head (:func:`promptbank.encoder.fit_probe` on the training inputs'
+        routing embeddings)."""
+        from .encoder import fit_probe
+
+        if train_emb is None or len(train_emb) != len(train_data):
+            train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+        index = {lab: i for i, lab in enumerate(train_data.labels)}
+        ys = [index[ex.target] for ex in train_data.examples]
+        return fit_probe(np.asarray(train_emb), ys, len(train_data.labels), float(tconf.probe_c))
+
     def _encoder_logits(
         self,
         texts: Sequence[str],
@@ -565,10 +578,23 @@ class PromptBank:
         heads: Sequence[dict],
         max_tokens: int,
         batch_size: int = 32,
+        embeddings: np.ndarray | None = None,
     ) -> list[torch.Tensor]:
+        """Each row's label scores under its prompt and head. Heads with an embedding probe need the rows' routing
+        embeddings: ``embeddings`` (one per text) when the caller has them, else computed here for those rows."""
         from .encoder import encode_texts, head_logits, pooled
 
         model, tok = self.backbone.model, self.backbone.tokenizer
+        probed = [i for i, h in enumerate(heads) if "probe_weight" in h]
+        emb: dict[int, torch.Tensor] = {}
+        if probed:
+            if embeddings is None:
+                vecs = self.embedder.encode([texts[i] for i in probed])
+            else:
+                if len(embeddings) != len(texts):
+                    raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} texts")
+                vecs = np.asarray(embeddings)[probed]
+            emb = {i: torch.as_tensor(np.asarray(v), dtype=torch.float32)[None] for i, v in zip(probed, vecs)}
         seqs = encode_texts(tok, texts, max_tokens)
         # Batches of similar length (little padding); each row's result does not depend on its batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -578,7 +604,7 @@ class PromptBank:
                 rows = order[s : s + batch_size]
                 feats = pooled(model, tok, [seqs[i] for i in rows], [prompts[i] for i in rows])
                 for i, f in zip(rows, feats):
-                    out[i] = head_logits(heads[i], f[None])[0]
+                    out[i] = head_logits(heads[i], f[None], emb.get(i))[0]
         return out  # type: ignore[return-value]
 
     def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int) -> float:
@@ -1101,17 +1127,20 @@ class PromptBank:
         return self.route_many([text], top_k=top_k)[0]
 
     def route_many(self, texts: Sequence[str], *, top_k: int = 3) -> list[Routing]:
-        texts = _as_texts(texts)
+        return self._route(_as_texts(texts), top_k)[0]
+
+    def _route(self, texts: list[str], top_k: int = 3) -> tuple[list[Routing], np.ndarray | None]:
+        """-> (routings, the texts' routing embeddings, or None when the bank has no task)."""
         router = self.router  # one snapshot for the whole call (a concurrent writer publishes a new one)
         if not len(router):
-            return [Routing(None, None, []) for _ in texts]
+            return [Routing(None, None, []) for _ in texts], None
         emb = self.embedder.encode(texts)
         scorer = self._learned_router(router) if self.routing == "lda" else router
         out = []
         for ranked in scorer.route(emb, top_k=max(1, top_k)):
             best, score = ranked[0]
             out.append(Routing(best if score >= scorer.threshold(best) else None, score, ranked))
-        return out
+        return out, emb
 
     def _learned_router(self, router: Router) -> GaussianRouter:
         """The learned router for this router snapshot (refitted from the keys when the task set changed)."""
@@ -1131,17 +1160,18 @@ class PromptBank:
         self._lda = (router, scorer)
         return scorer
 
-    def _resolve_tasks(self, texts: list[str], task) -> tuple[list[str | None], list[float | None]]:
+    def _resolve_tasks(self, texts: list[str], task) -> tuple[list[str | None], list[float | None], np.ndarray | None]:
+        """-> (task per text, routing score per text, routing embeddings when routed, else None)."""
         if task is None:
-            routes = self.route_many(texts)
-            return [r.task for r in routes], [r.score for r in routes]
+            routes, emb = self._route(texts)
+            return [r.task for r in routes], [r.score for r in routes], emb
         names = [task] * len(texts) if isinstance(task, str) else list(task)
         if len(names) != len(texts):
             raise ValueError(f"got {len(names)} task names for {len(texts)} texts")
         for n in names:
             if n is not None:
                 self._get(n)
-        return names, [None] * len(texts)
+        return names, [None] * len(texts), None
 
     def predict(
         self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *, batch_size: int = 16
@@ -1150,7 +1180,7 @@ class PromptBank:
         gives one task (or ``None``) per text. Classification ranks the task's labels by likelihood; a
         generation task generates. Texts with no task get ``output=None``."""
         texts = _as_texts(texts)
-        names, scores = self._resolve_tasks(texts, task)
+        names, scores, emb = self._resolve_tasks(texts, task)
         table = self._tasks  # one snapshot for the call: each task's template, labels and prompt belong together
         preds: list[Prediction | None] = [None] * len(texts)
         cls_rows = [i for i, n in enumerate(names) if n is not None and table[n].record.kind == "classification"]
@@ -1161,7 +1191,12 @@ class PromptBank:
             if self.is_encoder:  # per-task linear heads on the pooled encoder output
                 max_tokens = max(t.record.train_config.get("max_input_tokens", 256) for t in tasks)
                 logits = self._encoder_logits(
-                    rows_text, [t.prompt for t in tasks], [t.head for t in tasks], max_tokens, batch_size
+                    rows_text,
+                    [t.prompt for t in tasks],
+                    [t.head for t in tasks],
+                    max_tokens,
+                    batch_size,
+                    embeddings=None if emb is None else emb[cls_rows],
                 )
                 scored = [torch.log_softmax(lg, -1) for lg in logits]
             else:  # rank each task's label set by likelihood behind its soft prompt
@@ -1210,7 +1245,7 @@ class PromptBank:
         if self.is_encoder:
             raise ValueError(f"encoder backbone {self.backbone.name!r} classifies (predict); it cannot generate text")
         texts = _as_texts(texts)
-        names, _ = self._resolve_tasks(texts, task)
+        names, _, _ = self._resolve_tasks(texts, task)
         return self._generate(
             texts,
             names,

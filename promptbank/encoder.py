@@ -135,6 +135,44 @@ class Head(nn.Module):
         }
 
 
-def head_logits(head: Mapping[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-    """Apply a stored head ``{"weight": (L, d), "bias": (L,)}`` to pooled features (B, d)."""
-    return features @ head["weight"].to(features.device).T + head["bias"].to(features.device)
+def head_logits(
+    head: Mapping[str, torch.Tensor], features: torch.Tensor, embeddings: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Label scores of a stored head ``{"weight": (L, d), "bias": (L,)}`` on pooled features (B, d).
+
+    A head with an embedding probe (``probe_weight`` (L, e), ``probe_bias`` (L,); see :func:`fit_probe`) needs the
+    inputs' routing ``embeddings`` (B, e) and returns the sum of both models' log-probabilities (a product of the
+    two experts; its argmax and its log-softmax are what the bank reports)."""
+    logits = features @ head["weight"].to(features.device).T + head["bias"].to(features.device)
+    if "probe_weight" not in head:
+        return logits
+    if embeddings is None:
+        raise ValueError("this head has an embedding probe: pass the inputs' routing embeddings")
+    emb = embeddings.to(device=features.device, dtype=features.dtype)
+    probe = emb @ head["probe_weight"].to(features.device).T + head["probe_bias"].to(features.device)
+    return torch.log_softmax(logits, -1) + torch.log_softmax(probe, -1)
+
+
+def fit_probe(embeddings, targets: Sequence[int], n_labels: int, c: float) -> dict[str, torch.Tensor]:
+    """Multinomial logistic regression on frozen embeddings (n, e) -> ``{"probe_weight": (L, e), "probe_bias":
+    (L,)}``: minimises ``c * sum_i CE_i + ||W||^2 / 2`` (scikit-learn's ``C = c``; bias not penalised), full-batch
+    L-BFGS in float64, deterministic. Labels absent from ``targets`` get no special treatment (their bias falls)."""
+    x = torch.as_tensor(embeddings, dtype=torch.float64)
+    y = torch.as_tensor(list(targets), dtype=torch.long)
+    if x.ndim != 2 or len(x) != len(y) or not len(y):
+        raise ValueError(f"fit_probe needs (n, e) embeddings and n targets, got {tuple(x.shape)} and {len(y)}")
+    if not c > 0:
+        raise ValueError(f"c must be > 0, got {c!r}")
+    w = torch.zeros(n_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_labels, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = c * nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum") + 0.5 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return {"probe_weight": w.detach().float().contiguous(), "probe_bias": b.detach().float().contiguous()}

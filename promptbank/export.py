@@ -63,7 +63,7 @@ def prompt_embeds(
             "use predict() on this bank"
         )
     texts = _as_texts(texts)
-    names, _ = bank._resolve_tasks(texts, task)
+    names, _, _ = bank._resolve_tasks(texts, task)
     tasks = bank._tasks  # one snapshot of the task table for the whole call
     for name in dict.fromkeys(n for n in names if n is not None):
         _check_input_level(name, tasks[name].record.method.value, sorted(tasks[name].prompt))

@@ -9,7 +9,8 @@ my_bank/
     prompt.safetensors         the soft prompt: "layer.<l>" -> (P, d) fp32 (canonical)
     keys.safetensors           "keys" -> (k, d_embed) routing prototypes, "ids" -> (k,) int64
     train_state.safetensors    prompt-module state (P-Tuning encoder included), to resume training
-    head.safetensors           encoder backbones: the task's linear head, "weight" (L, d), "bias" (L,)
+    head.safetensors           encoder backbones: the task's linear head, "weight" (L, d), "bias" (L,), and its
+                                 embedding probe when it has one, "probe_weight" (L, d_embed), "probe_bias" (L,)
     adapter_config.json        PEFT export: PROMPT_TUNING (input-level prompts) or PREFIX_TUNING (deep prompts,
     adapter_model.safetensors    the per-layer key/value cache) -> PeftModel.from_pretrained works
     variants/<variant>/        non-serving prompt variants (PromptBank.learn_variant): prompt.safetensors,
@@ -96,6 +97,8 @@ MAX_HEADER_BYTES = 1 << 20  # safetensors JSON header
 MAX_PROMPT_TOKENS = 512  # P of a soft prompt
 MAX_KEYS = 1 << 16  # routing prototypes per task
 MAX_LABELS = 1 << 16  # rows of an encoder head
+HEAD_KEYS = ("weight", "bias")  # head.safetensors: the linear head on the pooled encoder output
+PROBE_KEYS = ("probe_weight", "probe_bias")  # and, optionally, the task's embedding probe
 MAX_TRAIN_STATE_BYTES = 1 << 30
 MAX_TEMPLATE_CHARS = 1 << 16
 
@@ -985,7 +988,7 @@ def _read_tasks(folder: Path, manifest: dict[str, Any], bb: Backbone, embed_dim:
     for name in manifest.get("task_order", list(manifest["tasks"])):
         record, p, layers = _check_record(name, manifest["tasks"][name], folder / MANIFEST, bb.num_layers)
         tasks[name], ids[name] = _read_task(folder, files, record, p, layers, bb, embed_dim)
-        tasks[name].variants = _read_variants(folder, files, manifest, tasks[name], bb.num_layers, bb)
+        tasks[name].variants = _read_variants(folder, files, manifest, tasks[name], bb.num_layers, bb, embed_dim)
     index_bytes = None
     ent = files.get(INDEX_FILE) if files is not None else None
     if os.path.lexists(folder / INDEX_FILE):  # a derived cache: may be deleted (then rebuilt from the keys)
@@ -1019,7 +1022,7 @@ def _read_task(
         if "groups" in infos:
             _expect(path, infos, "groups", "I64", (infos["keys"][1][0],), "(k,)")
 
-    prompt, state, head = _read_prompt_files(folder, files, base, record, p, layers, bb)
+    prompt, state, head = _read_prompt_files(folder, files, base, record, p, layers, bb, embed_dim)
     key_file = _read_optional(folder, files, base + "keys.safetensors", True, check_keys)
     assert key_file is not None  # required
     keys = key_file.finite("keys")
@@ -1039,7 +1042,13 @@ def _read_task(
 
 
 def _read_variants(
-    folder: Path, files: dict[str, Any] | None, manifest: dict[str, Any], task: Any, num_layers: int, bb: Backbone
+    folder: Path,
+    files: dict[str, Any] | None,
+    manifest: dict[str, Any],
+    task: Any,
+    num_layers: int,
+    bb: Backbone,
+    embed_dim: int,
 ) -> dict[str, Any]:
     """The non-serving prompt variants of ``task`` listed in the manifest, read and checked like the task's own."""
     from .bank import _Variant
@@ -1051,7 +1060,7 @@ def _read_variants(
         if (vrec.kind, vrec.labels) != (rec.kind, rec.labels):
             raise _fail(folder / MANIFEST, f"task {rec.name!r}: variant {vrec.variant!r} has another kind or labels")
         base = f"tasks/{rec.name}/variants/{vrec.variant}/"
-        prompt, state, head = _read_prompt_files(folder, files, base, vrec, p, layers, bb)
+        prompt, state, head = _read_prompt_files(folder, files, base, vrec, p, layers, bb, embed_dim)
         out[vrec.variant] = _Variant(vrec, prompt, state, head)
     return out
 
@@ -1082,6 +1091,7 @@ def _read_prompt_files(
     p: int,
     layers: list[int],
     bb: Backbone,
+    embed_dim: int,
 ) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """The prompt, train state and (encoder) head under ``base`` -> (prompt, state, head), checked."""
     d, encoder, n_labels = bb.hidden_size, bb.kind == "encoder", len(record.labels or [])
@@ -1095,9 +1105,14 @@ def _read_prompt_files(
     def check_head(path: Path, infos: dict[str, TensorInfo]) -> None:
         if not encoder:
             raise _fail(path, "a causal-LM bank has no classification heads")
-        _only(path, infos, {"weight", "bias"})
+        probed = "probe_weight" in infos or "probe_bias" in infos
+        _only(path, infos, set(HEAD_KEYS + PROBE_KEYS) if probed else set(HEAD_KEYS))
         _expect(path, infos, "weight", "F32", (n_labels, d), f"({n_labels}, {d}) (labels x hidden size)")
         _expect(path, infos, "bias", "F32", (n_labels,), f"({n_labels},)")
+        if probed:
+            e = embed_dim
+            _expect(path, infos, "probe_weight", "F32", (n_labels, e), f"({n_labels}, {e}) (labels x embedding dim)")
+            _expect(path, infos, "probe_bias", "F32", (n_labels,), f"({n_labels},)")
 
     def check_state(path: Path, infos: dict[str, TensorInfo]) -> None:
         for key, (dtype, shape, _, _) in infos.items():
@@ -1115,7 +1130,7 @@ def _read_prompt_files(
     prompt = {int(k.split(".", 1)[1]): torch.from_numpy(prompt_file.finite(k)) for k in sorted(want_layers)}
     head = None
     if head_file is not None:
-        head = {k: torch.from_numpy(head_file.finite(k)) for k in ("weight", "bias")}
+        head = {k: torch.from_numpy(head_file.finite(k)) for k in HEAD_KEYS + PROBE_KEYS if k in head_file.infos}
     state = {k: torch.from_numpy(state_file.finite(k)) for k in state_file.infos} if state_file is not None else {}
     return dict(sorted(prompt.items())), state, head
 

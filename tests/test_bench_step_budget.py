@@ -30,7 +30,7 @@ def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - f
 
     args = argparse.Namespace(
         data=cl4_dir, tasks=["ag", "yahoo"], budgets=[1, 3], seed=0, train_per_class=3, heldout_per_class=2,
-        eval_every=1, dev_fraction=0.1, head_lr=1e-2, lr=None,
+        eval_every=1, dev_fraction=0.1, head_lr=1e-2, lr=None, no_probe=False,
     )  # fmt: skip
     rows = step_budget.run(args, make_tiny_bert(), HashingEmbedder(64))["rows"]
     assert [(r["task"], r["budget"]) for r in rows] == [("ag", 1), ("ag", 3), ("yahoo", 1), ("yahoo", 3)]
@@ -41,8 +41,12 @@ def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - f
     assert (
         "| ag |" in table
         and "| **mean** (ag, yahoo) |" in table
-        and "3 steps, dev 0.1, head lr 0.01, lr 0.01 (kept step)" in table
+        and "3 steps, dev 0.1, head lr 0.01, lr 0.01 + probe (kept step)" in table
     )
+    assert all(r["probe"] for r in rows)
+    # rows from before the probe existed (no "probe" key) are a setting of their own, without it
+    old = [{k: v for k, v in r.items() if k != "probe"} for r in rows]
+    assert "3 steps, dev 0.1, head lr 0.01, lr 0.01 (kept step)" in step_budget.table(rows + old)
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"config": {"seed": 0}, "rows": rows}))
     b.write_text(json.dumps({"config": {"seed": 1}, "rows": [r | {"seed": 1} for r in rows]}))
