@@ -91,6 +91,25 @@ def routing_metrics(bank, texts, gold, oos) -> dict:
     }
 
 
+def _without_probe(bank, order, stream, texts, gold, labels) -> dict:
+    """The same trained domains with their embedding probes removed (the prompted heads alone): ACC with the task
+    given and routed in-scope accuracy (same router). Empty when no task has a probe."""
+    from promptbank import PromptBank
+    from promptbank.bank import _Task
+
+    if not any("probe_weight" in (bank._tasks[n].head or {}) for n in order):
+        return {}
+    plain = PromptBank(bank.backbone, bank.embedder, routing=bank.routing)
+    for n in order:
+        t = bank._tasks[n]
+        head = {k: v for k, v in t.head.items() if not k.startswith("probe_")}
+        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
+    acc = [plain.evaluate(stream[n]["test"], task=n, batch_size=64)["accuracy"] for n in order]
+    preds = plain.predict(texts, batch_size=64)
+    routed = [p.task == g and p.output == y for p, g, y in zip(preds, gold, labels)]
+    return {"ACC_head_only": float(np.mean(acc)), "routed_in_scope_head_only": float(np.mean(routed))}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=default_data_dir())
@@ -158,6 +177,7 @@ def main(argv=None) -> dict:
     in_correct = [p.task == g and p.output == y for p, g, y in zip(preds, gold, labels)]
     routed_in = float(np.mean(in_correct))
     routed_all = float((sum(in_correct) + sum(r.task is None for r in oos_preds)) / (len(texts) + len(oos)))
+    ablation = _without_probe(bank, order, stream, texts, gold, labels)
 
     # baseline: frozen routing embeddings + one logistic head per domain, routed by the same router
     emb = bank.embedder
@@ -198,6 +218,7 @@ def main(argv=None) -> dict:
             "R": R.tolist(),
             "ACC": acc,
             "BWT": bwt,
+            **ablation,
             "routed_ACC_in_scope": routed_in,
             "routed_ACC_with_oos": routed_all,
             "routing": routing,
@@ -227,6 +248,11 @@ def main(argv=None) -> dict:
     )
     print(f"| routed accuracy, in-scope | {100 * routed_in:.1f} | | {100 * log_routed:.1f} |")
     print(f"| routed accuracy, with OOS (rejected = right) | {100 * routed_all:.1f} | | |")
+    if ablation:
+        print(
+            f"| prompted heads alone (no embedding probe): ACC / routed in-scope | "
+            f"{100 * ablation['ACC_head_only']:.1f} / {100 * ablation['routed_in_scope_head_only']:.1f} | | |"
+        )
     return result
 
 

@@ -355,6 +355,7 @@ def run_system(system: str, backbone, embedder, data: dict, opts: dict, lr: floa
             num_virtual_tokens=NUM_VIRTUAL_TOKENS,
             lr=lr,
             warm_start=False,
+            probe=False,  # the soft-prompt method alone vs LoRA / full FT (an embedding probe would be ours only)
             **opts,
         )
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -41,6 +41,9 @@ VARIANTS = {  # name -> hidden-state indices (1 = first transformer layer); L = 
     "+layers=3,2": [3, 2],
     "+layers=3": [3],
     "+layers=4,2": [4, 2],
+    "+layers=2,1": [2, 1],
+    "+layers=2": [2],
+    "+layers=1": [1],
     "last layer only (sentence embedding)": "last",
 }
 

@@ -96,6 +96,11 @@ SPARSE_TARGETS = {
         "<=",
         5.0,
     ),
+    "route_p50_1000_tasks_2layers_bf16c_lda": (
+        "routing p50, same, learned router, 2-layer embedder (+layers=2) in bf16, compiled",
+        "<=",
+        5.0,
+    ),
     "memory_given": ("peak RSS, bank with 100 tasks (task given) vs bare backbone", "<=", 1.10),
     "memory_routed": ("peak RSS, bank with 100 tasks + router/embedder vs bare backbone", "<=", 1.10),
     "memory_given_budget": ("peak RSS, same, task given, default prefix-cache budget", "<=", 1.10),
@@ -851,7 +856,7 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
 
     # the same embedder with its weights in bf16 (SentenceEmbedder(dtype="bfloat16"); same name, same keys): its
     # own rows at 1,000 tasks x 16 keys, the query embedded in bf16, searched among the fp32 keys
-    from promptbank.embed import FAST_ROUTING_EMBEDDER, ROUTING_EMBEDDER, SentenceEmbedder
+    from promptbank.embed import DEFAULT_EMBEDDER, FAST_ROUTING_EMBEDDER, ROUTING_EMBEDDER, SentenceEmbedder
 
     emb16 = SentenceEmbedder(emb.name, device=emb.device, dtype="bfloat16") if type(emb) is SentenceEmbedder else None
     embedders = {"": emb} | ({"_bf16": emb16} if emb16 is not None else {})
@@ -867,6 +872,11 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         all_routers["lda_16000_fast"] = GaussianRouter({n: (v, None, 0.05) for n, v in fast_keys.items()}, fast.dim)
         embedders["_fast"] = fast
         variants["lda_16000_fast"] = ("lda_16000_fast", fast)
+        # MiniLM's first 2 layers only (`+layers=2`): a third less forward again, less accurate routing on the long
+        # stream (benchmarks/routing_layers.py); timed compiled in bf16 only, its fp32 eager twin builds the keys
+        two = SentenceEmbedder(DEFAULT_EMBEDDER + "+layers=2", device=emb.device)
+        two_keys = _synthetic_keys(two.encode(pool_texts), 1000, 16, seed=1000 * 31 + 16)
+        all_routers["lda_16000_2layers"] = GaussianRouter({n: (v, None, 0.05) for n, v in two_keys.items()}, two.dim)
     # SentenceEmbedder(compile=True): the one-query forward torch.compile'd (compiled while loading, in the warm-up
     # below), with bf16 weights; the default embedder (same name: its keys and router) and the fast one
     compiled = {}
@@ -878,6 +888,8 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         if "_fast" in embedders:
             fastc = SentenceEmbedder(FAST_ROUTING_EMBEDDER, device=emb.device, dtype="bfloat16", compile=True)
             compiled["_fast_bf16c"] = ("lda_16000_fast", fastc)
+            twoc = SentenceEmbedder(DEFAULT_EMBEDDER + "+layers=2", device=emb.device, dtype="bfloat16", compile=True)
+            compiled["_2layers_bf16c"] = ("lda_16000_2layers", twoc)
     for suffix, (router, e_) in compiled.items():
         embedders[suffix] = e_
         variants[f"lda_16000{suffix}"] = (router, e_)
@@ -939,7 +951,11 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
         res["embed_ms_fast"] = _percentiles(embed_ms["_fast"])
     if compiled:  # what the compiled bf16 forward changes: latency, routing decisions (its queries one at a time, its
         # path; against the fp32 eager embeddings, q_emb for the default embedder)
-        fp32 = {"_bf16c": (emb, "lda_16000"), "_fast_bf16c": (embedders.get("_fast"), "lda_16000_fast")}
+        fp32 = {
+            "_bf16c": (emb, "lda_16000"),
+            "_fast_bf16c": (embedders.get("_fast"), "lda_16000_fast"),
+            "_2layers_bf16c": (two, "lda_16000_2layers"),
+        }
         res["compiled_vs_fp32"] = {}
         for suffix, (router, e_) in compiled.items():
             ref_e, ref_router = fp32[suffix]

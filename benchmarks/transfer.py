@@ -158,6 +158,7 @@ def learn(bank, name: str, task: dict, opts: dict, **cond) -> dict:
         dev=task["dev"],
         labels=task["labels"],
         num_virtual_tokens=NUM_VIRTUAL_TOKENS,
+        probe=False,  # warm start vs not, on the prompt + head alone; rec.dev_accuracy is then the curve's measure
         **opts,
         **cond,
     )

@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial soft prompt when not warm-started: tokens of an instruction naming the labels (text, "
         "default) or random vocabulary tokens (vocab)",
     )
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="encoder backbones: the prompted head alone, no embedding probe beside it",
+    )
     p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
     p.add_argument(
         "--variant",
@@ -408,6 +413,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"progress": not args.quiet, "warm_start": not args.no_warm_start}
+    if getattr(args, "no_probe", False):
+        options["probe"] = False
     for key, value in (
         ("max_steps", args.steps),
         ("lr", args.lr),

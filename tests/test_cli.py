@@ -422,3 +422,11 @@ def test_variant_errors_are_one_line(workdir, learned_bank, capsys):
     rc, _, err = run(capsys, "compare", "billing", str(workdir / "weather.jsonl"), "--bank", bank)
     assert rc == 1  # weather's labels are not billing's
     assert_one_line_error(err, "weather.jsonl")
+
+
+def test_no_probe_reaches_the_train_options():
+    from promptbank.cli import _learn_options, build_parser
+
+    base = ["learn", "t", "data.jsonl"]
+    assert "probe" not in _learn_options(build_parser().parse_args(base))  # TrainConfig's default (on)
+    assert _learn_options(build_parser().parse_args([*base, "--no-probe"]))["probe"] is False
