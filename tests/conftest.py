@@ -97,6 +97,19 @@ def tiny_bank(tiny_backbone, hashing_embedder):
     return PromptBank(tiny_backbone, hashing_embedder)
 
 
+@pytest.fixture(scope="session")
+def _encoder_proto():
+    return make_tiny_bert()
+
+
+@pytest.fixture
+def enc_bank(_encoder_proto, hashing_embedder):
+    """A bank on a fresh copy of the tiny BERT encoder, with the hashing embedder."""
+    from promptbank import PromptBank
+
+    return PromptBank(copy.deepcopy(_encoder_proto), hashing_embedder)
+
+
 def fast_options(**kw):
     """Training options small enough for the tiny model: a few steps, no progress bar."""
     opts = {"max_steps": 6, "batch_size": 4, "eval_every": 3, "progress": False}

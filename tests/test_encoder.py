@@ -6,24 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import fast_options, make_tiny_bert
+from conftest import fast_options
 from test_bank import FRUIT, WEATHER, _state_hash, _tree_bytes
 
 from promptbank import PromptBank
 from promptbank.config import TrainConfig
 from promptbank.encoder import pooled
-
-
-@pytest.fixture(scope="module")
-def _encoder_proto():
-    return make_tiny_bert()
-
-
-@pytest.fixture
-def enc_bank(_encoder_proto, hashing_embedder):
-    import copy
-
-    return PromptBank(copy.deepcopy(_encoder_proto), hashing_embedder)
 
 
 def test_kind_is_inferred_as_encoder(enc_bank):

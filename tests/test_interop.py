@@ -18,7 +18,6 @@ import torch
 from conftest import fast_options
 from safetensors.torch import save_file
 from test_bank import ECHO, FRUIT, WEATHER
-from test_encoder import _encoder_proto, enc_bank  # noqa: F401  (fixtures)
 from test_reliability import _manifest, _reseal
 
 from promptbank import (

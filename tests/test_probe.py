@@ -6,24 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fast_options, make_tiny_bert
+from conftest import fast_options
 from test_bank import FRUIT, WEATHER
 
 from promptbank import PromptBank
 from promptbank.encoder import fit_probe, head_logits
 from promptbank.errors import BankFormatError
-
-
-@pytest.fixture(scope="module")
-def _encoder_proto():
-    return make_tiny_bert()
-
-
-@pytest.fixture
-def enc_bank(_encoder_proto, hashing_embedder):
-    import copy
-
-    return PromptBank(copy.deepcopy(_encoder_proto), hashing_embedder)
 
 
 def _blobs(n_per: int = 20, dim: int = 16, labels: int = 3, seed: int = 0):
