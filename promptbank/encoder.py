@@ -62,7 +62,8 @@ def encode_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[
 def pooled(
     model: nn.Module, tokenizer, seqs: Sequence[Sequence[int]], row_prompts: Sequence[SoftPrompt | None]
 ) -> torch.Tensor:
-    """Mean-pooled final hidden states (B, d) of each token sequence behind its row's soft prompt (or none).
+    """Mean-pooled final hidden states (B, d), in float32, of each token sequence behind its row's soft prompt
+    (or none).
 
     Layout of a row: ``[P_max prompt positions | tokens | right padding]``; a row whose prompt is shorter than
     ``P_max`` has its first positions masked. Token position ids start at 0, as without a prompt.
@@ -107,7 +108,7 @@ def pooled(
     finally:
         for h in handles:
             h.remove()
-    hidden = out.last_hidden_state[:, p_max:]  # (B, T, d): the real tokens only
+    hidden = out.last_hidden_state[:, p_max:].float()  # (B, T, d): the real tokens only; heads are fp32
     tmask = mask[:, p_max:, None].to(hidden.dtype)
     return (hidden * tmask).sum(1) / tmask.sum(1).clamp_min(1.0)
 
@@ -148,9 +149,9 @@ def head_logits(
         return logits
     if embeddings is None:
         raise ValueError("this head has an embedding probe: pass the inputs' routing embeddings")
-    emb = embeddings.to(device=features.device, dtype=features.dtype)
-    probe = emb @ head["probe_weight"].to(features.device).T + head["probe_bias"].to(features.device)
-    return torch.log_softmax(logits, -1) + torch.log_softmax(probe, -1)
+    w, b = head["probe_weight"].to(features.device), head["probe_bias"].to(features.device)
+    probe = embeddings.to(device=features.device, dtype=w.dtype) @ w.T + b
+    return torch.log_softmax(logits.to(w.dtype), -1) + torch.log_softmax(probe, -1)
 
 
 def fit_probe(embeddings, targets: Sequence[int], n_labels: int, c: float) -> dict[str, torch.Tensor]:

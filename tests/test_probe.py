@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fast_options
+from conftest import fast_options, make_tiny_bert
 from test_bank import FRUIT, WEATHER
 
 from promptbank import PromptBank
@@ -137,3 +137,16 @@ def test_a_probe_of_the_wrong_width_is_refused_on_load(enc_bank, hashing_embedde
     _reseal(tmp_path / "bank")
     with pytest.raises(BankFormatError, match="probe_bias"):
         PromptBank.load(tmp_path / "bank", backbone=enc_bank.backbone, embedder=hashing_embedder)
+
+
+def test_a_bf16_encoder_trains_and_predicts(hashing_embedder):
+    """Heads and probes are fp32; a bf16 encoder's pooled output is cast to fp32 before them."""
+    bb = make_tiny_bert()
+    bb.model.to(torch.bfloat16)
+    bank = PromptBank(bb, hashing_embedder)
+    bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=3, **fast_options())
+    given = bank.predict(["the weather is sunny today"], task="weather")[0]
+    assert given.output in ("good", "bad")
+    assert sum(np.exp(v) for v in given.label_scores.values()) == pytest.approx(1.0, abs=1e-5)
+    routed = bank.predict(["the weather is sunny today"])[0]
+    assert routed.task == "weather" and routed.label_scores == pytest.approx(given.label_scores, abs=1e-6)
