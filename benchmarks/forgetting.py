@@ -17,8 +17,9 @@ Streams:
   complaints, two CLINC150 domains; 16 train / 20 test examples per class, one fixed order.
 
 Systems, measured in the same run on the same samples:
-- promptbank: one deep soft prompt + linear head per task, routed by the learned router on MiniLM keys (no task
-  id at test time); also reported with the task given (oracle).
+- promptbank: one deep soft prompt + linear head (+ the library's default embedding probe) per task, routed by
+  the learned router on MiniLM keys (no task id at test time); also reported with the task given (oracle), and,
+  when the tasks have probes, with the probes removed (the prompted heads alone, same trained tensors).
 - frozen embeddings + per-task logistic head (sklearn) with the same routing: a strong trivial baseline.
 - one shared deep prompt trained sequentially (a new head per task; old heads kept): forgets.
 - sequential full fine-tuning and sequential LoRA (PEFT, r=8 on query/value) of the encoder, a new head per task,
