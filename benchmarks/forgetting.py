@@ -125,6 +125,13 @@ def _dataset_rows(data_dir: Path, name: str) -> tuple[list[str], list[dict], lis
     return (read_labels(data_dir / folder), *pool_and_test(data_dir / folder, pool_file, test_file, TEST_FRACTION))
 
 
+def sample_names(stream: str) -> list[str]:
+    """The tasks of every order of ``stream``, in the order the samples are drawn (one random generator per seed
+    runs through them): always all of them, so a run of some orders (``--orders O2,O3``) draws the same samples
+    as a run of all."""
+    return list(dict.fromkeys(t for order in STREAMS[stream].values() for t in order))
+
+
 def load_stream(data_dir: Path, train_per_class: int, test_per_class: int, seed: int, names=None):
     """``{task: {"train": TaskData, "test": TaskData}}`` with ``train_per_class`` / ``test_per_class`` examples of
     each label drawn at random (all of a label's rows when it has fewer). ``names`` defaults to CL-4."""
@@ -583,7 +590,7 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     embedder = _Memo(embedder)  # each text embedded once per run (keys, routing, the logistic baseline)
     systems = args.systems.split(",")
     orders = args.orders.split(",")
-    names = list(dict.fromkeys(t for o in orders for t in STREAMS[args.stream][o]))
+    names = sample_names(args.stream)
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed, names)

@@ -107,6 +107,7 @@ SPARSE_TARGETS = {
     "memory_routed_budget": ("peak RSS, same, routed, default prefix-cache budget", "<=", 1.10),
     "memory_routed_budget_bf16": ("peak RSS, same, routed, budget + bf16 embedder weights", "<=", 1.10),
     "memory_routed_budget_fast": ("peak RSS, same, routed, budget + fast embedder (+layers=3,2)", "<=", 1.10),
+    "memory_routed_budget_2layers": ("peak RSS, same, routed, budget + 2-layer embedder (+layers=2)", "<=", 1.10),
 }
 
 
@@ -1028,11 +1029,13 @@ def memory_child(mode: str, n_tasks: int, new_tokens: int) -> None:
         causal.generate(model, _NoEos(tok), [None] * len(texts), inputs, max_new_tokens=new_tokens)
     else:
         from promptbank import PromptBank
-        from promptbank.embed import FAST_ROUTING_EMBEDDER, ROUTING_EMBEDDER, SentenceEmbedder
+        from promptbank.embed import DEFAULT_EMBEDDER, FAST_ROUTING_EMBEDDER, ROUTING_EMBEDDER, SentenceEmbedder
 
         embedder = SentenceEmbedder(ROUTING_EMBEDDER, dtype="bfloat16") if mode.endswith("_bf16") else None
         if mode.endswith("_fast"):
             embedder = SentenceEmbedder(FAST_ROUTING_EMBEDDER)
+        if mode.endswith("_2layers"):
+            embedder = SentenceEmbedder(DEFAULT_EMBEDDER + "+layers=2")
         bank = PromptBank.from_pretrained(embedder=embedder)  # the embedder loads lazily, when routing
         if "_budget" not in mode:
             bank.kv_cache_bytes = 1 << 40  # unlimited (the rows before the byte budget): all 100 prefixes kept
@@ -1113,7 +1116,14 @@ def _reset_peak() -> float | None:
 
 def bench_memory(cfg) -> dict:
     modes = ["bare", "bank_given", "bank_routed", "bank_given_deep"] if not cfg.quick else ["bare", "bank_given"]
-    modes += ["bank_given_budget", "bank_routed_budget", "bank_routed_budget_bf16", "bank_routed_budget_fast"]
+    budget_modes = [
+        "bank_given_budget",
+        "bank_routed_budget",
+        "bank_routed_budget_bf16",
+        "bank_routed_budget_fast",
+        "bank_routed_budget_2layers",
+    ]
+    modes += budget_modes
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(cfg.mem_rounds):
         for m in modes[r % len(modes) :] + modes[: r % len(modes)]:
@@ -1138,7 +1148,7 @@ def bench_memory(cfg) -> dict:
         res["ratios"]["memory_routed"] = peak["bank_routed"] / peak["bare"]
     if "bank_given_deep" in peak:
         res["ratios"]["memory_given_deep"] = peak["bank_given_deep"] / peak["bare"]
-    for m in ("bank_given_budget", "bank_routed_budget", "bank_routed_budget_bf16", "bank_routed_budget_fast"):
+    for m in budget_modes:
         res["ratios"][m.replace("bank_", "memory_")] = peak[m] / peak["bare"]
     return res
 

@@ -153,3 +153,26 @@ def test_runs_of_separate_processes_merge_into_one_result(cl4_dir, tmp_path):
     assert merged["wall_seconds"] == pytest.approx(ra["wall_seconds"] + rb["wall_seconds"])
     with pytest.raises(SystemExit, match="repeat"):
         forgetting.main(["--data", str(cl4_dir), "--merge", str(a), str(a), "--out", str(tmp_path / "x.json")])
+
+
+def test_a_run_of_some_orders_draws_the_samples_of_a_run_of_all(cl4_dir, tmp_path, monkeypatch):
+    """The samples come from one generator per seed running through the tasks: through all of the stream's tasks
+    in one fixed order, whatever --orders asks for (O3 alone starts with yahoo; it must not draw yahoo first)."""
+    from promptbank.embed import HashingEmbedder
+
+    assert forgetting.sample_names("cl4") == ["dbpedia", "amazon", "yahoo", "ag"]
+    drawn, load = [], forgetting.load_stream
+
+    class Drawn(Exception):
+        pass
+
+    def capture(data, train_per_class, test_per_class, seed, names=None):
+        drawn.append(load(data, train_per_class, test_per_class, seed, names))
+        raise Drawn
+
+    monkeypatch.setattr(forgetting, "load_stream", capture)
+    for orders in ("O1,O2,O3", "O3"):
+        with pytest.raises(Drawn):
+            forgetting.run(_args(cl4_dir, tmp_path / "f.json", orders=orders), make_tiny_bert(), HashingEmbedder(64))
+    texts = [{t: [ex.input for ex in s[t]["train"].examples] for t in s} for s in drawn]
+    assert texts[0] == texts[1] and set(texts[0]) == {"dbpedia", "amazon", "yahoo", "ag"}
