@@ -150,9 +150,10 @@ class TrainConfig:
     the task's label scores are then the sum of the prompted head's and the probe's log-probabilities. Routed
     queries already have their embedding, so it costs no extra forward there (with the task given, one embedder
     call per batch). Why: with few examples the prompted head and the probe err differently; on CL-4 (16 examples
-    per label) it added 0.7-0.8 ACC points per seed, mostly on Amazon's 5-way ratings, where the prompted head
-    alone is weak and unstable (``benchmarks/forgetting.py`` reports both). The record's dev accuracy is the
-    combined task's (the probe is fitted on the training part only). ``probe=False``: the prompted head alone.
+    per label) it added 0.1-0.8 ACC points per seed (mean 0.5), mostly on Amazon's 5-way ratings, where the
+    prompted head alone is weak and unstable (``benchmarks/forgetting.py`` reports both). The record's dev
+    accuracy is the combined task's (the probe is fitted on the training part only). ``probe=False``: the
+    prompted head alone.
     """
 
     max_steps: int = 100
