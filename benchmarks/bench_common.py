@@ -153,3 +153,21 @@ def file_routing_keys_only(bank, name: str, train, tconf) -> None:
         dev_loss=None, dev_accuracy=None, train_seconds=0.0, threshold=float(threshold),
     )  # fmt: skip
     bank._insert(_Task(record, {}, keys, {}, None, key_groups=groups))
+
+
+def without_probes(bank, names):
+    """A bank with tasks ``names`` of ``bank`` (same prompts, heads, keys and routing) minus their embedding
+    probes: the prompted heads alone, for the probe ablations of the CL benchmarks. ``None`` when none of these
+    tasks has a probe."""
+    from promptbank import PromptBank
+    from promptbank.bank import _Task
+    from promptbank.storage import PROBE_KEYS
+
+    if not any(k in (bank._tasks[n].head or {}) for n in names for k in PROBE_KEYS):
+        return None
+    plain = PromptBank(bank.backbone, bank.embedder, routing=bank.routing)
+    for n in names:
+        t = bank._tasks[n]
+        head = {k: v for k, v in t.head.items() if k not in PROBE_KEYS}
+        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
+    return plain

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import default_data_dir, file_routing_keys_only  # noqa: E402
+from bench_common import default_data_dir, file_routing_keys_only, without_probes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -89,25 +89,6 @@ def routing_metrics(bank, texts, gold, oos) -> dict:
         "oos_rejected": float(np.mean([r.task is None for r in out])),
         "in_scope_accepted": float(np.mean([r.task is not None for r in ins])),
     }
-
-
-def _without_probe(bank, order, stream, texts, gold, labels) -> dict:
-    """The same trained domains with their embedding probes removed (the prompted heads alone): ACC with the task
-    given and routed in-scope accuracy (same router). Empty when no task has a probe."""
-    from promptbank import PromptBank
-    from promptbank.bank import _Task
-
-    if not any("probe_weight" in (bank._tasks[n].head or {}) for n in order):
-        return {}
-    plain = PromptBank(bank.backbone, bank.embedder, routing=bank.routing)
-    for n in order:
-        t = bank._tasks[n]
-        head = {k: v for k, v in t.head.items() if not k.startswith("probe_")}
-        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
-    acc = [plain.evaluate(stream[n]["test"], task=n, batch_size=64)["accuracy"] for n in order]
-    preds = plain.predict(texts, batch_size=64)
-    routed = [p.task == g and p.output == y for p, g, y in zip(preds, gold, labels)]
-    return {"ACC_head_only": float(np.mean(acc)), "routed_in_scope_head_only": float(np.mean(routed))}
 
 
 def main(argv=None) -> dict:
@@ -177,7 +158,17 @@ def main(argv=None) -> dict:
     in_correct = [p.task == g and p.output == y for p, g, y in zip(preds, gold, labels)]
     routed_in = float(np.mean(in_correct))
     routed_all = float((sum(in_correct) + sum(r.task is None for r in oos_preds)) / (len(texts) + len(oos)))
-    ablation = _without_probe(bank, order, stream, texts, gold, labels)
+    ablation = {}
+    plain = without_probes(bank, order)
+    if plain is not None:  # the same trained domains, prompted heads alone (same router)
+        acc_plain = [plain.evaluate(stream[n]["test"], task=n, batch_size=64)["accuracy"] for n in order]
+        preds_plain = plain.predict(texts, batch_size=64)
+        ablation = {
+            "ACC_head_only": float(np.mean(acc_plain)),
+            "routed_in_scope_head_only": float(
+                np.mean([p.task == g and p.output == y for p, g, y in zip(preds_plain, gold, labels)])
+            ),
+        }
 
     # baseline: frozen routing embeddings + one logistic head per domain, routed by the same router
     emb = bank.embedder

@@ -62,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import default_data_dir, file_routing_keys_only  # noqa: E402
+from bench_common import default_data_dir, file_routing_keys_only, without_probes  # noqa: E402
 
 from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 
@@ -231,27 +231,16 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         "routing_confusion": confusion.tolist(),
     }
     out.update(_other_scorer(bank, texts, gold_task))
-    if any("probe_weight" in (bank._tasks[n].head or {}) for n in order):
-        out.update(_without_probe(bank, order, stream, texts, gold_label, gold_task, eval_cache))
+    plain = without_probes(bank, order)
+    if plain is not None:  # ablation on the same trained tasks: the prompted heads alone (same keys, same routing)
+        oracle = [_oracle_accuracy(plain, n, stream[n]["test"], eval_cache) for n in order]
+        preds = plain.predict(texts, batch_size=64)
+        routed_plain = [
+            np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order
+        ]
+        out["ACC_head_only"] = float(np.mean(oracle))
+        out["routed_ACC_head_only"] = float(np.mean(routed_plain))
     return R, out, bank
-
-
-def _without_probe(bank, order, stream, texts, gold_label, gold_task, eval_cache) -> dict:
-    """Ablation on the same trained tasks: the prompted heads alone, embedding probes removed (the prompts and
-    heads are the ones trained; the probe is fitted after training and changes neither). Oracle ACC after the
-    last task and routed ACC (same routing: same keys)."""
-    from promptbank import PromptBank
-    from promptbank.bank import _Task
-
-    plain = PromptBank(bank.backbone, bank.embedder, routing=bank.routing)
-    for n in order:
-        t = bank._tasks[n]
-        head = {k: v for k, v in t.head.items() if not k.startswith("probe_")}
-        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
-    oracle = [_oracle_accuracy(plain, n, stream[n]["test"], eval_cache) for n in order]
-    preds = plain.predict(texts, batch_size=64)
-    routed = [np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order]
-    return {"ACC_head_only": float(np.mean(oracle)), "routed_ACC_head_only": float(np.mean(routed))}
 
 
 def _task_digest(bank, name: str) -> str:
