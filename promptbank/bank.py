@@ -749,7 +749,8 @@ class PromptBank:
         """Continue training task ``name``'s soft prompt on ``data`` from its stored ``train_state``.
 
         The method and prompt config are the task's; the :class:`TrainConfig` is the stored one with
-        ``train_options`` applied (``max_steps``, ``lr``, ...). Training starts from the stored module state (the
+        ``train_options`` applied (``max_steps``, ``lr``, ...); a task stored before the embedding probe existed resumes
+        without one unless ``probe=True`` is passed. Training starts from the stored module state (the
         prompt vectors, P-Tuning MLP/LSTM encoder weights, and on encoder backbones the head) with a fresh AdamW
         schedule (optimizer moments are not stored). The step-0 dev evaluation is the stored state and a later
         state replaces it only if it is better by the ``select_on`` rule, so on the same dev data the selection
@@ -771,7 +772,10 @@ class PromptBank:
                 "with keep_train_state=False); learn it again, or learn a new variant"
             )
         pconf = PromptConfig.from_dict(old.prompt_config)
-        tconf = TrainConfig.from_dict({**old.train_config, **train_options})
+        # a task stored before the embedding probe existed has no "probe" in its config: it had none, and resuming
+        # keeps it without one unless probe=True is passed
+        stored = {"probe": False, **old.train_config}
+        tconf = TrainConfig.from_dict({**stored, **train_options})
         task_data, train_data, dev_data = self._split_data(data, dev, old.kind, old.labels, tconf)
         desc = f"resume {name}/{old.variant} ({pconf.method.value})"
         fit = self._fit(desc, task_data, train_data, dev_data, pconf, tconf, old.template, resume_from=var)

@@ -150,3 +150,31 @@ def test_a_bf16_encoder_trains_and_predicts(hashing_embedder):
     assert sum(np.exp(v) for v in given.label_scores.values()) == pytest.approx(1.0, abs=1e-5)
     routed = bank.predict(["the weather is sunny today"])[0]
     assert routed.task == "weather" and routed.label_scores == pytest.approx(given.label_scores, abs=1e-6)
+
+
+def test_resume_keeps_a_task_with_or_without_its_probe(enc_bank, hashing_embedder, tmp_path):
+    """A task saved before the probe existed (no "probe" in its stored config) resumes without one; tasks saved
+    since resume as they were learned; probe= on resume overrides either."""
+    import json
+
+    from test_reliability import _reseal
+
+    from promptbank.storage import MANIFEST
+
+    enc_bank.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=3, **fast_options())
+    enc_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=3, probe=False, **fast_options())
+    enc_bank.save(tmp_path / "bank")
+    manifest = json.loads((tmp_path / "bank" / MANIFEST).read_text())
+    for name in ("weather", "fruit"):  # what a bank written before the probe looks like
+        for key in ("probe", "probe_c"):
+            manifest["tasks"][name]["train_config"].pop(key)
+    _reseal(tmp_path / "bank", manifest)
+    old = PromptBank.load(tmp_path / "bank", backbone=enc_bank.backbone, embedder=hashing_embedder)
+    old.resume_task("fruit", FRUIT, max_steps=3, eval_every=3, progress=False)
+    assert set(old._tasks["fruit"].head) == {"weight", "bias"}
+    assert old.tasks["fruit"].train_config["probe"] is False
+    old.resume_task("fruit", FRUIT, max_steps=3, eval_every=3, progress=False, probe=True)
+    assert "probe_weight" in old._tasks["fruit"].head
+    # a task saved with its probe on keeps it when resumed
+    enc_bank.resume_task("weather", WEATHER, max_steps=3, eval_every=3, progress=False)
+    assert "probe_weight" in enc_bank._tasks["weather"].head
