@@ -171,3 +171,9 @@ def without_probes(bank, names):
         head = {k: v for k, v in t.head.items() if k not in PROBE_KEYS}
         plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
     return plain
+
+
+def routing_discriminant(bank) -> str | None:
+    """Which discriminant ranks the tasks of ``bank``'s learned router (``"group"`` or ``"task"``, see
+    :mod:`promptbank.lda`); ``None`` for a bank routing with the cosine scorer."""
+    return bank._learned_router(bank.router).discriminant if bank.routing == "lda" else None

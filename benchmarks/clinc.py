@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import default_data_dir, file_routing_keys_only, without_probes  # noqa: E402
+from bench_common import default_data_dir, file_routing_keys_only, routing_discriminant, without_probes  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -88,6 +88,7 @@ def routing_metrics(bank, texts, gold, oos) -> dict:
         "oos_auroc": auroc(s_in, s_out),
         "oos_rejected": float(np.mean([r.task is None for r in out])),
         "in_scope_accepted": float(np.mean([r.task is not None for r in ins])),
+        "discriminant": routing_discriminant(bank),
     }
 
 

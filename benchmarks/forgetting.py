@@ -62,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import default_data_dir, file_routing_keys_only, without_probes  # noqa: E402
+from bench_common import default_data_dir, file_routing_keys_only, routing_discriminant, without_probes  # noqa: E402
 
 from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 
@@ -229,6 +229,7 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         "routing_top1_ignoring_threshold": top1,
         "routed_ACC": routed,
         "routing_confusion": confusion.tolist(),
+        "routing_discriminant": routing_discriminant(bank),
     }
     out.update(_other_scorer(bank, texts, gold_task))
     plain = without_probes(bank, order)

@@ -115,6 +115,7 @@ def test_run_every_system_on_a_tiny_stream(cl4_dir, tmp_path, monkeypatch):
     assert C.shape == (4, 5) and C.sum() == sum(len(WORDS[t]) * 2 for t in WORDS)
     assert pb["routing_hit@1"] == pytest.approx(np.trace(C[:, :4]) / C.sum())
     assert pb["routing_hit@1_label_aware"] >= pb["routing_hit@1"]
+    assert pb["routing_discriminant"] in ("group", "task")
     # the ablation without the embedding probes: accuracies of its own, in the summary too
     assert 0 <= pb["ACC_head_only"] <= 1 and 0 <= pb["routed_ACC_head_only"] <= 1
     no_probe = result["summary"]["promptbank, prompted head alone (no embedding probe; task given)"]["ACC"]

@@ -211,3 +211,54 @@ def test_routing_does_not_depend_on_the_order_tasks_were_added_in():
         assert forward.threshold(name) == pytest.approx(backward.threshold(name), rel=1e-5)
     q = _unit(rng.normal(size=(200, d)) + np.eye(d)[rng.integers(0, 4, 200)] * 3)
     assert [r[0][0] for r in forward.route(q, top_k=1)] == [r[0][0] for r in backward.route(q, top_k=1)]
+
+
+def _random_label_tasks(rng, n_keys: int, n_queries: int, d: int = 24, labels: int = 8):
+    """Two tasks apart along one direction, each with labels that carry nothing about the task (random label
+    per key): the per-label means are noisy copies of the task mean, so one Gaussian per task routes better."""
+    offset = np.zeros(d)
+    offset[0] = 0.9
+    keys = {n: rng.normal(size=(n_keys, d)) + (offset if n == "b" else 0) for n in "ab"}
+    groups = {n: rng.integers(0, labels, n_keys) for n in "ab"}
+    q = np.concatenate([rng.normal(size=(n_queries, d)) + (offset if n == "b" else 0) for n in "ab"])
+    return {n: (keys[n], groups[n], 0.05) for n in "ab"}, q, np.repeat(np.array(list("ab")), n_queries)
+
+
+def test_the_per_task_discriminant_is_chosen_when_it_routes_the_keys_better():
+    rng = np.random.default_rng(11)
+    tasks, q, truth = _random_label_tasks(rng, 48, 400)
+    router = GaussianRouter(tasks, q.shape[1])
+    assert router.discriminant == "task" and router.cv_top1["task"] > router.cv_top1["group"]
+    routes = router.route(q, top_k=2)
+    chosen = np.array([r[0][0] for r in routes])
+    by_group = np.array(router.names)[router.scores(q).argmax(1)]  # what the group discriminant alone would pick
+    assert np.mean(chosen == truth) > np.mean(by_group == truth) + 0.03
+    np.testing.assert_array_equal(chosen, np.array(router.names)[router.rank_scores(q).argmax(1)])
+    # each task comes with its group-level score, the one its threshold applies to
+    s = router.scores(q)
+    for i, r in enumerate(routes[:50]):
+        for name, score in r:
+            assert score == pytest.approx(float(s[i, router.names.index(name)]))
+
+
+def test_the_group_discriminant_stays_when_labels_make_the_tasks():
+    """Tasks made of interleaved label clusters (CLINC-like domains): one Gaussian per task would blur them."""
+    rng = np.random.default_rng(12)
+    d = 6
+    centre = [np.eye(d)[0] * 3 * k for k in range(4)]  # labels 0..3 along one line: task a has 0, 2; b has 1, 3
+    tasks = {}
+    for name, labs in (("a", (0, 2)), ("b", (1, 3))):
+        keys = np.concatenate([centre[k] + 0.3 * rng.normal(size=(20, d)) for k in labs])
+        tasks[name] = (keys, np.repeat([0, 1], 20), 0.05)
+    router = GaussianRouter(tasks, d)
+    assert router.discriminant == "group" and router.cv_top1["group"] >= router.cv_top1["task"]
+    q = centre[0] + 0.3 * rng.normal(size=(100, d))
+    assert all(r[0][0] == "a" for r in router.route(q, top_k=1))
+    np.testing.assert_array_equal(router.rank_scores(q), router.scores(q))
+
+
+def test_one_group_per_task_needs_no_choice():
+    rng = np.random.default_rng(13)
+    tasks = {n: (rng.normal(size=(30, 5)) + i, None, 0.05) for i, n in enumerate("abc")}
+    router = GaussianRouter(tasks, 5)
+    assert router.cv_top1 is None and router.discriminant == "group"
