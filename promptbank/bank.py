@@ -1127,7 +1127,11 @@ class PromptBank:
             self.router = _copy_router(self.router, index=index, **options)
 
     def route(self, text: str, *, top_k: int = 3) -> Routing:
-        """Rank tasks for one query; ``task`` is ``None`` when the best score is under its threshold."""
+        """Rank tasks for one query; ``task`` is ``None`` when the first-ranked task's score is under its threshold.
+
+        ``ranked`` holds ``(task, score)`` pairs best first. With the learned router the scores are the per-label
+        ones the thresholds apply to, and the ranking is by whichever discriminant that router chose (see
+        :mod:`promptbank.lda`), so the scores need not decrease along ``ranked``."""
         return self.route_many([text], top_k=top_k)[0]
 
     def route_many(self, texts: Sequence[str], *, top_k: int = 3) -> list[Routing]:
