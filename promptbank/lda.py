@@ -221,18 +221,17 @@ class GaussianRouter:
                 continue
             owner, mus, precision, _ = _fit(train, self.dim)
             params = _Params(owner, mus, precision)
-            per_task = _Params(*_fit(train, self.dim, per_task=True)[:3]) if candidate else None
+            task_model = _Params(*_fit(train, self.dim, per_task=True)[:3]) if candidate else None
+            starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])  # each task's first group column
             for (t, keys, _), f in zip(items, folds):
                 cols = np.flatnonzero(owner == t)
                 rows = keys[f == k]
                 if len(cols) and len(rows):
                     held[t].append(params.distances(rows, cols).min(1))
-                if per_task is not None and len(rows):  # top-1 of each discriminant over the held-out keys
-                    d = params.distances(rows)
-                    starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])
-                    best = owner[starts][np.minimum.reduceat(d, starts, axis=1).argmin(1)]
-                    hits["group"] += int(np.sum(best == t))
-                    hits["task"] += int(np.sum(per_task.owner[per_task.distances(rows).argmin(1)] == t))
+                if task_model is not None and len(rows):  # top-1 of each discriminant over the held-out keys
+                    nearest = np.minimum.reduceat(params.distances(rows), starts, axis=1)
+                    hits["group"] += int(np.sum(owner[starts][nearest.argmin(1)] == t))
+                    hits["task"] += int(np.sum(task_model.owner[task_model.distances(rows).argmin(1)] == t))
                     hits["n"] += len(rows)
         per_task = [np.concatenate(h) if h else np.zeros(0, dtype=np.float32) for h in held]
         pooled = np.concatenate(per_task) if per_task else np.zeros(0)
