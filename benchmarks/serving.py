@@ -850,7 +850,7 @@ def _bench_route(bank, tasks: list[dict], cfg) -> dict:
             r = GaussianRouter({n: (v, None, 0.05) for n, v in keys.items()}, pool.shape[1])
         else:
             r = Router.from_keys(keys, {n: 0.0 for n in keys}, top_keys=ROUTER_TOP_KEYS, index=kind)
-            r._layout()  # build now, not on the first query
+            r._index_cols()  # build the index now, not on the first query
         build_s[name] = time.perf_counter() - t
         routers[name] = r
         _log(f"route: built {name} ({n_tasks * k} keys) in {build_s[name]:.1f} s")

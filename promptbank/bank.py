@@ -1477,7 +1477,7 @@ def _variant_of(task: _Task, variant: str | None) -> _Variant:
 
 def _copy_router(router: Router, **index_options) -> Router:
     """An independent copy of ``router`` (same keys, ids, thresholds and index options unless overridden in
-    ``index_options``; the index rebuilt)."""
+    ``index_options``; its index is built when first searched, never for a bank routed by the learned router)."""
     names = router.tasks
     return Router.from_keys(
         {n: router.keys(n) for n in names},

@@ -13,7 +13,8 @@ provably right. Exact search costs ~20 ms per query at 10^5 keys on 2 cores; for
 (``IndexIVFFlat(IndexFlatIP, dim, nlist, METRIC_INNER_PRODUCT)``, ids stored in the inverted lists) find
 candidate keys approximately; the tasks owning those candidates are then scored exactly from their stored
 keys, so a routed score is always a task's true score and the only error is a task missed by the candidate
-search. :func:`recall_at_1` measures that against exact search. :meth:`Router.scores` is always exact.
+search. :func:`recall_at_1` measures that against exact search. :meth:`Router.scores` is always exact and
+needs no index: the index (and the ``faiss`` import) is built on the first search that uses it.
 
 numpy in, numpy out; nothing here knows about models or files (``index_bytes`` / ``from_keys`` let the
 storage layer cache the index; the keys are always the source of truth).
@@ -26,11 +27,14 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from .errors import TaskExistsError, TaskNotFoundError
+
+if TYPE_CHECKING:
+    import faiss
 
 __all__ = ["INDEX_KINDS", "NO_TASK", "Router", "calibrate_threshold", "make_prototypes", "recall_at_1"]
 
@@ -50,6 +54,15 @@ _PARALLEL_MIN_QUERIES = 16  # FAISS searches of fewer queries run on one thread
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def _faiss():
+    """The ``faiss`` module, imported on first use: a bank routed by the learned router (:mod:`promptbank.lda`,
+    the default) never searches an index, so its process neither imports FAISS (~12 MiB resident) nor holds an
+    index's copy of the keys."""
+    import faiss
+
+    return faiss
 
 
 def _as_matrix(x: np.ndarray, what: str, dim: int | None = None, *, allow_1d: bool = False) -> np.ndarray:
@@ -102,6 +115,7 @@ def _one_thread_if(small: bool) -> Iterator[None]:
     to an HNSW graph 17 ms with 2 threads, 0.3 ms with one). ``omp_set_num_threads`` applies to the calling
     thread only; the previous value is restored.
     """
+    faiss = _faiss()
     prev = faiss.omp_get_max_threads()
     if not small or prev == 1:
         yield
@@ -164,6 +178,7 @@ def make_prototypes(embeddings: np.ndarray, n_prototypes: int = 16, *, seed: int
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {seed!r}")
     # a few k-means++ restarts, keeping the best (highest total cosine to the nearest centroid)
+    faiss = _faiss()
     rng = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFFFFFF)
     best_obj, centroids = -np.inf, None
     for _ in range(_KMEANS_RESTARTS):
@@ -232,6 +247,10 @@ class Router:
     Defaults measured on 100,000 MiniLM-like keys (6,250 tasks x 16), 1 CPU thread: HNSW builds in ~13 s and
     routes a query in ~0.7 ms with task recall@1 1.00 (ef_search 64: 0.4 ms, recall 0.64-0.89 on hard
     near-tie queries); IVF builds in ~11 s, ~0.8 ms, recall@1 0.99 (nprobe 16: 0.97). Exact flat search: 12-16 ms.
+
+    The index is built lazily, on the first call that searches it (:meth:`route`, :meth:`decide`,
+    :func:`recall_at_1`) or serialises it (:meth:`index_bytes`); :meth:`scores` and the key accessors never need
+    it. A serialised index given to :meth:`from_keys` is checked and adopted at that point, or rebuilt.
     """
 
     def __init__(
@@ -258,10 +277,12 @@ class Router:
         self._nprobe = _check_pos_int(nprobe, "nprobe")
         self._tasks: dict[str, _Task] = {}
         self._next_id = 0
-        self._cache: tuple | None = None
-        self._dirty = False  # approximate index must be rebuilt from the keys before its next use
+        self._cache: tuple | None = None  # key layout (from the keys alone)
+        self._pos_cols: np.ndarray | None = None  # task column of each index storage position (needs the index)
+        self._index = self._inner = self._flat = None
+        self._dirty = True  # no index yet, or it must be rebuilt from the keys before its next use
+        self._pending: bytes | None = None  # a serialised index to check and adopt instead of rebuilding
         self._ivf_trained_on = 0  # number of keys the IVF coarse quantiser was trained on
-        self.rebuild_index()
 
     # ---- basic accessors ------------------------------------------------------------------------
 
@@ -349,6 +370,7 @@ class Router:
     def _empty_index(self) -> faiss.Index:
         """An empty index of this router's kind (IVF: trained on ``self``'s keys, see :meth:`_ivf_index`)."""
         # the faiss wrapper keeps a reference to the inner index
+        faiss = _faiss()
         if self._kind == "flat":
             return faiss.IndexIDMap2(faiss.IndexFlatIP(self._dim))
         if self._kind == "hnsw":
@@ -368,6 +390,7 @@ class Router:
         keys = [t.keys for t in self._tasks.values()]
         x = np.concatenate(keys) if keys else np.zeros((0, self._dim), np.float32)
         nlist = self._ivf_nlist(x.shape[0])
+        faiss = _faiss()
         quantizer = faiss.IndexFlatIP(self._dim)
         index = faiss.IndexIVFFlat(quantizer, self._dim, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference
         if nlist == 1:  # one list: no clustering needed (and FAISS would warn on tiny training sets)
@@ -381,6 +404,7 @@ class Router:
         return index
 
     def _set_index(self, index: faiss.Index) -> None:
+        faiss = _faiss()
         self._index = index
         # the searchable inner index: its labels are storage positions (IDMap2) or ids (IVF); a view that
         # lives as long as self._index
@@ -388,11 +412,20 @@ class Router:
         if self._kind == "flat":
             self._flat = self._inner
         self._cache = None
+        self._pos_cols = None
         self._dirty = False
+        self._pending = None
 
     def _ensure_index(self) -> None:
-        if self._dirty:
-            self.rebuild_index()
+        """Build the index if there is none or it is stale (adopting a matching serialised one if given)."""
+        if not self._dirty:
+            return
+        data, self._pending = self._pending, None
+        if data is not None:
+            if self._adopt_index(data):
+                return
+            log.info("stored router index does not match the keys; rebuilding it")
+        self.rebuild_index()
 
     def _check_keys(self, keys: np.ndarray) -> np.ndarray:
         k = _as_matrix(keys, "keys", self._dim)
@@ -431,7 +464,7 @@ class Router:
                 self._index.add_with_ids(k, ids)
         self._next_id += k.shape[0]
         self._tasks[task] = _Task(_readonly(k), _readonly(ids), thr)
-        self._cache = None
+        self._cache = self._pos_cols = self._pending = None
 
     def remove(self, task: str) -> None:
         """Remove a task and its ids from the index. :class:`TaskNotFoundError` (a ``KeyError``) if absent."""
@@ -439,12 +472,13 @@ class Router:
         ids = np.ascontiguousarray(entry.ids, dtype=np.int64)
         if self._kind == "hnsw" or self._dirty:  # HNSW cannot delete: rebuild lazily, once for many removals
             del self._tasks[task]
-            self._cache = None
+            self._cache = self._pos_cols = self._pending = None
             self._dirty = True
             return
+        faiss = _faiss()
         removed = self._index.remove_ids(faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids)))
         del self._tasks[task]
-        self._cache = None
+        self._cache = self._pos_cols = None
         if removed != ids.size or self._index.ntotal != sum(t.ids.size for t in self._tasks.values()):
             log.warning(
                 "FAISS removed %d of %d ids for task %r; rebuilding the index",
@@ -475,7 +509,7 @@ class Router:
     def index_bytes(self) -> bytes:
         """The FAISS index serialised (``faiss.serialize_index``); a cache, rebuildable from the keys."""
         self._ensure_index()
-        return faiss.serialize_index(self._index).tobytes()
+        return _faiss().serialize_index(self._index).tobytes()
 
     @classmethod
     def from_keys(
@@ -496,7 +530,8 @@ class Router:
         Task order is ``keys``' order. Without ``ids`` the ids are assigned 0, 1, ... in that order (what a
         router built by ``add`` calls with no removals has). ``index_bytes`` is used only if it is an index of
         kind ``index`` (flat: ``IndexIDMap2(IndexFlatIP)``) whose ntotal, ids and vectors match the keys
-        exactly; otherwise (stale, corrupt or foreign) the index is rebuilt from the keys. ``index_options``
+        exactly; otherwise (stale, corrupt or foreign) the index is rebuilt from the keys. Either happens when the
+        index is first needed (see :class:`Router`), not here. ``index_options``
         are the other :class:`Router` index options (``hnsw_m``, ``ef_search``, ``nlist``, ``nprobe`` ...).
         """
         if set(keys) != set(thresholds):
@@ -533,15 +568,12 @@ class Router:
                 raise ValueError(f"next_id {next_id!r} is below an id in use ({router._next_id - 1})")
             router._next_id = int(next_id)
 
-        restored = index_bytes is not None and router._adopt_index(index_bytes)
-        if not restored:
-            if index_bytes is not None:
-                log.info("stored router index does not match the keys; rebuilding it")
-            router.rebuild_index()
+        router._pending = None if index_bytes is None else bytes(index_bytes)
         return router
 
     def _adopt_index(self, data: bytes) -> bool:
         """Use a serialised index if it matches the stored keys and ids exactly; return whether it did."""
+        faiss = _faiss()
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8).copy())
         except (RuntimeError, ValueError):  # corrupt bytes: rebuild
@@ -586,46 +618,53 @@ class Router:
 
     # ---- scoring --------------------------------------------------------------------------------
 
-    def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(all keys in task order, task column of each index storage position (IVF: of each id), task start
-        offsets, per-task aggregation size ``min(top_keys, n_keys)``)."""
-        self._ensure_index()
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(all keys in task order, task start offsets, per-task aggregation size ``min(top_keys, n_keys)``), from
+        the keys alone (no index needed)."""
         if self._cache is None:
             entries = list(self._tasks.values())
             sizes = [t.ids.size for t in entries]
             if entries:
                 all_keys = np.concatenate([t.keys for t in entries])
-                all_ids = np.concatenate([t.ids for t in entries])
             else:
                 all_keys = np.zeros((0, self._dim), dtype=np.float32)
-                all_ids = np.zeros(0, dtype=np.int64)
+            starts = np.cumsum([0, *sizes])
+            agg = np.array([min(self._top_keys, n) for n in sizes], dtype=np.int64)
+            self._cache = (all_keys, starts, agg)
+        return self._cache
+
+    def _index_cols(self) -> np.ndarray:
+        """Build the index if needed; the task column of each index storage position (flat, HNSW: the inner
+        index's labels) or, for IVF, of each id (``self._id_table`` maps ids to columns)."""
+        self._ensure_index()
+        if self._pos_cols is None:
+            entries = list(self._tasks.values())
+            sizes = [t.ids.size for t in entries]
+            all_ids = np.concatenate([t.ids for t in entries]) if entries else np.zeros(0, dtype=np.int64)
             cols = np.repeat(np.arange(len(entries), dtype=np.int64), sizes)
             order = np.argsort(all_ids, kind="stable")
             sorted_ids, sorted_cols = all_ids[order], cols[order]
-            starts = np.cumsum([0, *sizes])
-            agg = np.array([min(self._top_keys, n) for n in sizes], dtype=np.int64)
             if self._kind == "ivf":  # IVF search returns ids: map them through the sorted id table
                 self._id_table = (sorted_ids, sorted_cols)
-                self._cache = (all_keys, sorted_cols, starts, agg)
-                return self._cache
+                self._pos_cols = sorted_cols
+                return self._pos_cols
             # the index's own id of each stored vector, in storage order (= the flat index's labels)
-            index_ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            index_ids = _faiss().vector_to_array(self._index.id_map).astype(np.int64)
             where = np.searchsorted(sorted_ids, index_ids)
             if index_ids.size != all_ids.size or (
                 index_ids.size and not np.array_equal(sorted_ids[np.minimum(where, sorted_ids.size - 1)], index_ids)
             ):
                 log.warning("router index out of sync with its keys; rebuilding it")
                 self.rebuild_index()
-                return self._layout()
-            pos_cols = sorted_cols[where] if index_ids.size else cols
-            self._cache = (all_keys, pos_cols, starts, agg)
-        return self._cache
+                return self._index_cols()
+            self._pos_cols = sorted_cols[where] if index_ids.size else cols
+        return self._pos_cols
 
     def _queries(self, query_emb: np.ndarray) -> np.ndarray:
         return _as_matrix(query_emb, "query_emb", self._dim, allow_1d=True)
 
     def _exact_scores(self, q: np.ndarray) -> np.ndarray:
-        all_keys, _, starts, agg = self._layout()
+        all_keys, starts, agg = self._layout()
         n_tasks = len(self._tasks)
         out = np.empty((q.shape[0], n_tasks), dtype=np.float32)
         if n_tasks == 0 or q.shape[0] == 0:
@@ -707,7 +746,7 @@ class Router:
             # search the wrapped flat index: its labels are storage positions, mapped to tasks through the
             # IDMap2's id_map (IndexIDMap2.search translates ids in an OpenMP loop that costs milliseconds
             # per single-query call on a busy machine)
-            self._layout()
+            self._index_cols()
             with _one_thread_if(pending.size < _PARALLEL_MIN_QUERIES):
                 dist, lab = self._flat.search(q[pending], k)
             ok = self._aggregate_partial(dist, lab, want)
@@ -724,7 +763,7 @@ class Router:
 
     def _candidates(self, q: np.ndarray, k: int) -> np.ndarray:
         """Approximate search: the task column of each query's ``k`` candidate keys, ``(n_q, k)``, -1 = none."""
-        _, pos_cols, _, _ = self._layout()
+        pos_cols, faiss = self._index_cols(), _faiss()
         if self._kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self._ef_search, k))
             with _one_thread_if(q.shape[0] < _PARALLEL_MIN_QUERIES):
@@ -739,7 +778,7 @@ class Router:
 
     def _task_scores(self, qv: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Exact scores of one query ``(dim,)`` for the tasks in ``cols`` (from their stored keys)."""
-        all_keys, _, starts, agg = self._layout()
+        all_keys, starts, agg = self._layout()
         lo, hi = starts[cols], starts[cols + 1]
         rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
         sims = all_keys[rows] @ qv  # (n_rows,)
@@ -791,7 +830,7 @@ class Router:
         task's score is at most (found sims + missing * k-th sim) / top_keys. The top tasks are certain
         when ``want`` exact scores beat every such upper bound strictly.
         """
-        _, pos_cols, _, agg = self._layout()
+        pos_cols, (_, _, agg) = self._index_cols(), self._layout()
         n_tasks = agg.size
         n_q, k = lab.shape
         if np.any(lab < 0):  # cannot happen with k <= ntotal; be safe
@@ -836,6 +875,7 @@ class Router:
 
 def _ivf_contents(index: faiss.IndexIVFFlat, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) stored in an IVF-Flat index, list by list."""
+    faiss = _faiss()
     invlists = index.invlists
     ids, vecs = [], []
     for lst in range(index.nlist):
@@ -866,10 +906,12 @@ def recall_at_1(router: Router, query_emb: np.ndarray, *, level: str = "task") -
         best = router.scores(q).max(axis=1)
         got = np.array([ranked[0][1] for ranked in router.route(q, top_k=1)])
         return float(np.mean(got >= best - tol))
-    all_keys, _, _, _ = router._layout()
+    all_keys, _, _ = router._layout()
     best = (q @ all_keys.T).max(axis=1)
     if router.index_kind == "flat":
         return 1.0
+    router._index_cols()  # builds the index if needed
+    faiss = _faiss()
     if router.index_kind == "hnsw":
         params = faiss.SearchParametersHNSW(efSearch=router._ef_search)
         dist, lab = router._inner.search(q, 1, params=params)

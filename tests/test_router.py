@@ -111,6 +111,79 @@ def test_route_uses_faiss_partial_search_when_it_suffices():
     assert_routes_equal(got, brute_route(keys, q, 1, 1))
 
 
+def test_index_is_built_only_when_a_search_needs_it():
+    rng = np.random.default_rng(6)
+    router, keys = make_router(rng, n_tasks=20, clustered=True)
+    q = keys["task3"][:2] + 0.01 * unit(rng, 2)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    router.remove("task5")
+    router.add("task5", keys["task5"], 0.5)
+    exact = router.scores(q)  # exact scores, thresholds, keys: no index
+    assert router._index is None and router.ntotal == sum(len(k) for k in keys.values())
+    got = router.route(q, top_k=2)  # a partial search: builds the index now
+    assert router._index is not None and router._index.ntotal == router.ntotal
+    assert_routes_equal(got, brute_route({n: router.keys(n) for n in router.tasks}, q, router.top_keys, 2))
+    assert np.array_equal(router.scores(q), exact)
+    state = {
+        "keys": {n: router.keys(n) for n in router.tasks},
+        "thresholds": router.thresholds,
+        "top_keys": router.top_keys,
+        "ids": {n: router.ids(n) for n in router.tasks},
+        "next_id": router.next_id,
+    }
+    eager = Router.from_keys(**state)
+    eager.rebuild_index()  # built now, as before indexes were lazy: the same index
+    assert eager.index_bytes() == router.index_bytes()
+    restored = Router.from_keys(**state, index_bytes=router.index_bytes())
+    assert restored._index is None  # adopted on first use
+    assert restored.route(q, top_k=2) == got and restored._index is not None
+
+
+def test_a_learned_router_bank_never_imports_faiss(tmp_path):
+    """Training classification tasks, routing, predicting and loading a bank with the learned router need no FAISS
+    index; only saving (the index is cached on disk) imports it, and generation tasks' k-means keys at training.
+    In fresh processes: this one has imported faiss already."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    common = f"""
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_tiny_model, make_tiny_tokenizer, fast_options
+from promptbank import PromptBank
+from promptbank.backbone import from_model
+from promptbank.embed import HashingEmbedder
+tok = make_tiny_tokenizer()
+bb = from_model(make_tiny_model(len(tok)), tok, name="tiny-llama-gqa")
+"""
+    learn = (
+        common
+        + f"""
+bank = PromptBank(bb, HashingEmbedder(dim=64))
+bank.learn_task("weather", [{{"text": f"rain and wind on day {{i}}", "label": "yes" if i % 2 else "no"}}
+                            for i in range(12)], **fast_options())
+bank.learn_task("sport", [{{"text": f"the match ended {{i}} to {{i + 1}}", "label": "home" if i % 2 else "away"}}
+                          for i in range(12)], **fast_options())
+assert bank.routing == "lda"
+assert bank.route("rain and wind on day 40").ranked[0][0] == "weather"
+bank.predict(["the match ended 3 to 4", "rain today"])
+assert "faiss" not in sys.modules, "faiss imported before saving"
+bank.save({str(tmp_path / "b")!r})
+assert "faiss" in sys.modules
+"""
+    )
+    load = (
+        common
+        + f"""
+bank = PromptBank.load({str(tmp_path / "b")!r}, backbone=bb, embedder=HashingEmbedder(dim=64), trust_index=True)
+assert bank.route("the match ended 9 to 10").ranked[0][0] == "sport"
+bank.predict(["rain and wind on day 7"])
+assert "faiss" not in sys.modules, "faiss imported by loading or routing"
+"""
+    )
+    for code in (learn, load):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_ties_break_by_insertion_order():
     rng = np.random.default_rng(1)
     shared = unit(rng, 3)
@@ -631,7 +704,7 @@ def test_ivf_retrains_as_the_bank_grows():
     nlists = []
     for name, k in keys.items():
         router.add(name, k, 0.5)
-        router._layout()  # force any pending rebuild, as a search would
+        router._index_cols()  # force any pending rebuild, as a search would
         nlists.append(router._index.nlist)
     assert nlists[0] == 1 and nlists[-1] > 8  # 4 800 keys: ~4 sqrt(n) lists after retraining
     assert nlists == sorted(nlists)
