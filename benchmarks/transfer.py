@@ -7,7 +7,12 @@ head per task.
     python benchmarks/transfer.py --similarities  # only the warm-start similarity matrices (~1 min)
     python benchmarks/transfer.py --data /path/to/shared/data
 
-Chains (each in its own bank; the source tasks are learned first, cold, with the same settings):
+    python benchmarks/transfer.py --source-train 1024 --source-steps 200 --dev 128
+                                                  # well-trained sources (each chain's first task), a larger dev set
+
+Chains (each in its own bank; the source tasks are learned first, cold, with the same settings unless
+``--source-train`` / ``--source-steps`` give the chain's first task more rows / steps: a stored task a user
+warm-starts from is usually an established one, not another few-shot run):
   sentiment  SST-2 -> MR -> CR   (targets MR, CR; CR's bank holds SST-2 and MR)
   stars      Amazon -> Yelp      (target Yelp)
   topics     AG News -> Yahoo    (target Yahoo)
@@ -30,7 +35,9 @@ and ``--dev`` dev rows sampled disjointly from the train pool; test: a fixed ``-
 Metrics for speed, from ``TaskRecord.history`` (dev loss and, on encoder banks, dev accuracy every ``eval_every``
 steps): "steps to 95 % of final dev accuracy" (the issue's measure: first evaluation at >= 95 % of the kept
 state's dev accuracy; coarse with a small dev set), and "steps to 95 % of the dev-loss drop" (first step at which
-the dev loss has made 95 % of its improvement from step 0 to its best value; 0 for a run whose step 0 is its best).
+the dev loss has made 95 % of its improvement from step 0 to its best value; 0 for a run whose step 0 is its best),
+and "steps to 95 % of cold text's final dev accuracy" (a common bar: how soon each run gets to where the cold text
+run ends; a run that starts above it counts 0; ``--summarize`` adds it to results saved before it existed).
 Cold runs start from the same dev loss (zero head: uniform predictions, loss ln(#labels)); a warm run whose head
 was lent starts lower. Runs are not stopped early (patience > steps) so every curve is complete; the kept state
 is the library's choice (dev accuracy, ties broken by dev loss; a zero head at step 0 is never kept).
@@ -94,9 +101,15 @@ LR = 3e-2
 TEST_FRACTION = 0.2  # MR, CR: fixed train/test split
 
 
-def load_task(data_dir: Path, name: str, n_train: int, n_dev: int, n_test: int | None, seed: int) -> dict:
+def load_task(
+    data_dir: Path, name: str, n_train: int, n_dev: int, n_test: int | None, seed: int, *, cap: bool = False
+) -> dict:
+    """``n_train`` train and ``n_dev`` dev rows, disjoint, from the train pool (``cap``: at most what the pool holds
+    after the dev rows; the few-shot splits of Amazon and AG News hold 480 and 384 rows)."""
     folder, pool_file, test_file = DATA[name]
     pool, test = pool_and_test(data_dir / folder, pool_file, test_file, TEST_FRACTION)
+    if cap:
+        n_train = min(n_train, len(pool) - n_dev)
     train, dev = sample_disjoint(pool, [n_train, n_dev], seed)
     return {"labels": read_labels(data_dir / folder), "train": train, "dev": dev, "test": subsample(test, n_test, 0)}
 
@@ -215,15 +228,35 @@ def run_target(bank, target: str, task: dict, opts: dict, low_threshold: float) 
         r["steps_to_cold_text_level"] = (
             None if level is None else reached if reached is not None else r["dev_loss_curve"][-1][0]
         )
+    _add_cold_text_accuracy_steps(runs)
     return {"similarity_to_sources": sims, "warm_start_fired_at_default": fired, "runs": runs}
+
+
+def _add_cold_text_accuracy_steps(runs: dict) -> None:
+    """Time to a common accuracy bar: each run's first dev evaluation at >= 95 % of the cold text run's final
+    (kept) dev accuracy; the whole run when it never gets there (``reached_cold_text_acc`` False)."""
+    bar = 0.95 * runs["cold_text"]["dev_accuracy"]
+    for r in runs.values():
+        curve = r["dev_accuracy_curve"]
+        reached = first_step_at(curve, bar, lower_is_better=False) if curve else None
+        r["reached_cold_text_acc"] = reached is not None
+        r["steps_to_cold_text_acc"] = reached if reached is not None else (curve[-1][0] if curve else None)
 
 
 def run_chain(backbone, embedder, data_dir: Path, chain: list[str], seed: int, args, opts: dict) -> dict:
     from promptbank import PromptBank
 
     bank = PromptBank.from_pretrained(backbone, embedder=embedder)
-    tasks = {t: load_task(data_dir, t, args.train, args.dev, args.test, seed) for t in chain}
-    out = {"source": learn(bank, chain[0], tasks[chain[0]], opts, warm_start=False, init="text"), "targets": {}}
+    sizes = {t: args.source_train if i == 0 else args.train for i, t in enumerate(chain)}
+    tasks = {t: load_task(data_dir, t, sizes[t], args.dev, args.test, seed, cap=t == chain[0]) for t in chain}
+    source_opts = {**opts, "max_steps": args.source_steps, "patience": args.source_steps + 1}
+    out = {"source": learn(bank, chain[0], tasks[chain[0]], source_opts, warm_start=False, init="text"), "targets": {}}
+    out["source"]["train_rows"] = len(tasks[chain[0]]["train"])
+    print(
+        f"seed {seed} source {chain[0]}: {out['source']['train_rows']} rows, {args.source_steps} steps, "
+        f"test {out['source']['test_accuracy']:.3f}",
+        flush=True,
+    )
     for target in chain[1:]:
         out["targets"][target] = run_target(bank, target, tasks[target], opts, args.low_threshold)
         r = out["targets"][target]
@@ -251,6 +284,9 @@ def summarize(seeds: list[dict], min_drop: float = 0.01) -> dict:
     targets = [(c, t) for c, chain in seeds[0]["chains"].items() for t in chain["targets"]]
     for chain, target in targets:
         per_seed = [s["chains"][chain]["targets"][target] for s in seeds]
+        for p in per_seed:  # results saved before this measure existed: derive it from the stored curves
+            if "steps_to_cold_text_acc" not in p["runs"]["cold_text"]:
+                _add_cold_text_accuracy_steps(p["runs"])
         entry = {
             "chain": chain,
             "sources": list(per_seed[0]["similarity_to_sources"]),
@@ -274,7 +310,7 @@ def summarize(seeds: list[dict], min_drop: float = 0.01) -> dict:
                 "never_improved_seeds": sum(not r["improved"] for r in runs),
                 "missed_cold_text_level_seeds": sum(not r["reached_cold_text_level"] for r in runs),
             }
-            for key in ("steps_to_95", "steps_to_95_acc", "steps_to_cold_text_level"):
+            for key in ("steps_to_95", "steps_to_95_acc", "steps_to_cold_text_level", "steps_to_cold_text_acc"):
                 steps = [r[key] for r in runs if r.get(key) is not None]
                 e[key] = mean(steps)
                 e[key + "_std"] = statistics.pstdev(steps) if len(steps) > 1 else 0.0
@@ -303,9 +339,10 @@ def _print_table(result) -> None:
         "| target (source: similarity) | warm start | steps to 95 % of dev-loss drop: warm / cold text / cold vocab "
         "| fewer steps, warm vs cold text | steps to 95 % of final dev accuracy: warm / cold text / cold vocab "
         "| fewer steps (accuracy), warm vs cold text | steps to cold text's 95 % level: warm / cold text / cold vocab "
-        "| test accuracy: warm / cold text / cold vocab | warm hurts (> 1 pt below cold text) |"
+        "| steps to 95 % of cold text's final dev accuracy: warm / cold text / cold vocab | fewer steps, warm vs cold "
+        "text | test accuracy: warm / cold text / cold vocab | warm hurts (> 1 pt below cold text) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for target, e in result["summary"].items():
         src = ", ".join(f"{k.split('-')[0]} {v:.2f}" for k, v in e["similarity"].items())
         cs = e["conditions"]
@@ -330,6 +367,7 @@ def _print_table(result) -> None:
             w = cs[c] if c else text
             fewer = w.get("fewer_steps_to_95_vs_cold_text_pct")
             fewer_acc = w.get("fewer_steps_to_95_acc_vs_cold_text_pct")
+            fewer_bar = w.get("fewer_steps_to_cold_text_acc_vs_cold_text_pct")
             hurts = f"{w['hurts_seeds']}/{w['seeds']}" if c else ""
             print(
                 f"| {target} ({src}) | {label} | {w['steps_to_95']:.1f} / {text['steps_to_95']:.1f} / "
@@ -337,7 +375,9 @@ def _print_table(result) -> None:
                 f"{w['steps_to_95_acc']:.1f} / {text['steps_to_95_acc']:.1f} / {vocab['steps_to_95_acc']:.1f} | "
                 f"{'' if fewer_acc is None else f'{fewer_acc:.0f} %'} | "
                 f"{w['steps_to_cold_text_level']:.1f} / {text['steps_to_cold_text_level']:.1f} / "
-                f"{vocab['steps_to_cold_text_level']:.1f} | {100 * w['test_accuracy']:.1f} / "
+                f"{vocab['steps_to_cold_text_level']:.1f} | {w['steps_to_cold_text_acc']:.1f} / "
+                f"{text['steps_to_cold_text_acc']:.1f} / {vocab['steps_to_cold_text_acc']:.1f} | "
+                f"{'' if fewer_bar is None else f'{fewer_bar:.0f} %'} | {100 * w['test_accuracy']:.1f} / "
                 f"{100 * text['test_accuracy']:.1f} / {100 * vocab['test_accuracy']:.1f} | "
                 f"{hurts} |"
             )
@@ -385,6 +425,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--dev", type=int, default=32)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument(
+        "--source-train",
+        type=int,
+        default=None,
+        help="train rows of each chain's first task, at most its pool less the dev rows (default: --train); the "
+        "later sources are targets themselves",
+    )
+    ap.add_argument(
+        "--source-steps", type=int, default=None, help="steps of each chain's first task (default: --steps)"
+    )
     ap.add_argument("--batch-size", type=int, default=8, help="the library default")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -397,10 +447,25 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--summarize",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="recompute the summary of a saved result from its curves, write it back and print the table (no training)",
+    )
     args = ap.parse_args(argv)
+    if args.summarize is not None:
+        result = json.loads(args.summarize.read_text())
+        result["summary"] = summarize(result["seeds"])
+        args.summarize.write_text(json.dumps(result, indent=2) + "\n")
+        _print_table(result)
+        return result
     if args.quick:
         args.seeds, args.train, args.dev, args.test, args.steps, args.eval_every = 1, 32, 16, 32, 8, 2
         args.chains = "sentiment"  # has both cases: MR is warm-started at the default threshold, CR is not
+    args.source_train = args.source_train if args.source_train is not None else args.train
+    args.source_steps = args.source_steps if args.source_steps is not None else args.steps
     out_path = args.out or RESULTS / ("transfer_quick.json" if args.quick else "transfer.json")
     if not (args.data / "mr").is_dir():
         sys.exit(f"no data under {args.data} (expected sst2/, mr/, cr/, ...); pass --data or set PROMPTBANK_DATA")
