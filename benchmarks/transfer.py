@@ -235,10 +235,10 @@ def run_target(bank, target: str, task: dict, opts: dict, low_threshold: float) 
 def _add_cold_text_accuracy_steps(runs: dict) -> None:
     """Time to a common accuracy bar: each run's first dev evaluation at >= 95 % of the cold text run's final
     (kept) dev accuracy; the whole run when it never gets there (``reached_cold_text_acc`` False)."""
-    bar = 0.95 * runs["cold_text"]["dev_accuracy"]
+    final = runs["cold_text"].get("dev_accuracy")
     for r in runs.values():
-        curve = r["dev_accuracy_curve"]
-        reached = first_step_at(curve, bar, lower_is_better=False) if curve else None
+        curve = r.get("dev_accuracy_curve") or []
+        reached = first_step_at(curve, 0.95 * final, lower_is_better=False) if curve and final is not None else None
         r["reached_cold_text_acc"] = reached is not None
         r["steps_to_cold_text_acc"] = reached if reached is not None else (curve[-1][0] if curve else None)
 

@@ -195,6 +195,29 @@ def test_load_task_splits_mr_style_data(tmp_path):
     assert a["train"] != b["train"]
 
 
+def test_load_task_caps_a_source_at_its_pool(tmp_path):
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    (folder / "labels.json").write_text('{"labels": ["negative", "positive"]}')
+    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(50)]
+    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capped = transfer.load_task(tmp_path, "mr", 1000, 5, 8, seed=0, cap=True)
+    assert len(capped["train"]) == 40 - 5 and len(capped["dev"]) == 5  # pool: 80 % of 50 rows
+    with pytest.raises(ValueError, match="pool of 40"):
+        transfer.load_task(tmp_path, "mr", 1000, 5, 8, seed=0)
+
+
+def test_steps_to_cold_text_accuracy_is_a_common_bar():
+    runs = {
+        "cold_text": {"dev_accuracy": 0.8, "dev_accuracy_curve": [(0, 0.5), (5, 0.7), (10, 0.8)]},
+        "warm": {"dev_accuracy": 0.9, "dev_accuracy_curve": [(0, 0.78), (5, 0.9), (10, 0.85)]},
+        "cold_vocab": {"dev_accuracy": 0.6, "dev_accuracy_curve": [(0, 0.5), (5, 0.6), (10, 0.6)]},
+    }
+    transfer._add_cold_text_accuracy_steps(runs)  # bar: 0.95 * 0.8 = 0.76
+    assert runs["warm"]["steps_to_cold_text_acc"] == 0 and runs["cold_text"]["steps_to_cold_text_acc"] == 10
+    assert runs["cold_vocab"]["steps_to_cold_text_acc"] == 10 and not runs["cold_vocab"]["reached_cold_text_acc"]
+
+
 # ----------------------------------------------------------------------------------------------- warm start
 _OPTS = {"max_steps": 4, "batch_size": 4, "eval_every": 2, "patience": 10, "max_input_tokens": 32, "progress": False}
 _WORDS = [("great", "pos"), ("awful", "neg"), ("superb", "pos"), ("bad", "neg"), ("fine", "pos"), ("dull", "neg")]
