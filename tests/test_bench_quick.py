@@ -20,6 +20,7 @@ from promptbank.config import TrainConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
 import efficiency  # noqa: E402
+import probe_gate  # noqa: E402
 import transfer  # noqa: E402
 
 LABELS = ["left", "right"]
@@ -205,6 +206,25 @@ def test_load_task_caps_a_source_at_its_pool(tmp_path):
     assert len(capped["train"]) == 40 - 5 and len(capped["dev"]) == 5  # pool: 80 % of 50 rows
     with pytest.raises(ValueError, match="pool of 40"):
         transfer.load_task(tmp_path, "mr", 1000, 5, 8, seed=0)
+
+
+def test_probe_gate_summary_counts_the_gate_against_held_out_accuracy():
+    def row(size, keep, with_probe, head):
+        return {
+            "per_class": size,
+            "gate_keeps_probe": keep,
+            "heldout_with_probe": with_probe,
+            "heldout_head_only": head,
+            "heldout_gated": with_probe if keep else head,
+        }
+
+    rows = [row(16, True, 0.8, 0.7), row(16, False, 0.8, 0.7), row(16, False, 0.5, 0.6), row(64, True, 0.5, 0.5)]
+    s = probe_gate.summarize(rows)
+    assert s["16"]["runs"] == 3 and s["64"]["runs"] == 1
+    assert s["16"]["gate_keeps_probe"] == 1 and s["16"]["gate_right"] == 2  # the middle run dropped a helpful probe
+    assert (s["16"]["probe_helps_heldout"], s["16"]["probe_hurts_heldout"]) == (2, 1)
+    assert math.isclose(s["16"]["heldout_gated"], 100 * (0.8 + 0.7 + 0.6) / 3)
+    assert s["64"]["gate_right"] == 1 and s["64"]["probe_helps_heldout"] == 0
 
 
 def test_steps_to_cold_text_accuracy_is_a_common_bar():
