@@ -405,10 +405,25 @@ def cmd_learn(args: argparse.Namespace) -> int:
     print(
         f"learned {record.name!r} ({record.kind}{labels}, {record.method.value}, "
         f"{record.prompt_config['num_virtual_tokens']} tokens): {record.steps} steps (best {record.best_step}), "
-        f"dev loss {_fmt(record.dev_loss)}, dev accuracy {_fmt(record.dev_accuracy)}, warm start from {warm}; "
+        f"dev loss {_fmt(record.dev_loss)}, {_dev_accuracy(record, bank.is_encoder)}, warm start from {warm}; "
         f"{'created' if created else 'saved'} {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''})"
     )
     return 0
+
+
+def _dev_accuracy(record, encoder: bool) -> str:
+    """The task's dev accuracy. An encoder task with an embedding probe scores labels with both; the progress bar
+    showed the prompted head's alone, so that one (at the kept step) is named too when the two differ."""
+    text = f"dev accuracy {_fmt(record.dev_accuracy)}"
+    if not (encoder and record.train_config.get("probe")) or record.dev_accuracy is None:
+        return text
+    head = next(
+        (h["dev_accuracy"] for h in record.history if h.get("step") == record.best_step and "dev_accuracy" in h),
+        None,
+    )
+    if head is not None and head != record.dev_accuracy:
+        text += f" with the embedding probe ({_fmt(head)} for the prompted head alone)"
+    return text
 
 
 def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -454,7 +469,7 @@ def _learn_variant(args: argparse.Namespace) -> int:
     print(
         f"learned variant {record.variant!r} of {record.name!r} ({record.method.value}, "
         f"{record.prompt_config['num_virtual_tokens']} tokens): {record.steps} steps (best {record.best_step}), "
-        f"dev loss {_fmt(record.dev_loss)}, dev accuracy {_fmt(record.dev_accuracy)}; saved {args.bank} "
+        f"dev loss {_fmt(record.dev_loss)}, {_dev_accuracy(record, bank.is_encoder)}; saved {args.bank} "
         f"({record.name!r} serves {bank.tasks[record.name].variant!r})"
     )
     return 0

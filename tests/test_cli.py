@@ -430,3 +430,18 @@ def test_no_probe_reaches_the_train_options():
     base = ["learn", "t", "data.jsonl"]
     assert "probe" not in _learn_options(build_parser().parse_args(base))  # TrainConfig's default (on)
     assert _learn_options(build_parser().parse_args([*base, "--no-probe"]))["probe"] is False
+
+
+def test_learn_summary_names_the_prompted_heads_dev_accuracy_next_to_the_probed_one():
+    """The progress bar shows the prompted head's dev accuracy; an encoder task with a probe reports the combined
+    one, so the summary line gives both when they differ."""
+    from promptbank.cli import _dev_accuracy
+
+    history = [{"step": 10, "dev_accuracy": 0.5}, {"step": 20, "dev_accuracy": 0.64}, {"step": 30, "loss": 1.0}]
+    rec = types.SimpleNamespace(dev_accuracy=0.52, best_step=20, history=history, train_config={"probe": True})
+    assert _dev_accuracy(rec, True) == "dev accuracy 0.520 with the embedding probe (0.640 for the prompted head alone)"
+    assert _dev_accuracy(rec, False) == "dev accuracy 0.520"  # causal LMs have no probe
+    rec.train_config = {"probe": False}
+    assert _dev_accuracy(rec, True) == "dev accuracy 0.520"
+    rec.train_config, rec.dev_accuracy = {"probe": True}, 0.64
+    assert _dev_accuracy(rec, True) == "dev accuracy 0.640"  # the same: said once
