@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,6 +283,8 @@ class Router:
         self._index = self._inner = self._flat = None
         self._dirty = True  # no index yet, or it must be rebuilt from the keys before its next use
         self._pending: bytes | None = None  # a serialised index to check and adopt instead of rebuilding
+        # readers share a published router: the lazy build runs once, not once per concurrent first search
+        self._build_lock = threading.RLock()
         self._ivf_trained_on = 0  # number of keys the IVF coarse quantiser was trained on
 
     # ---- basic accessors ------------------------------------------------------------------------
@@ -420,12 +423,15 @@ class Router:
         """Build the index if there is none or it is stale (adopting a matching serialised one if given)."""
         if not self._dirty:
             return
-        data, self._pending = self._pending, None
-        if data is not None:
-            if self._adopt_index(data):
+        with self._build_lock:
+            if not self._dirty:  # another thread built it meanwhile
                 return
-            log.info("stored router index does not match the keys; rebuilding it")
-        self.rebuild_index()
+            data, self._pending = self._pending, None
+            if data is not None:
+                if self._adopt_index(data):
+                    return
+                log.info("stored router index does not match the keys; rebuilding it")
+            self.rebuild_index()
 
     def _check_keys(self, keys: np.ndarray) -> np.ndarray:
         k = _as_matrix(keys, "keys", self._dim)
@@ -637,27 +643,33 @@ class Router:
         """Build the index if needed; the task column of each index storage position (flat, HNSW: the inner
         index's labels) or, for IVF, of each id (``self._id_table`` maps ids to columns)."""
         self._ensure_index()
-        if self._pos_cols is None:
-            entries = list(self._tasks.values())
-            sizes = [t.ids.size for t in entries]
-            all_ids = np.concatenate([t.ids for t in entries]) if entries else np.zeros(0, dtype=np.int64)
-            cols = np.repeat(np.arange(len(entries), dtype=np.int64), sizes)
-            order = np.argsort(all_ids, kind="stable")
-            sorted_ids, sorted_cols = all_ids[order], cols[order]
-            if self._kind == "ivf":  # IVF search returns ids: map them through the sorted id table
-                self._id_table = (sorted_ids, sorted_cols)
-                self._pos_cols = sorted_cols
-                return self._pos_cols
-            # the index's own id of each stored vector, in storage order (= the flat index's labels)
-            index_ids = _faiss().vector_to_array(self._index.id_map).astype(np.int64)
-            where = np.searchsorted(sorted_ids, index_ids)
-            if index_ids.size != all_ids.size or (
-                index_ids.size and not np.array_equal(sorted_ids[np.minimum(where, sorted_ids.size - 1)], index_ids)
-            ):
-                log.warning("router index out of sync with its keys; rebuilding it")
-                self.rebuild_index()
-                return self._index_cols()
-            self._pos_cols = sorted_cols[where] if index_ids.size else cols
+        if self._pos_cols is not None:
+            return self._pos_cols
+        with self._build_lock:
+            return self._pos_cols if self._pos_cols is not None else self._compute_index_cols()
+
+    def _compute_index_cols(self) -> np.ndarray:
+        """:meth:`_index_cols` for a built index (under the build lock)."""
+        entries = list(self._tasks.values())
+        sizes = [t.ids.size for t in entries]
+        all_ids = np.concatenate([t.ids for t in entries]) if entries else np.zeros(0, dtype=np.int64)
+        cols = np.repeat(np.arange(len(entries), dtype=np.int64), sizes)
+        order = np.argsort(all_ids, kind="stable")
+        sorted_ids, sorted_cols = all_ids[order], cols[order]
+        if self._kind == "ivf":  # IVF search returns ids: map them through the sorted id table
+            self._id_table = (sorted_ids, sorted_cols)
+            self._pos_cols = sorted_cols
+            return self._pos_cols
+        # the index's own id of each stored vector, in storage order (= the flat index's labels)
+        index_ids = _faiss().vector_to_array(self._index.id_map).astype(np.int64)
+        where = np.searchsorted(sorted_ids, index_ids)
+        if index_ids.size != all_ids.size or (
+            index_ids.size and not np.array_equal(sorted_ids[np.minimum(where, sorted_ids.size - 1)], index_ids)
+        ):
+            log.warning("router index out of sync with its keys; rebuilding it")
+            self.rebuild_index()
+            return self._compute_index_cols()
+        self._pos_cols = sorted_cols[where] if index_ids.size else cols
         return self._pos_cols
 
     def _queries(self, query_emb: np.ndarray) -> np.ndarray:

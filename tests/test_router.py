@@ -139,6 +139,37 @@ def test_index_is_built_only_when_a_search_needs_it():
     assert restored.route(q, top_k=2) == got and restored._index is not None
 
 
+def test_concurrent_first_searches_build_the_index_once():
+    import threading
+    import time
+
+    rng = np.random.default_rng(8)
+    router, keys = make_router(rng, n_tasks=30, clustered=True)
+    q = keys["task4"][:1] + 0.01 * unit(rng, 1)
+    q /= np.linalg.norm(q)
+    builds, build = [], router.rebuild_index
+
+    def counting_rebuild():  # slow enough that every thread reaches the check while the first one builds
+        builds.append(1)
+        time.sleep(0.05)
+        build()
+
+    router.rebuild_index = counting_rebuild
+    barrier, results = threading.Barrier(6), []
+
+    def search():
+        barrier.wait()
+        results.append(router.route(q, top_k=2))
+
+    threads = [threading.Thread(target=search) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(results) == 6 and all(r == results[0] for r in results)
+    assert_routes_equal(results[0], brute_route(keys, q, router.top_keys, 2))
+
+
 def test_a_learned_router_bank_never_imports_faiss(tmp_path):
     """Training classification tasks, routing, predicting and loading a bank with the learned router need no FAISS
     index; only saving (the index is cached on disk) imports it, and generation tasks' k-means keys at training.
