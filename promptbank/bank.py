@@ -629,6 +629,8 @@ class PromptBank:
         with self._lock:
             router = _copy_router(self.router)
             router.add(name, task.keys, task.record.threshold)
+            # one copy of the keys: the task holds the router's (validated, read-only) array
+            task = replace(task, keys=router.keys(name, copy=False))
             tasks = {**self._tasks, name: task}
             self._kv.pop(name, None)
             self._tasks = tasks
@@ -1158,7 +1160,7 @@ class PromptBank:
         tasks = self._tasks
         spec = {}
         for name in router.tasks:
-            keys, t = router.keys(name), tasks.get(name)
+            keys, t = router.keys(name, copy=False), tasks.get(name)
             groups = t.key_groups if t is not None and t.key_groups is not None else None
             if groups is not None and len(groups) != len(keys):
                 groups = None
@@ -1477,16 +1479,9 @@ def _variant_of(task: _Task, variant: str | None) -> _Variant:
 
 def _copy_router(router: Router, **index_options) -> Router:
     """An independent copy of ``router`` (same keys, ids, thresholds and index options unless overridden in
-    ``index_options``; its index is built when first searched, never for a bank routed by the learned router)."""
-    names = router.tasks
-    return Router.from_keys(
-        {n: router.keys(n) for n in names},
-        router.thresholds,
-        dim=router.dim,
-        ids={n: router.ids(n) for n in names},
-        next_id=router.next_id,
-        **{**router.index_config, **index_options},
-    )
+    ``index_options``; the read-only keys shared; its index is built when first searched, never for a bank routed by
+    the learned router)."""
+    return router.copy(**index_options)
 
 
 def _stratified_subset(groups: np.ndarray, limit: int, seed: int) -> np.ndarray:

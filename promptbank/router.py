@@ -349,9 +349,11 @@ class Router:
         except (KeyError, TypeError):
             raise TaskNotFoundError(f"no task named {task!r} in the router") from None
 
-    def keys(self, task: str) -> np.ndarray:
-        """A copy of the task's keys, ``(m, dim)`` float32."""
-        return self._get(task).keys.copy()
+    def keys(self, task: str, *, copy: bool = True) -> np.ndarray:
+        """The task's keys, ``(m, dim)`` float32: a copy, or with ``copy=False`` the stored read-only array (shared
+        by every copy of this router; never changed in place)."""
+        keys = self._get(task).keys
+        return keys.copy() if copy else keys
 
     def ids(self, task: str) -> np.ndarray:
         """A copy of the task's key ids, ``(m,)`` int64."""
@@ -367,6 +369,15 @@ class Router:
     @property
     def thresholds(self) -> dict[str, float]:
         return {name: t.threshold for name, t in self._tasks.items()}
+
+    def copy(self, **index_options) -> Router:
+        """An independent router with the same tasks, keys, ids, thresholds and next id, and the same index options
+        unless overridden. The read-only key and id arrays are shared, not copied (O(tasks), whatever the number
+        of keys); its index is built when first needed."""
+        new = Router(self._dim, **{**self.index_config, **index_options})
+        new._tasks = {name: _Task(t.keys, t.ids, t.threshold) for name, t in self._tasks.items()}
+        new._next_id = self._next_id
+        return new
 
     # ---- mutation -------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -952,7 +953,8 @@ def load_bank(
         )
     except ValueError as e:
         raise BankFormatError(f"{folder / MANIFEST}: inconsistent routing keys ({e})") from None
-    bank._tasks = tasks
+    # one copy of the keys: each task holds the router's (validated, read-only) array
+    bank._tasks = {n: replace(t, keys=bank.router.keys(n, copy=False)) for n, t in tasks.items()}
     return bank
 
 

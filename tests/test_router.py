@@ -139,6 +139,27 @@ def test_index_is_built_only_when_a_search_needs_it():
     assert restored.route(q, top_k=2) == got and restored._index is not None
 
 
+def test_copy_shares_the_read_only_keys_and_nothing_else():
+    rng = np.random.default_rng(9)
+    router, keys = make_router(rng, n_tasks=5, top_keys=2)
+    dup = router.copy()
+    assert dup.tasks == router.tasks and dup.next_id == router.next_id and dup.index_config == router.index_config
+    for n in router.tasks:  # the same arrays, not copies
+        assert dup.keys(n, copy=False) is router.keys(n, copy=False)
+        assert np.array_equal(dup.ids(n), router.ids(n))
+    with pytest.raises(ValueError):
+        dup.keys("task0", copy=False)[0, 0] = 1.0  # read-only
+    assert router.keys("task0") is not router.keys("task0", copy=False)  # the default is a copy
+    dup.set_threshold("task1", 0.9)
+    dup.remove("task2")
+    dup.add("new", unit(rng, 3), 0.1)
+    assert router.threshold("task1") == 0.5 and "task2" in router and "new" not in router
+    q = unit(rng, 4)
+    assert_routes_equal(router.route(q, top_k=3), brute_route(keys, q, 2, 3))
+    hnsw = router.copy(index="hnsw", ef_search=64)
+    assert hnsw.index_kind == "hnsw" and hnsw.index_config["ef_search"] == 64 and router.index_kind == "flat"
+
+
 def test_concurrent_first_searches_build_the_index_once():
     import threading
     import time
@@ -168,6 +189,25 @@ def test_concurrent_first_searches_build_the_index_once():
         t.join()
     assert len(builds) == 1 and len(results) == 6 and all(r == results[0] for r in results)
     assert_routes_equal(results[0], brute_route(keys, q, router.top_keys, 2))
+
+
+def test_a_bank_keeps_one_copy_of_its_keys(tiny_bank, tmp_path):
+    """The task table and the router hold the same read-only key arrays, after learning, after later tasks and after
+    loading (a bank's keys dominate its memory: 256 keys x 768 floats per task by default)."""
+    from conftest import fast_options
+
+    from promptbank import PromptBank
+
+    for name, word in (("weather", "rain"), ("sport", "match")):
+        rows = [{"text": f"{word} report number {i}", "label": "a" if i % 2 else "b"} for i in range(10)]
+        tiny_bank.learn_task(name, rows, **fast_options())
+    for n in tiny_bank.tasks:
+        assert tiny_bank._tasks[n].keys is tiny_bank.router.keys(n, copy=False)
+    tiny_bank.save(tmp_path / "b")
+    loaded = PromptBank.load(tmp_path / "b", backbone=tiny_bank.backbone, embedder=tiny_bank.embedder)
+    for n in loaded.tasks:
+        assert loaded._tasks[n].keys is loaded.router.keys(n, copy=False)
+        assert np.array_equal(loaded._tasks[n].keys, tiny_bank._tasks[n].keys)
 
 
 def test_a_learned_router_bank_never_imports_faiss(tmp_path):
