@@ -180,12 +180,17 @@ def test_splits_are_deterministic_and_disjoint():
     assert bench_common.subsample(rows, None) == rows and bench_common.subsample(rows, 500) == rows
 
 
-def test_load_task_splits_mr_style_data(tmp_path):
+def _mr_folder(tmp_path, n: int = 50) -> None:
+    """An MR-style dataset (``all.jsonl`` only, two labels) of ``n`` rows under ``tmp_path / "mr"``."""
     folder = tmp_path / "mr"
     folder.mkdir()
     (folder / "labels.json").write_text('{"labels": ["negative", "positive"]}')
-    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(50)]
+    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(n)]
     (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_load_task_splits_mr_style_data(tmp_path):
+    _mr_folder(tmp_path)
     a = transfer.load_task(tmp_path, "mr", 20, 5, 8, seed=0)
     b = transfer.load_task(tmp_path, "mr", 20, 5, 8, seed=1)
     assert a["test"] == b["test"]  # the fixed test split does not move with the seed
@@ -197,11 +202,7 @@ def test_load_task_splits_mr_style_data(tmp_path):
 
 
 def test_load_task_caps_a_source_at_its_pool(tmp_path):
-    folder = tmp_path / "mr"
-    folder.mkdir()
-    (folder / "labels.json").write_text('{"labels": ["negative", "positive"]}')
-    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(50)]
-    (folder / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _mr_folder(tmp_path)
     capped = transfer.load_task(tmp_path, "mr", 1000, 5, 8, seed=0, cap=True)
     assert len(capped["train"]) == 40 - 5 and len(capped["dev"]) == 5  # pool: 80 % of 50 rows
     with pytest.raises(ValueError, match="pool of 40"):
