@@ -12,9 +12,9 @@ TRAIN pools only (``step_budget.sample``: train rows per label, other rows of th
   README: on these runs it does worse than keeping the probe always);
 - the dev accuracies both ways (what the gate sees).
 
-    python benchmarks/probe_gate.py --per-class 16,64          # 16 datasets x 2 sizes, seed 0 (~35 min, 1 thread)
-    python benchmarks/probe_gate.py --per-class 64 --out g64.json   # a part alongside, then --merge
-    python benchmarks/probe_gate.py --merge g16.json g64.json
+    python benchmarks/probe_gate.py --per-class 16,64          # 16 datasets x 2 sizes, seed 0 (~30 min, 1 thread)
+    python benchmarks/probe_gate.py --per-class 64 --seed 1 --out g64s1.json   # parts alongside, then --merge
+    python benchmarks/probe_gate.py --merge g16.json g64.json g16s1.json g64s1.json
     python benchmarks/probe_gate.py --quick                     # 2 datasets, 4 per label, 6 steps: a smoke run
 """
 
