@@ -627,7 +627,7 @@ class PromptBank:
         is in the table."""
         name = task.record.name
         with self._lock:
-            router = _copy_router(self.router)
+            router = self.router.copy()
             router.add(name, task.keys, task.record.threshold)
             # one copy of the keys: the task holds the router's (validated, read-only) array
             task = replace(task, keys=router.keys(name, copy=False))
@@ -729,7 +729,7 @@ class PromptBank:
         """Delete task ``name`` (its soft prompt, keys and record)."""
         with self._lock:  # copy, then publish: the router first, so it never names a task missing from the table
             self._get(name)
-            router = _copy_router(self.router)
+            router = self.router.copy()
             router.remove(name)
             tasks = {n: t for n, t in self._tasks.items() if n != name}
             self.router = router
@@ -1126,7 +1126,7 @@ class PromptBank:
         ``"hnsw"`` (``hnsw_m``, ``ef_construction``, ``ef_search``) or ``"ivf"`` (``nlist``, ``nprobe``); see
         :class:`promptbank.router.Router`. Saved with the bank. Keys, ids and thresholds are unchanged."""
         with self._lock:
-            self.router = _copy_router(self.router, index=index, **options)
+            self.router = self.router.copy(index=index, **options)
 
     def route(self, text: str, *, top_k: int = 3) -> Routing:
         """Rank tasks for one query; ``task`` is ``None`` when the first-ranked task's score is under its threshold.
@@ -1475,13 +1475,6 @@ def _variant_of(task: _Task, variant: str | None) -> _Variant:
         raise VariantNotFoundError(
             f"task {task.record.name!r} has no prompt variant {variant!r} (variants: {known})"
         ) from None
-
-
-def _copy_router(router: Router, **index_options) -> Router:
-    """An independent copy of ``router`` (same keys, ids, thresholds and index options unless overridden in
-    ``index_options``; the read-only keys shared; its index is built when first searched, never for a bank routed by
-    the learned router)."""
-    return router.copy(**index_options)
 
 
 def _stratified_subset(groups: np.ndarray, limit: int, seed: int) -> np.ndarray:

@@ -933,7 +933,7 @@ def recall_at_1(router: Router, query_emb: np.ndarray, *, level: str = "task") -
     best = (q @ all_keys.T).max(axis=1)
     if router.index_kind == "flat":
         return 1.0
-    router._index_cols()  # builds the index if needed
+    router._ensure_index()
     faiss = _faiss()
     if router.index_kind == "hnsw":
         params = faiss.SearchParametersHNSW(efSearch=router._ef_search)
