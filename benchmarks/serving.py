@@ -107,6 +107,11 @@ SPARSE_TARGETS = {
     "memory_routed_budget": ("peak RSS, same, routed, default prefix-cache budget", "<=", 1.10),
     "memory_routed_budget_bf16": ("peak RSS, same, routed, budget + bf16 embedder weights", "<=", 1.10),
     "memory_routed_budget_fast": ("peak RSS, same, routed, budget + fast embedder (+layers=3,2)", "<=", 1.10),
+    "memory_routed_budget_fast_bf16": (
+        "peak RSS, same, routed, budget + fast embedder (+layers=3,2) in bf16",
+        "<=",
+        1.10,
+    ),
     "memory_routed_budget_2layers": ("peak RSS, same, routed, budget + 2-layer embedder (+layers=2)", "<=", 1.10),
 }
 
@@ -1034,6 +1039,8 @@ def memory_child(mode: str, n_tasks: int, new_tokens: int) -> None:
         embedder = SentenceEmbedder(ROUTING_EMBEDDER, dtype="bfloat16") if mode.endswith("_bf16") else None
         if mode.endswith("_fast"):
             embedder = SentenceEmbedder(FAST_ROUTING_EMBEDDER)
+        if mode.endswith("_fast_bf16"):
+            embedder = SentenceEmbedder(FAST_ROUTING_EMBEDDER, dtype="bfloat16")
         if mode.endswith("_2layers"):
             embedder = SentenceEmbedder(DEFAULT_EMBEDDER + "+layers=2")
         bank = PromptBank.from_pretrained(embedder=embedder)  # the embedder loads lazily, when routing
@@ -1121,6 +1128,7 @@ def bench_memory(cfg) -> dict:
         "bank_routed_budget",
         "bank_routed_budget_bf16",
         "bank_routed_budget_fast",
+        "bank_routed_budget_fast_bf16",
         "bank_routed_budget_2layers",
     ]
     modes += budget_modes

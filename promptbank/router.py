@@ -245,6 +245,9 @@ class Router:
     links per node, ``ef_construction``, ``ef_search``) or ``"ivf"`` (``nlist`` inverted lists, default
     ``~4 sqrt(n)`` capped at ``n / 39``, searching ``nprobe`` of them). Approximate indexes are rebuilt lazily
     (on the next search) after removals (HNSW cannot delete) and IVF is retrained when the bank has grown 4x.
+    Adding tasks does not rebuild them: a router copied from one whose index is built, with the same index
+    options, builds its own index as a copy of that one plus the new tasks' keys (what :meth:`copy` then
+    :meth:`add` does on every ``learn_task``; HNSW at 20,000 keys: ~0.1 s instead of a ~16 s rebuild).
     Defaults measured on 100,000 MiniLM-like keys (6,250 tasks x 16), 1 CPU thread: HNSW builds in ~13 s and
     routes a query in ~0.7 ms with task recall@1 1.00 (ef_search 64: 0.4 ms, recall 0.64-0.89 on hard
     near-tie queries); IVF builds in ~11 s, ~0.8 ms, recall@1 0.99 (nprobe 16: 0.97). Exact flat search: 12-16 ms.
@@ -286,6 +289,9 @@ class Router:
         # readers share a published router: the lazy build runs once, not once per concurrent first search
         self._build_lock = threading.RLock()
         self._ivf_trained_on = 0  # number of keys the IVF coarse quantiser was trained on
+        # the router this one was copied from, while it holds a built index that this one's can start from
+        # (_extend_base); an ancestor, never a chain: a copy of an unbuilt copy takes over its base
+        self._base: Router | None = None
 
     # ---- basic accessors ------------------------------------------------------------------------
 
@@ -377,6 +383,8 @@ class Router:
         new = Router(self._dim, **{**self.index_config, **index_options})
         new._tasks = {name: _Task(t.keys, t.ids, t.threshold) for name, t in self._tasks.items()}
         new._next_id = self._next_id
+        if new.index_config == self.index_config and self._kind != "flat":  # flat: a rebuild is as cheap
+            new._base = self if not self._dirty else self._base
         return new
 
     # ---- mutation -------------------------------------------------------------------------------
@@ -429,6 +437,7 @@ class Router:
         self._pos_cols = None
         self._dirty = False
         self._pending = None
+        self._base = None
 
     def _ensure_index(self) -> None:
         """Build the index if there is none or it is stale (adopting a matching serialised one if given)."""
@@ -442,7 +451,38 @@ class Router:
                 if self._adopt_index(data):
                     return
                 log.info("stored router index does not match the keys; rebuilding it")
-            self.rebuild_index()
+            if not self._extend_base():
+                self.rebuild_index()
+
+    def _extend_base(self) -> bool:
+        """Build the index as a copy of the base router's (the one this was copied from) plus the keys of the tasks
+        added since, if that is all that changed: the base still has its index, its tasks are this router's first
+        tasks with the same ids, and an IVF index has not grown past its retraining point. Else False (rebuild)."""
+        base, self._base = self._base, None
+        if base is None:
+            return False
+        faiss = _faiss()
+        with base._build_lock:  # the base is a published router: readers may search it, nobody changes it
+            if base._dirty or base._index is None or len(base._tasks) > len(self._tasks):
+                return False
+            names = list(self._tasks)
+            if list(base._tasks) != names[: len(base._tasks)]:
+                return False
+            if any(self._tasks[n].ids is not t.ids for n, t in base._tasks.items()):
+                return False
+            added = [self._tasks[n] for n in names[len(base._tasks) :]]
+            n_keys = int(base._index.ntotal) + sum(t.ids.size for t in added)
+            trained_on = base._ivf_trained_on
+            if self._kind == "ivf" and n_keys > _IVF_RETRAIN_GROWTH * max(trained_on, _IVF_MIN_POINTS_PER_LIST):
+                return False
+            index = faiss.clone_index(base._index)
+        if added:
+            keys = np.concatenate([t.keys for t in added])
+            with _one_thread_if(keys.shape[0] < _PARALLEL_MIN_VECTORS):
+                index.add_with_ids(keys, np.concatenate([t.ids for t in added]))
+        self._set_index(index)
+        self._ivf_trained_on = trained_on
+        return True
 
     def _check_keys(self, keys: np.ndarray) -> np.ndarray:
         k = _as_matrix(keys, "keys", self._dim)

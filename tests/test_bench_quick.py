@@ -20,6 +20,7 @@ from promptbank.config import TrainConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
 import efficiency  # noqa: E402
+import index_growth  # noqa: E402
 import probe_gate  # noqa: E402
 import transfer  # noqa: E402
 
@@ -357,3 +358,12 @@ def test_run_system_is_reproducible_and_reports_everything(bert, hashing_embedde
     assert a["history"] == b["history"] and a["steps"] == 4
     assert 0 < a["trainable_params"] < bench_common.count_params(bert.model)
     assert a["bytes"] > 0 and a["bytes_with_train_state"] >= a["bytes"] and a["ms_per_step"] > 0
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_index_growth_measures_both_paths_on_the_same_router(kind):
+    r = index_growth.measure(kind, 320, repeats=2)
+    assert r["kind"] == kind and r["keys"] == 320 and r["tasks"] == 20
+    assert len(r["seconds"]["extend"]) == len(r["seconds"]["rebuild"]) == 2
+    assert r["ratio_extend_vs_rebuild"] == r["median_s"]["extend"] / r["median_s"]["rebuild"]
+    assert r["task_recall_at_1_extended"] == 1.0  # a small index: the extended one finds every query's task

@@ -35,13 +35,54 @@ def test_low_precision_weights_give_float32_unit_rows_close_to_fp32(tiny_st_dir,
     assert low.name == ref.name  # banks stay compatible: keys are ~identical
     assert low.dim == ref.dim
     want = str(dtype).removeprefix("torch.")
-    assert {p.dtype for p in low._load().parameters()} == {getattr(torch, want)}
+    model = low._load()
+    table = model.model.get_input_embeddings().weight  # kept float32, memory-mapped: see the test below
+    assert {p.dtype for p in model.parameters() if p is not table} == {getattr(torch, want)}
+    assert table.dtype == torch.float32 and model.vocab_mapped
     assert {p.dtype for p in ref._load().parameters()} == {torch.float32}
     a, b = ref.encode(TEXTS), low.encode(TEXTS, batch_size=2)
     assert b.dtype == np.float32 and b.shape == a.shape
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
     assert (a * b).sum(1).min() > 0.99
     assert want in repr(low) and "dtype" not in repr(ref)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_vocabulary_is_mapped_and_embeds_bit_for_bit_as_a_rounded_table(tiny_st_dir, dtype, monkeypatch):
+    """The float32 vocabulary table stays a map of the safetensors file (only looked-up rows become resident), and
+    rounding the looked-up rows gives exactly the embeddings of a model holding the whole table rounded."""
+    from safetensors.numpy import load_file
+
+    import promptbank.embed as embed
+
+    mapped = SentenceEmbedder(tiny_st_dir, mid_layer=True, dtype=dtype)
+    model = mapped._load()
+    table = model.model.get_input_embeddings().weight
+    stored = load_file(str(tiny_st_dir / "model.safetensors"))
+    (key,) = [k for k in stored if k.endswith("word_embeddings.weight")]
+    np.testing.assert_array_equal(table.numpy(), stored[key])
+    assert not table.requires_grad
+    monkeypatch.setattr(embed, "_map_vocabulary", lambda *a: False)
+    whole = SentenceEmbedder(tiny_st_dir, mid_layer=True, dtype=dtype)
+    assert whole._load().model.get_input_embeddings().weight.dtype == getattr(torch, dtype)
+    assert not whole._load().vocab_mapped
+    np.testing.assert_array_equal(mapped.encode(TEXTS), whole.encode(TEXTS))
+    np.testing.assert_array_equal(mapped.encode(TEXTS[:1]), whole.encode(TEXTS[:1]))
+
+
+def test_vocabulary_is_not_mapped_for_float32_or_without_a_float32_checkpoint(tiny_st_dir, tmp_path):
+    import shutil
+
+    assert not SentenceEmbedder(tiny_st_dir)._load().vocab_mapped  # float32 weights are mapped by transformers
+    half = tmp_path / "half"
+    shutil.copytree(tiny_st_dir, half)
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(half, dtype=torch.bfloat16).save_pretrained(half)  # a bf16 checkpoint: nothing to map
+    low = SentenceEmbedder(half, dtype="bfloat16")
+    assert not low._load().vocab_mapped
+    assert low._load().model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert low.encode(TEXTS).shape[0] == len(TEXTS)
 
 
 def test_dtype_names_and_errors():

@@ -210,6 +210,25 @@ def test_a_bank_keeps_one_copy_of_its_keys(tiny_bank, tmp_path):
         assert np.array_equal(loaded._tasks[n].keys, tiny_bank._tasks[n].keys)
 
 
+def test_a_knn_bank_with_an_approximate_index_extends_it_task_by_task(tiny_backbone, hashing_embedder, monkeypatch):
+    """A bank routed by the knn scorer searches its router in every learn_task (warm start); with HNSW that search
+    used to rebuild the whole graph of the freshly published router each time. Now only the first one builds."""
+    from conftest import fast_options
+
+    from promptbank import PromptBank
+
+    bank = PromptBank(tiny_backbone, hashing_embedder, routing="knn")
+    bank.set_index("hnsw")
+    rebuilds = _count_rebuilds(monkeypatch)
+    for name, word in (("weather", "rain"), ("sport", "match"), ("food", "soup"), ("music", "song")):
+        rows = [{"text": f"{word} report number {i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+        bank.learn_task(name, rows, **fast_options(max_steps=1))
+    assert bank.router.ntotal > 100  # past the size that routes by exact scores alone (32 keys)
+    assert bank.route("soup report number 3").task == "food"
+    assert len(rebuilds) == 1  # the warm-start search of the second task; the later ones extend that index
+    assert bank.router.index_kind == "hnsw" and bank.router.ntotal == sum(len(bank.router.ids(t)) for t in bank.tasks)
+
+
 def test_a_learned_router_bank_never_imports_faiss(tmp_path):
     """Training classification tasks, routing, predicting and loading a bank with the learned router need no FAISS
     index; only saving (the index is cached on disk) imports it, and generation tasks' k-means keys at training.
@@ -839,3 +858,109 @@ def test_exact_scores_with_very_uneven_key_counts():
     q = unit(rng, 25)
     np.testing.assert_allclose(router.scores(q), brute_scores(keys, q, 3), atol=1e-5)
     assert_routes_equal(router.route(q, top_k=4), brute_route(keys, q, 3, 4))
+
+
+def _count_rebuilds(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = Router.rebuild_index
+
+    def counted(self):
+        calls.append(self.ntotal)
+        real(self)
+
+    monkeypatch.setattr(Router, "rebuild_index", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_copy_then_add_extends_the_base_index_instead_of_rebuilding(kind, monkeypatch):
+    """What learn_task does (copy the published router, add a task, publish the copy): the copy's index is the
+    base's plus the new keys, built without a rebuild, and the base's index is left as it was."""
+    rng = np.random.default_rng(40)
+    keys = clustered_keys(rng, 120)
+    base = Router(DIM, top_keys=3, index=kind)
+    for name, k in list(keys.items())[:100]:
+        base.add(name, k, 0.5)
+    q = near_queries(rng, keys, 200)
+    base.route(q[:1])  # built
+    base_bytes, base_n = base.index_bytes(), base.ntotal
+    rebuilds = _count_rebuilds(monkeypatch)
+
+    router = base
+    for name, k in list(keys.items())[100:110]:  # ten learn_task-like steps, searched once in between
+        router = router.copy()
+        router.add(name, k, 0.5)
+        assert router._base is not None
+        router.route(q[:1])
+    for name, k in list(keys.items())[110:]:  # ten more with no search in between: one build at the end
+        router = router.copy()
+        router.add(name, k, 0.5)
+    routes = router.route(q, top_k=3)
+    assert rebuilds == []
+    assert router.ntotal == sum(k.shape[0] for k in keys.values()) and router._base is None
+    for t in router.tasks:
+        np.testing.assert_array_equal(np.sort(router.ids(t)), router.ids(t))
+    assert_scores_are_exact(router, keys, q, routes, 3)
+    assert recall_at_1(router, q) >= 0.95
+    assert base.index_bytes() == base_bytes and base.ntotal == base_n  # the published base is untouched
+    state = dict(
+        keys={t: router.keys(t) for t in router.tasks},
+        thresholds=router.thresholds,
+        ids={t: router.ids(t) for t in router.tasks},
+        next_id=router.next_id,
+    )
+    blob = router.index_bytes()
+    saved = Router.from_keys(**state, **router.index_config, index_bytes=blob)  # a bank saved and loaded
+    assert saved.index_bytes() == blob and saved.route(q, top_k=3) == routes  # adopted as it is
+
+
+@pytest.mark.parametrize("kind", APPROX)
+def test_copy_rebuilds_when_the_base_cannot_be_extended(kind, monkeypatch):
+    rng = np.random.default_rng(41)
+    keys = clustered_keys(rng, 40)
+    base = Router(DIM, top_keys=3, index=kind)
+    for name, k in keys.items():
+        base.add(name, k, 0.5)
+    q = near_queries(rng, keys, 50)
+    base.route(q[:1])
+    rebuilds = _count_rebuilds(monkeypatch)
+
+    removed = base.copy()  # a removal: HNSW cannot delete, so never extended
+    removed.remove("task3")
+    removed.route(q[:1])
+    assert len(rebuilds) == 1
+    assert all("task3" not in [t for t, _ in r] for r in removed.route(q, top_k=3))
+
+    other = base.copy(ef_search=99, nprobe=7)  # other index options: its own index
+    assert other._base is None
+    other.route(q[:1])
+    assert len(rebuilds) == 2
+
+    unbuilt = Router.from_keys(keys, base.thresholds, top_keys=3, index=kind)  # no built ancestor
+    child = unbuilt.copy()
+    assert child._base is None
+    child.route(q[:1])
+    assert len(rebuilds) == 3
+
+    flat = Router.from_keys(keys, base.thresholds, top_keys=3)  # flat: a rebuild is as cheap as a copy
+    flat.route(q[:1])
+    assert flat.copy()._base is None
+
+
+def test_ivf_copy_retrains_once_grown_past_its_retraining_point(monkeypatch):
+    rng = np.random.default_rng(42)
+    keys = clustered_keys(rng, 60)  # 960 keys
+    router = Router(DIM, top_keys=3, index="ivf")
+    for name, k in list(keys.items())[:5]:
+        router.add(name, k, 0.5)
+    router.route(unit(rng, 1))
+    trained = router._ivf_trained_on
+    rebuilds = _count_rebuilds(monkeypatch)
+    for name, k in list(keys.items())[5:]:
+        router = router.copy()
+        router.add(name, k, 0.5)
+        router.route(unit(rng, 1))
+    assert trained == 80  # grew 12x: retrained once, on passing 4x (320 keys); then 4x that is never reached
+    assert len(rebuilds) == 1 and 320 < rebuilds[0] <= 336
+    assert router._ivf_trained_on == rebuilds[0]
+    assert router._index.nlist > 1
