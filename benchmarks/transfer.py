@@ -327,6 +327,47 @@ def summarize(seeds: list[dict], min_drop: float = 0.01) -> dict:
     return out
 
 
+# settings that may differ between runs merged by --merge (everything else must match)
+_MERGE_FREE = {"seeds", "first_seed", "chains", "out", "merge", "summarize", "threads", "data"}
+
+
+def merge_results(results: list[dict], files: list[str]) -> dict:
+    """One result from runs of the same settings with different seeds: each seed's chains that every run ran (the
+    similarity matrix and versions of the first run), the summary recomputed over all seeds. Raises ``ValueError``
+    when settings differ or a seed appears twice."""
+    if not results:
+        raise ValueError("nothing to merge")
+
+    def settings(r: dict) -> dict:
+        return {k: v for k, v in r["config"].items() if k not in _MERGE_FREE}
+
+    for f, r in zip(files[1:], results[1:]):
+        diff = sorted(
+            k
+            for k in settings(r).keys() | settings(results[0]).keys()
+            if settings(r).get(k) != settings(results[0]).get(k)
+        )
+        if diff:
+            raise ValueError(f"{f} was run with other settings than {files[0]}: {', '.join(diff)}")
+    chains = [c for c in results[0]["seeds"][0]["chains"] if all(c in s["chains"] for r in results for s in r["seeds"])]
+    if not chains:
+        raise ValueError("the runs have no chain in common")
+    seeds = sorted(
+        ({"seed": s["seed"], "chains": {c: s["chains"][c] for c in chains}} for r in results for s in r["seeds"]),
+        key=lambda s: s["seed"],
+    )
+    numbers = [s["seed"] for s in seeds]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"a seed appears in more than one run: {numbers}")
+    out = {k: v for k, v in results[0].items() if k not in ("seeds", "summary")}
+    out["config"] = {**results[0]["config"], "seeds": len(seeds), "chains": ",".join(chains), "merged_from": files}
+    out["wall_seconds"] = sum(r["wall_seconds"] or 0.0 for r in results)
+    out["cpu_seconds"] = sum(r["cpu_seconds"] or 0.0 for r in results)
+    out["summary"] = summarize(seeds)
+    out["seeds"] = seeds
+    return out
+
+
 def _print_table(result) -> None:
     cfg = result["config"]
     print(
@@ -420,6 +461,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--data", type=Path, default=default_data_dir())
     ap.add_argument("--quick", action="store_true", help="sentiment chain, 1 seed, 32/16/32 rows, 8 steps")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="merge saved results of the same settings run with different seeds (the chains all of them ran) into "
+        "--out, with the summary over all their seeds (no training)",
+    )
     ap.add_argument("--chains", default=",".join(CHAINS))
     ap.add_argument("--train", type=int, default=128)
     ap.add_argument("--dev", type=int, default=32)
@@ -459,6 +510,14 @@ def main(argv=None) -> dict:
         result = json.loads(args.summarize.read_text())
         result["summary"] = summarize(result["seeds"])
         args.summarize.write_text(json.dumps(result, indent=2) + "\n")
+        _print_table(result)
+        return result
+    if args.merge:
+        result = merge_results([json.loads(p.read_text()) for p in args.merge], [str(p) for p in args.merge])
+        out = args.out or RESULTS / "transfer_merged.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        _plot(result, out.with_suffix(".png"))
         _print_table(result)
         return result
     if args.quick:
@@ -513,7 +572,7 @@ def main(argv=None) -> dict:
         )
         return {"similarity": sims}
     seeds = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         chains = {
             c: run_chain(backbone, embedder, args.data, CHAINS[c], seed, args, {**opts, "seed": seed})
             for c in chain_names

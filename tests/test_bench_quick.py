@@ -367,3 +367,25 @@ def test_index_growth_measures_both_paths_on_the_same_router(kind):
     assert len(r["seconds"]["extend"]) == len(r["seconds"]["rebuild"]) == 2
     assert r["ratio_extend_vs_rebuild"] == r["median_s"]["extend"] / r["median_s"]["rebuild"]
     assert r["task_recall_at_1_extended"] == 1.0  # a small index: the extended one finds every query's task
+
+
+def test_transfer_merge_combines_seeds_and_refuses_mismatches():
+    """``transfer.py --merge``: runs of the same settings with different seeds give the summary of all the seeds
+    over the chains every run has; other settings or a repeated seed are refused."""
+    saved = json.loads((bench_common.RESULTS / "transfer_sources_dev128.json").read_text())
+    first, second = copy.deepcopy(saved), copy.deepcopy(saved)
+    first["seeds"], second["seeds"] = saved["seeds"][:1], copy.deepcopy(saved["seeds"][1:])
+    for s in second["seeds"]:
+        del s["chains"]["topics"]  # the second run left a chain out
+    merged = transfer.merge_results([first, second], ["a.json", "b.json"])
+    assert [s["seed"] for s in merged["seeds"]] == [0, 1]
+    assert merged["config"]["chains"] == "sentiment,stars" and merged["config"]["merged_from"] == ["a.json", "b.json"]
+    full = transfer.summarize(saved["seeds"])
+    assert set(merged["summary"]) == {"mr", "cr", "yelp"}
+    assert all(merged["summary"][t] == full[t] for t in merged["summary"])
+    with pytest.raises(ValueError, match="more than one run"):
+        transfer.merge_results([saved, saved], ["a.json", "b.json"])
+    other = copy.deepcopy(first)
+    other["config"]["dev"] = 32
+    with pytest.raises(ValueError, match="other settings.*dev"):
+        transfer.merge_results([first, other], ["a.json", "b.json"])
