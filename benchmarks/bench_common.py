@@ -177,3 +177,13 @@ def routing_discriminant(bank) -> str | None:
     """Which discriminant ranks the tasks of ``bank``'s learned router (``"group"`` or ``"task"``, see
     :mod:`promptbank.lda`); ``None`` for a bank routing with the cosine scorer."""
     return bank._learned_router(bank.router).discriminant if bank.routing == "lda" else None
+
+
+def write_result(result: dict, out: Path | None, name: str, *, quick: bool = False) -> Path:
+    """Write ``result`` as JSON to ``out``, else to ``benchmarks/results/<name>[_quick].json``; print where and the
+    run's ``wall_seconds`` in minutes; return the path."""
+    path = out or RESULTS / (f"{name}_quick.json" if quick else f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"Wrote {path} ({result['wall_seconds'] / 60:.1f} min)")
+    return path

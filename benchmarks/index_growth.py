@@ -18,7 +18,6 @@ its task recall@1 against exact search on queries near the stored keys.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import RESULTS, versions  # noqa: E402
+from bench_common import versions, write_result  # noqa: E402
 
 DIM = 768
 KEYS_PER_TASK = 16
@@ -130,10 +129,7 @@ def main(argv=None) -> dict:
             f"{1000 * r['median_s']['rebuild']:.0f} ms | {r['ratio_extend_vs_rebuild']:.3f} | "
             f"{r['task_recall_at_1_extended']:.2f} |"
         )
-    out = args.out or RESULTS / ("index_growth_quick.json" if args.quick else "index_growth.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"Wrote {out} ({result['wall_seconds'] / 60:.1f} min)")
+    write_result(result, args.out, "index_growth", quick=args.quick)
     return result
 
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import RESULTS, default_data_dir, versions  # noqa: E402
+from bench_common import default_data_dir, versions, write_result  # noqa: E402
 
 VARIANTS = {  # name -> hidden-state indices (1 = first transformer layer); L = the model's number of layers
     "default (+mid: L, L/2)": "mid",
@@ -188,10 +188,7 @@ def main(argv=None) -> dict:
             f"{lat['+layers=3,2']['p50_ms']:.1f} ms (ratio {lat['ratio_p50_fast_vs_default']:.2f})"
         )
     result["wall_seconds"] = time.perf_counter() - t_start
-    out = args.out or RESULTS / ("routing_layers_quick.json" if args.quick else "routing_layers.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"Wrote {out} ({result['wall_seconds'] / 60:.1f} min)")
+    write_result(result, args.out, "routing_layers", quick=args.quick)
     return result
 
 
