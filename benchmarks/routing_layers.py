@@ -140,6 +140,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--latency-queries", type=int, default=100)
+    ap.add_argument(
+        "--query-dtype",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="also route the queries embedded with the weights in this dtype (keys stay float32, as in a bank learned "
+        "with a float32 embedder and served with a low-precision one): accuracy_<dtype>_queries",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,6 +157,7 @@ def main(argv=None) -> dict:
         sets = {k: v[:4] for k, v in sets.items()}
         keys_per_label, queries_per_label = 4, 4
     encoder = SentenceEmbedder(args.model)._load()
+    low = SentenceEmbedder(args.model, dtype=args.query_dtype)._load() if args.query_dtype else None
     n_layers = encoder.n_layers
     result: dict = {
         "config": {**{k: str(v) for k, v in vars(args).items()}, "keys_per_label": keys_per_label},
@@ -160,14 +168,21 @@ def main(argv=None) -> dict:
     for set_name, names in sets.items():
         kt, ktask, kgroup, qt, qtask = sample(args.data, names, keys_per_label, queries_per_label, args.seed)
         km, qm = layer_means(encoder, kt), layer_means(encoder, qt)
-        result["accuracy"][set_name] = {}
-        for label, spec in VARIANTS.items():
-            layers = _layers(spec, n_layers)
-            if max(layers) > n_layers:
-                continue
-            acc = routing_accuracy(combine(km, layers), ktask, kgroup, combine(qm, layers), qtask, names)
-            result["accuracy"][set_name][label] = {"layers": layers, **acc}
-            print(f"{set_name:5s} {label:38s} top-1 {100 * acc['top1']:5.1f}  hit@1 {100 * acc['hit@1']:5.1f}")
+        queries = {"accuracy": qm}
+        if low is not None:
+            queries[f"accuracy_{args.query_dtype}_queries"] = layer_means(low, qt)
+        for key, q in queries.items():
+            result.setdefault(key, {})[set_name] = {}
+            for label, spec in VARIANTS.items():
+                layers = _layers(spec, n_layers)
+                if max(layers) > n_layers:
+                    continue
+                acc = routing_accuracy(combine(km, layers), ktask, kgroup, combine(q, layers), qtask, names)
+                result[key][set_name][label] = {"layers": layers, **acc}
+                print(
+                    f"{set_name:5s} {label:38s} top-1 {100 * acc['top1']:5.1f}  hit@1 {100 * acc['hit@1']:5.1f}"
+                    + ("" if key == "accuracy" else f"  ({args.query_dtype} queries)")
+                )
     oos = args.data / "clinc150" / "oos_test.jsonl"
     lines = oos.read_text().splitlines() if oos.is_file() else []
     queries = [json.loads(line)["text"] for line in lines[: args.latency_queries]]

@@ -30,7 +30,9 @@ def test_quick_run_measures_every_layer_variant_and_latency(tmp_path):
     )
     model = _save_st_folder(tmp_path / "st")
     out = tmp_path / "layers.json"
-    res = routing_layers.main(["--quick", "--data", str(data), "--model", str(model), "--out", str(out)])
+    res = routing_layers.main(
+        ["--quick", "--data", str(data), "--model", str(model), "--out", str(out), "--query-dtype", "bfloat16"]
+    )
     assert json.loads(out.read_text())["n_layers"] == 3
     for set_name in ("cl4", "long"):
         got = res["accuracy"][set_name]
@@ -41,3 +43,8 @@ def test_quick_run_measures_every_layer_variant_and_latency(tmp_path):
     lat = res["latency"]
     assert set(lat) == {"default (+mid)", "+layers=3,2", "ratio_p50_fast_vs_default"}
     assert lat["+layers=3,2"]["n"] == 5 and lat["ratio_p50_fast_vs_default"] > 0
+    low = res["accuracy_bfloat16_queries"]  # the same keys and queries, the queries embedded with bf16 weights
+    for set_name in ("cl4", "long"):
+        assert set(low[set_name]) == set(res["accuracy"][set_name])
+        for row in low[set_name].values():
+            assert 0.0 <= row["hit@1"] <= row["top1"] <= 1.0 and row["queries"] == 4 * 2 * 4
