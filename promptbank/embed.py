@@ -173,7 +173,7 @@ class SentenceEmbedder:
     copy (all-MiniLM-L6-v2: 20 MiB, where the float32 layers' memory-mapped pages are 41 MiB once a query has
     run), while the vocabulary table stays a float32 memory map of the safetensors file, of which only the rows
     looked up become resident, each rounded to bf16 as it is looked up (the same numbers as a bf16 table). A
-    bank serving 100 tasks, routed: peak RSS 19 MiB under the float32 embedder's (``benchmarks/serving.py``).
+    bank serving 100 tasks, routed: peak RSS 14-19 MiB under the float32 embedder's (``benchmarks/serving.py``).
     On all-MiniLM-L6-v2+mid its embeddings keep a cosine of >= 0.9998 to the float32 ones
     (min 0.99989 over 500 CLINC150 queries; 1 of 500 routing decisions changed, hit@1 the same), so ``name``
     stays the same and a bank's stored float32 keys are routed with it as they are: pass
@@ -552,8 +552,10 @@ def _map_vocabulary(model: Any, source: str) -> bool:
     start, end = entry["data_offsets"]
     if end - start != weight.numel() * 4:
         return False
-    # mode "c": a private copy-on-write map, so torch gets a writable array (nothing writes to it)
-    mapped = np.memmap(path, dtype=np.float32, mode="c", offset=8 + size + start, shape=tuple(weight.shape))
+    try:  # mode "c": a private copy-on-write map, so torch gets a writable array (nothing writes to it)
+        mapped = np.memmap(path, dtype=np.dtype("<f4"), mode="c", offset=8 + size + start, shape=tuple(weight.shape))
+    except (OSError, ValueError):  # e.g. a truncated file
+        return False
     dtype = weight.dtype
     table.weight = torch.nn.Parameter(torch.from_numpy(mapped), requires_grad=False)
     table.register_forward_hook(lambda _module, _args, out: out.to(dtype))

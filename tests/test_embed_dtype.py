@@ -85,6 +85,29 @@ def test_vocabulary_is_not_mapped_for_float32_or_without_a_float32_checkpoint(ti
     assert low.encode(TEXTS).shape[0] == len(TEXTS)
 
 
+def test_vocabulary_map_refuses_a_checkpoint_cut_short(tiny_st_dir, tmp_path):
+    """A header that promises more bytes than the file holds: no map, the in-memory table is kept."""
+    import shutil
+
+    from transformers import AutoModel
+
+    from promptbank.embed import _map_vocabulary
+
+    model = AutoModel.from_pretrained(tiny_st_dir, dtype=torch.bfloat16)
+    before = model.get_input_embeddings().weight
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_st_dir, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    (entry,) = [v for k, v in header.items() if k.endswith("word_embeddings.weight")]
+    (cut / "model.safetensors").write_bytes(data[: 8 + size + entry["data_offsets"][0] + 16])  # ends inside the table
+    assert not _map_vocabulary(model, str(cut))
+    assert model.get_input_embeddings().weight is before
+    assert _map_vocabulary(model, str(tiny_st_dir))  # the whole file: mapped
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
 def test_dtype_names_and_errors():
     assert _dtype_name(None) == _dtype_name("float32") == _dtype_name(torch.float32) == "float32"
     assert _dtype_name("bf16") == _dtype_name(torch.bfloat16) == "bfloat16"
