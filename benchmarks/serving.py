@@ -1055,13 +1055,14 @@ def memory_child(mode: str, n_tasks: int, new_tokens: int) -> None:
         from promptbank import PromptBank
         from promptbank.embed import DEFAULT_EMBEDDER, FAST_ROUTING_EMBEDDER, ROUTING_EMBEDDER, SentenceEmbedder
 
-        embedder = SentenceEmbedder(ROUTING_EMBEDDER, dtype="bfloat16") if mode.endswith("_bf16") else None
-        if mode.endswith("_fast"):
-            embedder = SentenceEmbedder(FAST_ROUTING_EMBEDDER)
-        if mode.endswith("_fast_bf16"):
-            embedder = SentenceEmbedder(FAST_ROUTING_EMBEDDER, dtype="bfloat16")
-        if mode.endswith("_2layers"):
-            embedder = SentenceEmbedder(DEFAULT_EMBEDDER + "+layers=2")
+        embedders = {  # mode suffix -> routing embedder (spec, dtype); the longest matching suffix wins
+            "_bf16": (ROUTING_EMBEDDER, "bfloat16"),
+            "_fast": (FAST_ROUTING_EMBEDDER, None),
+            "_fast_bf16": (FAST_ROUTING_EMBEDDER, "bfloat16"),
+            "_2layers": (DEFAULT_EMBEDDER + "+layers=2", None),
+        }
+        suffix = max((k for k in embedders if mode.endswith(k)), key=len, default=None)
+        embedder = None if suffix is None else SentenceEmbedder(embedders[suffix][0], dtype=embedders[suffix][1])
         bank = PromptBank.from_pretrained(embedder=embedder)  # the embedder loads lazily, when routing
         if "_budget" not in mode:
             bank.kv_cache_bytes = 1 << 40  # unlimited (the rows before the byte budget): all 100 prefixes kept

@@ -341,12 +341,10 @@ def merge_results(results: list[dict], files: list[str]) -> dict:
     def settings(r: dict) -> dict:
         return {k: v for k, v in r["config"].items() if k not in _MERGE_FREE}
 
+    ref = settings(results[0])
     for f, r in zip(files[1:], results[1:]):
-        diff = sorted(
-            k
-            for k in settings(r).keys() | settings(results[0]).keys()
-            if settings(r).get(k) != settings(results[0]).get(k)
-        )
+        got = settings(r)
+        diff = sorted(k for k in ref.keys() | got.keys() if ref.get(k) != got.get(k))
         if diff:
             raise ValueError(f"{f} was run with other settings than {files[0]}: {', '.join(diff)}")
     chains = [c for c in results[0]["seeds"][0]["chains"] if all(c in s["chains"] for r in results for s in r["seeds"])]
@@ -514,11 +512,7 @@ def main(argv=None) -> dict:
         return result
     if args.merge:
         result = merge_results([json.loads(p.read_text()) for p in args.merge], [str(p) for p in args.merge])
-        out = args.out or RESULTS / "transfer_merged.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        _plot(result, out.with_suffix(".png"))
-        _print_table(result)
+        _write(result, args.out or RESULTS / "transfer_merged.json")
         return result
     if args.quick:
         args.seeds, args.train, args.dev, args.test, args.steps, args.eval_every = 1, 32, 16, 32, 8, 2
@@ -600,11 +594,16 @@ def main(argv=None) -> dict:
     }
     result["wall_seconds"] = time.perf_counter() - t_start
     result["cpu_seconds"] = time.process_time() - cpu_start  # ~ the wall time on an unloaded core (1 thread)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
-    _plot(result, out_path.with_suffix(".png"))
-    _print_table(result)
+    _write(result, out_path)
     return result
+
+
+def _write(result: dict, path: Path) -> None:
+    """Save a result (JSON, and its plot next to it) and print its table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(result, path.with_suffix(".png"))
+    _print_table(result)
 
 
 if __name__ == "__main__":

@@ -464,7 +464,7 @@ class Router:
             return False
         faiss = _faiss()
         with base._build_lock:  # the base is a published router: readers may search it, nobody changes it
-            if base._dirty or base._index is None or len(base._tasks) > len(self._tasks):
+            if base._dirty or len(base._tasks) > len(self._tasks):  # not dirty: its index is built
                 return False
             names = list(self._tasks)
             if list(base._tasks) != names[: len(base._tasks)]:
