@@ -354,10 +354,19 @@ class PromptBank:
         the caller has them (else computed here when the warm start needs them).
         """
         model, tok = self.backbone.model, self.backbone.tokenizer
-        if tconf.select_on == "accuracy" and not self.is_encoder:
+        if tconf.objective != "lm" and (self.is_encoder or task_data.kind != "classification"):
             raise ValueError(
-                "select_on='accuracy' needs an encoder backbone (the dev accuracy is measured there during "
-                "training); use 'loss' or 'auto' on a causal LM"
+                f"objective={tconf.objective!r} trains a causal LM's classification task to rank its labels; "
+                + (
+                    "an encoder's head always trains on the labels' cross-entropy: leave objective at 'lm'"
+                    if self.is_encoder
+                    else "this is a generation task: use objective='lm'"
+                )
+            )
+        if tconf.select_on == "accuracy" and not self.is_encoder and tconf.objective == "lm":
+            raise ValueError(
+                "select_on='accuracy' needs the dev accuracy during training: an encoder backbone, or "
+                "objective='labels' / 'labels+lm' on a causal LM; use 'loss' or 'auto'"
             )
         warm_from: list[dict[str, Any]] = []
         if resume_from is not None:
@@ -404,13 +413,19 @@ class PromptBank:
                 enc = self._pair_encoder(template, tconf.max_target_tokens)
                 train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
                 dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
-                result = train_soft_prompt(model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc)
+                label_ids = None
+                if tconf.objective != "lm":
+                    label_ids = _label_ids(tok, task_data.labels, tconf.max_target_tokens)
+                result = train_soft_prompt(
+                    model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc, label_ids=label_ids
+                )
                 num_train, num_dev = len(train_pairs), len(dev_pairs)
 
+        by_accuracy = (self.is_encoder or tconf.objective != "lm") and tconf.select_on != "loss"
         if resume_from is None and dev_data and result.steps and result.best_step == 0:
             warnings.warn(
                 f"{desc}: no trained state beat the initial one on the dev set "
-                f"({'accuracy, then loss' if self.is_encoder and tconf.select_on != 'loss' else 'loss'}) in "
+                f"({'accuracy, then loss' if by_accuracy else 'loss'}) in "
                 f"{result.steps} steps, so the "
                 + (
                     "warm-started state was kept (from " + ", ".join(w["task"] for w in warm_from) + ")"

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from .inject import PrefixKV, cache_kwargs, forward_hidden, model_device, output_cache
 
@@ -98,8 +99,43 @@ def rank_labels(
     label_ids: Sequence[Sequence[Sequence[int]]],
 ) -> list[torch.Tensor]:
     """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
+    :func:`label_scores` without gradients."""
+    return label_scores(model, tokenizer, row_kv, inputs, label_ids)
 
-    Two forwards, whatever the number of labels: the inputs once (behind their soft prompts, keeping the key/value
+
+def label_loss(
+    model: nn.Module,
+    tokenizer,
+    row_kv: Sequence[PrefixKV | None],
+    inputs: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[Sequence[int]]],
+    gold: Sequence[int],
+    lm_weight: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy of each row's gold label among its candidate labels, each label's sum log-likelihood
+    (:func:`label_scores`, the score :func:`rank_labels` predicts with) as its logit; plus ``lm_weight`` x the
+    gold label's mean per-token negative log-likelihood. Differentiable."""
+    scores = label_scores(model, tokenizer, row_kv, inputs, label_ids)
+    terms = []
+    for s, g, labs in zip(scores, gold, label_ids):
+        t = torch.logsumexp(s, 0) - s[g]
+        if lm_weight:
+            t = t - lm_weight * s[g] / len(labs[g])
+        terms.append(t)
+    return torch.stack(terms).mean()
+
+
+def label_scores(
+    model: nn.Module,
+    tokenizer,
+    row_kv: Sequence[PrefixKV | None],
+    inputs: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[Sequence[int]]],
+) -> list[torch.Tensor]:
+    """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
+
+    Two forwards, whatever the number of labels (up to :data:`LABEL_PAIRS_PER_FORWARD` (row, label) pairs; more
+    take one more forward per that many): the inputs once (behind their soft prompts, keeping the key/value
     cache), then every (row, label) continuation at once on a copy of its row's cache. The first label token is
     scored from the input's last position, so labels share the input's forward. Rows may use different tasks,
     prompt lengths and label sets.
@@ -117,34 +153,57 @@ def rank_labels(
     index = torch.tensor(owner, device=dev)
     scores = first_logp[index, torch.tensor([lab[0] for lab in flat], device=dev)]  # (N,)
 
-    width = max(len(lab) for lab in flat) - 1
-    if width > 0:  # feed label tokens [0 .. n-2] to score tokens [1 .. n-1]; right-padded, pads come last
-        n = len(flat)
-        feed = torch.full((n, width), _pad_id(tokenizer), dtype=torch.long)
-        feed_mask = torch.zeros((n, width), dtype=torch.long)
-        for i, lab in enumerate(flat):
-            feed[i, : len(lab) - 1] = torch.tensor(lab[:-1], dtype=torch.long)
-            feed_mask[i, : len(lab) - 1] = 1
-        feed, feed_mask = feed.to(dev), feed_mask.to(dev)
-        cache.batch_select_indices(index)  # (B, ...) -> (N, ...): each pair gets its row's prefix + input
+    if max(len(lab) for lab in flat) > 1:
+        # feed label tokens [0 .. n-2] to score tokens [1 .. n-1], each (row, label) pair on a copy of its row's
+        # cache; in chunks of pairs, so that many labels do not copy the cache for all of them at once
         base = model.base_model
-        start = prefix.position_ids[:, -1][index] + 1  # (N,)
-        out = base(
-            input_ids=feed,
-            attention_mask=torch.cat([prefix.attention_mask[index], feed_mask], dim=1),
-            position_ids=start[:, None] + torch.arange(width, device=dev)[None],
-            use_cache=True,
-            **cache_kwargs(base, cache),
-        )
-        rows = [i for i, lab in enumerate(flat) for _ in lab[1:]]
-        cols = [j for lab in flat for j in range(len(lab) - 1)]
-        tgts = [t for lab in flat for t in lab[1:]]
-        if rows:
-            rows_t = torch.tensor(rows, device=dev)
-            logits = head(out.last_hidden_state[rows_t, torch.tensor(cols, device=dev)]).float()  # (M, V)
-            logp = -F.cross_entropy(logits, torch.tensor(tgts, device=dev), reduction="none")
-            scores = scores.index_add(0, rows_t, logp)
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        parts = []
+        for s in range(0, len(flat), LABEL_PAIRS_PER_FORWARD):
+            chunk = flat[s : s + LABEL_PAIRS_PER_FORWARD]
+            sel = index[s : s + LABEL_PAIRS_PER_FORWARD]
+            parts.append(_continuation_logprobs(base, head, tokenizer, layers, prefix, chunk, sel, model.config))
+        scores = scores + torch.cat(parts)
     return list(torch.split(scores, [len(labels) for labels in label_ids]))
+
+
+# (row, label) continuations scored in one forward by label_scores; each holds a copy of its row's cache
+# (SmolLM2-135M: ~2.3 MB per pair for 50 prompt + input positions), so this bounds that copy at ~0.6 GB
+LABEL_PAIRS_PER_FORWARD = 256
+
+
+def _continuation_logprobs(base, head, tokenizer, layers, prefix, labels, index, config) -> torch.Tensor:
+    """Sum log-probability of tokens [1 ..] of each label given its row's cache and the label's first token
+    (one (len(labels),) tensor; 0 for one-token labels). ``index[i]``: the batch row of ``labels[i]``."""
+    dev = index.device
+    width = max(len(lab) for lab in labels) - 1
+    out = torch.zeros(len(labels), device=dev)
+    if width <= 0:
+        return out
+    feed = torch.full((len(labels), width), _pad_id(tokenizer), dtype=torch.long)  # right-padded: pads come last
+    feed_mask = torch.zeros((len(labels), width), dtype=torch.long)
+    for i, lab in enumerate(labels):
+        feed[i, : len(lab) - 1] = torch.tensor(lab[:-1], dtype=torch.long)
+        feed_mask[i, : len(lab) - 1] = 1
+    feed, feed_mask = feed.to(dev), feed_mask.to(dev)
+    cache = DynamicCache([(k.index_select(0, index), v.index_select(0, index)) for k, v in layers], config=config)
+    start = prefix.position_ids[:, -1][index] + 1  # (N,)
+    hidden = base(
+        input_ids=feed,
+        attention_mask=torch.cat([prefix.attention_mask[index], feed_mask], dim=1),
+        position_ids=start[:, None] + torch.arange(width, device=dev)[None],
+        use_cache=True,
+        **cache_kwargs(base, cache),
+    ).last_hidden_state
+    rows = [i for i, lab in enumerate(labels) for _ in lab[1:]]
+    if not rows:
+        return out
+    cols = [j for lab in labels for j in range(len(lab) - 1)]
+    tgts = [t for lab in labels for t in lab[1:]]
+    rows_t = torch.tensor(rows, device=dev)
+    logits = head(hidden[rows_t, torch.tensor(cols, device=dev)]).float()  # (M, V)
+    logp = -F.cross_entropy(logits, torch.tensor(tgts, device=dev), reduction="none")
+    return out.index_add(0, rows_t, logp)
 
 
 @torch.no_grad()

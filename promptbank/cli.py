@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default) or random vocabulary tokens (vocab)",
     )
     p.add_argument(
+        "--objective",
+        choices=("lm", "labels", "labels+lm"),
+        help="classification on a causal LM: train on the gold label's tokens (lm, default), on ranking the gold "
+        "label above the others as predict does (labels), or both (labels+lm)",
+    )
+    p.add_argument(
         "--no-probe",
         action="store_true",
         help="encoder backbones: the prompted head alone, no embedding probe beside it",
@@ -436,6 +442,7 @@ def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
         ("batch_size", args.batch_size),
         ("seed", args.seed),
         ("init", args.init),
+        ("objective", getattr(args, "objective", None)),
     ):
         if value is not None:
             options[key] = value

@@ -112,6 +112,10 @@ DEFAULT_LR_ENCODER = {
 }
 
 
+# Training objectives of a causal-LM classification task (TrainConfig.objective)
+OBJECTIVES = ("lm", "labels", "labels+lm")
+
+
 @dataclass
 class TrainConfig:
     """Training options for :meth:`PromptBank.learn_task`.
@@ -145,6 +149,16 @@ class TrainConfig:
     on a small dev set a trained head that is right more often but confidently wrong on a few examples has a
     higher loss than that. (That zero head is never kept in any case: on CL-4's Amazon, 8 dev examples, it also
     tied on accuracy; a warm-started or resumed starting state is a candidate.)
+    ``objective`` (classification on causal LMs; encoder heads always train on the labels' cross-entropy):
+    ``"lm"`` (default) trains the soft prompt to produce the gold label's tokens (mean per-token cross-entropy);
+    ``"labels"`` trains it to rank the gold label above the task's other labels, the way :meth:`predict` scores
+    them (cross-entropy over the labels' summed log-likelihoods, :func:`promptbank.causal.label_loss`);
+    ``"labels+lm"`` adds the first to the second. With either label objective the dev loss is that label
+    cross-entropy and ``select_on="auto"`` keeps the state with the best dev accuracy (ties: lower dev loss).
+    Each step also scores every (row, label) continuation: 1.2-1.5x the step time at 2-6 labels, ~3.8x at 15
+    (SmolLM2-135M). A task with more than ``label_subset`` labels ranks each batch's gold labels among that many
+    (the rest drawn at random per step; sampled softmax), which bounds that cost. Not the default: on held-out
+    train-pool rows it helped some tasks a lot and hurt others (README, "Training objective for classification").
     ``probe`` (encoder backbones): after training, also fit an embedding probe, a logistic regression on the
     routing embeddings of the training inputs (L2-penalised, scikit-learn's ``C = probe_c``), stored with the head;
     the task's label scores are then the sum of the prompted head's and the probe's log-probabilities. Routed
@@ -182,6 +196,8 @@ class TrainConfig:
     max_keys: int = 256
     threshold_quantile: float = 0.05
     select_on: str = "auto"
+    objective: str = "lm"
+    label_subset: int = 32
     probe: bool = True
     probe_c: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -210,6 +226,8 @@ class TrainConfig:
             "max_keys": self.max_keys >= 1,
             "threshold_quantile": 0 <= self.threshold_quantile < 1,
             "select_on": self.select_on in ("auto", "loss", "accuracy"),
+            "objective": self.objective in OBJECTIVES,
+            "label_subset": isinstance(self.label_subset, int) and self.label_subset >= 2,
             "probe": isinstance(self.probe, bool),
             "probe_c": isinstance(self.probe_c, (int, float)) and self.probe_c > 0,
         }

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .causal import lm_loss
+from .causal import label_loss, label_scores, lm_loss
 from .config import TrainConfig
 from .errors import TrainingDivergedError
 from .inject import prompt_kv
@@ -54,6 +54,42 @@ def _check_frozen(model: nn.Module) -> None:
 def _batch_loss(model, tokenizer, module: SoftPromptModule, pairs: Sequence[Pair]) -> torch.Tensor:
     kv = prompt_kv(model, module())  # once per batch, shared by its rows
     return lm_loss(model, tokenizer, [kv] * len(pairs), [p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def _label_batch_loss(
+    model,
+    tokenizer,
+    module: SoftPromptModule,
+    pairs: Sequence[Pair],
+    label_ids: Sequence[list[int]],
+    gold: list[int],
+    lm_weight: float = 0.0,
+) -> torch.Tensor:
+    kv = prompt_kv(model, module())  # once per batch, shared by its rows
+    inputs = [p[0] for p in pairs]
+    return label_loss(model, tokenizer, [kv] * len(pairs), inputs, [label_ids] * len(pairs), gold, lm_weight)
+
+
+@torch.no_grad()
+def dev_label_metrics(
+    model,
+    tokenizer,
+    module: SoftPromptModule,
+    dev: Sequence[Pair],
+    label_ids: Sequence[list[int]],
+    gold: list[int],
+    batch_size: int,
+) -> tuple[float, float]:
+    """(mean label cross-entropy, accuracy) of the dev rows under the label objective."""
+    kv = prompt_kv(model, module())
+    total, hits = 0.0, 0
+    for s in range(0, len(dev), batch_size):
+        chunk = dev[s : s + batch_size]
+        scores = label_scores(model, tokenizer, [kv] * len(chunk), [p[0] for p in chunk], [label_ids] * len(chunk))
+        for sc, g in zip(scores, gold[s : s + batch_size]):
+            total += float(torch.logsumexp(sc, 0) - sc[g])
+            hits += int(int(sc.argmax()) == g)
+    return total / max(len(dev), 1), hits / max(len(dev), 1)
 
 
 @torch.no_grad()
@@ -216,12 +252,58 @@ def train_soft_prompt(
     lr: float,
     desc: str = "training",
     on_step: Callable[[int, float], None] | None = None,
+    label_ids: Sequence[list[int]] | None = None,
 ) -> TrainResult:
     """Train a causal-LM soft prompt on ``train`` (lists of (input ids, target ids)); select on ``dev`` loss.
 
     Batches are length-bucketed on input + target tokens (``config.length_bucketing``). Raises
     :class:`TrainingDivergedError` on a NaN/inf loss or gradient. ``model`` must be frozen.
+    ``label_ids``: a classification task's labels (target ids, as in the pairs), given for the label objectives
+    (``config.objective``): the loss is the cross-entropy of the gold label among the labels
+    (:func:`promptbank.causal.label_loss`; at most ``config.label_subset`` labels per batch), plus the gold
+    label's per-token loss for ``"labels+lm"``; the dev loss is that cross-entropy over all labels, and the state
+    kept the one with the highest dev accuracy (ties: lower dev loss) unless ``config.select_on == "loss"``.
     """
+    if label_ids is not None:
+        index = {tuple(t): i for i, t in enumerate(label_ids)}
+        gold_tr = [index[tuple(t)] for _, t in train]
+        gold_dev = [index[tuple(t)] for _, t in dev]
+        last_acc = [0.0]
+        subset_rng = random.Random(config.seed)
+        lm_weight = 1.0 if config.objective == "labels+lm" else 0.0
+
+        def batch_loss(idx: list[int]) -> torch.Tensor:
+            gold = [gold_tr[i] for i in idx]
+            labels = list(range(len(label_ids)))
+            if len(labels) > config.label_subset:  # sampled softmax: the batch's gold labels, then random others
+                chosen = list(dict.fromkeys(gold))[: config.label_subset]
+                others = [g for g in labels if g not in set(chosen)]
+                labels = chosen + subset_rng.sample(others, max(0, config.label_subset - len(chosen)))
+                pos = {g: k for k, g in enumerate(labels)}
+                keep = [k for k, g in enumerate(gold) if g in pos]  # a batch with more gold labels than the subset
+                idx, gold = [idx[k] for k in keep], [pos[gold[k]] for k in keep]
+            pairs = [train[i] for i in idx]
+            return _label_batch_loss(model, tokenizer, module, pairs, [label_ids[g] for g in labels], gold, lm_weight)
+
+        def eval_labels() -> float:
+            loss, last_acc[0] = dev_label_metrics(model, tokenizer, module, dev, label_ids, gold_dev, config.batch_size)
+            return loss
+
+        return train_loop(
+            model,
+            module,
+            len(train),
+            batch_loss,
+            eval_labels if dev else None,
+            config,
+            param_groups=[{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr}],
+            desc=desc,
+            on_step=on_step,
+            fold=module.fold,
+            lengths=[len(inp) + len(tgt) for inp, tgt in train],
+            dev_metrics={"dev_accuracy": lambda: last_acc[0]} if dev else None,
+            select_on="dev_accuracy" if dev and config.select_on != "loss" else None,
+        )
     return train_loop(
         model,
         module,

@@ -326,21 +326,121 @@ def test_only_prompt_parameters_receive_gradients(tiny_bank):
 def test_rank_labels_equals_full_sequence_likelihood(tiny_bank):
     """The two-forward label ranking (labels share the input's forward) equals scoring each full
     input+label sequence on its own, for a mixed-task batch with different label sets."""
-    from promptbank.causal import encode_target, rank_labels, target_logprobs
+    from promptbank.causal import rank_labels, target_logprobs
 
-    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
-    tiny_bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=5, **fast_options())
     model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
-    rows = [("weather", "the weather is odd"), ("fruit", "a long text about eating some fruit"), (None, "hi")]
-    labels = [["good", "bad", "so-so"], ["red", "yellow"], ["x", "a longer label"]]
-    kvs = [tiny_bank._prompt_kv(t) if t else None for t, _ in rows]
-    inputs = [encode_input(tok, text) for _, text in rows]
-    label_ids = [[encode_target(tok, lab) for lab in labs] for labs in labels]
+    kvs, inputs, label_ids = _ranking_case(tiny_bank)
     got = rank_labels(model, tok, kvs, inputs, label_ids)
     with torch.no_grad():
         for kv, inp, labs, g in zip(kvs, inputs, label_ids, got):
             ref = torch.stack([target_logprobs(model, tok, [kv], [inp], [lab])[0].sum() for lab in labs])
             torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-5)
+
+
+def _ranking_case(bank):
+    from promptbank.causal import encode_target
+
+    bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
+    bank.learn_task("fruit", FRUIT, method="deep", num_virtual_tokens=5, **fast_options())
+    tok = bank.backbone.tokenizer
+    rows = [("weather", "the weather is odd"), ("fruit", "a long text about eating some fruit"), (None, "hi")]
+    labels = [["good", "bad", "so-so"], ["red", "yellow"], ["x", "a longer label"]]
+    kvs = [bank._prompt_kv(t) if t else None for t, _ in rows]
+    inputs = [encode_input(tok, text) for _, text in rows]
+    return kvs, inputs, [[encode_target(tok, lab) for lab in labs] for labs in labels]
+
+
+def test_rank_labels_in_chunks_of_pairs_equals_one_forward(tiny_bank, monkeypatch):
+    """Many labels are scored a bounded number of (row, label) pairs at a time: the scores do not change."""
+    from promptbank import causal
+
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    kvs, inputs, label_ids = _ranking_case(tiny_bank)
+    whole = causal.rank_labels(model, tok, kvs, inputs, label_ids)  # 7 pairs, under the default chunk
+    for chunk in (1, 2, 3):
+        monkeypatch.setattr(causal, "LABEL_PAIRS_PER_FORWARD", chunk)
+        for got, ref in zip(causal.rank_labels(model, tok, kvs, inputs, label_ids), whole):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_label_loss_is_the_cross_entropy_of_the_label_ranking(tiny_bank):
+    """The classification objective: each row's gold label against all its labels, scored as rank_labels scores
+    them (plus, with lm_weight, the gold label's per-token NLL); gradients reach the prompt, never the model."""
+    from promptbank.causal import label_loss, rank_labels
+    from promptbank.prompts import PromptTuning
+
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    _, inputs, label_ids = _ranking_case(tiny_bank)
+    module = PromptTuning({0: torch.randn(3, model.config.hidden_size)})
+    gold = [2, 0, 1]
+    scores = rank_labels(model, tok, [prompt_kv(model, module())] * 3, inputs, label_ids)
+    ce = torch.stack([torch.logsumexp(s, 0) - s[g] for s, g in zip(scores, gold)])
+    nll = torch.stack([-s[g] / len(labs[g]) for s, g, labs in zip(scores, gold, label_ids)])
+    for weight in (0.0, 1.0):
+        module.zero_grad()
+        loss = label_loss(model, tok, [prompt_kv(model, module())] * 3, inputs, label_ids, gold, lm_weight=weight)
+        torch.testing.assert_close(loss.detach(), (ce + weight * nll).mean(), atol=1e-5, rtol=1e-5)
+        loss.backward()
+        assert module.embeddings.grad is not None and module.embeddings.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_label_objective_trains_on_the_ranking_and_selects_on_dev_accuracy(tiny_bank):
+    """objective="labels": the dev loss is the label cross-entropy, the dev accuracy is recorded at every
+    evaluation (and drives the kept state); the default "lm" records neither and trains on the label tokens."""
+    opts = fast_options(max_steps=12, eval_every=3, lr=0.5, warm_start=False)
+    lm = tiny_bank.learn_task("weather_lm", WEATHER, num_virtual_tokens=3, **opts)
+    assert lm.train_config["objective"] == "lm"
+    assert not any("dev_accuracy" in h for h in lm.history)
+    rec = tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, objective="labels", **opts)
+    evals = [h for h in rec.history if h.get("dev_loss") is not None]
+    assert len(evals) == 5 and all("dev_accuracy" in h for h in evals)
+    kept = next(h for h in evals if h["step"] == rec.best_step)
+    assert kept["dev_accuracy"] == max(h["dev_accuracy"] for h in evals)
+    assert kept["dev_accuracy"] == pytest.approx(rec.dev_accuracy)  # measured again after training: the same
+    # two labels: the dev loss is a cross-entropy over 2 choices, ln 2 for a prompt that cannot tell them apart
+    assert 0 < evals[0]["dev_loss"] < 5 and evals[-1]["dev_loss"] < evals[0]["dev_loss"] + 1
+    assert rec.dev_loss == kept["dev_loss"]
+
+
+@pytest.mark.filterwarnings("ignore:.*no trained state beat")
+def test_label_objective_ranks_gold_labels_among_a_bounded_subset(tiny_bank, monkeypatch):
+    """More labels than label_subset: each step ranks the batch's gold labels among label_subset labels."""
+    from promptbank import train
+
+    seen = []
+    real = train._label_batch_loss
+
+    def spy(model, tok, module, pairs, label_ids, gold, lm_weight=0.0):
+        seen.append((len(label_ids), len(pairs), list(gold), lm_weight))
+        assert all(0 <= g < len(label_ids) for g in gold)
+        return real(model, tok, module, pairs, label_ids, gold, lm_weight)
+
+    monkeypatch.setattr(train, "_label_batch_loss", spy)
+    rows = [{"text": f"item {i} of kind {c}", "label": c} for i in range(4) for c in "abcdef"]
+    opts = fast_options(max_steps=4, batch_size=2, warm_start=False)
+    tiny_bank.learn_task("kinds", rows, num_virtual_tokens=3, objective="labels+lm", label_subset=3, **opts)
+    assert len(seen) == 4
+    assert all(n == 3 and rows_ == 2 and w == 1.0 for n, rows_, _, w in seen)
+    assert all(g[0] == 0 for _, _, g, _ in seen)  # the batch's gold labels come first in the subset
+
+
+def test_objective_errors(tiny_bank, enc_bank):
+    from promptbank.config import TrainConfig
+
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="ranking")
+    with pytest.raises(ValueError, match="label_subset"):
+        TrainConfig(label_subset=1)
+    with pytest.raises(ValueError, match="generation task"):
+        tiny_bank.learn_task("echo", ECHO, objective="labels", **fast_options())
+    with pytest.raises(ValueError, match="select_on='accuracy'"):
+        tiny_bank.learn_task("weather", WEATHER, select_on="accuracy", **fast_options())
+    with pytest.raises(ValueError, match="encoder"):
+        enc_bank.learn_task("weather", WEATHER, objective="labels", **fast_options())
+    assert not tiny_bank.tasks and not enc_bank.tasks
+    rec = tiny_bank.learn_task("weather", WEATHER, objective="labels", select_on="accuracy", **fast_options())
+    assert rec.train_config["select_on"] == "accuracy"
 
 
 def test_bank_refuses_a_different_backbone(tiny_bank, tmp_path):

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
 import efficiency  # noqa: E402
 import index_growth  # noqa: E402
+import objective  # noqa: E402
 import probe_gate  # noqa: E402
 import transfer  # noqa: E402
 
@@ -389,3 +390,43 @@ def test_transfer_merge_combines_seeds_and_refuses_mismatches():
     other["config"]["dev"] = 32
     with pytest.raises(ValueError, match="other settings.*dev"):
         transfer.merge_results([first, other], ["a.json", "b.json"])
+
+
+def test_objective_split_is_disjoint_per_label_and_seeded():
+    rows = [{"text": f"{lab} row {i} " + "x" * 700, "label": lab} for lab in "abc" for i in range(40)]
+    train, held = objective.split(rows, ["a", "b", "c"], 8, seed=3)
+    assert [sum(r["label"] == lab for r in train) for lab in "abc"] == [8, 8, 8]
+    assert [sum(r["label"] == lab for r in held) for lab in "abc"] == [objective.HELD_OUT_PER_CLASS] * 3
+    assert not {r["text"] for r in train} & {r["text"] for r in held}
+    assert all(len(r["text"]) == objective.MAX_CHARS for r in train + held)
+    assert objective.split(rows, ["a", "b", "c"], 8, seed=3) == (train, held)
+    assert objective.split(rows, ["a", "b", "c"], 8, seed=4) != (train, held)
+
+
+def test_objective_summary_compares_objectives_on_common_seeds():
+    def run(ds, obj, seed, acc):
+        return {
+            "dataset": ds,
+            "method": "deep",
+            "objective": obj,
+            "seed": seed,
+            "labels": 6,
+            "held_out_accuracy": acc,
+            "train_seconds": 1.0,
+        }
+
+    runs = [
+        run("t", "lm", 0, 0.2),
+        run("t", "labels", 0, 0.4),
+        run("t", "lm", 1, 0.4),
+        run("t", "labels", 1, 0.6),
+        run("t", "labels", 2, 0.9),  # no "lm" run for seed 2: left out of the comparison
+        run("u", "lm", 0, 0.5),
+        run("u", "labels", 0, 0.4),
+    ]
+    rows = objective.summary(runs)
+    t = next(r for r in rows if r["dataset"] == "t")
+    assert t["seeds"] == [0, 1] and t["lm"] == pytest.approx(30.0) and t["labels"] == pytest.approx(50.0)
+    text = objective.table(rows)
+    assert "| t | 6 | deep | 0,1 | 30.0 | 50.0 | +20.0 |" in text
+    assert "deep, labels - lm: mean +5.0 over 2 datasets (better on 1, worse on 1)" in text

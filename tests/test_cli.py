@@ -432,6 +432,17 @@ def test_no_probe_reaches_the_train_options():
     assert _learn_options(build_parser().parse_args([*base, "--no-probe"]))["probe"] is False
 
 
+def test_objective_reaches_the_train_options():
+    from promptbank.cli import _learn_options, build_parser
+
+    base = ["learn", "t", "data.jsonl"]
+    assert "objective" not in _learn_options(build_parser().parse_args(base))  # TrainConfig's default ("lm")
+    for value in ("lm", "labels", "labels+lm"):
+        assert _learn_options(build_parser().parse_args([*base, "--objective", value]))["objective"] == value
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--objective", "ranking"])
+
+
 def test_learn_summary_names_the_prompted_heads_dev_accuracy_next_to_the_probed_one():
     """The progress bar shows the prompted head's dev accuracy; an encoder task with a probe reports the combined
     one, so the summary line gives both when they differ."""
