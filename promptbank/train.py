@@ -264,60 +264,60 @@ def train_soft_prompt(
     label's per-token loss for ``"labels+lm"``; the dev loss is that cross-entropy over all labels, and the state
     kept the one with the highest dev accuracy (ties: lower dev loss) unless ``config.select_on == "loss"``.
     """
-    if label_ids is not None:
-        index = {tuple(t): i for i, t in enumerate(label_ids)}
-        gold_tr = [index[tuple(t)] for _, t in train]
-        gold_dev = [index[tuple(t)] for _, t in dev]
-        last_acc = [0.0]
-        subset_rng = random.Random(config.seed)
-        lm_weight = 1.0 if config.objective == "labels+lm" else 0.0
-
-        def batch_loss(idx: list[int]) -> torch.Tensor:
-            gold = [gold_tr[i] for i in idx]
-            labels = list(range(len(label_ids)))
-            if len(labels) > config.label_subset:  # sampled softmax: the batch's gold labels, then random others
-                chosen = list(dict.fromkeys(gold))[: config.label_subset]
-                others = [g for g in labels if g not in set(chosen)]
-                labels = chosen + subset_rng.sample(others, max(0, config.label_subset - len(chosen)))
-                pos = {g: k for k, g in enumerate(labels)}
-                keep = [k for k, g in enumerate(gold) if g in pos]  # a batch with more gold labels than the subset
-                idx, gold = [idx[k] for k in keep], [pos[gold[k]] for k in keep]
-            pairs = [train[i] for i in idx]
-            return _label_batch_loss(model, tokenizer, module, pairs, [label_ids[g] for g in labels], gold, lm_weight)
-
-        def eval_labels() -> float:
-            loss, last_acc[0] = dev_label_metrics(model, tokenizer, module, dev, label_ids, gold_dev, config.batch_size)
-            return loss
-
-        return train_loop(
-            model,
-            module,
-            len(train),
-            batch_loss,
-            eval_labels if dev else None,
-            config,
-            param_groups=[{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr}],
-            desc=desc,
-            on_step=on_step,
-            fold=module.fold,
-            lengths=[len(inp) + len(tgt) for inp, tgt in train],
-            dev_metrics={"dev_accuracy": lambda: last_acc[0]} if dev else None,
-            select_on="dev_accuracy" if dev and config.select_on != "loss" else None,
-        )
+    if label_ids is None:
+        options = {
+            "batch_loss": lambda idx: _batch_loss(model, tokenizer, module, [train[i] for i in idx]),
+            "eval_loss": (lambda: dev_loss(model, tokenizer, module, dev, config.batch_size)) if dev else None,
+            "loss_weight": lambda idx: sum(len(train[i][1]) for i in idx),  # lm_loss: a mean over target tokens
+        }
+    else:
+        options = _label_objective(model, tokenizer, module, train, dev, config, label_ids)
     return train_loop(
         model,
         module,
         len(train),
-        lambda idx: _batch_loss(model, tokenizer, module, [train[i] for i in idx]),
-        (lambda: dev_loss(model, tokenizer, module, dev, config.batch_size)) if dev else None,
-        config,
+        config=config,
         param_groups=[{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr}],
         desc=desc,
         on_step=on_step,
         fold=module.fold,
         lengths=[len(inp) + len(tgt) for inp, tgt in train],
-        loss_weight=lambda idx: sum(len(train[i][1]) for i in idx),  # lm_loss is a mean over target tokens
+        **options,
     )
+
+
+def _label_objective(model, tokenizer, module, train, dev, config: TrainConfig, label_ids) -> dict:
+    """The :func:`train_loop` options of the label objectives (see :func:`train_soft_prompt`)."""
+    index = {tuple(t): i for i, t in enumerate(label_ids)}
+    gold_tr = [index[tuple(t)] for _, t in train]
+    gold_dev = [index[tuple(t)] for _, t in dev]
+    last_acc = [0.0]
+    subset_rng = random.Random(config.seed)
+    lm_weight = 1.0 if config.objective == "labels+lm" else 0.0
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        gold = [gold_tr[i] for i in idx]
+        labels = list(range(len(label_ids)))
+        if len(labels) > config.label_subset:  # sampled softmax: the batch's gold labels, then random others
+            chosen = list(dict.fromkeys(gold))[: config.label_subset]
+            others = [g for g in labels if g not in set(chosen)]
+            labels = chosen + subset_rng.sample(others, max(0, config.label_subset - len(chosen)))
+            pos = {g: k for k, g in enumerate(labels)}
+            keep = [k for k, g in enumerate(gold) if g in pos]  # a batch with more gold labels than the subset
+            idx, gold = [idx[k] for k in keep], [pos[gold[k]] for k in keep]
+        pairs = [train[i] for i in idx]
+        return _label_batch_loss(model, tokenizer, module, pairs, [label_ids[g] for g in labels], gold, lm_weight)
+
+    def eval_labels() -> float:
+        loss, last_acc[0] = dev_label_metrics(model, tokenizer, module, dev, label_ids, gold_dev, config.batch_size)
+        return loss
+
+    return {
+        "batch_loss": batch_loss,
+        "eval_loss": eval_labels if dev else None,
+        "dev_metrics": {"dev_accuracy": lambda: last_acc[0]} if dev else None,
+        "select_on": "dev_accuracy" if dev and config.select_on != "loss" else None,
+    }
 
 
 def train_loop(
