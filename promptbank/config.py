@@ -155,7 +155,7 @@ class TrainConfig:
     them (cross-entropy over the labels' summed log-likelihoods, :func:`promptbank.causal.label_loss`);
     ``"labels+lm"`` adds the first to the second. With either label objective the dev loss is that label
     cross-entropy and ``select_on="auto"`` keeps the state with the best dev accuracy (ties: lower dev loss).
-    Each step also scores every (row, label) continuation: 1.2-1.5x the step time at 2-6 labels, ~3.8x at 15
+    Each step also scores every (row, label) continuation: roughly 1.1-2x the step time at 2-6 labels, ~4x at 15
     (SmolLM2-135M). A task with more than ``label_subset`` labels ranks each batch's gold labels among that many
     (the rest drawn at random per step; sampled softmax), which bounds that cost. Not the default: on held-out
     train-pool rows it helped some tasks a lot and hurt others (README, "Training objective for classification").
