@@ -300,7 +300,8 @@ def _label_objective(model, tokenizer, module, train, dev, config: TrainConfig, 
         labels = list(range(len(label_ids)))
         if len(labels) > config.label_subset:  # sampled softmax: the batch's gold labels, then random others
             chosen = list(dict.fromkeys(gold))[: config.label_subset]
-            others = [g for g in labels if g not in set(chosen)]
+            taken = set(chosen)
+            others = [g for g in labels if g not in taken]
             labels = chosen + subset_rng.sample(others, max(0, config.label_subset - len(chosen)))
             pos = {g: k for k, g in enumerate(labels)}
             keep = [k for k, g in enumerate(gold) if g in pos]  # a batch with more gold labels than the subset
