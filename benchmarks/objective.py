@@ -23,7 +23,7 @@ import random
 import time
 from pathlib import Path
 
-from bench_common import default_data_dir, mean, read_labels, versions, write_result
+from bench_common import default_data_dir, mean, read_labels, read_rows, versions, write_result
 
 OBJECTIVES = ("lm", "labels", "labels+lm")
 HELD_OUT_PER_CLASS = 20
@@ -36,12 +36,10 @@ def load_pool(data: Path, name: str) -> tuple[list[dict], list[str]]:
         domain = name.split(":", 1)[1]
         folder = data / "clinc150"
         labels = sorted(json.loads((folder / "labels.json").read_text())["domains"][domain])
-        rows = [json.loads(line) for line in open(folder / "train.jsonl", encoding="utf-8")]
-        return [r for r in rows if r["label"] in labels], labels
+        return [r for r in read_rows(folder / "train.jsonl") if r["label"] in labels], labels
     folder = data / name
     path = folder / "train.jsonl"
-    path = path if path.exists() else folder / "all.jsonl"
-    return [json.loads(line) for line in open(path, encoding="utf-8")], read_labels(folder)
+    return read_rows(path if path.exists() else folder / "all.jsonl"), read_labels(folder)
 
 
 def split(rows: list[dict], labels: list[str], per_class: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -60,8 +58,9 @@ def split(rows: list[dict], labels: list[str], per_class: int, seed: int) -> tup
     return cut[0], cut[1]
 
 
-def run_one(bank, data: Path, name: str, method: str, objective: str, seed: int, per_class: int, steps: int) -> dict:
-    rows, labels = load_pool(data, name)
+def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_class: int, steps: int) -> dict:
+    """One learn_task + held-out accuracy; ``pool``: :func:`load_pool`'s (rows, labels) of dataset ``name``."""
+    rows, labels = pool
     train, held = split(rows, labels, per_class, seed)
     t0 = time.perf_counter()
     rec = bank.learn_task(
@@ -173,10 +172,11 @@ def main() -> None:
         config["data"] = str(args.data)
         runs = []
         for name in args.datasets.split(","):
+            pool = load_pool(args.data, name)  # read once per dataset
             for method in args.methods.split(","):
                 for objective in args.objectives.split(","):
                     for seed in map(int, args.seeds.split(",")):
-                        runs.append(run_one(bank, args.data, name, method, objective, seed, args.per_class, args.steps))
+                        runs.append(run_one(bank, pool, name, method, objective, seed, args.per_class, args.steps))
                         print(json.dumps(runs[-1]), flush=True)
         wall = time.perf_counter() - t0
     rows = summary(runs)

@@ -116,13 +116,25 @@ def label_loss(
     (:func:`label_scores`, the score :func:`rank_labels` predicts with) as its logit; plus ``lm_weight`` x the
     gold label's mean per-token negative log-likelihood. Differentiable."""
     scores = label_scores(model, tokenizer, row_kv, inputs, label_ids)
+    return label_cross_entropy(scores, gold, label_ids, lm_weight).mean()
+
+
+def label_cross_entropy(
+    scores: Sequence[torch.Tensor],
+    gold: Sequence[int],
+    label_ids: Sequence[Sequence[Sequence[int]]] | None = None,
+    lm_weight: float = 0.0,
+) -> torch.Tensor:
+    """(n,) cross-entropy of each row's gold label given its labels' scores (:func:`label_scores`); with
+    ``lm_weight``, plus that times the gold label's mean per-token negative log-likelihood (``label_ids`` gives
+    the labels' token counts)."""
     terms = []
-    for s, g, labs in zip(scores, gold, label_ids):
+    for i, (s, g) in enumerate(zip(scores, gold)):
         t = torch.logsumexp(s, 0) - s[g]
         if lm_weight:
-            t = t - lm_weight * s[g] / len(labs[g])
+            t = t - lm_weight * s[g] / len(label_ids[i][g])
         terms.append(t)
-    return torch.stack(terms).mean()
+    return torch.stack(terms)
 
 
 def label_scores(

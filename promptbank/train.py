@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .causal import label_loss, label_scores, lm_loss
+from .causal import label_cross_entropy, label_loss, label_scores, lm_loss
 from .config import TrainConfig
 from .errors import TrainingDivergedError
 from .inject import prompt_kv
@@ -86,9 +86,9 @@ def dev_label_metrics(
     for s in range(0, len(dev), batch_size):
         chunk = dev[s : s + batch_size]
         scores = label_scores(model, tokenizer, [kv] * len(chunk), [p[0] for p in chunk], [label_ids] * len(chunk))
-        for sc, g in zip(scores, gold[s : s + batch_size]):
-            total += float(torch.logsumexp(sc, 0) - sc[g])
-            hits += int(int(sc.argmax()) == g)
+        chunk_gold = gold[s : s + batch_size]
+        total += float(label_cross_entropy(scores, chunk_gold).sum())
+        hits += sum(int(sc.argmax()) == g for sc, g in zip(scores, chunk_gold))
     return total / max(len(dev), 1), hits / max(len(dev), 1)
 
 
