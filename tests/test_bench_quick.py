@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
 import efficiency  # noqa: E402
 import index_growth  # noqa: E402
+import lr_study  # noqa: E402
 import objective  # noqa: E402
 import probe_gate  # noqa: E402
 import transfer  # noqa: E402
@@ -430,3 +431,36 @@ def test_objective_summary_compares_objectives_on_common_seeds():
     text = objective.table(rows)
     assert "| t | 6 | deep | 0,1 | 30.0 | 50.0 | +20.0 |" in text
     assert "deep, labels - lm: mean +5.0 over 2 datasets (better on 1, worse on 1)" in text
+
+
+def test_lr_study_summary_compares_learning_rates_on_common_seeds():
+    def run(ds, lr, seed, acc, loss):
+        return {
+            "dataset": ds,
+            "method": "deep",
+            "lr": lr,
+            "seed": seed,
+            "labels": 2,
+            "held_out_accuracy": acc,
+            "dev_loss": loss,
+            "best_step": 10 * (seed + 1),
+        }
+
+    runs = [
+        run("t", 0.1, 0, 0.5, 1.0),
+        run("t", 0.01, 0, 0.7, 0.6),
+        run("t", 0.1, 1, 0.7, 0.8),
+        run("t", 0.01, 1, 0.9, 0.4),
+        run("t", 0.01, 2, 0.0, 9.0),  # no lr 0.1 run for seed 2: left out of the comparison
+        run("u", 0.1, 0, 0.6, 0.5),
+        run("u", 0.01, 0, 0.4, 0.7),
+    ]
+    rows = lr_study.summary(runs)
+    t = next(r for r in rows if r["dataset"] == "t")
+    assert t["seeds"] == [0, 1]
+    assert t["lrs"]["0.01"] == {"accuracy": pytest.approx(80.0), "dev_loss": pytest.approx(0.5), "best_step": 15}
+    assert t["lrs"]["0.1"]["accuracy"] == pytest.approx(60.0)
+    text = lr_study.table(rows)
+    assert "| t | 2 | 0,1 | 80.0 (0.50, 15) | 60.0 (0.90, 15) |" in text
+    assert "| mean of 2 datasets | | | 60.0 | 60.0 |" in text
+    assert "best lr per dataset (ties: the first): t 0.01, u 0.1" in text
