@@ -23,38 +23,18 @@ import time
 from pathlib import Path
 
 from bench_common import default_data_dir, mean, versions, write_result
-from objective import load_pool, split
+from objective import learn_and_score, load_pool
 
 
 def run_one(bank, pool, name: str, method: str, lr: float, seed: int, per_class: int, steps: int) -> dict:
     """One learn_task at learning rate ``lr`` + held-out accuracy; ``pool``: ``objective.load_pool``'s output."""
-    rows, labels = pool
-    train, held = split(rows, labels, per_class, seed)
-    t0 = time.perf_counter()
-    rec = bank.learn_task(
-        "task",
-        train,
-        method=method,
-        labels=labels,
-        lr=lr,
-        max_steps=steps,
-        eval_every=10,
-        patience=3,
-        seed=seed,
-        progress=False,
-        warm_start=False,
-    )
-    seconds = time.perf_counter() - t0
-    try:
-        acc = bank.evaluate(held, task="task")["accuracy"]
-    finally:
-        bank.remove_task("task")
+    rec, acc, seconds = learn_and_score(bank, pool, method, seed, per_class, steps, lr=lr)
     return {
         "dataset": name,
         "method": method,
         "lr": lr,
         "seed": seed,
-        "labels": len(labels),
+        "labels": len(pool[1]),
         "held_out_accuracy": acc,
         "dev_loss": rec.dev_loss,
         "best_step": rec.best_step,

@@ -58,8 +58,9 @@ def split(rows: list[dict], labels: list[str], per_class: int, seed: int) -> tup
     return cut[0], cut[1]
 
 
-def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_class: int, steps: int) -> dict:
-    """One learn_task + held-out accuracy; ``pool``: :func:`load_pool`'s (rows, labels) of dataset ``name``."""
+def learn_and_score(bank, pool, method: str, seed: int, per_class: int, steps: int, **options) -> tuple:
+    """Learn the task once on :func:`split`'s training rows (the study's settings; ``options``: more
+    ``learn_task`` arguments) and score it on the held-out rows, task given: ``(record, accuracy, seconds)``."""
     rows, labels = pool
     train, held = split(rows, labels, per_class, seed)
     t0 = time.perf_counter()
@@ -74,19 +75,25 @@ def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_c
         seed=seed,
         progress=False,
         warm_start=False,
-        objective=objective,
+        **options,
     )
     seconds = time.perf_counter() - t0
     try:
         acc = bank.evaluate(held, task="task")["accuracy"]
     finally:
         bank.remove_task("task")
+    return rec, acc, seconds
+
+
+def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_class: int, steps: int) -> dict:
+    """One learn_task + held-out accuracy; ``pool``: :func:`load_pool`'s (rows, labels) of dataset ``name``."""
+    rec, acc, seconds = learn_and_score(bank, pool, method, seed, per_class, steps, objective=objective)
     return {
         "dataset": name,
         "method": method,
         "objective": objective,
         "seed": seed,
-        "labels": len(labels),
+        "labels": len(pool[1]),
         "held_out_accuracy": acc,
         "dev_accuracy": rec.dev_accuracy,
         "best_step": rec.best_step,

@@ -464,3 +464,16 @@ def test_lr_study_summary_compares_learning_rates_on_common_seeds():
     assert "| t | 2 | 0,1 | 80.0 (0.50, 15) | 60.0 (0.90, 15) |" in text
     assert "| mean of 2 datasets | | | 60.0 | 60.0 |" in text
     assert "best lr per dataset (ties: the first): t 0.01, u 0.1" in text
+
+
+def test_study_runs_learn_score_and_leave_the_bank_empty(tiny_bank):
+    """objective.run_one and lr_study.run_one on the tiny causal bank: one record each, the task removed after."""
+    rows = [{"text": f"{lab} sample {i}", "label": lab} for lab in ("yes", "no") for i in range(30)]
+    pool = (rows, ["yes", "no"])
+    a = objective.run_one(tiny_bank, pool, "toy", "prompt_tuning", "lm", 0, 4, 3)
+    b = lr_study.run_one(tiny_bank, pool, "toy", "deep", 0.05, 0, 4, 3)
+    assert a["objective"] == "lm" and b["lr"] == 0.05 and b["method"] == "deep"
+    for r in (a, b):
+        assert r["labels"] == 2 and r["steps"] == 3 and 0.0 <= r["held_out_accuracy"] <= 1.0
+    assert b["dev_loss"] is not None and math.isfinite(b["dev_loss"])
+    assert list(tiny_bank.tasks) == []
