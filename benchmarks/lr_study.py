@@ -16,14 +16,10 @@ learning rate ran, and the mean over datasets) and writes JSON (config, versions
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
-import time
-from pathlib import Path
 
-from bench_common import default_data_dir, mean, versions, write_result
-from objective import learn_and_score, load_pool
+from bench_common import mean
+from objective import learn_and_score, run_study, study_parser
 
 
 def run_one(bank, pool, name: str, method: str, lr: float, seed: int, per_class: int, steps: int) -> dict:
@@ -100,46 +96,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=default_data_dir())
-    ap.add_argument("--datasets", default="trec,sst5,subj,cr,ag_news,clinc:banking")
-    ap.add_argument("--methods", default="deep")
+    ap = study_parser(__doc__, "trec,sst5,subj,cr,ag_news,clinc:banking", "deep")
     ap.add_argument("--lrs", default="0.01,0.03,0.1")
-    ap.add_argument("--seeds", default="0")
-    ap.add_argument("--per-class", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--merge", nargs="+", type=Path, help="merge the runs of these result files instead")
     args = ap.parse_args()
-
-    t0 = time.perf_counter()
-    if args.merge:
-        parts = [json.loads(p.read_text()) for p in args.merge]
-        runs = [r for p in parts for r in p["runs"]]
-        keys = [(r["dataset"], r["method"], r["lr"], r["seed"]) for r in runs]
-        if len(set(keys)) != len(keys):
-            raise SystemExit("the files repeat a (dataset, method, lr, seed) run")
-        config = {**parts[0]["config"], "merged_from": [str(p) for p in args.merge]}
-        wall = sum(p["wall_seconds"] for p in parts)
-    else:
-        from promptbank import PromptBank
-
-        bank = PromptBank.from_pretrained()
-        config = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
-        config["data"] = str(args.data)
-        runs = []
-        for name in args.datasets.split(","):
-            pool = load_pool(args.data, name)
-            for method in args.methods.split(","):
-                for lr in map(float, args.lrs.split(",")):
-                    for seed in map(int, args.seeds.split(",")):
-                        runs.append(run_one(bank, pool, name, method, lr, seed, args.per_class, args.steps))
-                        print(json.dumps(runs[-1]), flush=True)
-        wall = time.perf_counter() - t0
-    rows = summary(runs)
-    result = {"config": config, "versions": versions(), "runs": runs, "summary": rows, "wall_seconds": wall}
-    write_result(result, args.out, "lr_study")
-    print(table(rows))
+    run_study(args, "lr", [float(x) for x in args.lrs.split(",")], run_one, "lr_study", summary, table)
 
 
 if __name__ == "__main__":

@@ -149,26 +149,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_parser(doc: str, datasets: str, methods: str) -> argparse.ArgumentParser:
+    """The command-line options shared by the held-out studies (this one and ``lr_study.py``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=default_data_dir())
-    ap.add_argument("--datasets", default="trec,sst5,subj,ag_news,clinc:banking")
-    ap.add_argument("--methods", default="prompt_tuning,deep")
-    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--datasets", default=datasets)
+    ap.add_argument("--methods", default=methods)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--per-class", type=int, default=8)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--merge", nargs="+", type=Path, help="merge the runs of these result files instead")
-    args = ap.parse_args()
+    return ap
 
+
+def run_study(args, setting: str, values: list, run, name: str, summarise, tabulate) -> None:
+    """Run every (dataset, method, ``setting`` value, seed) with ``run`` (a ``run_one``), or merge ``--merge``'s
+    files (no run repeated); write the JSON result as ``name`` and print the table."""
     t0 = time.perf_counter()
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
         runs = [r for p in parts for r in p["runs"]]
-        keys = [(r["dataset"], r["method"], r["objective"], r["seed"]) for r in runs]
+        keys = [(r["dataset"], r["method"], r[setting], r["seed"]) for r in runs]
         if len(set(keys)) != len(keys):
-            raise SystemExit("the files repeat a (dataset, method, objective, seed) run")
+            raise SystemExit(f"the files repeat a (dataset, method, {setting}, seed) run")
         config = {**parts[0]["config"], "merged_from": [str(p) for p in args.merge]}
         wall = sum(p["wall_seconds"] for p in parts)
     else:
@@ -178,18 +182,25 @@ def main() -> None:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
         config["data"] = str(args.data)
         runs = []
-        for name in args.datasets.split(","):
-            pool = load_pool(args.data, name)  # read once per dataset
+        for dataset in args.datasets.split(","):
+            pool = load_pool(args.data, dataset)  # read once per dataset
             for method in args.methods.split(","):
-                for objective in args.objectives.split(","):
+                for value in values:
                     for seed in map(int, args.seeds.split(",")):
-                        runs.append(run_one(bank, pool, name, method, objective, seed, args.per_class, args.steps))
+                        runs.append(run(bank, pool, dataset, method, value, seed, args.per_class, args.steps))
                         print(json.dumps(runs[-1]), flush=True)
         wall = time.perf_counter() - t0
-    rows = summary(runs)
+    rows = summarise(runs)
     result = {"config": config, "versions": versions(), "runs": runs, "summary": rows, "wall_seconds": wall}
-    write_result(result, args.out, "objective")
-    print(table(rows))
+    write_result(result, args.out, name)
+    print(tabulate(rows))
+
+
+def main() -> None:
+    ap = study_parser(__doc__, "trec,sst5,subj,ag_news,clinc:banking", "prompt_tuning,deep")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    args = ap.parse_args()
+    run_study(args, "objective", args.objectives.split(","), run_one, "objective", summary, table)
 
 
 if __name__ == "__main__":
