@@ -16,10 +16,8 @@ learning rate ran, and the mean over datasets) and writes JSON (config, versions
 
 from __future__ import annotations
 
-import collections
-
 from bench_common import mean
-from objective import learn_and_score, run_study, study_parser
+from objective import learn_and_score, run_study, seed_groups, study_parser
 
 
 def run_one(bank, pool, name: str, method: str, lr: float, seed: int, per_class: int, steps: int) -> dict:
@@ -41,20 +39,9 @@ def run_one(bank, pool, name: str, method: str, lr: float, seed: int, per_class:
 
 def summary(runs: list[dict]) -> list[dict]:
     """Per (dataset, method): mean held-out accuracy and dev loss of each lr over the seeds where all lrs ran."""
-    groups = collections.defaultdict(lambda: collections.defaultdict(dict))
-    for r in runs:
-        groups[(r["dataset"], r["method"])][r["lr"]][r["seed"]] = r
     out = []
-    for (ds, method), by_lr in groups.items():
-        seeds = sorted(set.intersection(*(set(v) for v in by_lr.values())))
-        if not seeds:
-            continue
-        row = {
-            "dataset": ds,
-            "method": method,
-            "seeds": seeds,
-            "n_labels": by_lr[next(iter(by_lr))][seeds[0]]["labels"],
-        }
+    for row, by_lr in seed_groups(runs, "lr"):
+        seeds = row["seeds"]
         row["lrs"] = {
             f"{lr:g}": {
                 "accuracy": 100 * mean([by_seed[s]["held_out_accuracy"] for s in seeds]),

@@ -102,22 +102,25 @@ def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_c
     }
 
 
-def summary(runs: list[dict]) -> list[dict]:
-    """Per (dataset, method): mean held-out accuracy of each objective over the seeds where all ran."""
+def seed_groups(runs: list[dict], setting: str):
+    """Per (dataset, method): ``(row, by_value)``, ``row`` the group's dataset, method, labels and the seeds on
+    which every value of ``setting`` ran, ``by_value`` ``{value: {seed: run}}``; groups with no such seed are left
+    out. What each study's summary starts from."""
     groups = collections.defaultdict(lambda: collections.defaultdict(dict))
     for r in runs:
-        groups[(r["dataset"], r["method"])][r["objective"]][r["seed"]] = r
+        groups[(r["dataset"], r["method"])][r[setting]][r["seed"]] = r
+    for (ds, method), by_value in groups.items():
+        seeds = sorted(set.intersection(*(set(v) for v in by_value.values())))
+        if seeds:
+            n_labels = next(iter(by_value.values()))[seeds[0]]["labels"]
+            yield {"dataset": ds, "method": method, "seeds": seeds, "n_labels": n_labels}, by_value
+
+
+def summary(runs: list[dict]) -> list[dict]:
+    """Per (dataset, method): mean held-out accuracy of each objective over the seeds where all ran."""
     out = []
-    for (ds, method), by_obj in groups.items():
-        seeds = sorted(set.intersection(*(set(v) for v in by_obj.values())))
-        if not seeds:
-            continue
-        row = {
-            "dataset": ds,
-            "method": method,
-            "seeds": seeds,
-            "n_labels": next(iter(by_obj.values()))[seeds[0]]["labels"],
-        }
+    for row, by_obj in seed_groups(runs, "objective"):
+        seeds = row["seeds"]
         for obj, by_seed in by_obj.items():
             row[obj] = 100 * mean([by_seed[s]["held_out_accuracy"] for s in seeds])
             row[f"{obj}_seconds"] = mean([by_seed[s]["train_seconds"] for s in seeds])

@@ -207,9 +207,7 @@ def _continuation_logprobs(base, head, tokenizer, layers, prefix, labels, index,
         use_cache=True,
         **cache_kwargs(base, cache),
     ).last_hidden_state
-    rows = [i for i, lab in enumerate(labels) for _ in lab[1:]]
-    if not rows:
-        return out
+    rows = [i for i, lab in enumerate(labels) for _ in lab[1:]]  # not empty: some label has 2+ tokens (width > 0)
     cols = [j for lab in labels for j in range(len(lab) - 1)]
     tgts = [t for lab in labels for t in lab[1:]]
     rows_t = torch.tensor(rows, device=dev)
