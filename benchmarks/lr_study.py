@@ -17,24 +17,13 @@ learning rate ran, and the mean over datasets) and writes JSON (config, versions
 from __future__ import annotations
 
 from bench_common import mean
-from objective import learn_and_score, run_study, seed_groups, study_parser
+from objective import learn_and_score, run_record, run_study, seed_groups, study_parser
 
 
 def run_one(bank, pool, name: str, method: str, lr: float, seed: int, per_class: int, steps: int) -> dict:
     """One learn_task at learning rate ``lr`` + held-out accuracy; ``pool``: ``objective.load_pool``'s output."""
-    rec, acc, seconds = learn_and_score(bank, pool, method, seed, per_class, steps, lr=lr)
-    return {
-        "dataset": name,
-        "method": method,
-        "lr": lr,
-        "seed": seed,
-        "labels": len(pool[1]),
-        "held_out_accuracy": acc,
-        "dev_loss": rec.dev_loss,
-        "best_step": rec.best_step,
-        "steps": rec.steps,
-        "train_seconds": seconds,
-    }
+    scored = learn_and_score(bank, pool, method, seed, per_class, steps, lr=lr)
+    return run_record(name, method, "lr", lr, seed, pool, scored)
 
 
 def summary(runs: list[dict]) -> list[dict]:

@@ -85,21 +85,29 @@ def learn_and_score(bank, pool, method: str, seed: int, per_class: int, steps: i
     return rec, acc, seconds
 
 
-def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_class: int, steps: int) -> dict:
-    """One learn_task + held-out accuracy; ``pool``: :func:`load_pool`'s (rows, labels) of dataset ``name``."""
-    rec, acc, seconds = learn_and_score(bank, pool, method, seed, per_class, steps, objective=objective)
+def run_record(name: str, method: str, setting: str, value, seed: int, pool, scored: tuple) -> dict:
+    """A study's record of one run: dataset ``name``, ``method``, the studied ``setting``'s ``value``, ``seed`` and
+    what :func:`learn_and_score` returned (``scored``)."""
+    rec, acc, seconds = scored
     return {
         "dataset": name,
         "method": method,
-        "objective": objective,
+        setting: value,
         "seed": seed,
         "labels": len(pool[1]),
         "held_out_accuracy": acc,
+        "dev_loss": rec.dev_loss,
         "dev_accuracy": rec.dev_accuracy,
         "best_step": rec.best_step,
         "steps": rec.steps,
         "train_seconds": seconds,
     }
+
+
+def run_one(bank, pool, name: str, method: str, objective: str, seed: int, per_class: int, steps: int) -> dict:
+    """One learn_task + held-out accuracy; ``pool``: :func:`load_pool`'s (rows, labels) of dataset ``name``."""
+    scored = learn_and_score(bank, pool, method, seed, per_class, steps, objective=objective)
+    return run_record(name, method, "objective", objective, seed, pool, scored)
 
 
 def seed_groups(runs: list[dict], setting: str):

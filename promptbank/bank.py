@@ -32,7 +32,7 @@ from .inject import PrefixKV, model_device, prompt_kv
 from .lda import ROUTING_SCORERS, GaussianRouter
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
-from .tasks import TaskData, load_task_data, split_dev, truncate_inputs
+from .tasks import TaskData, check_label_words, label_texts, load_task_data, split_dev, truncate_inputs
 from .train import TrainResult, dev_loss, train_loop, train_soft_prompt
 
 logger = logging.getLogger(__name__)
@@ -80,19 +80,27 @@ class TaskRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     variant: str = DEFAULT_VARIANT  # name of this prompt variant (in bank.tasks: the serving one)
     imported_from: dict[str, Any] | None = None  # import_peft: adapter file, its sha256, peft_type, base model
+    label_words: dict[str, str] | None = None  # classification on a causal LM: label -> the text the model reads
+
+    @property
+    def label_texts(self) -> list[str] | None:
+        """The text a causal LM ranks for each label (its label word, else the label itself); ``None`` for
+        generation."""
+        return label_texts(self.labels, self.label_words) if self.labels else None
 
     @property
     def method(self) -> Method:
         return Method(self.prompt_config["method"])
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as JSON-ready data; ``variant`` and ``imported_from`` are left out at their defaults (so a
-        bank that uses neither is readable by promptbank versions that predate them)."""
+        """The record as JSON-ready data; ``variant``, ``imported_from`` and ``label_words`` are left out at their
+        defaults (so a bank that uses none of them is readable by promptbank versions that predate them)."""
         d = asdict(self)
         if d["variant"] == DEFAULT_VARIANT:
             del d["variant"]
-        if d["imported_from"] is None:
-            del d["imported_from"]
+        for key in ("imported_from", "label_words"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -262,6 +270,7 @@ class PromptBank:
         dev: Any = None,
         kind: str | None = None,
         labels: Sequence[str] | None = None,
+        label_words: Mapping[str, str] | None = None,
         num_virtual_tokens: int = 20,
         layers: list[int] | None = None,
         encoder_hidden: int | None = None,
@@ -274,6 +283,11 @@ class PromptBank:
         tuples. ``dev``: optional dev data (else ``dev_fraction`` of ``data`` is held out). ``method``:
         ``prompt_tuning`` | ``ptuning_mlp`` | ``ptuning_lstm`` | ``deep``. ``train_options`` are
         :class:`TrainConfig` fields (``max_steps``, ``lr``, ``batch_size``, ``seed``, ``warm_start`` ...).
+        ``label_words`` (a verbalizer, classification only): ``{label: text}`` for labels whose names the model
+        should not read as they are, e.g. ``{"ABBR": "abbreviation", "1": "terrible"}``. On a causal LM the
+        prompt is trained to write that text and prediction ranks it; predictions, scores and :meth:`evaluate`
+        still use the labels. Labels left out are their own text. Stored with the task (variants and
+        :meth:`resume_task` use the task's). On an encoder backbone only the text initialisation reads them.
         If training fails (bad data, NaN loss, interrupt) the bank is left exactly as it was.
         """
         validate_task_name(name)
@@ -286,6 +300,7 @@ class PromptBank:
         )
         tconf = TrainConfig(**train_options)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
+        words = check_label_words(label_words, task_data.kind, task_data.labels)
 
         train_emb = self.embedder.encode([ex.input for ex in train_data.examples])  # routing keys and warm start
         keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf, train_emb=train_emb)
@@ -299,8 +314,9 @@ class PromptBank:
             tconf,
             template,
             train_emb=train_emb,
+            label_words=words,
         )
-        record = fit.record(name, DEFAULT_VARIANT, task_data, pconf, tconf, template, float(threshold))
+        record = fit.record(name, DEFAULT_VARIANT, task_data, pconf, tconf, template, float(threshold), words)
         self._insert(_Task(record, fit.prompt, keys, fit.train_state, fit.head, key_groups=groups))
         logger.info(
             "learned task %r: %d steps, dev loss %s, dev accuracy %s",
@@ -345,15 +361,18 @@ class PromptBank:
         resume_from: _Variant | None = None,
         warm_exclude: str | None = None,
         train_emb: np.ndarray | None = None,
+        label_words: dict[str, str] | None = None,
     ) -> _Fit:
         """Train one soft prompt (and, on encoder backbones, its head); stores nothing.
 
         A new prompt starts from the text / vocabulary initialisation or a warm start (from stored tasks other
         than ``warm_exclude``); with ``resume_from`` it starts from that variant's stored ``train_state`` (prompt
         module, P-Tuning encoder and head included). ``train_emb``: the training inputs' routing embeddings, if
-        the caller has them (else computed here when the warm start needs them).
+        the caller has them (else computed here when the warm start needs them). ``label_words``: the task's checked
+        verbalizer (:func:`check_label_words`).
         """
         model, tok = self.backbone.model, self.backbone.tokenizer
+        texts = label_texts(task_data.labels, label_words) if task_data.labels else None
         if tconf.objective != "lm" and (self.is_encoder or task_data.kind != "classification"):
             raise ValueError(
                 f"objective={tconf.objective!r} trains a causal LM's classification task to rank its labels; "
@@ -374,7 +393,7 @@ class PromptBank:
         else:
             layer_set = pconf.resolved_layers(self.backbone.num_layers)
             if tconf.init == "text":
-                desc_text = describe_task(task_data.kind, task_data.labels)
+                desc_text = describe_task(task_data.kind, texts)
                 init_ids = text_init_ids(tok, desc_text, pconf.num_virtual_tokens)
             else:
                 gen = torch.Generator().manual_seed(tconf.seed)
@@ -410,12 +429,12 @@ class PromptBank:
             else:
                 if state is not None:
                     _load_train_state(module, state, desc)
-                enc = self._pair_encoder(template, tconf.max_target_tokens)
+                enc = self._pair_encoder(template, tconf.max_target_tokens, label_words)
                 train_pairs = [enc(ex.input, ex.target) for ex in train_data.examples]
                 dev_pairs = [enc(ex.input, ex.target) for ex in dev_data.examples] if dev_data else []
                 label_ids = None
                 if tconf.objective != "lm":
-                    label_ids = _label_ids(tok, task_data.labels, tconf.max_target_tokens)
+                    label_ids = _label_ids(tok, texts, tconf.max_target_tokens)
                 result = train_soft_prompt(
                     model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc, label_ids=label_ids
                 )
@@ -444,7 +463,14 @@ class PromptBank:
                     result.prompt, head, task_data.labels, dev_data, tconf.max_input_tokens
                 )
             else:
-                dev_acc = self._accuracy(result.prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
+                dev_acc = self._accuracy(
+                    result.prompt,
+                    task_data.labels,
+                    template,
+                    dev_data,
+                    tconf.max_target_tokens,
+                    label_words=label_words,
+                )
         return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
     def _routing_keys(
@@ -628,10 +654,13 @@ class PromptBank:
         )
         return sum(labels[int(lg.argmax())] == ex.target for lg, ex in zip(logits, data.examples)) / len(data)
 
-    def _pair_encoder(self, template: str, max_target_tokens: int):
+    def _pair_encoder(self, template: str, max_target_tokens: int, label_words: Mapping[str, str] | None = None):
+        """(input, target) -> token ids of the templated input and of the target (its label word, if it has one)."""
         tok = self.backbone.tokenizer
+        words = label_words or {}
 
         def enc(inp: str, target: str) -> tuple[list[int], list[int]]:
+            target = words.get(target, target)
             return causal.encode_input(tok, inp, template), causal.encode_target(tok, target, max_target_tokens)
 
         return enc
@@ -795,7 +824,17 @@ class PromptBank:
         tconf = TrainConfig.from_dict({**stored, **train_options})
         task_data, train_data, dev_data = self._split_data(data, dev, old.kind, old.labels, tconf)
         desc = f"resume {name}/{old.variant} ({pconf.method.value})"
-        fit = self._fit(desc, task_data, train_data, dev_data, pconf, tconf, old.template, resume_from=var)
+        fit = self._fit(
+            desc,
+            task_data,
+            train_data,
+            dev_data,
+            pconf,
+            tconf,
+            old.template,
+            resume_from=var,
+            label_words=old.label_words,
+        )
         r = fit.result
         history = [dict(e, step=e["step"] + old.steps) for e in r.history]
         history[0]["resumed"] = True
@@ -843,7 +882,7 @@ class PromptBank:
     ) -> TaskRecord:
         """Train another soft prompt for existing task ``task`` and store it as non-serving variant ``variant``.
 
-        Same kind and labels as the task (``data`` rows must use its labels); method, prompt shape, template
+        Same kind, labels and label words as the task (``data`` rows must use its labels); method, prompt shape, template
         (default: the task's) and ``train_options`` are free, as in :meth:`learn_task`. A warm start draws on the
         other tasks only, never on this task's own prompts. The serving prompt, routing and other tasks are not
         touched; use :meth:`compare` to evaluate the variants and :meth:`promote` to serve one. On failure nothing
@@ -862,11 +901,14 @@ class PromptBank:
         tconf = TrainConfig(**train_options)
         task_data, train_data, dev_data = self._split_data(data, dev, t.record.kind, t.record.labels, tconf)
         desc = f"learn {task}/{variant} ({pconf.method.value})"
-        fit = self._fit(desc, task_data, train_data, dev_data, pconf, tconf, template, warm_exclude=task)
-        record = fit.record(task, variant, task_data, pconf, tconf, template, t.record.threshold)
+        words = t.record.label_words
+        fit = self._fit(
+            desc, task_data, train_data, dev_data, pconf, tconf, template, warm_exclude=task, label_words=words
+        )
+        record = fit.record(task, variant, task_data, pconf, tconf, template, t.record.threshold, words)
         with self._lock:  # the task may have changed meanwhile (another variant, a promote): add to what is there
             cur = self._tasks.get(task)
-            if cur is None or (cur.record.kind, cur.record.labels) != (t.record.kind, t.record.labels):
+            if cur is None or _label_set(cur.record) != _label_set(t.record):
                 raise TaskChangedError(
                     f"task {task!r} was removed or replaced while variant {variant!r} was trained; nothing was stored"
                 )
@@ -943,13 +985,15 @@ class PromptBank:
                 row["accuracy"] = float((stacked.argmax(-1) == ys).float().mean())
             else:
                 max_target = int(r.train_config.get("max_target_tokens", 64))
-                enc = self._pair_encoder(r.template, max_target)
+                enc = self._pair_encoder(r.template, max_target, r.label_words)
                 pairs = [enc(ex.input, ex.target) for ex in td.examples]
                 prompt = v.prompt
                 model, tok = self.backbone.model, self.backbone.tokenizer
                 row["loss"] = dev_loss(model, tok, lambda p=prompt: p, pairs, batch_size)
                 if rec.kind == "classification":
-                    row["accuracy"] = self._accuracy(prompt, rec.labels, r.template, td, max_target, batch_size)
+                    row["accuracy"] = self._accuracy(
+                        prompt, rec.labels, r.template, td, max_target, batch_size, label_words=r.label_words
+                    )
             out[r.variant] = row
         return out
 
@@ -962,6 +1006,7 @@ class PromptBank:
         dev: Any = None,
         kind: str | None = None,
         labels: Sequence[str] | None = None,
+        label_words: Mapping[str, str] | None = None,
         template: str = causal.DEFAULT_TEMPLATE,
         **train_options,
     ) -> TaskRecord:
@@ -975,8 +1020,8 @@ class PromptBank:
         ``"{input}"``) for the bank's outputs to equal the adapter's.
 
         ``data`` (rows as for :meth:`learn_task`, ``dev`` too) gives the example inputs for the routing keys and
-        threshold, and the label set (or ``labels=``) of a classification task; dev loss and accuracy are measured
-        on the dev part. ``train_options`` are :class:`TrainConfig` fields (``n_prototypes``, ``seed``, ...; a
+        threshold, and the label set (or ``labels=``) of a classification task (``label_words``: the texts the adapter
+        was trained to write for them, as in :meth:`learn_task`); dev loss and accuracy are measured on the dev part. ``train_options`` are :class:`TrainConfig` fields (``n_prototypes``, ``seed``, ...; a
         later :meth:`resume_task` trains with them). The record's ``imported_from`` names the adapter file, its
         sha256 and PEFT type. Raises :class:`AdapterError` naming the file and the offending value.
         """
@@ -995,6 +1040,7 @@ class PromptBank:
         tconf = TrainConfig(**train_options)
         embeddings, info = read_peft_adapter(folder, self.backbone)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
+        words = check_label_words(label_words, task_data.kind, task_data.labels)
 
         keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf)
 
@@ -1002,12 +1048,14 @@ class PromptBank:
         pconf = PromptConfig(method=Method.PROMPT_TUNING, num_virtual_tokens=int(embeddings.shape[0]))
         loss = acc = None
         if dev_data:
-            enc = self._pair_encoder(template, tconf.max_target_tokens)
+            enc = self._pair_encoder(template, tconf.max_target_tokens, words)
             pairs = [enc(ex.input, ex.target) for ex in dev_data.examples]
             model, tok = self.backbone.model, self.backbone.tokenizer
             loss = dev_loss(model, tok, lambda: prompt, pairs, tconf.batch_size)
             if task_data.kind == "classification":
-                acc = self._accuracy(prompt, task_data.labels, template, dev_data, tconf.max_target_tokens)
+                acc = self._accuracy(
+                    prompt, task_data.labels, template, dev_data, tconf.max_target_tokens, label_words=words
+                )
         record = TaskRecord(
             name=name,
             kind=task_data.kind,
@@ -1024,6 +1072,7 @@ class PromptBank:
             train_seconds=0.0,
             threshold=float(threshold),
             imported_from=info,
+            label_words=words,
         )
         state = {"embeddings": embeddings.clone()} if tconf.keep_train_state else {}  # a PromptTuning state
         self._insert(_Task(record, prompt, keys, state, key_groups=groups))
@@ -1249,7 +1298,7 @@ class PromptBank:
         return preds  # type: ignore[return-value]
 
     def _label_ids(self, record: TaskRecord) -> list[list[int]]:
-        return _label_ids(self.backbone.tokenizer, record.labels, record.train_config.get("max_target_tokens"))
+        return _label_ids(self.backbone.tokenizer, record.label_texts, record.train_config.get("max_target_tokens"))
 
     def generate(
         self,
@@ -1354,13 +1403,15 @@ class PromptBank:
         data: TaskData,
         max_target_tokens: int,
         batch_size: int = 16,
+        *,
+        label_words: Mapping[str, str] | None = None,
     ) -> float:
-        """Accuracy of an (unstored) soft prompt on classification data."""
+        """Accuracy of an (unstored) soft prompt on classification data (ranking each label's text)."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         with torch.no_grad():
             kv = prompt_kv(model, prompt)
         n = len(data)
-        label_ids = _label_ids(tok, labels, max_target_tokens)
+        label_ids = _label_ids(tok, label_texts(labels, dict(label_words or {})), max_target_tokens)
         ll = self._rank_rows([ex.input for ex in data.examples], [template] * n, [kv] * n, [label_ids] * n, batch_size)
         return sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, data.examples)) / n
 
@@ -1428,6 +1479,7 @@ class _Fit:
         tconf: TrainConfig,
         template: str,
         threshold: float,
+        label_words: dict[str, str] | None = None,
     ) -> TaskRecord:
         r = self.result
         return TaskRecord(
@@ -1448,7 +1500,13 @@ class _Fit:
             warm_start_from=self.warm_from,
             history=r.history,
             variant=variant,
+            label_words=label_words,
         )
+
+
+def _label_set(record: TaskRecord) -> tuple:
+    """What a task's prompt variants must share: kind, labels and label words."""
+    return record.kind, record.labels, record.label_words or None
 
 
 def _load_train_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -67,6 +67,26 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _label_words(text: str) -> dict[str, str]:
+    """A JSON object ``{"label": "text", ...}``, inline or in a ``.json`` file -> the dict."""
+    source = "inline JSON"
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(
+                f'expected a JSON object like \'{{"ABBR": "abbreviation"}}\' or a .json file holding one; '
+                f"no file {text!r}"
+            )
+        source, text = str(path), path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"{source}: expected a JSON object of label -> text strings")
+    return value
+
+
 def _layer_list(text: str) -> list[int]:
     """``"0,3,5"`` -> ``[0, 3, 5]``."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -181,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder backbones: the prompted head alone, no embedding probe beside it",
     )
     p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
+    p.add_argument(
+        "--label-words",
+        type=_label_words,
+        metavar="JSON",
+        help="classification: the text the model reads and writes for labels whose names are codes, as a JSON "
+        'object or a .json file holding one, e.g. \'{"ABBR": "abbreviation", "HUM": "person"}\' (predictions '
+        "still print the labels)",
+    )
     p.add_argument(
         "--variant",
         metavar="VARIANT",
@@ -395,6 +423,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         args.method,
         dev=args.dev,
         kind=args.kind,
+        label_words=args.label_words,
         num_virtual_tokens=args.tokens,
         layers=args.layers,
         **options,
@@ -458,6 +487,8 @@ def _learn_variant(args: argparse.Namespace) -> int:
         raise ValueError(f"invalid variant name {args.variant!r}: use letters, digits, '_', '.', '-'") from None
     if args.kind is not None:
         args._parser.error("--kind does not apply to --variant (a variant has its task's kind)")
+    if args.label_words is not None:
+        args._parser.error("--label-words does not apply to --variant (a variant has its task's label words)")
     for label, path in (("data", args.data), ("dev data", args.dev)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{label} file {path} not found")
@@ -490,6 +521,7 @@ def _task_summary(record: Any) -> dict[str, Any]:
         "tokens": record.prompt_config["num_virtual_tokens"],
         "layers": record.prompt_config.get("layers"),
         "labels": record.labels,
+        "label_words": record.label_words,
         "num_train": record.num_train,
         "num_dev": record.num_dev,
         "steps": record.steps,

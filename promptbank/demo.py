@@ -25,6 +25,7 @@ class DemoTask:
     train: TaskData
     test: TaskData
     about: str
+    label_words: dict[str, str] | None = None
 
 
 def _bundled_tasks() -> list[DemoTask]:
@@ -62,14 +63,25 @@ def _sample(data: TaskData, per_label: int, seed: int) -> TaskData:
     return TaskData(kind=data.kind, examples=rows, labels=data.labels, source=data.source)
 
 
+# TREC-6's labels are codes; the model reads and writes the coarse classes' names (Li & Roth, 2002) instead
+TREC_WORDS = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
+
+
 def _real_tasks(data_dir: Path, seed: int) -> list[DemoTask]:
     spec = [
-        ("sst2", "prompt_tuning", "movie-review sentiment (SST-2)", "train", "test"),
-        ("ag_news", "ptuning_mlp", "news topic (AG News)", "train", "test"),
-        ("trec", "deep", "question type (TREC-6)", "train", "test"),
+        ("sst2", "prompt_tuning", "movie-review sentiment (SST-2)", "train", "test", None),
+        ("ag_news", "ptuning_mlp", "news topic (AG News)", "train", "test", None),
+        ("trec", "deep", "question type (TREC-6), label words", "train", "test", TREC_WORDS),
     ]
     tasks = []
-    for name, method, about, tr, te in spec:
+    for name, method, about, tr, te, words in spec:
         folder = data_dir / name
         if not folder.is_dir():
             raise FileNotFoundError(f"--data {data_dir}: no {name}/ folder (expected the layout of shared/data)")
@@ -79,7 +91,12 @@ def _real_tasks(data_dir: Path, seed: int) -> list[DemoTask]:
         per_label = max(4, 48 // len(labels))
         tasks.append(
             DemoTask(
-                name, method, _sample(train, per_label, seed), _sample(test, max(5, 60 // len(labels)), seed), about
+                name,
+                method,
+                _sample(train, per_label, seed),
+                _sample(test, max(5, 60 // len(labels)), seed),
+                about,
+                words,
             )
         )
     return tasks
@@ -134,6 +151,7 @@ def run_demo(
             task.name,
             task.train,
             method=task.method,
+            label_words=task.label_words,
             max_steps=steps,
             eval_every=10,
             patience=3,

@@ -65,6 +65,7 @@ from .backbone import Backbone, check_fingerprint, load_backbone
 from .embed import Embedder, load_embedder
 from .errors import AdapterError, BankFormatError, PromptBankError
 from .lda import ROUTING_SCORERS
+from .tasks import check_label_words
 
 try:
     import fcntl
@@ -846,6 +847,13 @@ def _check_record(name: str, data: dict[str, Any], mpath: Path, num_layers: int)
         "labels must be a list of strings",
     )
     need(rec.kind != "classification" or bool(labels), "a classification task needs labels")
+    if rec.label_words is not None:
+        need(isinstance(rec.label_words, dict), "label_words must be an object or null")
+        try:
+            words = check_label_words(rec.label_words, rec.kind, labels)
+        except ValueError as e:
+            raise _fail(mpath, f"task {name!r}: bad label_words ({str(e)[:200]})") from None
+        need(words == rec.label_words, "label_words texts must be stripped, in label order")
     need(
         _check_template(rec.template),
         f"template must be a str whose only fields are '{{input}}': {rec.template!r:.200}",
@@ -1059,8 +1067,11 @@ def _read_variants(
     rec = task.record
     for data in (manifest.get("variants") or {}).get(rec.name, []):
         vrec, p, layers = _check_record(rec.name, data, folder / MANIFEST, num_layers)
-        if (vrec.kind, vrec.labels) != (rec.kind, rec.labels):
-            raise _fail(folder / MANIFEST, f"task {rec.name!r}: variant {vrec.variant!r} has another kind or labels")
+        if (vrec.kind, vrec.labels, vrec.label_words) != (rec.kind, rec.labels, rec.label_words):
+            raise _fail(
+                folder / MANIFEST,
+                f"task {rec.name!r}: variant {vrec.variant!r} has another kind, labels or label words",
+            )
         base = f"tasks/{rec.name}/variants/{vrec.variant}/"
         prompt, state, head = _read_prompt_files(folder, files, base, vrec, p, layers, bb, embed_dim)
         out[vrec.variant] = _Variant(vrec, prompt, state, head)

@@ -35,6 +35,8 @@ __all__ = [
     "Example",
     "TaskData",
     "TaskKind",
+    "check_label_words",
+    "label_texts",
     "load_task_data",
     "split_dev",
     "truncate_inputs",
@@ -265,6 +267,53 @@ def _resolve_labels(examples: list[Example], label_list: list[str] | None, src: 
             source=src,
         )
     return found
+
+
+def check_label_words(label_words: Any, kind: str, labels: Sequence[str] | None) -> dict[str, str] | None:
+    """Validate a verbalizer: ``{label: text}``, the words a causal LM reads and writes for some of a
+    classification task's labels (``"ABBR"`` -> ``"abbreviation"``); labels left out are their own text.
+
+    Returns the mapping with its texts stripped, in label order (``None`` for ``None`` or an empty mapping).
+    Raises ``ValueError`` for a generation task, a key that is not one of ``labels``, a text that is not a
+    non-empty string, or two labels that would share a text.
+    """
+    if label_words is None or (isinstance(label_words, dict) and not label_words):
+        return None
+    if not hasattr(label_words, "items") or isinstance(label_words, (str, bytes)):
+        raise ValueError(
+            f"label_words must be a mapping {{label: text}}, got {type(label_words).__name__} ({_short(label_words)})"
+        )
+    if kind != "classification" or not labels:
+        raise ValueError("label_words apply only to classification tasks (a generation task has no labels)")
+    words = dict(label_words.items())
+    unknown = [k for k in words if k not in labels]
+    if unknown:
+        raise ValueError(
+            f"label_words name {', '.join(repr(k) for k in unknown[:5])}, not among the task's labels "
+            f"({', '.join(repr(x) for x in labels[:20])}{', ...' if len(labels) > 20 else ''})"
+        )
+    out: dict[str, str] = {}
+    for lab in labels:
+        if lab not in words:
+            continue
+        text = words[lab]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"label_words[{lab!r}] must be a non-empty string, got {_short(text)}")
+        out[lab] = text.strip()
+    owner: dict[str, str] = {}
+    for lab, text in zip(labels, label_texts(labels, out)):
+        if text in owner:
+            raise ValueError(
+                f"labels {owner[text]!r} and {lab!r} would both be written {text!r}: each label needs its own text"
+            )
+        owner[text] = lab
+    return out
+
+
+def label_texts(labels: Sequence[str], label_words: dict[str, str] | None) -> list[str]:
+    """The text a causal LM reads and writes for each of ``labels`` (its label word, else the label itself)."""
+    words = label_words or {}
+    return [words.get(lab, lab) for lab in labels]
 
 
 def _unknown_label_message(label: str, allowed: list[str]) -> str:

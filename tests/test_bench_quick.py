@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
 import efficiency  # noqa: E402
 import index_growth  # noqa: E402
+import label_words  # noqa: E402
 import lr_study  # noqa: E402
 import objective  # noqa: E402
 import probe_gate  # noqa: E402
@@ -466,14 +467,46 @@ def test_lr_study_summary_compares_learning_rates_on_common_seeds():
     assert "best lr per dataset (ties: the first): t 0.01, u 0.1" in text
 
 
-def test_study_runs_learn_score_and_leave_the_bank_empty(tiny_bank):
-    """objective.run_one and lr_study.run_one on the tiny causal bank: one record each, the task removed after."""
+def test_study_runs_learn_score_and_leave_the_bank_empty(tiny_bank, monkeypatch):
+    """objective.run_one, lr_study.run_one and label_words.run_one on the tiny causal bank: one record each, the
+    task removed after; the label-words study passes its words to learn_task only in the "words" setting."""
     rows = [{"text": f"{lab} sample {i}", "label": lab} for lab in ("yes", "no") for i in range(30)]
     pool = (rows, ["yes", "no"])
     a = objective.run_one(tiny_bank, pool, "toy", "prompt_tuning", "lm", 0, 4, 3)
     b = lr_study.run_one(tiny_bank, pool, "toy", "deep", 0.05, 0, 4, 3)
     assert a["objective"] == "lm" and b["lr"] == 0.05 and b["method"] == "deep"
-    for r in (a, b):
+    words = []
+    real = tiny_bank.learn_task
+    monkeypatch.setattr(tiny_bank, "learn_task", lambda *a, **kw: words.append(kw["label_words"]) or real(*a, **kw))
+    monkeypatch.setitem(label_words.LABEL_WORDS, "toy", {"yes": "positive", "no": "negative"})
+    c = label_words.run_one(tiny_bank, pool, "toy", "deep", "words", 0, 4, 3)
+    d = label_words.run_one(tiny_bank, pool, "toy", "deep", "labels", 0, 4, 3)
+    assert words == [{"yes": "positive", "no": "negative"}, None]
+    assert c["words"] == "words" and d["words"] == "labels"
+    for r in (a, b, c, d):
         assert r["labels"] == 2 and r["steps"] == 3 and 0.0 <= r["held_out_accuracy"] <= 1.0
-    assert b["dev_loss"] is not None and math.isfinite(b["dev_loss"])
+        assert r["dev_loss"] is not None and math.isfinite(r["dev_loss"])
     assert list(tiny_bank.tasks) == []
+    with pytest.raises(SystemExit, match="no label words for 'other'"):
+        label_words.run_one(tiny_bank, pool, "other", "deep", "words", 0, 4, 3)
+
+
+def test_label_words_summary_pairs_the_two_settings_by_seed():
+    def run(ds, setting, seed, acc):
+        return {"dataset": ds, "method": "deep", "words": setting, "seed": seed, "labels": 6, "held_out_accuracy": acc}
+
+    runs = [
+        run("trec", "labels", 0, 0.5),
+        run("trec", "words", 0, 0.7),
+        run("trec", "labels", 1, 0.6),
+        run("trec", "words", 1, 0.5),
+        run("trec", "words", 2, 0.9),  # no "labels" run for seed 2: left out
+        run("yelp", "words", 0, 0.4),  # one setting only: no row
+    ]
+    rows = label_words.summary(runs)
+    assert len(rows) == 1 and rows[0]["seeds"] == [0, 1]
+    assert rows[0]["labels"] == pytest.approx(55.0) and rows[0]["words"] == pytest.approx(60.0)
+    assert rows[0]["per_seed_difference"] == pytest.approx([20.0, -10.0])
+    text = label_words.table(rows)
+    assert "| trec | deep | 6 | 0,1 | 55.0 | 60.0 | +5.0 (+20.0, -10.0) |" in text
+    assert "over 2 paired runs: mean difference +5.0 points, words better on 1, worse on 1" in text

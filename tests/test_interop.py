@@ -647,7 +647,7 @@ def test_banks_without_variants_are_written_as_before(tiny_bank, tmp_path):
         (lambda m: m["variants"]["weather"][0].update(variant="../x"), "invalid variant name '../x'"),
         (lambda m: m["variants"]["weather"][0].update(variant="main"), "variant names must be distinct"),
         (lambda m: m["variants"].update(nope=[]), "'variants' must map task names"),
-        (lambda m: m["variants"]["weather"][0].update(labels=["good", "ugly"]), "another kind or labels"),
+        (lambda m: m["variants"]["weather"][0].update(labels=["good", "ugly"]), "another kind, labels or label words"),
         (lambda m: m["variants"]["weather"][0].update(name="echo"), "record names 'echo'"),
         (lambda m: m["tasks"]["weather"].update(variant=""), "invalid variant name ''"),
         (lambda m: m["tasks"]["weather"].update(imported_from=[1]), "imported_from must be an object"),
