@@ -143,6 +143,22 @@ def test_imported_peft_adapter_gives_peft_logits_and_label_scores(tiny_bank, tmp
     _assert_bank_equals_peft(tiny_bank, "weather", loaded_pm, TEXTS[:1], rec.labels)
 
 
+def test_imported_adapter_with_label_words_scores_the_words(tiny_bank, tmp_path):
+    """An adapter trained to write words for the labels: the bank's score of each label is PEFT's of its word."""
+    pm = _peft_model(tiny_bank.backbone.model, _prompt_tuning_config())
+    folder = _save_adapter(pm, tmp_path / "adapter")
+    words = {"good": "nice", "bad": "poor"}
+    rec = tiny_bank.import_peft("weather", folder, WEATHER, template=RAW, label_words=words, **fast_options())
+    assert rec.labels == ["good", "bad"] and rec.label_words == words
+    tok = tiny_bank.backbone.tokenizer
+    for text, pred in zip(TEXTS, tiny_bank.predict(TEXTS, task="weather")):
+        ours = [pred.label_scores[lab] for lab in rec.labels]
+        np.testing.assert_allclose(ours, _peft_label_scores(pm, tok, text, ["nice", "poor"]), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="not among the task's labels"):
+        tiny_bank.import_peft("w2", folder, WEATHER, template=RAW, label_words={"ugly": "x"}, **fast_options())
+    assert list(tiny_bank.tasks) == ["weather"]
+
+
 def test_imported_tasks_route_round_trip_and_export_again(tiny_bank, tmp_path):
     base = tiny_bank.backbone.model
     tiny_bank.import_peft(
