@@ -14,7 +14,8 @@ order rotated every round, so machine noise hits all variants alike; medians and
   ``--compile`` also ``torch.compile`` of the decoder body (its compile time reported).
 - tta: time to accuracy on one CLINC150 domain (15 intents, 8 train / 4 dev rows per intent): ours prompt tuning
   vs PEFT PromptTuning + a plain loop, same init, optimizer and batches, steps interleaved; cumulative training
-  seconds until dev accuracy reaches 90 % of PEFT's best (both scored the same way).
+  seconds until dev accuracy reaches 90 % of PEFT's best (both scored the same way). CLINC queries differ in
+  length, so ours runs its batches packed, without padding (``inject.forward_packed``); PEFT pads.
 - generate: batch 8, 32 new tokens, greedy, EOS ignored so every variant decodes exactly 32 tokens. Ours with
   no soft prompt, one task's soft prompt on all rows, and 8 rows from 8 tasks; PEFT with 8 PromptTuning
   adapters holding the same soft prompts, serving the same 8 requests one by one with ``set_adapter``, and (for
@@ -465,7 +466,8 @@ def _clinc_domain(data_dir: Path, domain: str, train_per_intent: int, dev_per_in
 
 def bench_time_to_accuracy(bank, cfg) -> dict:
     """Wall time of training until dev accuracy reaches a fixed level: promptbank's prompt tuning step (prompt
-    prefix once per batch, LM head on label tokens only) vs PEFT PromptTuning with a plain loop (full sequence,
+    prefix once per batch, LM head on label tokens only, rows packed without padding where that saves compute)
+    vs PEFT PromptTuning with a plain loop (full sequence,
     ``labels`` -100 except on the label tokens). Same task (one CLINC150 domain, 15 intents), same initial soft
     prompt (the label-naming instruction), same optimizer (AdamW, the library's default prompt-tuning lr), same
     batches in the same order: the two compute the same loss, so their accuracy curves per step nearly coincide

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .inject import PrefixKV, cache_kwargs, forward_hidden, model_device, output_cache
+from .inject import PrefixKV, cache_kwargs, forward_hidden, forward_packed, model_device, output_cache, packing_saves
 
 # How an example's input is shown to the model behind its soft prompt; the target follows after a space.
 DEFAULT_TEMPLATE = "{input}\nAnswer:"
@@ -62,24 +62,36 @@ def target_logprobs(
     row_kv: Sequence[PrefixKV | None],
     inputs: Sequence[Sequence[int]],
     targets: Sequence[Sequence[int]],
+    *,
+    pack: bool | None = None,
 ) -> list[torch.Tensor]:
     """Log-probability of each target token given its input, behind each row's soft prompt.
 
-    Returns one (len(target_b),) tensor per row. Only target positions go through the LM head.
+    Returns one (len(target_b),) tensor per row. Only target positions go through the LM head. Rows of different
+    lengths run packed, without padding (:func:`promptbank.inject.forward_packed`), where that costs less
+    (``pack=None``: :func:`promptbank.inject.packing_saves`); ``pack=True`` / ``False`` forces either way. Both
+    give the same values up to floating-point order.
     """
     seqs = [list(i) + list(t) for i, t in zip(inputs, targets)]
     dev = model_device(model)
-    ids, mask = left_pad(seqs, _pad_id(tokenizer), dev)
-    hidden, _, _ = forward_hidden(model, ids, mask, row_kv)  # (B, T, d)
-    width = ids.shape[1]
-    rows, pos, tgt, sizes = [], [], [], []
-    for b, t in enumerate(targets):
-        start = width - len(t) - 1  # the position that predicts the first target token
-        rows += [b] * len(t)
-        pos += list(range(start, start + len(t)))
+    if pack is None:
+        prompt_lens = {id(kv): kv[0][0].shape[2] for kv in row_kv if kv is not None}
+        pack = packing_saves(model, [len(s) for s in seqs], list(prompt_lens.values()))
+    pos, tgt, sizes = [], [], []
+    if pack:
+        hidden, starts = forward_packed(model, seqs, row_kv)  # (N, d)
+        ends = [start + len(s) for start, s in zip(starts, seqs)]
+    else:
+        ids, mask = left_pad(seqs, _pad_id(tokenizer), dev)
+        padded, _, _ = forward_hidden(model, ids, mask, row_kv)  # (B, T, d)
+        hidden = padded.reshape(-1, padded.shape[-1])
+        ends = [(b + 1) * ids.shape[1] for b in range(len(seqs))]  # rows are right-aligned
+    for end, t in zip(ends, targets):
+        first = end - len(t) - 1  # the position that predicts the first target token
+        pos += list(range(first, first + len(t)))
         tgt += list(t)
         sizes.append(len(t))
-    selected = hidden[torch.tensor(rows, device=dev), torch.tensor(pos, device=dev)]  # (N, d)
+    selected = hidden[torch.tensor(pos, device=dev)]  # (N_targets, d)
     logits = model.get_output_embeddings()(selected).float()  # (N, V)
     logp = -F.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")  # (N,)
     return list(torch.split(logp, sizes))

@@ -13,6 +13,8 @@ flow back to the prompt vectors when they require grad.
 
 Rows of one batch may use different soft prompts of different lengths (or none): each row's prefix is
 left-padded to the longest one and masked, and the row's tokens get position ids starting at its own ``P``.
+Where rows differ in length, :func:`forward_packed` runs them unpadded instead, one after another in a single
+sequence behind every distinct prompt once, with a block mask: no compute on padding.
 """
 
 from __future__ import annotations
@@ -229,3 +231,83 @@ def forward_hidden(
     )
     cache = output_cache(out) if use_cache else None
     return out.last_hidden_state, cache, prefix
+
+
+# Attention implementations that take a custom 4D additive mask (packed rows need one); flash kernels do not.
+_PACKABLE_ATTENTION = ("sdpa", "eager")
+# Longest packed sequence: its (N, P + N) mask and attention scores grow with the square of it.
+MAX_PACKED_TOKENS = 4096
+
+
+def packing_saves(model: nn.Module, lengths: Sequence[int], prompt_lens: Sequence[int]) -> bool:
+    """Whether :func:`forward_packed` costs less than a left-padded batch for rows of ``lengths`` tokens behind
+    distinct prompts of ``prompt_lens`` positions (multiply-accumulates per layer: each position's weights, plus
+    attention over every key it is shown; packed rows see all N keys through the mask). Packing must save at
+    least 10 %, the attention implementation must take a custom mask, and N must stay under
+    :data:`MAX_PACKED_TOKENS`."""
+    n, width = sum(lengths), max(lengths)
+    if n > MAX_PACKED_TOKENS or getattr(model.config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+        return False
+    layer = decoder_layers(model)[0]
+    weights = sum(p.numel() for p in layer.parameters())
+    two_d = 2 * model.config.hidden_size
+    padded = len(lengths) * width * (weights + two_d * (max(prompt_lens, default=0) + width))
+    packed = n * (weights + two_d * (sum(prompt_lens) + n))
+    return packed < 0.9 * padded
+
+
+def forward_packed(
+    model: nn.Module, seqs: Sequence[Sequence[int]], row_kv: Sequence[PrefixKV | None]
+) -> tuple[torch.Tensor, list[int]]:
+    """Final hidden states of variable-length token rows behind per-row soft prompts, with no padding.
+
+    The rows run as one sequence of ``N = sum(len)`` tokens behind the distinct prompts' key/value prefixes laid
+    end to end (each once, however many rows share it); a 4D additive mask lets each token see its own prompt and
+    the earlier tokens of its own row only, and position ids restart at each row's prompt length, so every row
+    gets the same result as a padded batch (up to floating-point order). Returns ``(hidden (N, d), starts)``,
+    ``starts[b]`` the offset of row ``b``'s first token. Differentiable with respect to the prompts.
+    """
+    dev = model_device(model)
+    distinct: list[PrefixKV] = []
+    slot: dict[int, int] = {}
+    for kv in row_kv:
+        if kv is not None and id(kv) not in slot:
+            slot[id(kv)] = len(distinct)
+            distinct.append(kv)
+    prompt_lens = [kv[0][0].shape[2] for kv in distinct]
+    prompt_at = [sum(prompt_lens[:i]) for i in range(len(distinct))]
+    p_total = sum(prompt_lens)
+    lengths = [len(s) for s in seqs]
+    n = sum(lengths)
+    allow = torch.zeros(n, p_total + n, dtype=torch.bool, device=dev)
+    positions, starts = [], []
+    start = 0
+    for length, kv in zip(lengths, row_kv):
+        p = 0 if kv is None else kv[0][0].shape[2]
+        if kv is not None:
+            at = prompt_at[slot[id(kv)]]
+            allow[start : start + length, at : at + p] = True
+        own = slice(p_total + start, p_total + start + length)
+        allow[start : start + length, own] = torch.ones(length, length, dtype=torch.bool, device=dev).tril()
+        positions += range(p, p + length)
+        starts.append(start)
+        start += length
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(1, 1, n, p_total + n, dtype=dtype, device=dev).masked_fill(~allow, torch.finfo(dtype).min)
+    cache = None
+    if distinct:
+        layers = [
+            (torch.cat([kv[i][0] for kv in distinct], 2), torch.cat([kv[i][1] for kv in distinct], 2))
+            for i in range(len(distinct[0]))
+        ]
+        cache = DynamicCache(layers, config=model.config)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=dev)[None]
+    base = model.base_model
+    out = base(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=torch.tensor(positions, device=dev)[None],
+        use_cache=False,
+        **cache_kwargs(base, cache),
+    )
+    return out.last_hidden_state[0], starts

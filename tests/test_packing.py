@@ -1,0 +1,111 @@
+"""Packed training forwards: rows of different lengths run unpadded in one sequence behind each distinct prompt
+once, with a block mask. Same log-probabilities and prompt gradients as the padded batch and as each row alone,
+on Llama (GQA), Qwen2 and GPT-2 layouts; chosen only where it saves compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+from promptbank import inject
+from promptbank.causal import target_logprobs
+from promptbank.inject import packing_saves, prompt_kv
+
+INPUTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [20, 21], [30] * 12, [40, 41, 42, 43]]
+TARGETS = [[1, 2], [3], [4, 4, 4], [7], [9, 9]]
+
+
+def _models():
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = len(make_tiny_tokenizer())
+    torch.manual_seed(0)
+    qwen = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+    )
+    gpt2 = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3)
+    return {"llama": make_tiny_model(vocab), "qwen2": Qwen2ForCausalLM(qwen), "gpt2": GPT2LMHeadModel(gpt2)}
+
+
+MODELS = _models()
+
+
+def _prompts(model):
+    """Two prompts of different lengths (input-level and deep), trainable, and the rows' prefixes: rows share them,
+    one row has none."""
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(3, d, generator=gen).requires_grad_()
+    b0, b1 = (torch.randn(5, d, generator=gen).requires_grad_() for _ in range(2))
+    ka, kb = prompt_kv(model, {0: a}), prompt_kv(model, {0: b0, 1: b1})
+    return [a, b0, b1], [ka, kb, None, ka, kb]
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_packed_equals_padded_and_single_rows_with_equal_gradients(arch):
+    model = MODELS[arch].eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = make_tiny_tokenizer()
+    results = {}
+    for pack in (False, True):
+        params, row_kv = _prompts(model)
+        logp = target_logprobs(model, tok, row_kv, INPUTS, TARGETS, pack=pack)
+        assert [len(x) for x in logp] == [len(t) for t in TARGETS]
+        flat = torch.cat(logp)
+        grads = torch.autograd.grad(flat.sum(), params)
+        results[pack] = (flat.detach(), grads)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for g_packed, g_padded in zip(results[True][1], results[False][1]):
+        assert g_padded.abs().sum() > 0
+        torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
+    _, row_kv = _prompts(model)
+    with torch.no_grad():
+        alone = torch.cat(
+            [
+                torch.cat(target_logprobs(model, tok, [kv], [i], [t], pack=False))
+                for kv, i, t in zip(row_kv, INPUTS, TARGETS)
+            ]
+        )
+    torch.testing.assert_close(results[True][0], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_is_chosen_only_where_it_saves(monkeypatch):
+    model = MODELS["llama"]
+    assert packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # mostly padding: pack
+    assert not packing_saves(model, [64] * 8, [20])  # no padding: packing would only add attention
+    monkeypatch.setattr(inject, "MAX_PACKED_TOKENS", 50)
+    assert not packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # too long a packed sequence
+    monkeypatch.setattr(inject, "MAX_PACKED_TOKENS", 4096)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert not packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # flash kernels take no custom mask
+
+
+def test_training_step_packs_uneven_batches(tiny_bank, monkeypatch):
+    """learn_task's loss goes through the packed forward when rows differ a lot in length, the padded one when
+    they do not."""
+    calls = []
+    real = inject.forward_packed
+
+    def spy(*a, **kw):
+        calls.append(len(a[1]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr("promptbank.causal.forward_packed", spy)
+    from conftest import fast_options
+
+    short = [{"text": w, "label": lab} for w, lab in [("ok", "a"), ("no", "b")] * 4]
+    long = [{"text": "a much longer text that goes on " * 6, "label": "a"}, {"text": "x " * 60, "label": "b"}]
+    tiny_bank.learn_task("mixed", short + long, num_virtual_tokens=2, **fast_options(batch_size=10, dev_fraction=0))
+    assert calls, "uneven batches should run packed"
+    calls.clear()
+    even = [{"text": f"text number {i:03d}", "label": "ab"[i % 2]} for i in range(12)]
+    tiny_bank.learn_task("even", even, num_virtual_tokens=2, **fast_options(dev_fraction=0))
+    assert not calls
