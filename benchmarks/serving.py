@@ -16,6 +16,10 @@ order rotated every round, so machine noise hits all variants alike; medians and
   vs PEFT PromptTuning + a plain loop, same init, optimizer and batches, steps interleaved; cumulative training
   seconds until dev accuracy reaches 90 % of PEFT's best (both scored the same way). CLINC queries differ in
   length, so ours runs its batches packed, without padding (``inject.forward_packed``); PEFT pads.
+- packing: packed (unpadded) vs padded forwards on batches of real rows of different lengths (CLINC150 banking,
+  SST-2, AG News, TREC): a prompt-tuning training step (forward + backward) and label ranking (``rank_labels``,
+  no gradients), interleaved per batch; the padded fraction of each batch and whether the library's cost model
+  packs it.
 - generate: batch 8, 32 new tokens, greedy, EOS ignored so every variant decodes exactly 32 tokens. Ours with
   no soft prompt, one task's soft prompt on all rows, and 8 rows from 8 tasks; PEFT with 8 PromptTuning
   adapters holding the same soft prompts, serving the same 8 requests one by one with ``set_adapter``, and (for
@@ -562,6 +566,71 @@ def bench_time_to_accuracy(bank, cfg) -> dict:
     if reached["ours"] and reached["peft"] and reached["peft"]["seconds"] > 0:
         out["ratios"] = {"tta": reached["ours"]["seconds"] / reached["peft"]["seconds"]}
     return out
+
+
+PACK_SETS = [("clinc:banking", "clinc150"), ("sst2", "sst2"), ("ag_news", "ag_news"), ("trec", "trec")]
+
+
+def bench_packing(bank, cfg) -> dict:
+    """Packed vs padded forwards (``inject.forward_packed`` vs ``forward_hidden``), same batches: per dataset,
+    ``pack_batches`` batches of ``pack_batch`` random train rows (600 characters at most), a prompt-tuning
+    training step and label ranking over the dataset's labels, each forced packed and padded, interleaved
+    (order alternating per batch). Medians per dataset and their ratios packed / padded."""
+    import random
+
+    import torch
+
+    from promptbank.causal import _should_pack, encode_input, encode_target, rank_labels, target_logprobs
+    from promptbank.inject import prompt_kv
+
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    prompt = _random_prompt(model, [0], seed=0)[0].clone().requires_grad_()
+    out = {}
+    for name, folder in PACK_SETS:
+        rows = _load_rows(cfg.data, folder, "train.jsonl")
+        labels = json.loads((cfg.data / folder / "labels.json").read_text())
+        if name.startswith("clinc:"):
+            labels = sorted(labels["domains"][name.split(":", 1)[1]])
+            rows = [r for r in rows if r["label"] in labels]
+        else:
+            labels = labels["labels"]
+        rng = random.Random(0)
+        label_ids = [encode_target(tok, lab) for lab in labels]
+        batches = []
+        for _ in range(cfg.pack_batches):
+            picked = rng.sample(rows, cfg.pack_batch)
+            inputs = [encode_input(tok, r["text"][:600]) for r in picked]
+            batches.append((inputs, [encode_target(tok, r["label"]) for r in picked]))
+        times = {k: [] for k in ("train_padded", "train_packed", "rank_padded", "rank_packed")}
+        auto = []
+        for i, (inputs, targets) in enumerate(batches):
+            kv0 = prompt_kv(model, {0: prompt.detach()})
+            auto.append(_should_pack(model, [a + b for a, b in zip(inputs, targets)], [kv0]))
+            for pack in (False, True)[:: 1 if i % 2 else -1]:
+                key = "packed" if pack else "padded"
+                t = time.perf_counter()
+                kv = prompt_kv(model, {0: prompt})
+                loss = -torch.cat(target_logprobs(model, tok, [kv] * len(inputs), inputs, targets, pack=pack)).mean()
+                loss.backward()
+                prompt.grad = None
+                times[f"train_{key}"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                rank_labels(model, tok, [kv0] * len(inputs), inputs, [label_ids] * len(inputs), pack=pack)
+                times[f"rank_{key}"].append(time.perf_counter() - t)
+        lengths = [[len(a) + len(b) for a, b in zip(*batch)] for batch in batches]
+        med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+        out[name] = {
+            "labels": len(labels),
+            "padded_fraction": 1 - sum(map(sum, lengths)) / sum(len(x) * max(x) for x in lengths),
+            "auto_packs": sum(auto) / len(auto),
+            "ms_median": med,
+            "ratios": {
+                "train": med["train_packed"] / med["train_padded"],
+                "rank": med["rank_packed"] / med["rank_padded"],
+            },
+        }
+        _log(f"packing {name}: {out[name]['ratios']}")
+    return {"batch": cfg.pack_batch, "batches": cfg.pack_batches, "datasets": out}
 
 
 def _mac_floor(model, pairs) -> dict:
@@ -1258,6 +1327,16 @@ def details(result: dict) -> str:
             + "; final dev accuracy "
             + ", ".join(f"{k} {100 * c[-1][1]:.1f} %" for k, c in t["accuracy_curve"].items())
         )
+    if "packing" in result:
+        pk = result["packing"]
+        out.append(
+            f"Packed / padded forwards (batch {pk['batch']}, {pk['batches']} batches per dataset): "
+            + "; ".join(
+                f"{n} ({100 * d['padded_fraction']:.0f} % padding, packed by default on {100 * d['auto_packs']:.0f} % "
+                f"of batches) training step {d['ratios']['train']:.2f}, label ranking {d['ratios']['rank']:.2f}"
+                for n, d in pk["datasets"].items()
+            )
+        )
     if "generate" in result:
         g = result["generate"]
         out.append(
@@ -1384,6 +1463,7 @@ def _config(args) -> argparse.Namespace:
         c.query_tokens = 48
         c.tta_domain, c.tta_train_per_intent, c.tta_dev_per_intent = "banking", 1, 1
         c.tta_batch, c.tta_steps, c.tta_eval_every, c.tta_level = 4, 2, 1, 0.9
+        c.pack_batch, c.pack_batches = 4, 2
     else:
         c.train_batch, c.train_tokens, c.train_warmup, c.train_steps = 8, 64, 1, args.train_steps
         c.gen_batch, c.gen_tokens, c.gen_warmup, c.gen_rounds, c.gen_check_tokens = 8, 32, 0, args.gen_rounds, 8
@@ -1395,6 +1475,7 @@ def _config(args) -> argparse.Namespace:
         c.query_tokens = 48
         c.tta_domain, c.tta_train_per_intent, c.tta_dev_per_intent = "banking", 8, 4
         c.tta_batch, c.tta_steps, c.tta_eval_every, c.tta_level = 8, args.tta_steps, 5, 0.9
+        c.pack_batch, c.pack_batches = 8, 8
     return c
 
 
@@ -1417,7 +1498,9 @@ def main() -> None:
         "thread and steps 5-15x slower and erratic; use the core count on a quiet machine)",
     )
     ap.add_argument(
-        "--only", default="train,precision,tta,generate,classify,route,memory", help="comma-separated sections"
+        "--only",
+        default="train,precision,tta,packing,generate,classify,route,memory",
+        help="comma-separated sections",
     )
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default results/serving[_quick].json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -1477,6 +1560,9 @@ def main() -> None:
         cfg.data = args.data
         result["tta"] = bench_time_to_accuracy(bank, cfg)
         _log(f"time-to-accuracy done: {result['tta'].get('ratios')} {result['tta']['reached']}")
+    if "packing" in sections:
+        cfg.data = args.data
+        result["packing"] = bench_packing(bank, cfg)
 
     need_tasks = {"generate", "classify", "route"} & set(sections)
     if need_tasks:

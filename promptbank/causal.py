@@ -75,11 +75,10 @@ def target_logprobs(
     seqs = [list(i) + list(t) for i, t in zip(inputs, targets)]
     dev = model_device(model)
     if pack is None:
-        prompt_lens = {id(kv): kv[0][0].shape[2] for kv in row_kv if kv is not None}
-        pack = packing_saves(model, [len(s) for s in seqs], list(prompt_lens.values()))
+        pack = _should_pack(model, seqs, row_kv)
     pos, tgt, sizes = [], [], []
     if pack:
-        hidden, starts = forward_packed(model, seqs, row_kv)  # (N, d)
+        hidden, starts, _ = forward_packed(model, seqs, row_kv)  # (N, d)
         ends = [start + len(s) for start, s in zip(starts, seqs)]
     else:
         ids, mask = left_pad(seqs, _pad_id(tokenizer), dev)
@@ -97,6 +96,11 @@ def target_logprobs(
     return list(torch.split(logp, sizes))
 
 
+def _should_pack(model, seqs, row_kv) -> bool:
+    prompt_lens = {id(kv): kv[0][0].shape[2] for kv in row_kv if kv is not None}
+    return packing_saves(model, [len(s) for s in seqs], list(prompt_lens.values()))
+
+
 def lm_loss(model, tokenizer, row_kv, inputs, targets) -> torch.Tensor:
     """Mean cross-entropy over all target tokens of the batch."""
     return -torch.cat(target_logprobs(model, tokenizer, row_kv, inputs, targets)).mean()
@@ -109,10 +113,12 @@ def rank_labels(
     row_kv: Sequence[PrefixKV | None],
     inputs: Sequence[Sequence[int]],
     label_ids: Sequence[Sequence[Sequence[int]]],
+    *,
+    pack: bool | None = None,
 ) -> list[torch.Tensor]:
     """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
     :func:`label_scores` without gradients."""
-    return label_scores(model, tokenizer, row_kv, inputs, label_ids)
+    return label_scores(model, tokenizer, row_kv, inputs, label_ids, pack=pack)
 
 
 def label_loss(
@@ -155,6 +161,8 @@ def label_scores(
     row_kv: Sequence[PrefixKV | None],
     inputs: Sequence[Sequence[int]],
     label_ids: Sequence[Sequence[Sequence[int]]],
+    *,
+    pack: bool | None = None,
 ) -> list[torch.Tensor]:
     """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
 
@@ -162,13 +170,22 @@ def label_scores(
     take one more forward per that many): the inputs once (behind their soft prompts, keeping the key/value
     cache), then every (row, label) continuation at once on a copy of its row's cache. The first label token is
     scored from the input's last position, so labels share the input's forward. Rows may use different tasks,
-    prompt lengths and label sets.
+    prompt lengths and label sets. Inputs of different lengths run packed, without padding, where that costs
+    less (``pack`` as in :func:`target_logprobs`); the continuations then use the same cache laid out padded.
     """
     dev = model_device(model)
-    ids, mask = left_pad(inputs, _pad_id(tokenizer), dev)
-    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
     head = model.get_output_embeddings()
-    first_logp = torch.log_softmax(head(hidden[:, -1]).float(), dim=-1)  # (B, V)
+    if pack is None:
+        pack = _should_pack(model, inputs, row_kv)
+    if pack:
+        hidden, starts, prefix = forward_packed(model, inputs, row_kv, use_cache=True)
+        cache = prefix.cache
+        last = hidden[torch.tensor([s + len(i) - 1 for s, i in zip(starts, inputs)], device=dev)]  # (B, d)
+    else:
+        ids, mask = left_pad(inputs, _pad_id(tokenizer), dev)
+        padded, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
+        last = padded[:, -1]
+    first_logp = torch.log_softmax(head(last).float(), dim=-1)  # (B, V)
 
     owner = [b for b, labels in enumerate(label_ids) for _ in labels]
     flat = [list(lab) for labels in label_ids for lab in labels]

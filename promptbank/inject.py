@@ -157,19 +157,7 @@ def build_prefix_batch(
     task, so each prompt is expanded once) or ``None`` for no prompt. ``token_mask`` is the (B, T) attention
     mask of the left-padded tokens.
     """
-    bsz = token_mask.shape[0]
-    if len(row_kv) != bsz:
-        raise ValueError(f"got {len(row_kv)} prompt entries for a batch of {bsz} rows")
-    token_mask = token_mask.long()
-    lens = [0 if kv is None else kv[0][0].shape[2] for kv in row_kv]
-    p_max = max(lens)
-    positions = torch.tensor(lens, device=token_mask.device)[:, None] + token_mask.cumsum(-1) - 1
-    positions = positions.clamp_min(0)  # (B, T); padding positions get a harmless value
-    prefix_mask = torch.zeros(bsz, p_max, dtype=torch.long, device=token_mask.device)
-    for b, n in enumerate(lens):
-        if n:
-            prefix_mask[b, p_max - n :] = 1
-    attention_mask = torch.cat([prefix_mask, token_mask], dim=1)  # (B, P_max + T)
+    attention_mask, positions, p_max = _padded_layout(row_kv, token_mask)
     if p_max == 0:
         return PrefixBatch(None, attention_mask, positions, 0)
 
@@ -206,6 +194,26 @@ def build_prefix_batch(
         layers.append((keys, values))
     cache = DynamicCache(layers, config=model.config)
     return PrefixBatch(cache, attention_mask, positions, p_max)
+
+
+def _padded_layout(
+    row_kv: Sequence[PrefixKV | None], token_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Attention mask (B, P_max + T), token position ids (B, T) and P_max of left-padded tokens behind per-row
+    prompts, each row's prompt left-padded to the longest one."""
+    bsz = token_mask.shape[0]
+    if len(row_kv) != bsz:
+        raise ValueError(f"got {len(row_kv)} prompt entries for a batch of {bsz} rows")
+    token_mask = token_mask.long()
+    lens = [0 if kv is None else kv[0][0].shape[2] for kv in row_kv]
+    p_max = max(lens)
+    positions = torch.tensor(lens, device=token_mask.device)[:, None] + token_mask.cumsum(-1) - 1
+    positions = positions.clamp_min(0)  # (B, T); padding positions get a harmless value
+    prefix_mask = torch.zeros(bsz, p_max, dtype=torch.long, device=token_mask.device)
+    for b, n in enumerate(lens):
+        if n:
+            prefix_mask[b, p_max - n :] = 1
+    return torch.cat([prefix_mask, token_mask], dim=1), positions, p_max
 
 
 def forward_hidden(
@@ -257,15 +265,18 @@ def packing_saves(model: nn.Module, lengths: Sequence[int], prompt_lens: Sequenc
 
 
 def forward_packed(
-    model: nn.Module, seqs: Sequence[Sequence[int]], row_kv: Sequence[PrefixKV | None]
-) -> tuple[torch.Tensor, list[int]]:
+    model: nn.Module, seqs: Sequence[Sequence[int]], row_kv: Sequence[PrefixKV | None], *, use_cache: bool = False
+) -> tuple[torch.Tensor, list[int], PrefixBatch | None]:
     """Final hidden states of variable-length token rows behind per-row soft prompts, with no padding.
 
     The rows run as one sequence of ``N = sum(len)`` tokens behind the distinct prompts' key/value prefixes laid
     end to end (each once, however many rows share it); a 4D additive mask lets each token see its own prompt and
     the earlier tokens of its own row only, and position ids restart at each row's prompt length, so every row
-    gets the same result as a padded batch (up to floating-point order). Returns ``(hidden (N, d), starts)``,
-    ``starts[b]`` the offset of row ``b``'s first token. Differentiable with respect to the prompts.
+    gets the same result as a padded batch (up to floating-point order). Returns ``(hidden (N, d), starts,
+    padded)``, ``starts[b]`` the offset of row ``b``'s first token; with ``use_cache``, ``padded`` is the
+    :class:`PrefixBatch` that :func:`forward_hidden` would have left (each row's prompt and token keys/values laid
+    out left-padded, with its attention mask and position ids), to continue the rows from; else ``None``.
+    Differentiable with respect to the prompts.
     """
     dev = model_device(model)
     distinct: list[PrefixKV] = []
@@ -280,17 +291,17 @@ def forward_packed(
     lengths = [len(s) for s in seqs]
     n = sum(lengths)
     allow = torch.zeros(n, p_total + n, dtype=torch.bool, device=dev)
-    positions, starts = [], []
+    positions, starts, row_prompt_at = [], [], []
     start = 0
     for length, kv in zip(lengths, row_kv):
         p = 0 if kv is None else kv[0][0].shape[2]
-        if kv is not None:
-            at = prompt_at[slot[id(kv)]]
-            allow[start : start + length, at : at + p] = True
+        at = 0 if kv is None else prompt_at[slot[id(kv)]]
+        allow[start : start + length, at : at + p] = True
         own = slice(p_total + start, p_total + start + length)
         allow[start : start + length, own] = torch.ones(length, length, dtype=torch.bool, device=dev).tril()
         positions += range(p, p + length)
         starts.append(start)
+        row_prompt_at.append(at)
         start += length
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(1, 1, n, p_total + n, dtype=dtype, device=dev).masked_fill(~allow, torch.finfo(dtype).min)
@@ -303,11 +314,42 @@ def forward_packed(
         cache = DynamicCache(layers, config=model.config)
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=dev)[None]
     base = model.base_model
+    if use_cache and cache is None:
+        cache = DynamicCache(config=model.config)
     out = base(
         input_ids=ids,
         attention_mask=mask,
         position_ids=torch.tensor(positions, device=dev)[None],
-        use_cache=False,
+        use_cache=use_cache,
         **cache_kwargs(base, cache),
     )
-    return out.last_hidden_state[0], starts
+    padded = None
+    if use_cache:
+        padded = _unpack_cache(model, output_cache(out), row_kv, lengths, starts, row_prompt_at, p_total)
+    return out.last_hidden_state[0], starts, padded
+
+
+def _unpack_cache(model, cache, row_kv, lengths, starts, prompt_at, p_total) -> PrefixBatch:
+    """The packed sequence's keys/values (1, kv_heads, P_total + N, hd) per layer, gathered into the left-padded
+    batch layout of :func:`forward_hidden` (B, kv_heads, P_max + T, hd): what a padded forward with ``use_cache``
+    would have cached, padding slots pointing at any key (they are masked)."""
+    dev = cache.layers[0].keys.device
+    width = max(lengths)
+    token_mask = torch.zeros(len(lengths), width, dtype=torch.long, device=dev)
+    for b, length in enumerate(lengths):
+        token_mask[b, width - length :] = 1
+    attention_mask, positions, p_max = _padded_layout(row_kv, token_mask)
+    gather = torch.zeros(len(lengths), p_max + width, dtype=torch.long)
+    for b, (length, start, kv) in enumerate(zip(lengths, starts, row_kv)):
+        p = 0 if kv is None else kv[0][0].shape[2]
+        gather[b, p_max - p : p_max] = torch.arange(prompt_at[b], prompt_at[b] + p)
+        gather[b, p_max + width - length :] = torch.arange(p_total + start, p_total + start + length)
+    flat = gather.reshape(-1).to(dev)
+    layers = []
+    for layer in cache.layers:
+        k, v = layer.keys[0], layer.values[0]  # (kv_heads, P_total + N, hd)
+        shape = (k.shape[0], len(lengths), p_max + width, k.shape[2])
+        layers.append(
+            tuple(t.index_select(1, flat).reshape(shape).transpose(0, 1) for t in (k, v))  # (B, kvh, P_max + T, hd)
+        )
+    return PrefixBatch(DynamicCache(layers, config=model.config), attention_mask, positions, p_max)

@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 from promptbank import inject
-from promptbank.causal import target_logprobs
+from promptbank.causal import label_scores, target_logprobs
 from promptbank.inject import packing_saves, prompt_kv
 
 INPUTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [20, 21], [30] * 12, [40, 41, 42, 43]]
@@ -75,6 +75,41 @@ def test_packed_equals_padded_and_single_rows_with_equal_gradients(arch):
             ]
         )
     torch.testing.assert_close(results[True][0], alone, atol=1e-5, rtol=1e-5)
+
+
+LABELS = [[[1, 2], [3], [4, 5, 6]], [[7], [8, 9]], [[1], [2], [3], [4, 4]], [[5, 5, 5]], [[6], [7, 8]]]
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_packed_label_scores_equal_padded_with_equal_gradients(arch):
+    """Label ranking: the inputs' forward packed, then every (row, label) continuation on the cache laid out
+    padded; multi-token labels, different label sets, prompts and a row without one."""
+    model = MODELS[arch].eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = make_tiny_tokenizer()
+    results = {}
+    for pack in (False, True):
+        params, row_kv = _prompts(model)
+        scores = label_scores(model, tok, row_kv, INPUTS, LABELS, pack=pack)
+        assert [len(x) for x in scores] == [len(labs) for labs in LABELS]
+        flat = torch.cat(scores)
+        results[pack] = (flat.detach(), torch.autograd.grad(flat.sum(), params))
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for g_packed, g_padded in zip(results[True][1], results[False][1]):
+        assert g_padded.abs().sum() > 0
+        torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
+    # and each label's score is the full sequence's likelihood, the row alone
+    _, row_kv = _prompts(model)
+    with torch.no_grad():
+        ref = torch.stack(
+            [
+                torch.cat(target_logprobs(model, tok, [kv], [inp], [lab], pack=False)).sum()
+                for kv, inp, labs in zip(row_kv, INPUTS, LABELS)
+                for lab in labs
+            ]
+        )
+    torch.testing.assert_close(results[True][0], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_packing_is_chosen_only_where_it_saves(monkeypatch):
