@@ -882,9 +882,9 @@ class PromptBank:
     ) -> TaskRecord:
         """Train another soft prompt for existing task ``task`` and store it as non-serving variant ``variant``.
 
-        Same kind, labels and label words as the task (``data`` rows must use its labels); method, prompt shape, template
-        (default: the task's) and ``train_options`` are free, as in :meth:`learn_task`. A warm start draws on the
-        other tasks only, never on this task's own prompts. The serving prompt, routing and other tasks are not
+        Same kind, labels and label words as the task (``data`` rows must use its labels); method, prompt shape,
+        template (default: the task's) and ``train_options`` are free, as in :meth:`learn_task`. A warm start draws
+        on the other tasks only, never on this task's own prompts. The serving prompt, routing and other tasks are not
         touched; use :meth:`compare` to evaluate the variants and :meth:`promote` to serve one. On failure nothing
         is stored. Returns the variant's record (``record.variant == variant``).
         """
@@ -1020,9 +1020,10 @@ class PromptBank:
         ``"{input}"``) for the bank's outputs to equal the adapter's.
 
         ``data`` (rows as for :meth:`learn_task`, ``dev`` too) gives the example inputs for the routing keys and
-        threshold, and the label set (or ``labels=``) of a classification task (``label_words``: the texts the adapter
-        was trained to write for them, as in :meth:`learn_task`); dev loss and accuracy are measured on the dev part. ``train_options`` are :class:`TrainConfig` fields (``n_prototypes``, ``seed``, ...; a
-        later :meth:`resume_task` trains with them). The record's ``imported_from`` names the adapter file, its
+        threshold, and the label set (or ``labels=``) of a classification task (``label_words``: the texts the
+        adapter was trained to write for them, as in :meth:`learn_task`); dev loss and accuracy are measured on the
+        dev part. ``train_options`` are :class:`TrainConfig` fields (``n_prototypes``, ``seed``, ...; a later
+        :meth:`resume_task` trains with them). The record's ``imported_from`` names the adapter file, its
         sha256 and PEFT type. Raises :class:`AdapterError` naming the file and the offending value.
         """
         from .storage import read_peft_adapter

@@ -48,8 +48,9 @@ def _prompts(model):
     return [a, b0, b1], [ka, kb, None, ka, kb]
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-def test_packed_equals_padded_and_single_rows_with_equal_gradients(arch):
+def _packed_and_padded(arch, run):
+    """``run(model, tok, row_kv, pack)`` -> per-row tensors, both ways on fresh prompts: checks the two agree, values
+    and prompt gradients (which must not vanish), and returns the packed values and the model."""
     model = MODELS[arch].eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -57,24 +58,33 @@ def test_packed_equals_padded_and_single_rows_with_equal_gradients(arch):
     results = {}
     for pack in (False, True):
         params, row_kv = _prompts(model)
-        logp = target_logprobs(model, tok, row_kv, INPUTS, TARGETS, pack=pack)
-        assert [len(x) for x in logp] == [len(t) for t in TARGETS]
-        flat = torch.cat(logp)
-        grads = torch.autograd.grad(flat.sum(), params)
-        results[pack] = (flat.detach(), grads)
+        flat = torch.cat(run(model, tok, row_kv, pack))
+        results[pack] = (flat.detach(), torch.autograd.grad(flat.sum(), params))
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for g_packed, g_padded in zip(results[True][1], results[False][1]):
         assert g_padded.abs().sum() > 0
         torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
+    return results[True][0], model, tok
+
+
+def _alone(model, tok, rows) -> torch.Tensor:
+    """Each (input, target) scored on its own, unpadded: the summed log-probability per row."""
     _, row_kv = _prompts(model)
     with torch.no_grad():
-        alone = torch.cat(
-            [
-                torch.cat(target_logprobs(model, tok, [kv], [i], [t], pack=False))
-                for kv, i, t in zip(row_kv, INPUTS, TARGETS)
-            ]
+        return torch.stack(
+            [torch.cat(target_logprobs(model, tok, [row_kv[b]], [inp], [t], pack=False)).sum() for b, inp, t in rows]
         )
-    torch.testing.assert_close(results[True][0], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_packed_equals_padded_and_single_rows_with_equal_gradients(arch):
+    def run(model, tok, row_kv, pack):
+        logp = target_logprobs(model, tok, row_kv, INPUTS, TARGETS, pack=pack)
+        assert [len(x) for x in logp] == [len(t) for t in TARGETS]
+        return [x.sum()[None] for x in logp]
+
+    packed, model, tok = _packed_and_padded(arch, run)
+    torch.testing.assert_close(packed, _alone(model, tok, list(zip(range(5), INPUTS, TARGETS))), atol=1e-5, rtol=1e-5)
 
 
 LABELS = [[[1, 2], [3], [4, 5, 6]], [[7], [8, 9]], [[1], [2], [3], [4, 4]], [[5, 5, 5]], [[6], [7, 8]]]
@@ -83,33 +93,17 @@ LABELS = [[[1, 2], [3], [4, 5, 6]], [[7], [8, 9]], [[1], [2], [3], [4, 4]], [[5,
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_packed_label_scores_equal_padded_with_equal_gradients(arch):
     """Label ranking: the inputs' forward packed, then every (row, label) continuation on the cache laid out
-    padded; multi-token labels, different label sets, prompts and a row without one."""
-    model = MODELS[arch].eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tok = make_tiny_tokenizer()
-    results = {}
-    for pack in (False, True):
-        params, row_kv = _prompts(model)
+    padded; multi-token labels, different label sets, prompts and a row without one. Each label's score is the
+    full sequence's likelihood, the row alone."""
+
+    def run(model, tok, row_kv, pack):
         scores = label_scores(model, tok, row_kv, INPUTS, LABELS, pack=pack)
         assert [len(x) for x in scores] == [len(labs) for labs in LABELS]
-        flat = torch.cat(scores)
-        results[pack] = (flat.detach(), torch.autograd.grad(flat.sum(), params))
-    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
-    for g_packed, g_padded in zip(results[True][1], results[False][1]):
-        assert g_padded.abs().sum() > 0
-        torch.testing.assert_close(g_packed, g_padded, atol=1e-5, rtol=1e-4)
-    # and each label's score is the full sequence's likelihood, the row alone
-    _, row_kv = _prompts(model)
-    with torch.no_grad():
-        ref = torch.stack(
-            [
-                torch.cat(target_logprobs(model, tok, [kv], [inp], [lab], pack=False)).sum()
-                for kv, inp, labs in zip(row_kv, INPUTS, LABELS)
-                for lab in labs
-            ]
-        )
-    torch.testing.assert_close(results[True][0], ref, atol=1e-5, rtol=1e-5)
+        return scores
+
+    packed, model, tok = _packed_and_padded(arch, run)
+    rows = [(b, inp, lab) for b, (inp, labs) in enumerate(zip(INPUTS, LABELS)) for lab in labs]
+    torch.testing.assert_close(packed, _alone(model, tok, rows), atol=1e-5, rtol=1e-5)
 
 
 def test_packing_is_chosen_only_where_it_saves(monkeypatch):
