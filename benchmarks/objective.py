@@ -171,6 +171,12 @@ def study_parser(doc: str, datasets: str, methods: str) -> argparse.ArgumentPars
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--merge", nargs="+", type=Path, help="merge the runs of these result files instead")
+    ap.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="run every training and ranking forward padded (the library packs rows of different lengths where "
+        "that saves compute; same values up to floating-point order)",
+    )
     return ap
 
 
@@ -187,8 +193,10 @@ def run_study(args, setting: str, values: list, run, name: str, summarise, tabul
         config = {**parts[0]["config"], "merged_from": [str(p) for p in args.merge]}
         wall = sum(p["wall_seconds"] for p in parts)
     else:
-        from promptbank import PromptBank
+        from promptbank import PromptBank, causal
 
+        if args.no_pack:
+            causal._should_pack = lambda *a, **kw: False
         bank = PromptBank.from_pretrained()
         config = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
         config["data"] = str(args.data)

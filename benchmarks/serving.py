@@ -1502,6 +1502,11 @@ def main() -> None:
         default="train,precision,tta,packing,generate,classify,route,memory",
         help="comma-separated sections",
     )
+    ap.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="promptbank's training and ranking forwards padded, never packed (for an A/B of packing)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default results/serving[_quick].json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-tasks", type=int, default=100, help=argparse.SUPPRESS)
@@ -1523,7 +1528,12 @@ def main() -> None:
     from promptbank import PromptBank
 
     torch.set_num_threads(args.threads)
+    if args.no_pack:
+        from promptbank import causal
+
+        causal._should_pack = lambda *a, **kw: False
     cfg = _config(args)
+    cfg.no_pack = args.no_pack
     cfg.threads = args.threads
     cfg.compile = args.compile
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
