@@ -273,7 +273,8 @@ def check_label_words(label_words: Any, kind: str, labels: Sequence[str] | None)
     """Validate a verbalizer: ``{label: text}``, the words a causal LM reads and writes for some of a
     classification task's labels (``"ABBR"`` -> ``"abbreviation"``); labels left out are their own text.
 
-    Returns the mapping with its texts stripped, in label order (``None`` for ``None`` or an empty mapping).
+    Returns the mapping with its texts stripped, in label order (``None`` for ``None`` or an empty mapping);
+    integer keys name the labels they print as (``{1: "terrible"}`` for label ``"1"``).
     Raises ``ValueError`` for a generation task, a key that is not one of ``labels``, a text that is not a
     non-empty string, or two labels that would share a text.
     """
@@ -285,7 +286,12 @@ def check_label_words(label_words: Any, kind: str, labels: Sequence[str] | None)
         )
     if kind != "classification" or not labels:
         raise ValueError("label_words apply only to classification tasks (a generation task has no labels)")
-    words = dict(label_words.items())
+    words: dict[Any, Any] = {}
+    for key, text in label_words.items():  # integer labels are their str(), as in the data
+        name = str(key) if isinstance(key, int) and not isinstance(key, bool) else key
+        if name in words:
+            raise ValueError(f"label_words name label {name!r} twice")
+        words[name] = text
     unknown = [k for k in words if k not in labels]
     if unknown:
         raise ValueError(

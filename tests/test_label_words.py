@@ -43,6 +43,13 @@ def test_check_label_words_normalises_and_refuses_bad_mappings():
         check_label_words({"HUM": "DESC"}, "classification", labels)  # another label's own text
     with pytest.raises(ValueError, match="only to classification"):
         check_label_words({"a": "b"}, "generation", None)
+    # integer keys name the labels they print as (integer labels in the data become their str())
+    assert check_label_words({1: "terrible", "2": "bad"}, "classification", ["1", "2", "3"]) == {
+        "1": "terrible",
+        "2": "bad",
+    }
+    with pytest.raises(ValueError, match="label '1' twice"):
+        check_label_words({1: "terrible", "1": "awful"}, "classification", ["1", "2"])
     with pytest.raises(ValueError, match="must be a mapping"):
         check_label_words([("HUM", "person")], "classification", labels)
 
