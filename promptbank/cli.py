@@ -437,6 +437,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
         or "none"
     )
     labels = f", {len(record.labels)} labels" if record.labels else ""
+    if record.label_words:
+        labels += f" ({len(record.label_words)} written as label words)"
     print(
         f"learned {record.name!r} ({record.kind}{labels}, {record.method.value}, "
         f"{record.prompt_config['num_virtual_tokens']} tokens): {record.steps} steps (best {record.best_step}), "

@@ -189,6 +189,7 @@ def test_cli_label_words(tmp_path, capsys):
     opts = ["--backbone", str(tmp_path / "tiny"), "--embedder", "hashing", "--bank", str(tmp_path / "bank")]
     fast = ["--steps", "2", "--batch-size", "4", "--tokens", "3", "--quiet"]
     assert main(["learn", "w1", str(data), *opts, *fast, "--label-words", '{"G": "good", "B": "bad"}']) == 0
+    assert "2 labels (2 written as label words)" in capsys.readouterr().out
     assert main(["learn", "w2", str(data), *opts, *fast, "--label-words", str(tmp_path / "words.json")]) == 0
     capsys.readouterr()
     assert main(["list", "--json", "--bank", str(tmp_path / "bank")]) == 0
