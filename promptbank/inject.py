@@ -20,7 +20,9 @@ sequence behind every distinct prompt once, with a block mask: no compute on pad
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -241,6 +243,8 @@ def forward_hidden(
     return out.last_hidden_state, cache, prefix
 
 
+logger = logging.getLogger(__name__)
+
 # Attention implementations that take a custom 4D additive mask (packed rows need one); flash kernels do not.
 _PACKABLE_ATTENTION = ("sdpa", "eager")
 # Longest packed sequence: its (N, P + N) mask and attention scores grow with the square of it.
@@ -251,17 +255,62 @@ def packing_saves(model: nn.Module, lengths: Sequence[int], prompt_lens: Sequenc
     """Whether :func:`forward_packed` costs less than a left-padded batch for rows of ``lengths`` tokens behind
     distinct prompts of ``prompt_lens`` positions (multiply-accumulates per layer: each position's weights, plus
     attention over every key it is shown; packed rows see all N keys through the mask). Packing must save at
-    least 10 %, the attention implementation must take a custom mask, and N must stay under
-    :data:`MAX_PACKED_TOKENS`."""
+    least 10 %, the attention implementation must take a custom mask, N must stay under
+    :data:`MAX_PACKED_TOKENS`, on sliding-window models every row with its prompt must fit in one window, and the
+    model must pass a one-off check that packing reproduces its padded forward."""
     n, width = sum(lengths), max(lengths)
-    if n > MAX_PACKED_TOKENS or getattr(model.config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+    config = model.config
+    if n > MAX_PACKED_TOKENS or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
         return False
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and width + max(prompt_lens, default=0) > window:
+        return False  # the block mask is full attention: the same as a sliding window only within one window
     layer = decoder_layers(model)[0]
     weights = sum(p.numel() for p in layer.parameters())
     two_d = 2 * model.config.hidden_size
     padded = len(lengths) * width * (weights + two_d * (max(prompt_lens, default=0) + width))
     packed = n * (weights + two_d * (sum(prompt_lens) + n))
-    return packed < 0.9 * padded
+    return packed < 0.9 * padded and _packing_matches(model)
+
+
+# Per model: whether a packed forward reproduces the padded one (checked once, on first use).
+_PACKING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _packing_matches(model: nn.Module) -> bool:
+    """Whether :func:`forward_packed` gives this model's padded results: checked once per model on two short
+    rows (one behind a 2-position prompt), so an architecture that derives positions from the padding mask or
+    biases attention by absolute key position (ALiBi) is never packed."""
+    verdict = _PACKING_CHECKED.get(model)
+    if verdict is None:
+        verdict = _check_packing(model)
+        _PACKING_CHECKED[model] = verdict
+        if not verdict:
+            logger.info("%s: packed forwards differ from padded ones; batches stay padded", type(model).__name__)
+    return verdict
+
+
+def _check_packing(model: nn.Module) -> bool:
+    dev = model_device(model)
+    param = next(model.parameters())
+    seqs = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    gen = torch.Generator().manual_seed(0)
+    scale = model.get_input_embeddings().weight.detach().float().std().item()
+    prompt = {0: (scale * torch.randn(2, model.config.hidden_size, generator=gen)).to(dev, param.dtype)}
+    try:
+        with torch.no_grad():
+            kv = prompt_kv(model, prompt)
+            packed, starts, _ = forward_packed(model, seqs, [kv, None])
+            mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], device=dev)
+            ids = torch.tensor([[0, 0, 0, *seqs[0]], seqs[1]], device=dev)
+            padded, _, _ = forward_hidden(model, ids, mask, [kv, None])
+    except Exception as e:  # an architecture that refuses a custom mask or a prefix cache
+        logger.debug("packing check failed: %s", e)
+        return False
+    got = torch.cat([packed[s : s + len(q)] for s, q in zip(starts, seqs)]).float()
+    want = torch.cat([padded[0, 3:], padded[1]]).float()
+    tol = 1e-3 if param.dtype == torch.float32 else 5e-2
+    return bool(torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()))
 
 
 def forward_packed(

@@ -113,6 +113,10 @@ def test_packing_is_chosen_only_where_it_saves(monkeypatch):
     monkeypatch.setattr(inject, "MAX_PACKED_TOKENS", 50)
     assert not packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # too long a packed sequence
     monkeypatch.setattr(inject, "MAX_PACKED_TOKENS", 4096)
+    monkeypatch.setattr(model.config, "sliding_window", 50, raising=False)
+    assert not packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # a row + prompt beyond the window
+    assert packing_saves(model, [25, 5, 6, 4, 5, 6, 7, 5], [20])  # every row within one window
+    monkeypatch.setattr(model.config, "sliding_window", None)
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
     assert not packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # flash kernels take no custom mask
 
@@ -138,3 +142,16 @@ def test_training_step_packs_uneven_batches(tiny_bank, monkeypatch):
     even = [{"text": f"text number {i:03d}", "label": "ab"[i % 2]} for i in range(12)]
     tiny_bank.learn_task("even", even, num_virtual_tokens=2, **fast_options(dev_fraction=0))
     assert not calls
+
+
+def test_models_whose_packed_forward_differs_are_never_packed():
+    """A one-off check per model: Bloom biases attention by absolute key position (ALiBi), so its packed
+    forward differs from the padded one and its batches stay padded; the other layouts pass."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(make_tiny_tokenizer()), hidden_size=32, n_layer=2, n_head=4))
+    bloom.config._attn_implementation = "sdpa"  # as if it took a custom mask: the check still refuses it
+    assert not inject._check_packing(bloom.eval())
+    assert not packing_saves(bloom, [40, 5, 6, 4, 5, 6, 7, 5], [20])
+    assert all(inject._packing_matches(m) for m in MODELS.values())
