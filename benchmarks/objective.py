@@ -193,10 +193,9 @@ def run_study(args, setting: str, values: list, run, name: str, summarise, tabul
         config = {**parts[0]["config"], "merged_from": [str(p) for p in args.merge]}
         wall = sum(p["wall_seconds"] for p in parts)
     else:
-        from promptbank import PromptBank, causal
+        from promptbank import PromptBank, inject
 
-        if args.no_pack:
-            causal._should_pack = lambda *a, **kw: False
+        inject.PACKING = not args.no_pack
         bank = PromptBank.from_pretrained()
         config = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
         config["data"] = str(args.data)

@@ -580,7 +580,7 @@ def bench_packing(bank, cfg) -> dict:
 
     import torch
 
-    from promptbank.causal import _should_pack, encode_input, encode_target, rank_labels, target_logprobs
+    from promptbank.causal import encode_input, encode_target, rank_labels, should_pack, target_logprobs
     from promptbank.inject import prompt_kv
 
     model, tok = bank.backbone.model, bank.backbone.tokenizer
@@ -605,7 +605,7 @@ def bench_packing(bank, cfg) -> dict:
         auto = []
         for i, (inputs, targets) in enumerate(batches):
             kv0 = prompt_kv(model, {0: prompt.detach()})
-            auto.append(_should_pack(model, [a + b for a, b in zip(inputs, targets)], [kv0]))
+            auto.append(should_pack(model, [a + b for a, b in zip(inputs, targets)], [kv0]))
             for pack in (False, True)[:: 1 if i % 2 else -1]:
                 key = "packed" if pack else "padded"
                 t = time.perf_counter()
@@ -1529,9 +1529,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.no_pack:
-        from promptbank import causal
+        from promptbank import inject
 
-        causal._should_pack = lambda *a, **kw: False
+        inject.PACKING = False
     cfg = _config(args)
     cfg.no_pack = args.no_pack
     cfg.threads = args.threads

@@ -1412,7 +1412,7 @@ class PromptBank:
         with torch.no_grad():
             kv = prompt_kv(model, prompt)
         n = len(data)
-        label_ids = _label_ids(tok, label_texts(labels, dict(label_words or {})), max_target_tokens)
+        label_ids = _label_ids(tok, label_texts(labels, label_words), max_target_tokens)
         ll = self._rank_rows([ex.input for ex in data.examples], [template] * n, [kv] * n, [label_ids] * n, batch_size)
         return sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, data.examples)) / n
 

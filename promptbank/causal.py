@@ -75,7 +75,7 @@ def target_logprobs(
     seqs = [list(i) + list(t) for i, t in zip(inputs, targets)]
     dev = model_device(model)
     if pack is None:
-        pack = _should_pack(model, seqs, row_kv)
+        pack = should_pack(model, seqs, row_kv)
     pos, tgt, sizes = [], [], []
     if pack:
         hidden, starts, _ = forward_packed(model, seqs, row_kv)  # (N, d)
@@ -96,7 +96,9 @@ def target_logprobs(
     return list(torch.split(logp, sizes))
 
 
-def _should_pack(model, seqs, row_kv) -> bool:
+def should_pack(model, seqs, row_kv) -> bool:
+    """Whether rows ``seqs`` (token lists) behind prompt prefixes ``row_kv`` run packed by default
+    (:func:`promptbank.inject.packing_saves` for their lengths and distinct prompts)."""
     prompt_lens = {id(kv): kv[0][0].shape[2] for kv in row_kv if kv is not None}
     return packing_saves(model, [len(s) for s in seqs], list(prompt_lens.values()))
 
@@ -176,7 +178,7 @@ def label_scores(
     dev = model_device(model)
     head = model.get_output_embeddings()
     if pack is None:
-        pack = _should_pack(model, inputs, row_kv)
+        pack = should_pack(model, inputs, row_kv)
     if pack:
         hidden, starts, prefix = forward_packed(model, inputs, row_kv, use_cache=True)
         cache = prefix.cache

@@ -249,18 +249,20 @@ logger = logging.getLogger(__name__)
 _PACKABLE_ATTENTION = ("sdpa", "eager")
 # Longest packed sequence: its (N, P + N) mask and attention scores grow with the square of it.
 MAX_PACKED_TOKENS = 4096
+# False: every forward runs padded, never packed (for A/B measurements: the benchmarks' --no-pack).
+PACKING = True
 
 
 def packing_saves(model: nn.Module, lengths: Sequence[int], prompt_lens: Sequence[int]) -> bool:
     """Whether :func:`forward_packed` costs less than a left-padded batch for rows of ``lengths`` tokens behind
     distinct prompts of ``prompt_lens`` positions (multiply-accumulates per layer: each position's weights, plus
     attention over every key it is shown; packed rows see all N keys through the mask). Packing must save at
-    least 10 %, the attention implementation must take a custom mask, N must stay under
+    least 10 %, :data:`PACKING` must be on, the attention implementation must take a custom mask, N must stay under
     :data:`MAX_PACKED_TOKENS`, on sliding-window models every row with its prompt must fit in one window, and the
     model must pass a one-off check that packing reproduces its padded forward."""
     n, width = sum(lengths), max(lengths)
     config = model.config
-    if n > MAX_PACKED_TOKENS or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+    if not PACKING or n > MAX_PACKED_TOKENS or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
         return False
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and width + max(prompt_lens, default=0) > window:

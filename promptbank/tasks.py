@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -316,7 +316,7 @@ def check_label_words(label_words: Any, kind: str, labels: Sequence[str] | None)
     return out
 
 
-def label_texts(labels: Sequence[str], label_words: dict[str, str] | None) -> list[str]:
+def label_texts(labels: Sequence[str], label_words: Mapping[str, str] | None) -> list[str]:
     """The text a causal LM reads and writes for each of ``labels`` (its label word, else the label itself)."""
     words = label_words or {}
     return [words.get(lab, lab) for lab in labels]
