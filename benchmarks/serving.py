@@ -20,6 +20,10 @@ order rotated every round, so machine noise hits all variants alike; medians and
   SST-2, AG News, TREC): a prompt-tuning training step (forward + backward) and label ranking (``rank_labels``,
   no gradients), interleaved per batch; the padded fraction of each batch and whether the library's cost model
   packs it.
+- labels: label ranking (``rank_labels``, what ``predict`` does for a classification task) with each row's label
+  continuations side by side behind its one key/value cache (the default) vs a copy of the row's cache per
+  (row, label) pair (the fallback), interleaved per batch: long CFPB complaint narratives (5 labels) and short
+  inputs with many labels (DBpedia 14, CLINC150 banking 15) or few (AG News 4).
 - generate: batch 8, 32 new tokens, greedy, EOS ignored so every variant decodes exactly 32 tokens. Ours with
   no soft prompt, one task's soft prompt on all rows, and 8 rows from 8 tasks; PEFT with 8 PromptTuning
   adapters holding the same soft prompts, serving the same 8 requests one by one with ``set_adapter``, and (for
@@ -631,6 +635,72 @@ def bench_packing(bank, cfg) -> dict:
         }
         _log(f"packing {name}: {out[name]['ratios']}")
     return {"batch": cfg.pack_batch, "batches": cfg.pack_batches, "datasets": out}
+
+
+# label-ranking sets: (name, folder, rows file); long complaint narratives, then short queries with many labels
+LABEL_SETS = [
+    ("cfpb", "cfpb_complaints", "train.jsonl"),
+    ("dbpedia", "dbpedia", "train.jsonl"),
+    ("clinc:banking", "clinc150", "train.jsonl"),
+    ("ag_news", "ag_news", "train.jsonl"),
+]
+
+
+def bench_labels(bank, cfg) -> dict:
+    """Label ranking (``rank_labels``, as ``predict`` ranks a classification task's labels) with each row's label
+    continuations side by side behind its one key/value cache (``inject.forward_segments``, the default) vs a
+    copy of the row's cache per (row, label) pair (what the library does with ``inject.PACKING`` off), same
+    batches: per dataset ``label_batches`` batches of ``label_batch`` random train rows cut to 256 tokens (the
+    library's default input limit) behind a 20-token prompt, inputs padded both ways (only the continuations
+    differ), variants interleaved with the order alternating per batch. Medians, ratio side by side / copies, and
+    the largest score difference between the two."""
+    import random
+
+    from promptbank import inject
+    from promptbank.causal import encode_input, encode_target, rank_labels
+    from promptbank.inject import prompt_kv
+
+    model, tok = bank.backbone.model, bank.backbone.tokenizer
+    kv = prompt_kv(model, {0: _random_prompt(model, [0], seed=0)[0]})
+    out, saved = {}, inject.PACKING
+    try:
+        for name, folder, rows_file in LABEL_SETS:
+            rows = _load_rows(cfg.data, folder, rows_file)
+            labels = json.loads((cfg.data / folder / "labels.json").read_text())
+            if name.startswith("clinc:"):
+                labels = sorted(labels["domains"][name.split(":", 1)[1]])
+                rows = [r for r in rows if r["label"] in labels]
+            else:
+                labels = labels["labels"]
+            label_ids = [encode_target(tok, lab) for lab in labels]
+            rng = random.Random(0)
+            times = {"side_by_side": [], "copies": []}
+            diff, lengths = 0.0, []
+            for i in range(cfg.label_batches):
+                inputs = [encode_input(tok, r["text"])[-256:] for r in rng.sample(rows, cfg.label_batch)]
+                lengths += [len(x) for x in inputs]
+                scores = {}
+                for shared in (True, False)[:: 1 if i % 2 else -1]:
+                    inject.PACKING = shared  # off: cache copies (inputs are padded either way: pack=False)
+                    t = time.perf_counter()
+                    scores[shared] = rank_labels(
+                        model, tok, [kv] * len(inputs), inputs, [label_ids] * len(inputs), pack=False
+                    )
+                    times["side_by_side" if shared else "copies"].append(time.perf_counter() - t)
+                diff = max(diff, max(float((a - b).abs().max()) for a, b in zip(scores[True], scores[False])))
+            med = {k: 1000 * statistics.median(v) for k, v in times.items()}
+            out[name] = {
+                "labels": len(labels),
+                "label_tokens_fed_per_row": sum(len(x) - 1 for x in label_ids),
+                "input_tokens_median": statistics.median(lengths),
+                "ms_median": med,
+                "ratio": med["side_by_side"] / med["copies"],
+                "max_abs_score_difference": diff,
+            }
+            _log(f"labels {name}: ratio {out[name]['ratio']:.2f}")
+    finally:
+        inject.PACKING = saved
+    return {"batch": cfg.label_batch, "batches": cfg.label_batches, "prompt_tokens": P, "datasets": out}
 
 
 def _mac_floor(model, pairs) -> dict:
@@ -1337,6 +1407,18 @@ def details(result: dict) -> str:
                 for n, d in pk["datasets"].items()
             )
         )
+    if "labels" in result:
+        lb = result["labels"]
+        out.append(
+            f"Label ranking, continuations side by side behind each row's cache / a cache copy per (row, label) "
+            f"(batch {lb['batch']}, {lb['batches']} batches, inputs padded both ways): "
+            + "; ".join(
+                f"{n} ({d['labels']} labels, {d['label_tokens_fed_per_row']} label tokens fed per row, median input "
+                f"{d['input_tokens_median']:.0f} tokens) {d['ratio']:.2f} (max score difference "
+                f"{d['max_abs_score_difference']:.1e})"
+                for n, d in lb["datasets"].items()
+            )
+        )
     if "generate" in result:
         g = result["generate"]
         out.append(
@@ -1464,6 +1546,7 @@ def _config(args) -> argparse.Namespace:
         c.tta_domain, c.tta_train_per_intent, c.tta_dev_per_intent = "banking", 1, 1
         c.tta_batch, c.tta_steps, c.tta_eval_every, c.tta_level = 4, 2, 1, 0.9
         c.pack_batch, c.pack_batches = 4, 2
+        c.label_batch, c.label_batches = 2, 2
     else:
         c.train_batch, c.train_tokens, c.train_warmup, c.train_steps = 8, 64, 1, args.train_steps
         c.gen_batch, c.gen_tokens, c.gen_warmup, c.gen_rounds, c.gen_check_tokens = 8, 32, 0, args.gen_rounds, 8
@@ -1476,6 +1559,7 @@ def _config(args) -> argparse.Namespace:
         c.tta_domain, c.tta_train_per_intent, c.tta_dev_per_intent = "banking", 8, 4
         c.tta_batch, c.tta_steps, c.tta_eval_every, c.tta_level = 8, args.tta_steps, 5, 0.9
         c.pack_batch, c.pack_batches = 8, 8
+        c.label_batch, c.label_batches = 16, 6
     return c
 
 
@@ -1499,13 +1583,14 @@ def main() -> None:
     )
     ap.add_argument(
         "--only",
-        default="train,precision,tta,packing,generate,classify,route,memory",
+        default="train,precision,tta,packing,labels,generate,classify,route,memory",
         help="comma-separated sections",
     )
     ap.add_argument(
         "--no-pack",
         action="store_true",
-        help="promptbank's training and ranking forwards padded, never packed (for an A/B of packing)",
+        help="promptbank's training and ranking forwards padded, never packed, and label continuations on copies "
+        "of the cache (inject.PACKING off; for an A/B of packing)",
     )
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default results/serving[_quick].json)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -1573,6 +1658,9 @@ def main() -> None:
     if "packing" in sections:
         cfg.data = args.data
         result["packing"] = bench_packing(bank, cfg)
+    if "labels" in sections:
+        cfg.data = args.data
+        result["labels"] = bench_labels(bank, cfg)
 
     need_tasks = {"generate", "classify", "route"} & set(sections)
     if need_tasks:

@@ -14,7 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from .inject import PrefixKV, cache_kwargs, forward_hidden, forward_packed, model_device, output_cache, packing_saves
+from .inject import (
+    PrefixKV,
+    cache_kwargs,
+    forward_hidden,
+    forward_packed,
+    forward_segments,
+    model_device,
+    output_cache,
+    packing_saves,
+    segments_fit,
+)
 
 # How an example's input is shown to the model behind its soft prompt; the target follows after a space.
 DEFAULT_TEMPLATE = "{input}\nAnswer:"
@@ -168,12 +178,15 @@ def label_scores(
 ) -> list[torch.Tensor]:
     """Sum log-likelihood of each candidate label of each row; returns one (n_labels_b,) tensor per row.
 
-    Two forwards, whatever the number of labels (up to :data:`LABEL_PAIRS_PER_FORWARD` (row, label) pairs; more
-    take one more forward per that many): the inputs once (behind their soft prompts, keeping the key/value
-    cache), then every (row, label) continuation at once on a copy of its row's cache. The first label token is
-    scored from the input's last position, so labels share the input's forward. Rows may use different tasks,
-    prompt lengths and label sets. Inputs of different lengths run packed, without padding, where that costs
-    less (``pack`` as in :func:`target_logprobs`); the continuations then use the same cache laid out padded.
+    Two forwards, whatever the number of labels: the inputs once (behind their soft prompts, keeping the
+    key/value cache), then every label's remaining tokens at once, each row's labels side by side behind the
+    row's cache (:func:`promptbank.inject.forward_segments`; more than :data:`LABEL_TOKENS_PER_FORWARD` label
+    tokens take one more forward per that many). Models where a block mask cannot keep the labels apart
+    (:func:`promptbank.inject.segments_fit`) run each (row, label) continuation on a copy of its row's cache
+    instead, :data:`LABEL_PAIRS_PER_FORWARD` pairs per forward. The first label token is scored from the input's
+    last position, so labels share the input's forward. Rows may use different tasks, prompt lengths and label
+    sets. Inputs of different lengths run packed, without padding, where that costs less (``pack`` as in
+    :func:`target_logprobs`); the continuations then use the same cache laid out padded.
     """
     dev = model_device(model)
     head = model.get_output_embeddings()
@@ -195,10 +208,15 @@ def label_scores(
         raise ValueError("every label must have at least one token")
     index = torch.tensor(owner, device=dev)
     scores = first_logp[index, torch.tensor([lab[0] for lab in flat], device=dev)]  # (N,)
+    sizes = [len(labels) for labels in label_ids]
 
     if max(len(lab) for lab in flat) > 1:
-        # feed label tokens [0 .. n-2] to score tokens [1 .. n-1], each (row, label) pair on a copy of its row's
-        # cache; in chunks of pairs, so that many labels do not copy the cache for all of them at once
+        # feed label tokens [0 .. n-2] to score tokens [1 .. n-1]: side by side behind each row's own cache where
+        # the model allows, else each (row, label) pair on a copy of its row's cache
+        widest = max(sum(len(lab) - 1 for lab in labels) for labels in label_ids)
+        if segments_fit(model, prefix.attention_mask.shape[1], min(widest, _segment_budget(len(label_ids), flat))):
+            return list(torch.split(scores + _shared_continuations(model, head, cache, prefix, label_ids), sizes))
+        # in chunks of pairs, so that many labels do not copy the cache for all of them at once
         base = model.base_model
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         parts = []
@@ -207,12 +225,60 @@ def label_scores(
             sel = index[s : s + LABEL_PAIRS_PER_FORWARD]
             parts.append(_continuation_logprobs(base, head, tokenizer, layers, prefix, chunk, sel, model.config))
         scores = scores + torch.cat(parts)
-    return list(torch.split(scores, [len(labels) for labels in label_ids]))
+    return list(torch.split(scores, sizes))
 
 
-# (row, label) continuations scored in one forward by label_scores; each holds a copy of its row's cache
-# (SmolLM2-135M: ~2.3 MB per pair for 50 prompt + input positions), so this bounds that copy at ~0.6 GB
+# (row, label) continuations scored in one forward by label_scores where they run on copies of their rows'
+# caches; each holds a copy (SmolLM2-135M: ~2.3 MB per pair for 50 prompt + input positions), so this bounds
+# that copy at ~0.6 GB
 LABEL_PAIRS_PER_FORWARD = 256
+# Label tokens fed per forward where a row's labels continue side by side behind its cache (rows x widest row):
+# bounds the (rows, tokens, cache + tokens) mask and attention scores
+LABEL_TOKENS_PER_FORWARD = 2048
+
+
+def _segment_budget(rows: int, flat: Sequence[Sequence[int]]) -> int:
+    """Label tokens per row per forward of :func:`_shared_continuations` (at least the longest label's)."""
+    return max(LABEL_TOKENS_PER_FORWARD // max(rows, 1), max(len(lab) - 1 for lab in flat))
+
+
+def _shared_continuations(model, head, cache, prefix, label_ids) -> torch.Tensor:
+    """Sum log-probability of tokens [1 ..] of every label (flat (row, label) order; 0 for one-token labels)
+    given its row's cache and the label's first token: each row's labels fed side by side behind the row's
+    cache (:func:`promptbank.inject.forward_segments`), in as many forwards as :data:`LABEL_TOKENS_PER_FORWARD`
+    needs, with no copy of the cache."""
+    dev = model_device(model)
+    flat = [lab for labels in label_ids for lab in labels]
+    budget = _segment_budget(len(label_ids), flat)
+    # per row, its multi-token labels (flat index, tokens fed) in rounds of at most `budget` fed tokens
+    rounds: list[list[list[tuple[int, list[int]]]]] = []
+    at = 0
+    for b, labels in enumerate(label_ids):
+        r, used = 0, 0
+        for lab in labels:
+            feed = list(lab[:-1])
+            if feed:
+                if used and used + len(feed) > budget:
+                    r, used = r + 1, 0
+                while len(rounds) <= r:
+                    rounds.append([[] for _ in label_ids])
+                rounds[r][b].append((at, feed))
+                used += len(feed)
+            at += 1
+    out = torch.zeros(len(flat), device=dev)
+    for chunk in rounds:
+        hidden, offsets = forward_segments(model, prefix, cache, [[feed for _, feed in row] for row in chunk])
+        rows, cols, tgts, owners = [], [], [], []
+        for b, (row, offs) in enumerate(zip(chunk, offsets)):
+            for (i, feed), off in zip(row, offs):
+                rows += [b] * len(feed)
+                cols += range(off, off + len(feed))
+                tgts += flat[i][1:]
+                owners += [i] * len(feed)
+        logits = head(hidden[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
+        logp = -F.cross_entropy(logits, torch.tensor(tgts, device=dev), reduction="none")
+        out = out.index_add(0, torch.tensor(owners, device=dev), logp)
+    return out
 
 
 def _continuation_logprobs(base, head, tokenizer, layers, prefix, labels, index, config) -> torch.Tensor:

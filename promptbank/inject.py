@@ -380,6 +380,73 @@ def forward_packed(
     return out.last_hidden_state[0], starts, padded
 
 
+def segments_fit(model: nn.Module, cache_len: int, width: int) -> bool:
+    """Whether :func:`forward_segments` can continue rows cached over ``cache_len`` positions with segments laid
+    out over ``width`` positions: it needs what packing needs (:data:`PACKING` on, an attention implementation
+    that takes a custom mask, a model that passes the one-off packing check) and, on sliding-window models,
+    everything inside one window."""
+    config = model.config
+    if not PACKING or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and cache_len + width > window:
+        return False
+    return _packing_matches(model)
+
+
+def forward_segments(
+    model: nn.Module, prefix: PrefixBatch, cache: DynamicCache, segments: Sequence[Sequence[Sequence[int]]]
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Continue every cached row with several independent token segments side by side, in one forward.
+
+    ``prefix`` / ``cache``: the layout and key/value cache a padded batch leaves (:func:`forward_hidden` or
+    :func:`forward_packed` with ``use_cache``). ``segments[b]``: the token lists row ``b`` continues with. A 4D
+    mask lets each segment see its row's cached positions and its own earlier tokens only, never the other
+    segments, and its position ids continue from the row's last one: each segment gets what it would get as its
+    row's only continuation (up to floating-point order), without a copy of the row's cache per segment.
+    Returns ``(hidden (B, W, d), offsets)``, ``offsets[b][i]`` the column of segment ``i`` of row ``b``. The
+    cache is left as it was (the keys/values this forward appends are dropped). Differentiable.
+    """
+    dev = prefix.attention_mask.device
+    bsz, k_len = prefix.attention_mask.shape
+    width = max(1, max(sum(len(s) for s in row) for row in segments))
+    ids = torch.zeros(bsz, width, dtype=torch.long)
+    positions = torch.zeros(bsz, width, dtype=torch.long)
+    own = torch.zeros(bsz, width, width, dtype=torch.bool)
+    offsets = []
+    for b, row in enumerate(segments):
+        at, row_offsets = 0, []
+        for seg in row:
+            n = len(seg)
+            ids[b, at : at + n] = torch.tensor(seg, dtype=torch.long)
+            positions[b, at : at + n] = torch.arange(n)
+            own[b, at : at + n, at : at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            row_offsets.append(at)
+            at += n
+        own[b, at:, at:] = torch.eye(width - at, dtype=torch.bool)  # padding sees itself (and the row's cache)
+        offsets.append(row_offsets)
+    seen = prefix.attention_mask.bool()[:, None, :].expand(bsz, width, k_len)
+    allow = torch.cat([seen, own.to(dev)], dim=2)  # (B, W, K + W)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(bsz, 1, width, k_len + width, dtype=dtype, device=dev)
+    mask = mask.masked_fill(~allow[:, None], torch.finfo(dtype).min)
+    start = prefix.position_ids[:, -1:] + 1  # (B, 1): each row's next position
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+    base = model.base_model
+    try:
+        out = base(
+            input_ids=ids.to(dev),
+            attention_mask=mask,
+            position_ids=start + positions.to(dev),
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        )
+    finally:  # drop the appended keys/values: the cache holds the rows alone again
+        for layer, (k, v) in zip(cache.layers, saved):
+            layer.keys, layer.values = k, v
+    return out.last_hidden_state, offsets
+
+
 def _unpack_cache(model, cache, row_kv, lengths, starts, prompt_at, p_total) -> PrefixBatch:
     """The packed sequence's keys/values (1, kv_heads, P_total + N, hd) per layer, gathered into the left-padded
     batch layout of :func:`forward_hidden` (B, kv_heads, P_max + T, hd): what a padded forward with ``use_cache``

@@ -106,6 +106,53 @@ def test_packed_label_scores_equal_padded_with_equal_gradients(arch):
     torch.testing.assert_close(packed, _alone(model, tok, rows), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("budget", [2048, 4])
+def test_label_continuations_side_by_side_equal_copies_per_label(arch, budget, monkeypatch):
+    """Each row's multi-token labels continue side by side behind the row's one cache (a block mask keeps them
+    apart) instead of each on its own copy of the cache: the same scores and prompt gradients, whether they fit
+    one forward or take several rounds (a small token budget), and the cache is reused unchanged across rounds."""
+    from promptbank import causal
+
+    monkeypatch.setattr(causal, "LABEL_TOKENS_PER_FORWARD", budget)
+    calls = []
+    real = causal.forward_segments
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(causal, "forward_segments", spy)
+    model = MODELS[arch].eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = make_tiny_tokenizer()
+    results = {}
+    for shared in (True, False):
+        monkeypatch.setattr(inject, "PACKING", shared)  # off: a copy of the cache per (row, label) pair
+        calls.clear()
+        params, row_kv = _prompts(model)
+        flat = torch.cat(label_scores(model, tok, row_kv, INPUTS, LABELS, pack=False))
+        results[shared] = (flat.detach(), torch.autograd.grad(flat.sum(), params))
+        assert len(calls) == (0 if not shared else 1 if budget > 100 else 2)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for g_shared, g_copies in zip(results[True][1], results[False][1]):
+        assert g_copies.abs().sum() > 0
+        torch.testing.assert_close(g_shared, g_copies, atol=1e-5, rtol=1e-4)
+
+
+def test_label_continuations_fall_back_to_copies_where_a_mask_cannot_keep_them_apart(monkeypatch):
+    """A sliding window shorter than cache + labels, or an attention kernel without custom masks: copies."""
+    model = MODELS["llama"]
+    assert inject.segments_fit(model, 40, 10)
+    monkeypatch.setattr(model.config, "sliding_window", 45, raising=False)
+    assert not inject.segments_fit(model, 40, 10)
+    assert inject.segments_fit(model, 30, 10)
+    monkeypatch.setattr(model.config, "sliding_window", None)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert not inject.segments_fit(model, 40, 10)
+
+
 def test_packing_is_chosen_only_where_it_saves(monkeypatch):
     model = MODELS["llama"]
     assert packing_saves(model, [40, 5, 6, 4, 5, 6, 7, 5], [20])  # mostly padding: pack
@@ -154,4 +201,5 @@ def test_models_whose_packed_forward_differs_are_never_packed():
     bloom.config._attn_implementation = "sdpa"  # as if it took a custom mask: the check still refuses it
     assert not inject._check_packing(bloom.eval())
     assert not packing_saves(bloom, [40, 5, 6, 4, 5, 6, 7, 5], [20])
+    assert not inject.segments_fit(bloom, 10, 4)  # its label continuations run on copies of the cache
     assert all(inject._packing_matches(m) for m in MODELS.values())
