@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"The bank folder is --bank DIR, else ${BANK_ENV}, else {DEFAULT_BANK}.",
     )
     add_globals(parser, suppress=False)
+    # --bank is accepted before the command too; its default is applied after parsing (resolve_bank), so that a
+    # subcommand cannot reset a folder given before it, and the demo keeps its own default
+    parser.add_argument("--bank", metavar="DIR", default=argparse.SUPPRESS, help="bank folder (also after COMMAND)")
     common = argparse.ArgumentParser(add_help=False)
     add_globals(common, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -146,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--bank",
                 metavar="DIR",
-                default=bank_default,
+                default=argparse.SUPPRESS,
                 help=f"bank folder (default: ${BANK_ENV} or {DEFAULT_BANK}; now {bank_default})",
             )
+            p.set_defaults(_bank_default=bank_default)
         p.set_defaults(_parser=p)
         return p
 
@@ -298,9 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=_positive_int, metavar="N", help="training steps per task")
     # No $PROMPTBANK_BANK default: the demo must not mix its tasks into the user's bank.
-    p.add_argument("--bank", metavar="DIR", help="where to save the demo bank (default: the demo decides)")
+    p.add_argument(
+        "--bank",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="where to save the demo bank (default: the demo decides)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def resolve_bank(args: argparse.Namespace) -> argparse.Namespace:
+    """Give ``args.bank`` its default where no ``--bank`` was given (before or after the command): the
+    command's default folder, or ``None`` for the demo (which picks its own)."""
+    if not hasattr(args, "bank"):
+        args.bank = getattr(args, "_bank_default", None)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -724,16 +742,35 @@ def _one_line(exc: BaseException) -> str:
     return msg or type(exc).__name__
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _one_line_warnings(fallback):
+    """A ``warnings.showwarning`` that prints promptbank's own warnings as one ``promptbank: warning: ...`` line
+    on stderr and hands other packages' to ``fallback`` (Python's format, with the source line)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if _PACKAGE_DIR in Path(filename).resolve().parents:
+            print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = resolve_bank(parser.parse_args(argv))
     except SystemExit as e:  # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    show = warnings.showwarning
+    if not args.debug:  # --debug: every warning in Python's format
+        warnings.showwarning = _one_line_warnings(show)
     try:
         return args.func(args)
     except SystemExit as e:  # args._parser.error() inside a command
@@ -754,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,35 @@ def test_learn_prints_summary_and_creates_bank(workdir, model_opts, tmp_path, ca
     assert (bank / "promptbank.json").is_file()
 
 
+def test_library_warnings_print_as_one_line(workdir, model_opts, tmp_path, capsys):
+    """A warning from the library (here: inputs cut to the token limit) is one 'promptbank: warning:' line, not
+    Python's file:line format with the source line; --debug keeps Python's format (which pytest records instead of
+    printing: the warning is then not on stderr)."""
+    data = tmp_path / "long.jsonl"
+    rows = [{"text": "word " * 400, "label": "a"}] + [{"text": f"short {i}", "label": "ab"[i % 2]} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for debug in (False, True):
+        argv = [
+            *model_opts,
+            *(["--debug"] if debug else []),
+            "learn",
+            "t",
+            str(data),
+            "--bank",
+            str(tmp_path / f"b{debug}"),
+        ]
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            rc, _, err = run(capsys, *argv, *FAST)
+        assert rc == 0, err
+        lines = [line for line in err.splitlines() if "truncated 1 of" in line]
+        if debug:
+            assert not lines and any("truncated 1 of" in str(w.message) for w in recorded)
+        else:
+            assert lines == [line for line in err.splitlines() if "warning" in line.lower()]
+            assert len(lines) == 1 and lines[0].startswith("promptbank: warning: truncated 1 of 9 inputs to 256 tokens")
+
+
 def test_learn_warm_starts_from_a_stored_task(workdir, model_opts, bank_copy, capsys):
     rc, out, err = run(
         capsys, *model_opts, "learn", "billing2", str(workdir / "billing.jsonl"), "--bank", str(bank_copy), *FAST
@@ -182,6 +212,21 @@ def test_list_uses_bank_from_environment(learned_bank, monkeypatch, capsys):
     monkeypatch.setenv("PROMPTBANK_BANK", str(learned_bank))
     rc, out, _ = run(capsys, "list")
     assert rc == 0 and "billing" in out
+
+
+def test_bank_option_before_the_command(learned_bank, tmp_path, monkeypatch, capsys):
+    """--bank works before the command name as after it (the one after wins); without either, $PROMPTBANK_BANK;
+    the demo keeps its own default (None: it picks a folder) instead of the environment's bank."""
+    from promptbank.cli import build_parser, resolve_bank
+
+    rc, out, _ = run(capsys, "--bank", str(learned_bank), "list")
+    assert rc == 0 and "billing" in out
+    rc, out, err = run(capsys, "--bank", str(tmp_path / "none"), "list", "--bank", str(learned_bank))
+    assert rc == 0 and "billing" in out
+    monkeypatch.setenv("PROMPTBANK_BANK", str(learned_bank))
+    assert resolve_bank(build_parser().parse_args(["list"])).bank == str(learned_bank)
+    assert resolve_bank(build_parser().parse_args(["demo"])).bank is None
+    assert resolve_bank(build_parser().parse_args(["--bank", "x", "demo"])).bank == "x"
 
 
 def test_route_ranks_tasks(learned_bank, capsys):
