@@ -25,6 +25,7 @@ import label_words  # noqa: E402
 import lr_study  # noqa: E402
 import objective  # noqa: E402
 import probe_gate  # noqa: E402
+import routing_threshold  # noqa: E402
 import transfer  # noqa: E402
 
 LABELS = ["left", "right"]
@@ -510,3 +511,29 @@ def test_label_words_summary_pairs_the_two_settings_by_seed():
     text = label_words.table(rows)
     assert "| trec | deep | 6 | 0,1 | 55.0 | 60.0 | +5.0 (+20.0, -10.0) |" in text
     assert "over 2 paired runs: mean difference +5.0 points, words better on 1, worse on 1" in text
+
+
+def test_routing_threshold_sweep_trades_kept_queries_for_rejected_out_of_scope():
+    """routing_threshold.sweep on three well-separated Gaussian tasks (2 labels each) and far-away out-of-scope
+    points: top-1 does not depend on the quantile; a higher quantile rejects more in-task queries and more
+    out-of-scope ones; hit@1 never exceeds top-1."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, centres = 16, np.eye(16)[:6] * 6.0
+    keys, ktask, kgroup, queries, qtask = [], [], [], [], []
+    for g, c in enumerate(centres):
+        keys.append(c + rng.normal(size=(40, d)))
+        ktask += [f"t{g // 2}"] * 40
+        kgroup += [g % 2] * 40
+        queries.append(c + rng.normal(size=(60, d)))
+        qtask += [f"t{g // 2}"] * 60
+    oos = rng.normal(size=(200, d)) + np.eye(16)[10] * 6.0
+    rows = routing_threshold.sweep(np.concatenate(keys), ktask, kgroup, np.concatenate(queries), qtask, oos)
+    assert list(rows) == [f"{q:g}" for q in routing_threshold.QUANTILES]
+    high, low = rows["0.1"], rows["0.005"]
+    assert all(r["top1"] == high["top1"] > 0.95 for r in rows.values())
+    assert all(r["hit@1"] <= r["top1"] for r in rows.values())
+    assert high["in_task_rejected"] > low["in_task_rejected"] and high["hit@1"] < low["hit@1"]
+    assert high["oos_rejected"] >= low["oos_rejected"] and high["oos_rejected"] > 0.9
+    assert 0.03 < high["in_task_rejected"] < 0.2  # about the quantile, on queries like the keys
