@@ -9,12 +9,16 @@ held-out accuracy with the task given, and the dev loss of the kept state.
 
     python benchmarks/lr_study.py --methods deep --lrs 0.01,0.03,0.1 --datasets trec,sst5 --seeds 0 --out a.json
     python benchmarks/lr_study.py --merge a.json b.json --out benchmarks/results/lr_study.json
+    python benchmarks/lr_study.py --compare benchmarks/results/lr_study.json   # methods paired at each lr
 
 Prints a markdown table (mean held-out accuracy per dataset, method and learning rate over the seeds where every
 learning rate ran, and the mean over datasets) and writes JSON (config, versions, every run).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from bench_common import mean
 from objective import learn_and_score, run_record, run_study, seed_groups, study_parser
@@ -71,10 +75,53 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_methods(runs: list[dict]) -> str:
+    """Paired comparison of every two methods at each learning rate, over the (dataset, seed) runs both have:
+    per dataset the two means and per-seed differences, then how often the second method did better / the same /
+    worse and the mean difference (points of held-out accuracy)."""
+    by = {(r["dataset"], r["method"], r["lr"], r["seed"]): r["held_out_accuracy"] for r in runs}
+    methods = sorted({r["method"] for r in runs})
+    lines = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            for lr in sorted({r["lr"] for r in runs}):
+                pairs = {}
+                for (ds, m, r_lr, seed), acc in by.items():
+                    if m == a and r_lr == lr and (ds, b, lr, seed) in by:
+                        pairs.setdefault(ds, []).append((seed, acc, by[(ds, b, lr, seed)]))
+                if not pairs:
+                    continue
+                lines += [
+                    f"\n{a} vs {b} at lr {lr:g}: held-out accuracy %, paired by (dataset, seed)",
+                    f"| dataset | seeds | {a} | {b} | {b} - {a} per seed |",
+                    "|---|---|---:|---:|---|",
+                ]
+                diffs = []
+                for ds, rows in sorted(pairs.items()):
+                    rows.sort()
+                    d = [100 * (y - x) for _, x, y in rows]
+                    diffs += d
+                    lines.append(
+                        f"| {ds} | {','.join(str(s) for s, _, _ in rows)} | {100 * mean([x for _, x, _ in rows]):.1f} | "
+                        f"{100 * mean([y for _, _, y in rows]):.1f} | {', '.join(f'{v:+.1f}' for v in d)} |"
+                    )
+                better = sum(v > 0 for v in diffs)
+                same = sum(v == 0 for v in diffs)
+                lines.append(
+                    f"\n{b} better in {better} of {len(diffs)} paired runs, the same in {same}, worse in "
+                    f"{len(diffs) - better - same}; mean difference {mean(diffs):+.1f} points"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = study_parser(__doc__, "trec,sst5,subj,cr,ag_news,clinc:banking", "deep")
     ap.add_argument("--lrs", default="0.01,0.03,0.1")
+    ap.add_argument("--compare", type=Path, help="print the paired method comparison of this result file and exit")
     args = ap.parse_args()
+    if args.compare:
+        print(compare_methods(json.loads(args.compare.read_text())["runs"]))
+        return
     run_study(args, "lr", [float(x) for x in args.lrs.split(",")], run_one, "lr_study", summary, table)
 
 
