@@ -468,6 +468,29 @@ def test_lr_study_summary_compares_learning_rates_on_common_seeds():
     assert "best lr per dataset (ties: the first): t 0.01, u 0.1" in text
 
 
+def test_lr_study_compares_methods_on_paired_runs_only():
+    """--compare pairs two methods by (dataset, lr, seed): a run without its partner is left out; per-seed
+    differences are second minus first (methods sorted by name), counted better / same / worse."""
+
+    def run(method, dataset, seed, acc):
+        return {"dataset": dataset, "method": method, "lr": 0.03, "seed": seed, "held_out_accuracy": acc}
+
+    runs = [
+        run("deep", "a", 0, 0.8),
+        run("prompt_tuning", "a", 0, 0.7),
+        run("deep", "a", 1, 0.5),
+        run("prompt_tuning", "a", 1, 0.5),
+        run("deep", "b", 0, 0.6),
+        run("prompt_tuning", "b", 0, 0.9),
+        run("deep", "b", 1, 0.1),  # no prompt-tuning partner: not compared
+    ]
+    text = lr_study.compare_methods(runs)
+    assert "deep vs prompt_tuning at lr 0.03" in text
+    assert "| a | 0,1 | 65.0 | 60.0 | -10.0, +0.0 |" in text
+    assert "| b | 0 | 60.0 | 90.0 | +30.0 |" in text
+    assert "prompt_tuning better in 1 of 3 paired runs, the same in 1, worse in 1; mean difference +6.7 points" in text
+
+
 def test_study_runs_learn_score_and_leave_the_bank_empty(tiny_bank, monkeypatch):
     """objective.run_one, lr_study.run_one and label_words.run_one on the tiny causal bank: one record each, the
     task removed after; the label-words study passes its words to learn_task only in the "words" setting."""
