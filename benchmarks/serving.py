@@ -575,6 +575,17 @@ def bench_time_to_accuracy(bank, cfg) -> dict:
 PACK_SETS = [("clinc:banking", "clinc150"), ("sst2", "sst2"), ("ag_news", "ag_news"), ("trec", "trec")]
 
 
+def _labelled_rows(data_dir: Path, name: str, folder: str, rows_file: str) -> tuple[list[dict], list[str]]:
+    """The rows of ``folder/rows_file`` and the label set: a dataset's labels.json, or one CLINC150 domain's
+    intents (``name`` ``clinc:<domain>``, rows of that domain only)."""
+    rows = _load_rows(data_dir, folder, rows_file)
+    labels = json.loads((data_dir / folder / "labels.json").read_text())
+    if name.startswith("clinc:"):
+        intents = sorted(labels["domains"][name.split(":", 1)[1]])
+        return [r for r in rows if r["label"] in intents], intents
+    return rows, labels["labels"]
+
+
 def bench_packing(bank, cfg) -> dict:
     """Packed vs padded forwards (``inject.forward_packed`` vs ``forward_hidden``), same batches: per dataset,
     ``pack_batches`` batches of ``pack_batch`` random train rows (600 characters at most), a prompt-tuning
@@ -591,13 +602,7 @@ def bench_packing(bank, cfg) -> dict:
     prompt = _random_prompt(model, [0], seed=0)[0].clone().requires_grad_()
     out = {}
     for name, folder in PACK_SETS:
-        rows = _load_rows(cfg.data, folder, "train.jsonl")
-        labels = json.loads((cfg.data / folder / "labels.json").read_text())
-        if name.startswith("clinc:"):
-            labels = sorted(labels["domains"][name.split(":", 1)[1]])
-            rows = [r for r in rows if r["label"] in labels]
-        else:
-            labels = labels["labels"]
+        rows, labels = _labelled_rows(cfg.data, name, folder, "train.jsonl")
         rng = random.Random(0)
         label_ids = [encode_target(tok, lab) for lab in labels]
         batches = []
@@ -665,13 +670,7 @@ def bench_labels(bank, cfg) -> dict:
     out, saved = {}, inject.PACKING
     try:
         for name, folder, rows_file in LABEL_SETS:
-            rows = _load_rows(cfg.data, folder, rows_file)
-            labels = json.loads((cfg.data / folder / "labels.json").read_text())
-            if name.startswith("clinc:"):
-                labels = sorted(labels["domains"][name.split(":", 1)[1]])
-                rows = [r for r in rows if r["label"] in labels]
-            else:
-                labels = labels["labels"]
+            rows, labels = _labelled_rows(cfg.data, name, folder, rows_file)
             label_ids = [encode_target(tok, lab) for lab in labels]
             rng = random.Random(0)
             times = {"side_by_side": [], "copies": []}
