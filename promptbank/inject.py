@@ -431,7 +431,7 @@ def forward_segments(
     mask = torch.zeros(bsz, 1, width, k_len + width, dtype=dtype, device=dev)
     mask = mask.masked_fill(~allow[:, None], torch.finfo(dtype).min)
     start = prefix.position_ids[:, -1:] + 1  # (B, 1): each row's next position
-    saved = [(layer.keys, layer.values) for layer in cache.layers]
+    saved = [dict(vars(layer)) for layer in cache.layers]  # keys, values and any length counters
     base = model.base_model
     try:
         out = base(
@@ -442,8 +442,9 @@ def forward_segments(
             **cache_kwargs(base, cache),
         )
     finally:  # drop the appended keys/values: the cache holds the rows alone again
-        for layer, (k, v) in zip(cache.layers, saved):
-            layer.keys, layer.values = k, v
+        for layer, state in zip(cache.layers, saved):
+            vars(layer).clear()
+            vars(layer).update(state)
     return out.last_hidden_state, offsets
 
 

@@ -17,7 +17,14 @@ TARGETS = [[1, 2], [3], [4, 4, 4], [7], [9, 9]]
 
 
 def _models():
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     vocab = len(make_tiny_tokenizer())
     torch.manual_seed(0)
@@ -31,7 +38,22 @@ def _models():
         initializer_range=0.3,
     )
     gpt2 = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3)
-    return {"llama": make_tiny_model(vocab), "qwen2": Qwen2ForCausalLM(qwen), "gpt2": GPT2LMHeadModel(gpt2)}
+    mistral = MistralConfig(  # a sliding window (the cache keeps its own length counter) wider than every row here
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        initializer_range=0.3,
+    )
+    return {
+        "llama": make_tiny_model(vocab),
+        "qwen2": Qwen2ForCausalLM(qwen),
+        "gpt2": GPT2LMHeadModel(gpt2),
+        "mistral_window": MistralForCausalLM(mistral),
+    }
 
 
 MODELS = _models()
