@@ -703,16 +703,17 @@ def bench_labels(bank, cfg) -> dict:
 
 
 def _mac_floor(model, pairs) -> dict:
-    """Multiply-accumulates per training forward, ours vs PEFT, from the model's shapes: the ratio an exact
-    implementation cannot beat (backward costs about the same multiple). Body = every non-embedding weight,
-    once per position; LM head = vocab x d per position that gets logits."""
+    """Multiply-accumulates per training forward, ours vs PEFT, from the model's shapes: the ratio our forward's
+    arithmetic sets, which its measured time cannot beat by much (backward costs about the same multiple). Body =
+    every non-embedding weight, once per position; LM head = vocab x d per position that gets logits."""
     d, vocab = model.config.hidden_size, model.config.vocab_size
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     head = vocab * d
     b = len(pairs)
     seq = sum(len(i) + len(t) for i, t in pairs)  # input + label positions over the batch
     tgt = sum(len(t) for _, t in pairs)
-    ours_input = seq * body + tgt * head  # real tokens behind the prefix cache; logits only on label tokens
+    # real tokens behind the prefix cache, the last label token not fed; logits only where labels are predicted
+    ours_input = (seq - len(pairs)) * body + tgt * head
     ours_prefix = P * body  # the prompt positions once per batch (batch size 1)
     peft_pt = (seq + b * P) * (body + head)  # prompt tokens in every row; logits at every position
     peft_prefix = seq * (body + head)  # PEFT prefix tuning feeds key/values: no prompt positions, full logits

@@ -77,12 +77,14 @@ def target_logprobs(
 ) -> list[torch.Tensor]:
     """Log-probability of each target token given its input, behind each row's soft prompt.
 
-    Returns one (len(target_b),) tensor per row. Only target positions go through the LM head. Rows of different
+    Returns one (len(target_b),) tensor per row. Only target positions go through the LM head, and the last target
+    token is not fed (nothing scores its output). Rows of different
     lengths run packed, without padding (:func:`promptbank.inject.forward_packed`), where that costs less
     (``pack=None``: :func:`promptbank.inject.packing_saves`); ``pack=True`` / ``False`` forces either way. Both
     give the same values up to floating-point order.
     """
-    seqs = [list(i) + list(t) for i, t in zip(inputs, targets)]
+    # the last target token is never fed: nothing after it is scored (its output would predict the next token)
+    seqs = [list(i) + list(t[:-1]) for i, t in zip(inputs, targets)]
     dev = model_device(model)
     if pack is None:
         pack = should_pack(model, seqs, row_kv)
@@ -96,7 +98,7 @@ def target_logprobs(
         hidden = padded.reshape(-1, padded.shape[-1])
         ends = [(b + 1) * ids.shape[1] for b in range(len(seqs))]  # rows are right-aligned
     for end, t in zip(ends, targets):
-        first = end - len(t) - 1  # the position that predicts the first target token
+        first = end - len(t)  # the position that predicts the first target token (the input's last)
         pos += list(range(first, first + len(t)))
         tgt += list(t)
         sizes.append(len(t))
