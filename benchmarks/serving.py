@@ -516,7 +516,7 @@ def bench_time_to_accuracy(bank, cfg) -> dict:
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         ours_opt.step()
-        return float(loss)
+        return loss.item()
 
     def peft_step(i):
         ids, mask, labels = peft_inputs[i]
@@ -524,7 +524,7 @@ def bench_time_to_accuracy(bank, cfg) -> dict:
         peft_opt.zero_grad(set_to_none=True)
         loss.backward()
         peft_opt.step()
-        return float(loss)
+        return loss.item()
 
     @torch.no_grad()
     def accuracy(prompt: torch.Tensor) -> float:
