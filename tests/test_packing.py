@@ -28,7 +28,8 @@ def _models():
 
     vocab = len(make_tiny_tokenizer())
     torch.manual_seed(0)
-    qwen = Qwen2Config(
+    # tiny decoders of the same size: GQA (4 query heads, 2 key/value heads), 2 layers
+    sizes = dict(
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
@@ -37,17 +38,10 @@ def _models():
         num_key_value_heads=2,
         initializer_range=0.3,
     )
+    qwen = Qwen2Config(**sizes)
     gpt2 = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.3)
-    mistral = MistralConfig(  # a sliding window (the cache keeps its own length counter) wider than every row here
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=64,
-        initializer_range=0.3,
-    )
+    # a sliding window (its cache layers keep their own length counter) wider than every row here
+    mistral = MistralConfig(**sizes, sliding_window=64)
     return {
         "llama": make_tiny_model(vocab),
         "qwen2": Qwen2ForCausalLM(qwen),
