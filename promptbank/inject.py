@@ -261,18 +261,31 @@ def packing_saves(model: nn.Module, lengths: Sequence[int], prompt_lens: Sequenc
     :data:`MAX_PACKED_TOKENS`, on sliding-window models every row with its prompt must fit in one window, and the
     model must pass a one-off check that packing reproduces its padded forward."""
     n, width = sum(lengths), max(lengths)
-    config = model.config
-    if not PACKING or n > MAX_PACKED_TOKENS or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+    if n > MAX_PACKED_TOKENS or not _block_mask_allowed(model, width + max(prompt_lens, default=0)):
         return False
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and width + max(prompt_lens, default=0) > window:
-        return False  # the block mask is full attention: the same as a sliding window only within one window
     layer = decoder_layers(model)[0]
     weights = sum(p.numel() for p in layer.parameters())
     two_d = 2 * model.config.hidden_size
     padded = len(lengths) * width * (weights + two_d * (max(prompt_lens, default=0) + width))
     packed = n * (weights + two_d * (sum(prompt_lens) + n))
     return packed < 0.9 * padded and _packing_matches(model)
+
+
+def _block_mask_allowed(model: nn.Module, span: int) -> bool:
+    """Whether a custom block mask may stand in for the model's attention over sequences of ``span`` positions:
+    :data:`PACKING` on, an attention implementation that takes a custom mask, and on sliding-window models
+    ``span`` within one window (the block mask is full attention: the same as a sliding window only within one
+    window). The one-off :func:`_packing_matches` check comes on top."""
+    config = model.config
+    if not PACKING or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
+        return False
+    window = getattr(config, "sliding_window", None)
+    return not (window and getattr(config, "use_sliding_window", True) and span > window)
+
+
+def _additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``allow`` mask (True: may attend) as the additive mask the model takes: 0 or the dtype's min."""
+    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
 
 
 # Per model: whether a packed forward reproduces the padded one (checked once, on first use).
@@ -354,8 +367,7 @@ def forward_packed(
         starts.append(start)
         row_prompt_at.append(at)
         start += length
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros(1, 1, n, p_total + n, dtype=dtype, device=dev).masked_fill(~allow, torch.finfo(dtype).min)
+    mask = _additive_mask(allow[None, None], next(model.parameters()).dtype)  # (1, 1, N, P_total + N)
     cache = None
     if distinct:
         layers = [
@@ -385,13 +397,7 @@ def segments_fit(model: nn.Module, cache_len: int, width: int) -> bool:
     out over ``width`` positions: it needs what packing needs (:data:`PACKING` on, an attention implementation
     that takes a custom mask, a model that passes the one-off packing check) and, on sliding-window models,
     everything inside one window."""
-    config = model.config
-    if not PACKING or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
-        return False
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and cache_len + width > window:
-        return False
-    return _packing_matches(model)
+    return _block_mask_allowed(model, cache_len + width) and _packing_matches(model)
 
 
 def forward_segments(
@@ -427,9 +433,7 @@ def forward_segments(
         offsets.append(row_offsets)
     seen = prefix.attention_mask.bool()[:, None, :].expand(bsz, width, k_len)
     allow = torch.cat([seen, own.to(dev)], dim=2)  # (B, W, K + W)
-    dtype = next(model.parameters()).dtype
-    mask = torch.zeros(bsz, 1, width, k_len + width, dtype=dtype, device=dev)
-    mask = mask.masked_fill(~allow[:, None], torch.finfo(dtype).min)
+    mask = _additive_mask(allow[:, None], next(model.parameters()).dtype)  # (B, 1, W, K + W)
     start = prefix.position_ids[:, -1:] + 1  # (B, 1): each row's next position
     saved = [dict(vars(layer)) for layer in cache.layers]  # keys, values and any length counters
     base = model.base_model
