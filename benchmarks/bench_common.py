@@ -169,7 +169,7 @@ def without_probes(bank, names):
     for n in names:
         t = bank._tasks[n]
         head = {k: v for k, v in t.head.items() if k not in PROBE_KEYS}
-        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head, key_groups=t.key_groups))
+        plain._insert(_Task(t.record, t.prompt, t.keys, t.train_state, head or None, key_groups=t.key_groups))
     return plain
 
 

@@ -60,7 +60,9 @@ def split(rows: list[dict], labels: list[str], per_class: int, seed: int) -> tup
 
 def learn_and_score(bank, pool, method: str, seed: int, per_class: int, steps: int, **options) -> tuple:
     """Learn the task once on :func:`split`'s training rows (the study's settings; ``options``: more
-    ``learn_task`` arguments) and score it on the held-out rows, task given: ``(record, accuracy, seconds)``."""
+    ``learn_task`` arguments) and score it on the held-out rows, task given: ``(record, accuracy, seconds)``.
+    The causal LM's label ranking alone (``probe=False`` unless ``options`` say otherwise): these studies measure
+    what training settings do to the prompt, as they did before tasks got an embedding probe by default."""
     rows, labels = pool
     train, held = split(rows, labels, per_class, seed)
     t0 = time.perf_counter()
@@ -75,7 +77,7 @@ def learn_and_score(bank, pool, method: str, seed: int, per_class: int, steps: i
         seed=seed,
         progress=False,
         warm_start=False,
-        **options,
+        **{"probe": False, **options},
     )
     seconds = time.perf_counter() - t0
     try:

@@ -122,8 +122,10 @@ class Prediction:
     """One output of :meth:`PromptBank.predict`.
 
     ``output`` is the predicted label (classification) or generated text (generation task), ``None`` when
-    routing found no task. ``route_score`` is set when the task was routed, ``label_scores`` (summed
-    log-likelihood per label) for classification.
+    routing found no task. ``route_score`` is set when the task was routed, ``label_scores`` for classification:
+    per label, the causal LM's summed log-likelihood of the label's text; for a task with an embedding probe (the
+    default, :class:`TrainConfig` ``probe``; encoder tasks always have a head) the normalised log-probability of the
+    combined prediction instead (``exp`` of the values sums to 1).
     """
 
     output: str | None
@@ -302,8 +304,10 @@ class PromptBank:
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
         words = check_label_words(label_words, task_data.kind, task_data.labels)
 
-        train_emb = self.embedder.encode([ex.input for ex in train_data.examples])  # routing keys and warm start
-        keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf, train_emb=train_emb)
+        # routing keys, threshold, warm start and the embedding probe (its fit, its dev accuracy): each input once
+        train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+        dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples]) if dev_data else None
+        keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf, train_emb=train_emb, dev_emb=dev_emb)
 
         fit = self._fit(
             f"learn {name} ({pconf.method.value})",
@@ -314,6 +318,7 @@ class PromptBank:
             tconf,
             template,
             train_emb=train_emb,
+            dev_emb=dev_emb,
             label_words=words,
         )
         record = fit.record(name, DEFAULT_VARIANT, task_data, pconf, tconf, template, float(threshold), words)
@@ -361,14 +366,17 @@ class PromptBank:
         resume_from: _Variant | None = None,
         warm_exclude: str | None = None,
         train_emb: np.ndarray | None = None,
+        dev_emb: np.ndarray | None = None,
         label_words: dict[str, str] | None = None,
     ) -> _Fit:
-        """Train one soft prompt (and, on encoder backbones, its head); stores nothing.
+        """Train one soft prompt and its head (encoders: the linear head; classification tasks: with the embedding
+        probe unless ``tconf.probe`` is off); stores nothing.
 
         A new prompt starts from the text / vocabulary initialisation or a warm start (from stored tasks other
         than ``warm_exclude``); with ``resume_from`` it starts from that variant's stored ``train_state`` (prompt
-        module, P-Tuning encoder and head included). ``train_emb``: the training inputs' routing embeddings, if
-        the caller has them (else computed here when the warm start needs them). ``label_words``: the task's checked
+        module, P-Tuning encoder and head included). ``train_emb`` / ``dev_emb``: the training / dev inputs' routing
+        embeddings, if the caller has them (else computed here when the warm start or the embedding probe needs
+        them). ``label_words``: the task's checked
         verbalizer (:func:`check_label_words`).
         """
         model, tok = self.backbone.model, self.backbone.tokenizer
@@ -438,6 +446,8 @@ class PromptBank:
                 result = train_soft_prompt(
                     model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc, label_ids=label_ids
                 )
+                if tconf.probe and task_data.kind == "classification":
+                    head = self._fit_probe(train_data, tconf, train_emb)
                 num_train, num_dev = len(train_pairs), len(dev_pairs)
 
         by_accuracy = (self.is_encoder or tconf.objective != "lm") and tconf.select_on != "loss"
@@ -460,7 +470,7 @@ class PromptBank:
         if dev_data and task_data.kind == "classification":
             if self.is_encoder:
                 dev_acc = self._encoder_accuracy(
-                    result.prompt, head, task_data.labels, dev_data, tconf.max_input_tokens
+                    result.prompt, head, task_data.labels, dev_data, tconf.max_input_tokens, dev_emb
                 )
             else:
                 dev_acc = self._accuracy(
@@ -470,6 +480,8 @@ class PromptBank:
                     dev_data,
                     tconf.max_target_tokens,
                     label_words=label_words,
+                    head=head,
+                    embeddings=dev_emb,
                 )
         return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
@@ -480,6 +492,7 @@ class PromptBank:
         tconf: TrainConfig,
         *,
         train_emb: np.ndarray | None = None,
+        dev_emb: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """Routing keys, their groups and the cosine ("knn" scorer) threshold for a task with these examples.
 
@@ -487,7 +500,7 @@ class PromptBank:
         key for classification, else its k-means cluster (``n_prototypes`` clusters); the learned router
         (:mod:`promptbank.lda`) fits one Gaussian per group. The threshold accepts all but ``threshold_quantile``
         of held-out in-task queries (dev inputs, plus leave-one-out train inputs) under the cosine scorer.
-        ``train_emb``: the training inputs' embeddings when the caller has them.
+        ``train_emb`` / ``dev_emb``: the training / dev inputs' embeddings when the caller has them.
         """
         inputs = [ex.input for ex in train_data.examples]
         if train_emb is None:
@@ -505,7 +518,8 @@ class PromptBank:
         _, groups = np.unique(groups[keep], return_inverse=True)  # dense group ids 0..G-1
         held_out = [_loo_scores(train_emb, self.router.top_keys)]
         if dev_data:
-            dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
+            if dev_emb is None:
+                dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
             held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
         threshold = calibrate_threshold(np.concatenate(held_out), tconf.threshold_quantile)
         return keys, groups.astype(np.int64), threshold
@@ -626,16 +640,7 @@ class PromptBank:
         from .encoder import encode_texts, head_logits, pooled
 
         model, tok = self.backbone.model, self.backbone.tokenizer
-        probed = [i for i, h in enumerate(heads) if "probe_weight" in h]
-        emb: dict[int, torch.Tensor] = {}
-        if probed:
-            if embeddings is None:
-                vecs = self.embedder.encode([texts[i] for i in probed])
-            else:
-                if len(embeddings) != len(texts):
-                    raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} texts")
-                vecs = np.asarray(embeddings)[probed]
-            emb = {i: torch.as_tensor(np.asarray(v), dtype=torch.float32)[None] for i, v in zip(probed, vecs)}
+        emb = self._probe_embeddings(texts, heads, embeddings)
         seqs = encode_texts(tok, texts, max_tokens)
         # Batches of similar length (little padding); each row's result does not depend on its batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -648,9 +653,44 @@ class PromptBank:
                     out[i] = head_logits(heads[i], f[None], emb.get(i))[0]
         return out  # type: ignore[return-value]
 
-    def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int) -> float:
+    def _probe_embeddings(
+        self, texts: Sequence[str], heads: Sequence[Mapping[str, torch.Tensor] | None], embeddings: np.ndarray | None
+    ) -> dict[int, torch.Tensor]:
+        """Row index -> routing embedding (1, e) of each row whose head has an embedding probe: taken from
+        ``embeddings`` (one per text) when the caller has them (routed rows), else computed for those rows only."""
+        probed = [i for i, h in enumerate(heads) if h is not None and "probe_weight" in h]
+        if not probed:
+            return {}
+        if embeddings is None:
+            vecs = self.embedder.encode([texts[i] for i in probed])
+        else:
+            if len(embeddings) != len(texts):
+                raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} texts")
+            vecs = np.asarray(embeddings)[probed]
+        return {i: torch.as_tensor(np.asarray(v), dtype=torch.float32)[None] for i, v in zip(probed, vecs)}
+
+    def _with_probes(
+        self,
+        scores: list[torch.Tensor],
+        texts: Sequence[str],
+        heads: Sequence[Mapping[str, torch.Tensor] | None],
+        embeddings: np.ndarray | None = None,
+    ) -> list[torch.Tensor]:
+        """Causal LM: each row's label scores (summed log-likelihoods), combined with its task's embedding probe
+        where it has one, as encoder heads combine theirs: the normalised product of the two distributions,
+        ``log_softmax(log_softmax(lm) + probe log-probabilities)``. Rows without a probe keep their scores."""
+        from .encoder import probe_logprobs
+
+        emb = self._probe_embeddings(texts, heads, embeddings)
+        out = list(scores)
+        for i, e in emb.items():
+            lm = torch.log_softmax(scores[i].float(), -1)
+            out[i] = torch.log_softmax(lm + probe_logprobs(heads[i], e)[0].to(lm.device), -1)  # type: ignore[arg-type]
+        return out
+
+    def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int, embeddings=None) -> float:
         logits = self._encoder_logits(
-            [ex.input for ex in data.examples], [prompt] * len(data), [head] * len(data), max_tokens
+            [ex.input for ex in data.examples], [prompt] * len(data), [head] * len(data), max_tokens, 32, embeddings
         )
         return sum(labels[int(lg.argmax())] == ex.target for lg, ex in zip(logits, data.examples)) / len(data)
 
@@ -795,13 +835,13 @@ class PromptBank:
         """Continue training task ``name``'s soft prompt on ``data`` from its stored ``train_state``.
 
         The method and prompt config are the task's; the :class:`TrainConfig` is the stored one with
-        ``train_options`` applied (``max_steps``, ``lr``, ...); a task stored before the embedding probe existed resumes
-        without one unless ``probe=True`` is passed. Training starts from the stored module state (the
-        prompt vectors, P-Tuning MLP/LSTM encoder weights, and on encoder backbones the head) with a fresh AdamW
-        schedule (optimizer moments are not stored). The step-0 dev evaluation is the stored state and a later
-        state replaces it only if it is better by the ``select_on`` rule, so on the same dev data the selection
-        measure cannot get worse (the dev loss; on encoders by default the dev accuracy, then the loss). Routing keys and threshold
-        are kept. ``variant`` resumes one of the task's non-serving prompt variants instead of the serving one.
+        ``train_options`` applied (``max_steps``, ``lr``, ...); a task with an embedding probe gets it refitted on
+        ``data``, a task without one (``probe=False``, or stored before it could have one) stays without, unless
+        ``probe=`` is passed. Training starts from the stored module state (the prompt vectors, P-Tuning MLP/LSTM
+        encoder weights, and on encoder backbones the head) with a fresh AdamW schedule (optimizer moments are not
+        stored). The step-0 dev evaluation is the stored state and a later state replaces it only if it is better
+        by the ``select_on`` rule, so on the same dev data the selection measure cannot get worse (the dev loss; on
+        encoders by default the dev accuracy, then the loss). Routing keys and threshold are kept. ``variant`` resumes one of the task's non-serving prompt variants instead of the serving one.
 
         The returned record counts steps, seconds and history across runs (history steps continue from the
         previous ``steps``; the resumed run's step-0 entry has ``"resumed": True``). Raises :class:`ResumeError`
@@ -818,9 +858,9 @@ class PromptBank:
                 "with keep_train_state=False); learn it again, or learn a new variant"
             )
         pconf = PromptConfig.from_dict(old.prompt_config)
-        # a task stored before the embedding probe existed has no "probe" in its config: it had none, and resuming
-        # keeps it without one unless probe=True is passed
-        stored = {"probe": False, **old.train_config}
+        # resuming keeps the task with or without its embedding probe (a task stored before probes existed had
+        # none, whatever its config says) unless probe= is passed
+        stored = {**old.train_config, "probe": bool(var.head) and "probe_weight" in var.head}
         tconf = TrainConfig.from_dict({**stored, **train_options})
         task_data, train_data, dev_data = self._split_data(data, dev, old.kind, old.labels, tconf)
         desc = f"resume {name}/{old.variant} ({pconf.method.value})"
@@ -992,7 +1032,14 @@ class PromptBank:
                 row["loss"] = dev_loss(model, tok, lambda p=prompt: p, pairs, batch_size)
                 if rec.kind == "classification":
                     row["accuracy"] = self._accuracy(
-                        prompt, rec.labels, r.template, td, max_target, batch_size, label_words=r.label_words
+                        prompt,
+                        rec.labels,
+                        r.template,
+                        td,
+                        max_target,
+                        batch_size,
+                        label_words=r.label_words,
+                        head=v.head,
                     )
             out[r.variant] = row
         return out
@@ -1023,8 +1070,9 @@ class PromptBank:
         threshold, and the label set (or ``labels=``) of a classification task (``label_words``: the texts the
         adapter was trained to write for them, as in :meth:`learn_task`); dev loss and accuracy are measured on the
         dev part. ``train_options`` are :class:`TrainConfig` fields (``n_prototypes``, ``seed``, ...; a later
-        :meth:`resume_task` trains with them). The record's ``imported_from`` names the adapter file, its
-        sha256 and PEFT type. Raises :class:`AdapterError` naming the file and the offending value.
+        :meth:`resume_task` trains with them). No embedding probe is fitted: the task's label scores are the
+        adapter's own. The record's ``imported_from`` names the adapter file, its sha256 and PEFT type. Raises
+        :class:`AdapterError` naming the file and the offending value.
         """
         from .storage import read_peft_adapter
 
@@ -1282,6 +1330,9 @@ class PromptBank:
                     [self._label_ids(t.record) for t in tasks],
                     batch_size,
                 )
+                scored = self._with_probes(
+                    scored, rows_text, [t.head for t in tasks], None if emb is None else emb[cls_rows]
+                )
             for i, t, lp in zip(cls_rows, tasks, scored):
                 labels = t.record.labels
                 preds[i] = Prediction(
@@ -1406,14 +1457,19 @@ class PromptBank:
         batch_size: int = 16,
         *,
         label_words: Mapping[str, str] | None = None,
+        head: Mapping[str, torch.Tensor] | None = None,
+        embeddings: np.ndarray | None = None,
     ) -> float:
-        """Accuracy of an (unstored) soft prompt on classification data (ranking each label's text)."""
+        """Accuracy of an (unstored) soft prompt on classification data (ranking each label's text), with the
+        embedding probe of ``head`` when it has one (``embeddings``: the inputs' routing embeddings, if known)."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         with torch.no_grad():
             kv = prompt_kv(model, prompt)
         n = len(data)
         label_ids = _label_ids(tok, label_texts(labels, label_words), max_target_tokens)
-        ll = self._rank_rows([ex.input for ex in data.examples], [template] * n, [kv] * n, [label_ids] * n, batch_size)
+        inputs = [ex.input for ex in data.examples]
+        ll = self._rank_rows(inputs, [template] * n, [kv] * n, [label_ids] * n, batch_size)
+        ll = self._with_probes(ll, inputs, [head] * n, embeddings)
         return sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, data.examples)) / n
 
     def _rank_rows(self, texts, templates, kvs, label_ids, batch_size: int) -> list[torch.Tensor]:
@@ -1443,7 +1499,8 @@ class PromptBank:
         embeddings of its templated input exactly as :meth:`predict` / :meth:`generate` build it. ``task`` routes
         as in :meth:`predict`; a text with no task gets the plain token embeddings (``T`` rows, no prompt) of the
         input :meth:`generate` would give the backbone. Input-level methods only (``prompt_tuning``,
-        ``ptuning_mlp``, ``ptuning_lstm``): a ``deep`` task or an encoder bank raises ``ValueError``. See
+        ``ptuning_mlp``, ``ptuning_lstm``): a ``deep`` task or an encoder bank raises ``ValueError``. A
+        classification task's embedding probe is not part of it (the engine sees the prompt alone). See
         :func:`promptbank.export.prompt_embeds`.
         """
         from .export import prompt_embeds

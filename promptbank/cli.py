@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-probe",
         action="store_true",
-        help="encoder backbones: the prompted head alone, no embedding probe beside it",
+        help="classification: no embedding probe beside the soft prompt (encoders: the prompted head alone; "
+        "causal LMs: the label ranking alone, as a PEFT export of the task predicts)",
     )
     p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
     p.add_argument(
@@ -467,17 +468,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def _dev_accuracy(record, encoder: bool) -> str:
-    """The task's dev accuracy. An encoder task with an embedding probe scores labels with both; the progress bar
-    showed the prompted head's alone, so that one (at the kept step) is named too when the two differ."""
+    """The task's dev accuracy. A task with an embedding probe scores labels with both; the progress bar showed the
+    prompted head's (or, with a label objective, the causal LM's label ranking's) alone, so that one (at the kept
+    step) is named too when the two differ."""
     text = f"dev accuracy {_fmt(record.dev_accuracy)}"
-    if not (encoder and record.train_config.get("probe")) or record.dev_accuracy is None:
+    if not record.train_config.get("probe") or record.dev_accuracy is None:
         return text
     head = next(
         (h["dev_accuracy"] for h in record.history if h.get("step") == record.best_step and "dev_accuracy" in h),
         None,
     )
     if head is not None and head != record.dev_accuracy:
-        text += f" with the embedding probe ({_fmt(head)} for the prompted head alone)"
+        alone = "the prompted head" if encoder else "the label ranking"
+        text += f" with the embedding probe ({_fmt(head)} for {alone} alone)"
     return text
 
 

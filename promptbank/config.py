@@ -163,15 +163,18 @@ class TrainConfig:
     (SmolLM2-135M). A task with more than ``label_subset`` labels ranks each batch's gold labels among that many
     (the rest drawn at random per step; sampled softmax), which bounds that cost. Not the default: on held-out
     train-pool rows it helped some tasks a lot and hurt others (README, "Training objective for classification").
-    ``probe`` (encoder backbones): after training, also fit an embedding probe, a logistic regression on the
-    routing embeddings of the training inputs (L2-penalised, scikit-learn's ``C = probe_c``), stored with the head;
-    the task's label scores are then the sum of the prompted head's and the probe's log-probabilities. Routed
-    queries already have their embedding, so it costs no extra forward there (with the task given, one embedder
-    call per batch). Why: with few examples the prompted head and the probe err differently; on CL-4 (16 examples
-    per label) it added 0.1-0.8 ACC points per seed (mean 0.5), mostly on Amazon's 5-way ratings, where the
-    prompted head alone is weak and unstable (``benchmarks/forgetting.py`` reports both). The record's dev
-    accuracy is the combined task's (the probe is fitted on the training part only). ``probe=False``: the
-    prompted head alone.
+    ``probe`` (classification tasks): after training, also fit an embedding probe, a logistic regression on the
+    routing embeddings of the training inputs (L2-penalised, scikit-learn's ``C = probe_c``), stored in the task's
+    ``head.safetensors``; the task's label scores are then the sum of the probe's log-probabilities and those of
+    the prompted head (encoder backbones) or of the causal LM's label ranking (softmax over the labels' summed
+    log-likelihoods), renormalised. Routed queries already have their embedding, so it costs no extra forward
+    there (with the task given, one embedder call per batch). Why: with few examples the prompt and the probe err
+    differently. Encoders: on CL-4 (16 examples per label) it added 0.1-0.8 ACC points per seed (mean 0.5),
+    mostly on Amazon's 5-way ratings, where the prompted head alone is weak and unstable
+    (``benchmarks/forgetting.py`` reports both). Causal LMs: see the README ("Embedding probe for causal-LM
+    classification", ``benchmarks/probe_gate.py``). The record's dev accuracy is the combined task's (the probe
+    is fitted on the training part only). ``probe=False``: the prompt alone, which is also what a task's PEFT
+    adapter or vLLM ``prompt_embeds`` export reproduces (neither carries the probe).
     """
 
     max_steps: int = 100

@@ -149,9 +149,14 @@ def head_logits(
         return logits
     if embeddings is None:
         raise ValueError("this head has an embedding probe: pass the inputs' routing embeddings")
-    w, b = head["probe_weight"].to(features.device), head["probe_bias"].to(features.device)
-    probe = embeddings.to(device=features.device, dtype=w.dtype) @ w.T + b
-    return torch.log_softmax(logits.to(w.dtype), -1) + torch.log_softmax(probe, -1)
+    return torch.log_softmax(logits.float(), -1) + probe_logprobs(head, embeddings.to(features.device))
+
+
+def probe_logprobs(head: Mapping[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+    """The embedding probe's label log-probabilities (B, L) for routing ``embeddings`` (B, e) (a head with
+    ``probe_weight`` (L, e) and ``probe_bias`` (L,), see :func:`fit_probe`)."""
+    w, b = head["probe_weight"].to(embeddings.device), head["probe_bias"].to(embeddings.device)
+    return torch.log_softmax(embeddings.to(w.dtype) @ w.T + b, -1)
 
 
 def fit_probe(embeddings, targets: Sequence[int], n_labels: int, c: float) -> dict[str, torch.Tensor]:

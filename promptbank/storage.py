@@ -10,7 +10,8 @@ my_bank/
     keys.safetensors           "keys" -> (k, d_embed) routing prototypes, "ids" -> (k,) int64
     train_state.safetensors    prompt-module state (P-Tuning encoder included), to resume training
     head.safetensors           encoder backbones: the task's linear head, "weight" (L, d), "bias" (L,), and its
-                                 embedding probe when it has one, "probe_weight" (L, d_embed), "probe_bias" (L,)
+                                 embedding probe when it has one, "probe_weight" (L, d_embed), "probe_bias" (L,);
+                                 causal LMs: a classification task's embedding probe alone, when it has one
     adapter_config.json        PEFT export: PROMPT_TUNING (input-level prompts) or PREFIX_TUNING (deep prompts,
     adapter_model.safetensors    the per-layer key/value cache) -> PeftModel.from_pretrained works
     variants/<variant>/        non-serving prompt variants (PromptBank.learn_variant): prompt.safetensors,
@@ -1116,12 +1117,16 @@ def _read_prompt_files(
             _expect(path, infos, key, "F32", (p, d), f"({p}, {d}) (P = num_virtual_tokens <= {MAX_PROMPT_TOKENS})")
 
     def check_head(path: Path, infos: dict[str, TensorInfo]) -> None:
-        if not encoder:
-            raise _fail(path, "a causal-LM bank has no classification heads")
         probed = "probe_weight" in infos or "probe_bias" in infos
-        _only(path, infos, set(HEAD_KEYS + PROBE_KEYS) if probed else set(HEAD_KEYS))
-        _expect(path, infos, "weight", "F32", (n_labels, d), f"({n_labels}, {d}) (labels x hidden size)")
-        _expect(path, infos, "bias", "F32", (n_labels,), f"({n_labels},)")
+        if not encoder:  # a causal-LM classification task's head is its embedding probe alone
+            if record.kind != "classification":
+                raise _fail(path, "a causal-LM generation task has no head")
+            _only(path, infos, set(PROBE_KEYS))
+            probed = True
+        else:
+            _only(path, infos, set(HEAD_KEYS + PROBE_KEYS) if probed else set(HEAD_KEYS))
+            _expect(path, infos, "weight", "F32", (n_labels, d), f"({n_labels}, {d}) (labels x hidden size)")
+            _expect(path, infos, "bias", "F32", (n_labels,), f"({n_labels},)")
         if probed:
             e = embed_dim
             _expect(path, infos, "probe_weight", "F32", (n_labels, e), f"({n_labels}, {e}) (labels x embedding dim)")

@@ -231,6 +231,10 @@ def test_probe_gate_summary_counts_the_gate_against_held_out_accuracy():
     assert (s["16"]["probe_helps_heldout"], s["16"]["probe_hurts_heldout"]) == (2, 1)
     assert math.isclose(s["16"]["heldout_gated"], 100 * (0.8 + 0.7 + 0.6) / 3)
     assert s["64"]["gate_right"] == 1 and s["64"]["probe_helps_heldout"] == 0
+    assert "heldout_probe_only" not in s["16"]  # rows from before the probe-alone column
+    for r, alone in zip(rows, (0.6, 0.7, 0.2, 0.4)):
+        r["heldout_probe_only"] = alone
+    assert math.isclose(probe_gate.summarize(rows)["16"]["heldout_probe_only"], 100 * 1.5 / 3)
 
 
 def test_steps_to_cold_text_accuracy_is_a_common_bar():

@@ -130,6 +130,7 @@ def test_imported_peft_adapter_gives_peft_logits_and_label_scores(tiny_bank, tmp
     folder = _save_adapter(pm, tmp_path / "adapter")
     rec = tiny_bank.import_peft("weather", folder, WEATHER, template=RAW, **fast_options())
     assert rec.method.value == "prompt_tuning" and rec.prompt_config["num_virtual_tokens"] == 4
+    assert tiny_bank._tasks["weather"].head is None  # no embedding probe: the adapter's own label scores
     assert rec.labels == ["good", "bad"] and rec.kind == "classification" and rec.steps == 0
     assert rec.imported_from["peft_type"] == config.peft_type.value
     assert (
@@ -491,6 +492,7 @@ def test_promote_serves_the_variant_and_invalidates_the_prompt_cache(with_varian
         kv = prompt_kv(model, variant_prompt)
     n, rec = len(TEXTS), bank.variants("weather")["mlp"]
     want = bank._rank_rows(TEXTS, [rec.template] * n, [kv] * n, [bank._label_ids(rec)] * n, 16)
+    want = bank._with_probes(want, TEXTS, [bank._tasks["weather"].variants["mlp"].head] * n)  # its own probe
     keys = bank._tasks["weather"].keys
     new = bank.promote("weather", "mlp")
     assert new.variant == "mlp" and bank.tasks["weather"] == new and new.threshold == rec.threshold

@@ -82,7 +82,7 @@ def test_training_targets_and_the_init_text_use_the_words(tiny_bank, monkeypatch
 
 
 def test_predict_ranks_the_words_and_returns_the_labels(tiny_bank):
-    tiny_bank.learn_task("weather", WEATHER, label_words=WORDS, **fast_options())
+    tiny_bank.learn_task("weather", WEATHER, label_words=WORDS, probe=False, **fast_options())  # the LM's ranking
     model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
     texts = ["the weather is grim today", "the weather is fine today", "sunny"]
     preds = tiny_bank.predict(texts, task="weather")

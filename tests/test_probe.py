@@ -1,5 +1,6 @@
-"""The embedding probe of encoder tasks: a logistic regression on the routing embeddings, stored with the head,
-whose log-probabilities are added to the prompted head's."""
+"""The embedding probe of classification tasks: a logistic regression on the routing embeddings, stored with the
+task's head, whose log-probabilities are added to the prompted head's (encoders) or to the causal LM's label
+ranking's (causal LMs)."""
 
 from __future__ import annotations
 
@@ -178,3 +179,105 @@ def test_resume_keeps_a_task_with_or_without_its_probe(enc_bank, hashing_embedde
     # a task saved with its probe on keeps it when resumed
     enc_bank.resume_task("weather", WEATHER, max_steps=3, eval_every=3, progress=False)
     assert "probe_weight" in enc_bank._tasks["weather"].head
+
+
+# ------------------------------------------------------------------------------------------ causal LMs
+def _lm_scores(bank, texts, name):
+    """The causal LM's label ranking alone (summed log-likelihoods) of task ``name`` for ``texts``."""
+    t = bank._tasks[name]
+    n = len(texts)
+    return bank._rank_rows(
+        texts, [t.record.template] * n, [bank.prompt_prefix(name)] * n, [bank._label_ids(t.record)] * n, 16
+    )
+
+
+def test_causal_classification_tasks_get_a_probe_and_predict_with_it(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=3, probe=False, **fast_options())
+    tiny_bank.learn_task("echo", [{"input": f"say {w}", "target": w} for w in "abcdefgh"], **fast_options())
+    head = tiny_bank._tasks["weather"].head
+    assert set(head) == {"probe_weight", "probe_bias"}  # a causal task's head is its probe alone
+    assert head["probe_weight"].shape == (2, tiny_bank.embedder.dim)
+    assert tiny_bank._tasks["fruit"].head is None and tiny_bank._tasks["echo"].head is None  # off; generation
+
+    texts = ["the weather is sunny today", "the weather is awful today"]
+    got = tiny_bank.predict(texts, task="weather")
+    lm = _lm_scores(tiny_bank, texts, "weather")
+    emb = torch.as_tensor(tiny_bank.embedder.encode(texts), dtype=torch.float32)
+    probe = torch.log_softmax(emb @ head["probe_weight"].T + head["probe_bias"], -1)
+    labels = tiny_bank._tasks["weather"].record.labels
+    for i, p in enumerate(got):  # by hand: the product of the LM's label distribution and the probe's, renormalised
+        want = torch.log_softmax(torch.log_softmax(lm[i], -1) + probe[i], -1)
+        assert [p.label_scores[lab] for lab in labels] == pytest.approx(want.tolist(), abs=1e-5)
+        assert p.output == labels[int(want.argmax())]
+    # routed rows reuse their routing embeddings: the same scores as with the task given
+    for r, g in zip(tiny_bank.predict(texts), got):
+        if r.task == "weather":
+            assert r.label_scores == pytest.approx(g.label_scores, abs=1e-4)  # float order of batched forwards
+    # a task without a probe reports its LM scores unchanged, also in a batch mixed with a probed task
+    fruit_text = "i would like to eat a lemon"
+    mixed = tiny_bank.predict([texts[0], fruit_text], task=["weather", "fruit"])
+    assert mixed[0].label_scores == pytest.approx(got[0].label_scores, abs=1e-4)
+    fruit_lm = _lm_scores(tiny_bank, [fruit_text], "fruit")[0]
+    fruit_labels = tiny_bank._tasks["fruit"].record.labels
+    assert [mixed[1].label_scores[lab] for lab in fruit_labels] == pytest.approx(fruit_lm.tolist(), abs=1e-5)
+
+
+def test_causal_dev_accuracy_is_that_of_the_stored_task_with_its_probe(tiny_bank):
+    rec = tiny_bank.learn_task("weather", WEATHER[:12], dev=WEATHER[12:], num_virtual_tokens=3, **fast_options())
+    assert "probe_weight" in tiny_bank._tasks["weather"].head
+    assert rec.dev_accuracy == pytest.approx(tiny_bank.evaluate(WEATHER[12:], task="weather")["accuracy"])
+    report = tiny_bank.compare("weather", WEATHER[12:])  # the variants report scores with the probe too
+    assert report["main"]["accuracy"] == pytest.approx(rec.dev_accuracy)
+
+
+def test_causal_probe_survives_save_and_load_and_bad_heads_are_refused(tiny_bank, hashing_embedder, tmp_path):
+    from safetensors.torch import save_file
+    from test_reliability import _reseal
+
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=3, probe=False, **fast_options())
+    texts = ["the weather is lovely today", "i would like to eat a cherry"]
+    before = tiny_bank.predict(texts, task=["weather", "fruit"])
+    tiny_bank.save(tmp_path / "bank")
+    assert not (tmp_path / "bank" / "tasks" / "fruit" / "head.safetensors").exists()
+    loaded = PromptBank.load(tmp_path / "bank", backbone=tiny_bank.backbone, embedder=hashing_embedder)
+    for k, v in tiny_bank._tasks["weather"].head.items():
+        assert torch.equal(loaded._tasks["weather"].head[k], v)
+    assert loaded._tasks["fruit"].head is None
+    assert [p.label_scores for p in loaded.predict(texts, task=["weather", "fruit"])] == [
+        p.label_scores for p in before
+    ]
+    # a causal task's head holds the probe only: a linear head beside it is refused
+    path = tmp_path / "bank" / "tasks" / "weather" / "head.safetensors"
+    head = dict(tiny_bank._tasks["weather"].head)
+    save_file(head | {"weight": torch.zeros(2, 8), "bias": torch.zeros(2)}, str(path))
+    _reseal(tmp_path / "bank")
+    with pytest.raises(BankFormatError, match="unexpected tensors"):
+        PromptBank.load(tmp_path / "bank", backbone=tiny_bank.backbone, embedder=hashing_embedder)
+    save_file({"probe_weight": head["probe_weight"]}, str(path))  # half a probe
+    _reseal(tmp_path / "bank")
+    with pytest.raises(BankFormatError, match="probe_bias"):
+        PromptBank.load(tmp_path / "bank", backbone=tiny_bank.backbone, embedder=hashing_embedder)
+
+
+def test_causal_resume_keeps_a_task_with_or_without_its_probe(tiny_bank, hashing_embedder, tmp_path):
+    """Causal tasks saved before they could have a probe say "probe": true in their config but have none: they
+    resume without one, like every task without a probe, unless probe=True is passed."""
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=3, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=3, probe=False, **fast_options())
+    tiny_bank.save(tmp_path / "bank")
+    from test_reliability import _manifest, _reseal
+
+    (tmp_path / "bank" / "tasks" / "weather" / "head.safetensors").unlink()  # what an older bank looks like
+    manifest = _manifest(tmp_path / "bank")
+    del manifest["files"]["tasks/weather/head.safetensors"]
+    _reseal(tmp_path / "bank", manifest)
+    old = PromptBank.load(tmp_path / "bank", backbone=tiny_bank.backbone, embedder=hashing_embedder)
+    assert old._tasks["weather"].head is None and old.tasks["weather"].train_config["probe"] is True
+    old.resume_task("weather", WEATHER, max_steps=3, eval_every=3, progress=False)
+    assert old._tasks["weather"].head is None and old.tasks["weather"].train_config["probe"] is False
+    old.resume_task("fruit", FRUIT, max_steps=3, eval_every=3, progress=False, probe=True)
+    assert "probe_weight" in old._tasks["fruit"].head
+    tiny_bank.resume_task("weather", WEATHER, max_steps=3, eval_every=3, progress=False)  # kept when it had one
+    assert "probe_weight" in tiny_bank._tasks["weather"].head

@@ -59,7 +59,8 @@ def _label_scores_from_embeds(model, embeds: torch.Tensor, label_ids: list[list[
 def test_exported_embeds_reproduce_label_scores(tiny_bank, method):
     """Classification: the label log-likelihoods computed from the export alone equal predict()'s label_scores,
     and differ from those of the same input without the prompt (so the prompt is really in the export)."""
-    tiny_bank.learn_task("weather", WEATHER, method=method, num_virtual_tokens=4, **fast_options())
+    # the label ranking alone: an embedding probe is not part of what is exported
+    tiny_bank.learn_task("weather", WEATHER, method=method, num_virtual_tokens=4, probe=False, **fast_options())
     record = tiny_bank.tasks["weather"]
     model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
     text = "the weather is cold and grey"
