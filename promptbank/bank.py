@@ -679,13 +679,12 @@ class PromptBank:
         """Causal LM: each row's label scores (summed log-likelihoods), combined with its task's embedding probe
         where it has one, as encoder heads combine theirs: the normalised product of the two distributions,
         ``log_softmax(log_softmax(lm) + probe log-probabilities)``. Rows without a probe keep their scores."""
-        from .encoder import probe_logprobs
+        from .encoder import with_probe
 
         emb = self._probe_embeddings(texts, heads, embeddings)
         out = list(scores)
         for i, e in emb.items():
-            lm = torch.log_softmax(scores[i].float(), -1)
-            out[i] = torch.log_softmax(lm + probe_logprobs(heads[i], e)[0].to(lm.device), -1)  # type: ignore[arg-type]
+            out[i] = torch.log_softmax(with_probe(scores[i][None], heads[i], e)[0], -1)  # type: ignore[arg-type]
         return out
 
     def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int, embeddings=None) -> float:
@@ -1007,17 +1006,22 @@ class PromptBank:
         rec = t.record
         max_in = int(rec.train_config.get("max_input_tokens", 256))
         td = truncate_inputs(load_task_data(data, kind=rec.kind, labels=rec.labels), self.backbone.tokenizer, max_in)
+        versions = [t.serving(), *t.variants.values()]
+        inputs = [ex.input for ex in td.examples]
+        # the inputs' routing embeddings, once for every variant with an embedding probe
+        emb = self.embedder.encode(inputs) if any(v.head and "probe_weight" in v.head for v in versions) else None
         out: dict[str, dict[str, Any]] = {}
-        for v in [t.serving(), *t.variants.values()]:
+        for v in versions:
             r = v.record
             row: dict[str, Any] = {"serving": v.record is rec, "method": r.method.value, "n": len(td)}
             if self.is_encoder:
                 logits = self._encoder_logits(
-                    [ex.input for ex in td.examples],
+                    inputs,
                     [v.prompt] * len(td),
                     [v.head] * len(td),
                     int(r.train_config.get("max_input_tokens", 256)),
                     batch_size,
+                    emb,
                 )
                 stacked = torch.stack(logits)
                 ys = torch.tensor([rec.labels.index(ex.target) for ex in td.examples], device=stacked.device)
@@ -1040,6 +1044,7 @@ class PromptBank:
                         batch_size,
                         label_words=r.label_words,
                         head=v.head,
+                        embeddings=emb,
                     )
             out[r.variant] = row
         return out

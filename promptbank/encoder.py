@@ -149,7 +149,13 @@ def head_logits(
         return logits
     if embeddings is None:
         raise ValueError("this head has an embedding probe: pass the inputs' routing embeddings")
-    return torch.log_softmax(logits.float(), -1) + probe_logprobs(head, embeddings.to(features.device))
+    return with_probe(logits, head, embeddings)
+
+
+def with_probe(scores: torch.Tensor, head: Mapping[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+    """Label ``scores`` (B, L) combined with ``head``'s embedding probe on routing ``embeddings`` (B, e): the sum of
+    both log-probabilities (a product of the two experts, unnormalised), in float32 on the scores' device."""
+    return torch.log_softmax(scores.float(), -1) + probe_logprobs(head, embeddings.to(scores.device))
 
 
 def probe_logprobs(head: Mapping[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
