@@ -81,6 +81,11 @@ SPARSE_TARGETS = {
     "train_pt": ("ours prompt tuning / PEFT PromptTuning, time per step", "<=", 0.6),
     "train_ptuning": ("ours P-Tuning (MLP) / PEFT P-Tuning, time per step", "<=", 0.6),
     "train_deep": ("ours deep prompts / PEFT PrefixTuning, time per step", "<=", 0.8),
+    "train_pt_pruned_vs_full_last_layer": (
+        "ours prompt tuning, last layer only at the targets / in full, time per step",
+        "<=",
+        None,
+    ),
     "tta": ("time to accuracy, ours / PEFT PromptTuning + plain loop (CLINC domain)", "<=", 0.5),
     "gen_overhead": ("generation with vs without soft prompt, tokens/s overhead", "<=", 0.03),
     "mixed_vs_single": ("mixed 8-task batch / single-task batch, tokens/s", ">=", 0.95),
@@ -320,6 +325,7 @@ def bench_train(bank, cfg) -> dict:
     import torch
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
+    from promptbank import inject
     from promptbank.config import PromptConfig
     from promptbank.prompts import build_prompt_module, text_init_ids, token_init
     from promptbank.train import _batch_loss
@@ -345,6 +351,16 @@ def bench_train(bank, cfg) -> dict:
             opt.step()
 
         variants[f"ours_{method}"] = step
+        if method == "prompt_tuning":  # A/B in the same run: the last layer in full at every position
+
+            def full_step(step=step):
+                saved, inject.PRUNING = inject.PRUNING, False
+                try:
+                    step()
+                finally:
+                    inject.PRUNING = saved
+
+            variants["ours_prompt_tuning_full_last_layer"] = full_step
 
     d = model.config.hidden_size
     peft_cfgs = {
@@ -386,6 +402,8 @@ def bench_train(bank, cfg) -> dict:
         "train_pt": med["ours_prompt_tuning"] / med["peft_prompt_tuning"],
         "train_ptuning": med["ours_ptuning_mlp"] / med["peft_ptuning_mlp"],
         "train_deep": med["ours_deep"] / med["peft_prefix_tuning"],
+        # the last layer's per-position work only at the target positions (inject.reading) vs at every position
+        "train_pt_pruned_vs_full_last_layer": med["ours_prompt_tuning"] / med["ours_prompt_tuning_full_last_layer"],
     }
     return res
 
@@ -705,7 +723,11 @@ def bench_labels(bank, cfg) -> dict:
 def _mac_floor(model, pairs) -> dict:
     """Multiply-accumulates per training forward, ours vs PEFT, from the model's shapes: the ratio our forward's
     arithmetic sets, which its measured time cannot beat by much (backward costs about the same multiple). Body =
-    every non-embedding weight, once per position; LM head = vocab x d per position that gets logits."""
+    every non-embedding weight, once per position; LM head = vocab x d per position that gets logits. Ours skips
+    the last layer's query / output projections and feed-forward block wherever no target is read
+    (``inject.reading``; the prompt positions included)."""
+    from promptbank import inject
+
     d, vocab = model.config.hidden_size, model.config.vocab_size
     body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
     head = vocab * d
@@ -713,13 +735,15 @@ def _mac_floor(model, pairs) -> dict:
     seq = sum(len(i) + len(t) for i, t in pairs)  # input + label positions over the batch
     tgt = sum(len(t) for _, t in pairs)
     # real tokens behind the prefix cache, the last label token not fed; logits only where labels are predicted
-    ours_input = (seq - len(pairs)) * body + tgt * head
-    ours_prefix = P * body  # the prompt positions once per batch (batch size 1)
+    skipped = sum(p.numel() for m in inject._per_position_modules(model) for p in m.parameters())
+    ours_input = (seq - len(pairs)) * body + tgt * head - (seq - len(pairs) - tgt) * skipped
+    ours_prefix = P * (body - skipped)  # the prompt positions once per batch (batch size 1), none of them read
     peft_pt = (seq + b * P) * (body + head)  # prompt tokens in every row; logits at every position
     peft_prefix = seq * (body + head)  # PEFT prefix tuning feeds key/values: no prompt positions, full logits
     return {
         "body_macs_per_position": body,
         "head_macs_per_position": head,
+        "last_layer_macs_skipped_per_unread_position": skipped,
         "ours_prompt_tuning_vs_peft_prompt_tuning": (ours_input + ours_prefix) / peft_pt,
         "ours_deep_vs_peft_prefix_tuning": (ours_input + ours_prefix) / peft_prefix,
     }

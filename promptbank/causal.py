@@ -7,6 +7,7 @@ sharing a task) or ``None`` for a row with no soft prompt. Logits are computed o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -89,19 +90,22 @@ def target_logprobs(
     if pack is None:
         pack = should_pack(model, seqs, row_kv)
     pos, tgt, sizes = [], [], []
-    if pack:
-        hidden, starts, _ = forward_packed(model, seqs, row_kv)  # (N, d)
-        ends = [start + len(s) for start, s in zip(starts, seqs)]
-    else:
-        ids, mask = left_pad(seqs, _pad_id(tokenizer), dev)
-        padded, _, _ = forward_hidden(model, ids, mask, row_kv)  # (B, T, d)
-        hidden = padded.reshape(-1, padded.shape[-1])
-        ends = [(b + 1) * ids.shape[1] for b in range(len(seqs))]  # rows are right-aligned
+    if pack:  # rows one after another
+        ends = list(itertools.accumulate(len(s) for s in seqs))
+    else:  # rows right-aligned in a (B, width) batch
+        width = max(len(s) for s in seqs)
+        ends = [(b + 1) * width for b in range(len(seqs))]
     for end, t in zip(ends, targets):
         first = end - len(t)  # the position that predicts the first target token (the input's last)
         pos += list(range(first, first + len(t)))
         tgt += list(t)
         sizes.append(len(t))
+    if pack:
+        hidden, _, _ = forward_packed(model, seqs, row_kv, read=pos)  # (N, d)
+    else:
+        ids, mask = left_pad(seqs, _pad_id(tokenizer), dev)
+        padded, _, _ = forward_hidden(model, ids, mask, row_kv, read=pos)  # (B, T, d)
+        hidden = padded.reshape(-1, padded.shape[-1])
     selected = hidden[torch.tensor(pos, device=dev)]  # (N_targets, d)
     logits = model.get_output_embeddings()(selected).float()  # (N, V)
     logp = -F.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")  # (N,)
@@ -194,13 +198,16 @@ def label_scores(
     head = model.get_output_embeddings()
     if pack is None:
         pack = should_pack(model, inputs, row_kv)
-    if pack:
-        hidden, starts, prefix = forward_packed(model, inputs, row_kv, use_cache=True)
+    if pack:  # only each row's last position is read: the labels continue from the cache
+        ends = list(itertools.accumulate(len(i) for i in inputs))
+        hidden, _, prefix = forward_packed(model, inputs, row_kv, use_cache=True, read=[e - 1 for e in ends])
         cache = prefix.cache
-        last = hidden[torch.tensor([s + len(i) - 1 for s, i in zip(starts, inputs)], device=dev)]  # (B, d)
+        last = hidden[torch.tensor([e - 1 for e in ends], device=dev)]  # (B, d)
     else:
         ids, mask = left_pad(inputs, _pad_id(tokenizer), dev)
-        padded, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
+        width = ids.shape[1]
+        read = [(b + 1) * width - 1 for b in range(len(inputs))]
+        padded, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True, read=read)
         last = padded[:, -1]
     first_logp = torch.log_softmax(head(last).float(), dim=-1)  # (B, V)
 
@@ -391,7 +398,8 @@ def generate_steps(
         return
     eos = tokenizer.eos_token_id
     ids, mask = left_pad(inputs, _pad_id(tokenizer), model_device(model))
-    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True)
+    read = [(b + 1) * ids.shape[1] - 1 for b in range(bsz)]  # each row's last position: its first new token
+    hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True, read=read)
     head = model.get_output_embeddings()
     attn = prefix.attention_mask
     next_pos = prefix.position_ids[:, -1] + 1  # (B,)

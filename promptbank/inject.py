@@ -19,11 +19,14 @@ sequence behind every distinct prompt once, with a block mask: no compute on pad
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
 import threading
+import types
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -131,7 +134,8 @@ def prompt_kv(model: nn.Module, soft_prompt: SoftPrompt) -> PrefixKV:
         cache = DynamicCache(config=model.config)
         param = next(model.parameters())
         embeds = x0[None].to(param.device, param.dtype)  # a stored prompt may be on another device than the model
-        base(inputs_embeds=embeds, use_cache=True, **cache_kwargs(base, cache))  # (1, P, d)
+        with _reading_if(model, (), embeds.shape[1]):  # only the keys/values are kept: no output is read
+            base(inputs_embeds=embeds, use_cache=True, **cache_kwargs(base, cache))  # (1, P, d)
     finally:
         for h in handles:
             h.remove()
@@ -225,20 +229,24 @@ def forward_hidden(
     row_kv: Sequence[PrefixKV | None],
     *,
     use_cache: bool = False,
+    read: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, DynamicCache | None, PrefixBatch]:
     """Final hidden states (B, T, d) of left-padded tokens behind per-row soft prompts.
 
-    The LM head is not applied: callers project only the positions they need.
+    The LM head is not applied: callers project only the positions they need. ``read``: the flat positions
+    (``b * T + t``) the caller will read; the others' final hidden states are then undefined, and the last layer
+    skips most of its work there (:func:`reading`). The cache is exact either way.
     """
     prefix = build_prefix_batch(model, row_kv, token_mask)
     base = model.base_model
-    out = base(
-        input_ids=input_ids,
-        attention_mask=prefix.attention_mask,
-        position_ids=prefix.position_ids,
-        use_cache=use_cache,
-        **cache_kwargs(base, prefix.cache),
-    )
+    with _reading_if(model, read, input_ids.numel()):
+        out = base(
+            input_ids=input_ids,
+            attention_mask=prefix.attention_mask,
+            position_ids=prefix.position_ids,
+            use_cache=use_cache,
+            **cache_kwargs(base, prefix.cache),
+        )
     cache = output_cache(out) if use_cache else None
     return out.last_hidden_state, cache, prefix
 
@@ -329,7 +337,12 @@ def _check_packing(model: nn.Module) -> bool:
 
 
 def forward_packed(
-    model: nn.Module, seqs: Sequence[Sequence[int]], row_kv: Sequence[PrefixKV | None], *, use_cache: bool = False
+    model: nn.Module,
+    seqs: Sequence[Sequence[int]],
+    row_kv: Sequence[PrefixKV | None],
+    *,
+    use_cache: bool = False,
+    read: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, list[int], PrefixBatch | None]:
     """Final hidden states of variable-length token rows behind per-row soft prompts, with no padding.
 
@@ -340,6 +353,7 @@ def forward_packed(
     padded)``, ``starts[b]`` the offset of row ``b``'s first token; with ``use_cache``, ``padded`` is the
     :class:`PrefixBatch` that :func:`forward_hidden` would have left (each row's prompt and token keys/values laid
     out left-padded, with its attention mask and position ids), to continue the rows from; else ``None``.
+    ``read``: the positions of the N the caller will read (``starts[b] + t``), as in :func:`forward_hidden`.
     Differentiable with respect to the prompts.
     """
     dev = model_device(model)
@@ -379,13 +393,14 @@ def forward_packed(
     base = model.base_model
     if use_cache and cache is None:
         cache = DynamicCache(config=model.config)
-    out = base(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=torch.tensor(positions, device=dev)[None],
-        use_cache=use_cache,
-        **cache_kwargs(base, cache),
-    )
+    with _reading_if(model, read, n):
+        out = base(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=torch.tensor(positions, device=dev)[None],
+            use_cache=use_cache,
+            **cache_kwargs(base, cache),
+        )
     padded = None
     if use_cache:
         padded = _unpack_cache(model, output_cache(out), row_kv, lengths, starts, row_prompt_at, p_total)
@@ -476,3 +491,127 @@ def _unpack_cache(model, cache, row_kv, lengths, starts, prompt_at, p_total) -> 
             tuple(t.index_select(1, flat).reshape(shape).transpose(0, 1) for t in (k, v))  # (B, kvh, P_max + T, hd)
         )
     return PrefixBatch(DynamicCache(layers, config=model.config), attention_mask, positions, p_max)
+
+
+# --------------------------------------------------------------------------------------------------
+# The last decoder layer's per-position work only where its output is read
+# --------------------------------------------------------------------------------------------------
+
+# False: the last decoder layer always runs in full (for A/B measurements: the benchmarks' --no-prune).
+PRUNING = True
+# The last decoder layer's sub-modules that act on each position alone and whose output at a position feeds only
+# that position's final hidden state: the feed-forward block and the attention's query and output projections.
+# (Its keys and values are needed at every position: each read position attends to all earlier ones.)
+_PER_POSITION = ("mlp", "feed_forward", "self_attn.q_proj", "self_attn.o_proj", "attn.c_proj")
+# (flat row indices, total positions) of the forward in progress in this thread (and context), or None
+_READ_ROWS: contextvars.ContextVar[tuple[torch.Tensor, int] | None] = contextvars.ContextVar(
+    "promptbank_read_rows", default=None
+)
+# Per model: whether its last layer's per-position sub-modules were found and pruning reproduces its forward
+_PRUNING_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rows_only_forward(self, *args, **kwargs):
+    """The ``forward`` installed on the last decoder layer's per-position sub-modules: inside :func:`reading`,
+    for the forward of ``total`` positions it was set for, the module runs on the read rows only and gives zeros
+    at every other position (nothing downstream reads them); otherwise the module's own forward, unchanged."""
+    forward = type(self).forward
+    spec = _READ_ROWS.get()
+    x = args[0] if args else None
+    if spec is None or not torch.is_tensor(x) or x.dim() < 2 or x.shape[:-1].numel() != spec[1]:
+        return forward(self, *args, **kwargs)
+    rows, total = spec
+    rows = rows.to(x.device)
+    picked = x.reshape(total, x.shape[-1]).index_select(0, rows)[None]  # (1, R, d_in)
+    out = forward(self, picked, *args[1:], **kwargs)[0]  # (R, d_out)
+    full = out.new_zeros(total, out.shape[-1]).index_copy(0, rows, out)
+    return full.view(*x.shape[:-1], out.shape[-1])
+
+
+# as a bound method it pickles as getattr(module, "forward"): an unpickled model gets its class's forward back
+_rows_only_forward.__name__ = _rows_only_forward.__qualname__ = "forward"
+
+
+def _per_position_modules(model: nn.Module) -> list[nn.Module]:
+    layer = decoder_layers(model)[-1]
+    found = []
+    for path in _PER_POSITION:
+        obj = layer
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        # a forward someone else replaced on the instance (accelerate's offloading hooks, ...) is left alone
+        own = vars(obj).get("forward") if isinstance(obj, nn.Module) else None
+        if isinstance(obj, nn.Module) and (own is None or getattr(own, "__func__", None) is _rows_only_forward):
+            found.append(obj)
+    return found
+
+
+def _prunable(model: nn.Module) -> bool:
+    """Whether :func:`reading` can skip work on this model: its per-position sub-modules get the row-selecting
+    forward once, and a one-off check on two short rows must give the full forward's hidden states at the read
+    positions; otherwise the forward is put back and the model always runs in full."""
+    verdict = _PRUNING_CHECKED.get(model)
+    if verdict is None:
+        verdict = _install_pruning(model)
+        _PRUNING_CHECKED[model] = verdict
+        if not verdict:
+            logger.info(
+                "%s: the last layer cannot run on the read positions alone; it runs in full", type(model).__name__
+            )
+    return verdict
+
+
+def _install_pruning(model: nn.Module) -> bool:
+    try:
+        modules = _per_position_modules(model)
+    except TypeError:  # no decoder layers found
+        return False
+    if not modules:
+        return False
+    for module in modules:
+        module.forward = types.MethodType(_rows_only_forward, module)
+    dev = model_device(model)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], device=dev)
+    rows = [4, 6]
+    try:
+        with torch.no_grad():
+            full = model.base_model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+            token = _READ_ROWS.set((torch.tensor(rows, device=dev), ids.numel()))
+            try:
+                part = model.base_model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+            finally:
+                _READ_ROWS.reset(token)
+        want, got = full[rows].float(), part[rows].float()
+        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        ok = bool(torch.allclose(got, want, rtol=tol, atol=tol * want.abs().max().item()))
+    except Exception as e:  # a sub-module that is not per-position after all (a tuple output, ...)
+        logger.debug("pruning check failed: %s", e)
+        ok = False
+    if not ok:
+        for module in modules:
+            del module.forward
+    return ok
+
+
+@contextlib.contextmanager
+def reading(model: nn.Module, rows: Sequence[int], total: int) -> Iterator[None]:
+    """While active, a forward of ``model`` over ``total`` positions (the B x T of its input ids) computes its last
+    decoder layer's feed-forward block and its attention's query and output projections only at the flat
+    positions ``rows`` (``b * T + t``): the final hidden states are exact there and undefined elsewhere, and the
+    last layer's keys and values (a cache it returns) are exact everywhere. Saves nearly one layer's work per
+    unread position (SmolLM2-135M: ~3 % of a forward where only the targets of a training batch are read).
+    Does nothing with :data:`PRUNING` off, when more than half the positions are read, or on a model that fails
+    the one-off check (:func:`_prunable`). Per thread: forwards that other threads run meanwhile run in full."""
+    if not PRUNING or len(rows) * 2 > total or not _prunable(model):
+        yield
+        return
+    token = _READ_ROWS.set((torch.tensor(list(rows), dtype=torch.long, device=model_device(model)), total))
+    try:
+        yield
+    finally:
+        _READ_ROWS.reset(token)
+
+
+def _reading_if(model: nn.Module, read: Sequence[int] | None, total: int):
+    """:func:`reading` where ``read`` is given, else nothing."""
+    return contextlib.nullcontext() if read is None else reading(model, read, total)
