@@ -15,6 +15,13 @@ Rows of one batch may use different soft prompts of different lengths (or none):
 left-padded to the longest one and masked, and the row's tokens get position ids starting at its own ``P``.
 Where rows differ in length, :func:`forward_packed` runs them unpadded instead, one after another in a single
 sequence behind every distinct prompt once, with a block mask: no compute on padding.
+
+Callers that read few final hidden states (training targets, each row's last position when ranking labels or
+starting generation, none at all for a prompt's own keys/values) pass ``read=``: the last decoder layer then runs
+its query / output projections and feed-forward block at those positions only (:func:`reading`; keys and values
+still everywhere, so caches stay exact). It works by giving those sub-modules of the last layer an instance-level
+``forward`` that selects rows while a forward asks for it and is the class's own otherwise; weights, state dict,
+copies and pickles are unaffected, and a model that fails a one-off check runs in full.
 """
 
 from __future__ import annotations
