@@ -30,6 +30,7 @@ from .errors import (
 )
 from .inject import PrefixKV, model_device, prompt_kv
 from .lda import ROUTING_SCORERS, GaussianRouter
+from .metrics import exact_match, f1_score
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, check_label_words, label_texts, load_task_data, split_dev, truncate_inputs
@@ -1439,18 +1440,63 @@ class PromptBank:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, data: Any, task: str | None = None, *, batch_size: int = 16) -> dict[str, float]:
-        """Accuracy of :meth:`predict` on labelled classification data (``{"text", "label"}`` rows).
+    def evaluate(
+        self, data: Any, task: str | None = None, *, batch_size: int = 16, max_new_tokens: int | None = None
+    ) -> dict[str, float]:
+        """Score :meth:`predict` on labelled data.
 
-        With ``task`` given this is the task's own accuracy (no routing); with ``task=None`` every row is routed
-        first, so routing errors count as wrong answers. Returns ``{"accuracy": float, "n": int}``.
+        Classification data (``{"text", "label"}`` rows): returns ``{"accuracy": float, "n": int}``.
+        Generation data (``{"input", "target"}`` rows): each input is answered by greedy generation (what
+        :meth:`predict` and :meth:`generate` do) and scored against its target as the SQuAD v1.1 script does
+        (:mod:`promptbank.metrics`: lower case, no punctuation or articles): ``{"exact_match", "f1", "n"}`` as
+        fractions, plus, with ``task`` given, ``"loss"``: the mean per-token cross-entropy of the targets behind
+        the task's prompt (teacher-forced, as the task's ``dev_loss``). ``max_new_tokens``: default the task's
+        ``max_target_tokens`` (the longest target it was trained on; routed rows: the largest of their tasks').
+
+        With ``task`` given this is the task's own score (no routing); with ``task=None`` every row is routed
+        first, so routing errors count as wrong answers (a row routed to no task scores 0).
         """
         td = load_task_data(data)
-        if td.kind != "classification":
-            raise ValueError(f"{td.source}: evaluate() needs classification data ({{'text', 'label'}} rows)")
-        preds = self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)
-        correct = sum(p.output == ex.target for p, ex in zip(preds, td.examples))
-        return {"accuracy": correct / len(td), "n": len(td)}
+        if task is not None and td.kind != self._get(task).record.kind:
+            raise ValueError(
+                f"{td.source}: task {task!r} is a {self._get(task).record.kind} task; this is {td.kind} data"
+            )
+        if td.kind == "classification":
+            preds = self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)
+            correct = sum(p.output == ex.target for p, ex in zip(preds, td.examples))
+            return {"accuracy": correct / len(td), "n": len(td)}
+        return self._evaluate_generation(td, task, batch_size, max_new_tokens)
+
+    def _evaluate_generation(
+        self, td: TaskData, task: str | None, batch_size: int, max_new_tokens: int | None
+    ) -> dict[str, float]:
+        if self.is_encoder:
+            raise ValueError(f"encoder backbone {self.backbone.name!r} classifies; it cannot be scored on generation")
+        texts = [ex.input for ex in td.examples]
+        names, _, _ = self._resolve_tasks(texts, task)
+        table = self._tasks  # one snapshot: prompts, templates and caps belong together
+        if max_new_tokens is None:
+            caps = [int(table[n].record.train_config.get("max_target_tokens", 64)) for n in set(names) if n]
+            max_new_tokens = max(caps, default=64)
+        outputs = self._generate(texts, names, table, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        kinds = [None if n is None else table[n].record.kind for n in names]
+        # a row routed to no task, or to a classification task, gets no generated answer
+        answers = [out if kind == "generation" else "" for out, kind in zip(outputs, kinds)]
+        golds = [[ex.target] for ex in td.examples]
+        result = {
+            "exact_match": sum(exact_match(a, g) for a, g in zip(answers, golds)) / len(td),
+            "f1": sum(f1_score(a, g) for a, g in zip(answers, golds)) / len(td),
+            "n": len(td),
+        }
+        if task is not None:
+            rec = table[task].record
+            max_in = int(rec.train_config.get("max_input_tokens", 256))
+            cut = truncate_inputs(td, self.backbone.tokenizer, max_in)
+            enc = self._pair_encoder(rec.template, int(rec.train_config.get("max_target_tokens", 64)))
+            pairs = [enc(ex.input, ex.target) for ex in cut.examples]
+            prompt = table[task].prompt
+            result["loss"] = dev_loss(self.backbone.model, self.backbone.tokenizer, lambda: prompt, pairs, batch_size)
+        return result
 
     def _accuracy(
         self,

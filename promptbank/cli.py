@@ -274,11 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_remove)
 
-    p = command("eval", "accuracy of a task on labelled classification data")
+    p = command(
+        "eval",
+        "score a task on labelled data: accuracy (classification), or exact match and F1 of its greedy answers "
+        "and the targets' loss (generation)",
+    )
     p.add_argument("name", metavar="NAME")
-    p.add_argument("data", metavar="DATA", help="labelled data: {text,label} rows")
+    p.add_argument("data", metavar="DATA", help="labelled data: {text,label} or {input,target} rows")
     p.add_argument(
-        "--routed", action="store_true", help="also report accuracy when each row is routed instead of sent to NAME"
+        "--routed", action="store_true", help="also report the score when each row is routed instead of sent to NAME"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="generation: longest answer generated (default: the task's max_target_tokens)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
@@ -675,19 +686,29 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"data file {args.data} not found")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     bank = _open_bank(args)
-    result: dict[str, Any] = {"task": args.name, **bank.evaluate(args.data, task=args.name)}
-    result["n"] = int(result["n"])
+    scores = bank.evaluate(args.data, task=args.name, max_new_tokens=args.max_new_tokens)
+    result: dict[str, Any] = {"task": args.name, **scores, "n": int(scores["n"])}
     if args.routed:
-        routed = bank.evaluate(args.data, task=None)
-        result["routed"] = {"accuracy": routed["accuracy"], "n": int(routed["n"])}
+        routed = bank.evaluate(args.data, task=None, max_new_tokens=args.max_new_tokens)
+        result["routed"] = {**routed, "n": int(routed["n"])}
     if args.json:
         _print_json(result)
         return 0
-    print(f"{args.name}: accuracy {result['accuracy']:.3f} on {result['n']} examples")
+    print(f"{args.name}: {_scores_line(result)}")
     if args.routed:
-        print(f"routed: accuracy {result['routed']['accuracy']:.3f} on {result['routed']['n']} examples")
+        print(f"routed: {_scores_line(result['routed'])}")
     return 0
+
+
+def _scores_line(scores: dict[str, Any]) -> str:
+    """One line of :meth:`PromptBank.evaluate`'s scores."""
+    if "accuracy" in scores:
+        return f"accuracy {scores['accuracy']:.3f} on {scores['n']} examples"
+    loss = f", target loss {scores['loss']:.3f}" if "loss" in scores else ""
+    return f"exact match {scores['exact_match']:.3f}, F1 {scores['f1']:.3f}{loss} on {scores['n']} examples"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -580,6 +580,9 @@ def _install_pruning(model: nn.Module) -> bool:
     dev = model_device(model)
     ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], device=dev)
     rows = [4, 6]
+    training = model.training
+    if training:
+        model.eval()  # dropout would make the two forwards differ
     try:
         with torch.no_grad():
             full = model.base_model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
@@ -594,6 +597,9 @@ def _install_pruning(model: nn.Module) -> bool:
     except Exception as e:  # a sub-module that is not per-position after all (a tuple output, ...)
         logger.debug("pruning check failed: %s", e)
         ok = False
+    finally:
+        if training:
+            model.train()
     if not ok:
         for module in modules:
             del module.forward

@@ -301,6 +301,28 @@ def test_eval_reports_task_and_routed_accuracy(workdir, learned_bank, capsys):
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["routed"]["accuracy"] <= 1
 
 
+def test_eval_reports_generation_scores(workdir, bank_copy, model_opts, capsys):
+    qa = workdir / "qa.jsonl"
+    rows = [{"input": f"capital of country {i}?", "target": f"city {i % 3}"} for i in range(8)]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["learn", "qa", str(qa), "--bank", str(bank_copy), *FAST]) == 0
+    capsys.readouterr()
+    rc, out, err = run(capsys, "eval", "qa", str(qa), "--bank", str(bank_copy))
+    assert rc == 0, err
+    assert out.startswith("qa: exact match ") and ", F1 " in out and "target loss" in out and "on 8 examples" in out
+    rc, out, _ = run(
+        capsys, "eval", "qa", str(qa), "--routed", "--json", "--max-new-tokens", "3", "--bank", str(bank_copy)
+    )
+    got = json.loads(out)
+    assert rc == 0 and got["task"] == "qa" and got["n"] == 8 and set(got["routed"]) == {"exact_match", "f1", "n"}
+    assert 0 <= got["f1"] <= 1 and got["loss"] > 0
+    rc, _, err = run(capsys, "eval", "billing", str(qa), "--bank", str(bank_copy))
+    assert rc == 1
+    assert_one_line_error(err, "classification task", "generation data")
+    rc, _, err = run(capsys, "eval", "qa", str(qa), "--max-new-tokens", "0", "--bank", str(bank_copy))
+    assert rc != 0 and "--max-new-tokens must be >= 1" in err
+
+
 def test_remove_saves_the_bank(bank_copy, capsys):
     rc, out, _ = run(capsys, "remove", "weather", "--bank", str(bank_copy))
     assert rc == 0 and "removed 'weather'" in out

@@ -196,3 +196,21 @@ def test_nothing_is_skipped_when_most_positions_are_read():
     finally:
         handle.remove()
     assert seen == [4]  # three of four read: the full forward
+
+
+def test_the_check_runs_in_eval_mode_and_restores_training_mode():
+    """Dropout would make the check's two forwards differ; the model's mode is left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_dropout=0.5,
+    )
+    model = LlamaForCausalLM(config).train()
+    assert inject._prunable(model) is True
+    assert model.training

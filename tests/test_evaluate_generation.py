@@ -1,0 +1,59 @@
+"""evaluate() on generation data: exact match and F1 of the greedy answers (SQuAD normalisation) and the targets'
+teacher-forced loss, the same numbers predict() and compare() give; routed rows that land on no generation task
+score 0; kinds that do not match are refused. (The CLI's eval: tests/test_cli.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import fast_options
+
+from promptbank.metrics import exact_match, f1_score
+
+QA = [{"input": f"capital of country {i}?", "target": f"city {i % 3}"} for i in range(12)]
+LABELLED = [{"text": f"weather report number {i}", "label": "rain" if i % 2 else "sun"} for i in range(12)]
+
+
+@pytest.fixture
+def qa_bank(tiny_bank):
+    tiny_bank.learn_task("qa", QA, num_virtual_tokens=3, max_target_tokens=6, **fast_options())
+    tiny_bank.learn_task("weather", LABELLED, num_virtual_tokens=3, **fast_options())
+    return tiny_bank
+
+
+def test_generation_scores_equal_predictions_scored_by_hand(qa_bank):
+    res = qa_bank.evaluate(QA, task="qa")
+    assert set(res) == {"exact_match", "f1", "loss", "n"} and res["n"] == len(QA)
+    preds = qa_bank.predict([r["input"] for r in QA], task="qa")
+    # the default answer length is the task's max_target_tokens (6); predict's is generate's 64: compare with 6
+    answers = qa_bank.generate([r["input"] for r in QA], task="qa", max_new_tokens=6)
+    assert [p.output for p in preds] == [
+        a for a in qa_bank.generate([r["input"] for r in QA], task="qa", max_new_tokens=64)
+    ]
+    assert res["exact_match"] == pytest.approx(sum(exact_match(a, [r["target"]]) for a, r in zip(answers, QA)) / 12)
+    assert res["f1"] == pytest.approx(sum(f1_score(a, [r["target"]]) for a, r in zip(answers, QA)) / 12)
+    assert res["loss"] == pytest.approx(qa_bank.compare("qa", QA)["main"]["loss"])
+    assert res["loss"] > 0
+
+
+def test_generation_answer_length_is_capped(qa_bank):
+    """max_new_tokens=1: one token per answer, so none of the two-word targets can match exactly."""
+    res = qa_bank.evaluate(QA, task="qa", max_new_tokens=1)
+    assert res["exact_match"] == 0.0
+    answers = qa_bank.generate([r["input"] for r in QA], task="qa", max_new_tokens=1)
+    assert res["f1"] == pytest.approx(sum(f1_score(a, [r["target"]]) for a, r in zip(answers, QA)) / 12)
+
+
+def test_routed_generation_scores_rows_routed_elsewhere_as_zero(qa_bank):
+    routed = qa_bank.evaluate(QA, task=None)
+    assert "loss" not in routed and routed["n"] == len(QA)
+    tasks = [r.task for r in qa_bank.route_many([r["input"] for r in QA])]
+    answers = qa_bank.generate([r["input"] for r in QA], task=tasks, max_new_tokens=6)
+    want = [f1_score(a, [r["target"]]) if t == "qa" else 0.0 for a, t, r in zip(answers, tasks, QA)]
+    assert routed["f1"] == pytest.approx(sum(want) / 12)
+
+
+def test_kinds_must_match(qa_bank):
+    with pytest.raises(ValueError, match="generation task; this is classification data"):
+        qa_bank.evaluate(LABELLED, task="qa")
+    with pytest.raises(ValueError, match="classification task; this is generation data"):
+        qa_bank.evaluate(QA, task="weather")
