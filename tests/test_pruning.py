@@ -62,16 +62,25 @@ def _frozen(arch):
     return model
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-@pytest.mark.parametrize("pack", [False, True])
-def test_targets_equal_full_forward_with_equal_gradients(arch, pack):
+def _checked_both_ways(arch, run):
+    """:func:`_both_ways` of ``run(model, tokenizer, row_kv)`` on a frozen model of ``arch``, with the last
+    feed-forward block's rows recorded; checks the two ways agree. Returns (out, model)."""
     model, tok = _frozen(arch), make_tiny_tokenizer()
     seen, handle = _mlp_rows(model)
     try:
-        out = _both_ways(model, lambda row_kv: target_logprobs(model, tok, row_kv, INPUTS, TARGETS, pack=pack), seen)
+        out = _both_ways(model, lambda row_kv: run(model, tok, row_kv), seen)
     finally:
         handle.remove()
     _assert_same(out)
+    return out, model
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("pack", [False, True])
+def test_targets_equal_full_forward_with_equal_gradients(arch, pack):
+    out, model = _checked_both_ways(
+        arch, lambda m, tok, row_kv: target_logprobs(m, tok, row_kv, INPUTS, TARGETS, pack=pack)
+    )
     assert inject._PRUNING_CHECKED[model] is True
     fed = [len(i) + len(t) - 1 for i, t in zip(INPUTS, TARGETS)]  # the last target token is not fed
     assert out["rows"][False] == [sum(fed) if pack else len(fed) * max(fed)]
@@ -83,13 +92,7 @@ def test_targets_equal_full_forward_with_equal_gradients(arch, pack):
 def test_label_scores_equal_full_forward_with_equal_gradients(arch, pack):
     """Only each row's last input position is read; the labels' continuations use the last layer's cache, which
     pruning leaves exact."""
-    model, tok = _frozen(arch), make_tiny_tokenizer()
-    seen, handle = _mlp_rows(model)
-    try:
-        out = _both_ways(model, lambda row_kv: label_scores(model, tok, row_kv, INPUTS, LABELS, pack=pack), seen)
-    finally:
-        handle.remove()
-    _assert_same(out)
+    out, _ = _checked_both_ways(arch, lambda m, tok, row_kv: label_scores(m, tok, row_kv, INPUTS, LABELS, pack=pack))
     assert out["rows"][True][0] == len(INPUTS)  # the inputs' forward: each row's last position only
     assert out["rows"][False][0] == (sum(map(len, INPUTS)) if pack else len(INPUTS) * max(map(len, INPUTS)))
 
@@ -200,17 +203,8 @@ def test_nothing_is_skipped_when_most_positions_are_read():
 
 def test_the_check_runs_in_eval_mode_and_restores_training_mode():
     """Dropout would make the check's two forwards differ; the model's mode is left as it was."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_dropout=0.5,
-    )
-    model = LlamaForCausalLM(config).train()
+    model = make_tiny_model(len(make_tiny_tokenizer()), seed=6).train()
+    for layer in decoder_layers(model):
+        layer.self_attn.attention_dropout = 0.5  # what LlamaConfig(attention_dropout=0.5) sets
     assert inject._prunable(model) is True
     assert model.training
