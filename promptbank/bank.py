@@ -1451,7 +1451,7 @@ class PromptBank:
         (:mod:`promptbank.metrics`: lower case, no punctuation or articles): ``{"exact_match", "f1", "n"}`` as
         fractions, plus, with ``task`` given, ``"loss"``: the mean per-token cross-entropy of the targets behind
         the task's prompt (teacher-forced, as the task's ``dev_loss``). ``max_new_tokens``: default the task's
-        ``max_target_tokens`` (the longest target it was trained on; routed rows: the largest of their tasks').
+        ``max_target_tokens`` (its training targets' token cap; routed rows: the largest of their tasks').
 
         With ``task`` given this is the task's own score (no routing); with ``task=None`` every row is routed
         first, so routing errors count as wrong answers (a row routed to no task scores 0).

@@ -482,6 +482,8 @@ def _dev_accuracy(record, encoder: bool) -> str:
     """The task's dev accuracy. A task with an embedding probe scores labels with both; the progress bar showed the
     prompted head's (or, with a label objective, the causal LM's label ranking's) alone, so that one (at the kept
     step) is named too when the two differ."""
+    if record.kind == "generation":
+        return f"answers scored by `promptbank eval {record.name} DATA`"
     text = f"dev accuracy {_fmt(record.dev_accuracy)}"
     if not record.train_config.get("probe") or record.dev_accuracy is None:
         return text

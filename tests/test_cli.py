@@ -306,7 +306,8 @@ def test_eval_reports_generation_scores(workdir, bank_copy, model_opts, capsys):
     rows = [{"input": f"capital of country {i}?", "target": f"city {i % 3}"} for i in range(8)]
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert main(["learn", "qa", str(qa), "--bank", str(bank_copy), *FAST]) == 0
-    capsys.readouterr()
+    summary = capsys.readouterr().out
+    assert "learned 'qa' (generation" in summary and "answers scored by `promptbank eval qa DATA`" in summary
     rc, out, err = run(capsys, "eval", "qa", str(qa), "--bank", str(bank_copy))
     assert rc == 0, err
     assert out.startswith("qa: exact match ") and ", F1 " in out and "target loss" in out and "on 8 examples" in out
