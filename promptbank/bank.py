@@ -1307,7 +1307,8 @@ class PromptBank:
     ) -> list[Prediction]:
         """Predict for each text. ``task=None`` routes each text; a name applies that task to all; a list
         gives one task (or ``None``) per text. Classification ranks the task's labels by likelihood; a
-        generation task generates. Texts with no task get ``output=None``."""
+        generation task generates greedily, up to its ``max_target_tokens`` (its training targets' token cap;
+        rows of several generation tasks: the largest). Texts with no task get ``output=None``."""
         texts = _as_texts(texts)
         names, scores, emb = self._resolve_tasks(texts, task)
         table = self._tasks  # one snapshot for the call: each task's template, labels and prompt belong together
@@ -1345,8 +1346,13 @@ class PromptBank:
                     labels[int(lp.argmax())], names[i], scores[i], {lab: float(v) for lab, v in zip(labels, lp)}
                 )
         if gen_rows:
+            cap = max(int(table[names[i]].record.train_config.get("max_target_tokens", 64)) for i in gen_rows)
             outs = self._generate(
-                [texts[i] for i in gen_rows], [names[i] for i in gen_rows], table, batch_size=batch_size
+                [texts[i] for i in gen_rows],
+                [names[i] for i in gen_rows],
+                table,
+                max_new_tokens=cap,
+                batch_size=batch_size,
             )
             for i, out in zip(gen_rows, outs):
                 preds[i] = Prediction(out, names[i], scores[i])
