@@ -46,6 +46,9 @@ __all__ = ["ROUTING_SCORERS", "GaussianRouter", "ledoit_wolf_covariance"]
 # the task's top keys, promptbank.router.Router; banks saved before the learned router keep it).
 ROUTING_SCORERS = ("lda", "knn")
 
+# Held-out distances are computed for this many (row, group) pairs at a time while calibrating: bounds the
+# (rows, groups) matrices to ~16 MiB each however many tasks a bank holds
+_DISTANCE_ELEMENTS = 1 << 22
 _MIN_HELD_OUT = 5  # a task with fewer held-out distances uses the pooled distances of all tasks
 _FOLDS = 5  # cross-fitting folds for the thresholds
 # The shared covariance is estimated from at most this many within-group deviations (a fixed random subset):
@@ -63,8 +66,9 @@ def ledoit_wolf_covariance(centered: np.ndarray) -> tuple[np.ndarray, float]:
     n, d = x.shape
     emp = x.T @ x / n
     mu = np.trace(emp) / d
-    x2 = x**2
-    beta_ = float(np.sum(x2.T @ x2))
+    # scikit-learn's sum((x**2).T @ (x**2)) is the sum over rows of their squared norm, squared: the same number
+    # without an (n, d) copy and a (d, d) product
+    beta_ = float(np.sum(np.einsum("ij,ij->i", x, x) ** 2))
     delta_ = float(np.sum(emp**2))
     beta = (beta_ / n - delta_) / (d * n)
     delta = (delta_ - 2 * mu * np.trace(emp) + d * mu**2) / d
@@ -223,16 +227,24 @@ class GaussianRouter:
             params = _Params(owner, mus, precision)
             task_model = _Params(*_fit(train, self.dim, per_task=True)[:3]) if candidate else None
             starts = np.flatnonzero(np.r_[True, np.diff(owner) != 0])  # each task's first group column
-            for (t, keys, _), f in zip(items, folds):
-                cols = np.flatnonzero(owner == t)
-                rows = keys[f == k]
-                if len(cols) and len(rows):
-                    held[t].append(params.distances(rows, cols).min(1))
-                if task_model is not None and len(rows):  # top-1 of each discriminant over the held-out keys
-                    nearest = np.minimum.reduceat(params.distances(rows), starts, axis=1)
-                    hits["group"] += int(np.sum(owner[starts][nearest.argmin(1)] == t))
-                    hits["task"] += int(np.sum(task_model.owner[task_model.distances(rows).argmin(1)] == t))
-                    hits["n"] += len(rows)
+            column = np.full(len(items), -1, dtype=np.int64)  # each task's column of per-task minima, if it has one
+            column[owner[starts]] = np.arange(len(starts))
+            # every task's held-out keys of this fold, measured together in chunks (one matrix product each)
+            held_rows = [(t, keys[f == k]) for (t, keys, _), f in zip(items, folds)]
+            x = np.concatenate([rows for _, rows in held_rows]) if held_rows else np.zeros((0, self.dim))
+            row_task = np.concatenate([np.full(len(rows), t) for t, rows in held_rows]) if held_rows else np.zeros(0)
+            chunk = max(1, _DISTANCE_ELEMENTS // max(len(owner), 1))
+            for a in range(0, len(x), chunk):
+                xs, ts = x[a : a + chunk], row_task[a : a + chunk].astype(np.int64)
+                nearest = np.minimum.reduceat(params.distances(xs), starts, axis=1)  # (rows, tasks with groups)
+                own = column[ts]
+                ok = own >= 0
+                for t in np.unique(ts[ok]):  # each row's distance to its own task (its nearest group)
+                    held[t].append(nearest[(ts == t) & ok, column[t]])
+                if task_model is not None:  # top-1 of each discriminant over the held-out keys
+                    hits["group"] += int(np.sum(owner[starts][nearest.argmin(1)] == ts))
+                    hits["task"] += int(np.sum(task_model.owner[task_model.distances(xs).argmin(1)] == ts))
+                    hits["n"] += len(xs)
         per_task = [np.concatenate(h) if h else np.zeros(0, dtype=np.float32) for h in held]
         pooled = np.concatenate(per_task) if per_task else np.zeros(0)
         out = {}
