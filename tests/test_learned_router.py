@@ -262,3 +262,22 @@ def test_one_group_per_task_needs_no_choice():
     tasks = {n: (rng.normal(size=(30, 5)) + i, None, 0.05) for i, n in enumerate("abc")}
     router = GaussianRouter(tasks, 5)
     assert router.cv_top1 is None and router.discriminant == "group"
+
+
+def test_calibration_does_not_depend_on_the_distance_chunks(monkeypatch):
+    """The cross-fitting measures held-out keys in chunks of rows; one row per chunk gives the same thresholds and
+    cross-fitted top-1 as the whole fold at once (tasks with several labels, one task with fewer keys than folds)."""
+    from promptbank import lda
+
+    rng = np.random.default_rng(3)
+    spec = {}
+    for i in range(6):
+        n = 3 if i == 5 else 20
+        keys = rng.normal(size=(n, 12)) + rng.normal(size=12) * 2
+        spec[f"t{i}"] = (keys, np.arange(n) % 3, 0.05)
+    whole = GaussianRouter(spec, 12)
+    monkeypatch.setattr(lda, "_DISTANCE_ELEMENTS", 1)
+    rowwise = GaussianRouter(spec, 12)
+    assert whole.cv_top1 is not None and rowwise.cv_top1 == whole.cv_top1
+    for name in spec:
+        assert rowwise.threshold(name) == pytest.approx(whole.threshold(name), rel=1e-5)
