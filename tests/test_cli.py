@@ -517,7 +517,9 @@ def test_learn_summary_names_the_prompted_heads_dev_accuracy_next_to_the_probed_
     from promptbank.cli import _dev_accuracy
 
     history = [{"step": 10, "dev_accuracy": 0.5}, {"step": 20, "dev_accuracy": 0.64}, {"step": 30, "loss": 1.0}]
-    rec = types.SimpleNamespace(dev_accuracy=0.52, best_step=20, history=history, train_config={"probe": True})
+    rec = types.SimpleNamespace(
+        kind="classification", dev_accuracy=0.52, best_step=20, history=history, train_config={"probe": True}
+    )
     assert _dev_accuracy(rec, True) == "dev accuracy 0.520 with the embedding probe (0.640 for the prompted head alone)"
     # a causal LM's progress bar shows the label ranking's dev accuracy (label objectives)
     assert (
