@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=METHODS, default="prompt_tuning", help="soft-prompt method (default: %(default)s)"
     )
     p.add_argument("--dev", metavar="FILE", help="dev data (default: hold out part of DATA)")
+    _add_columns_option(p)
     p.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (default: 100)")
     p.add_argument("--lr", type=_positive_float, metavar="X", help="learning rate (default: the method's)")
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="examples per step (default: 8)")
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("data", metavar="DATA", help="labelled data: {text,label} or {input,target} rows")
+    _add_columns_option(p)
     p.add_argument(
         "--routed", action="store_true", help="also report the score when each row is routed instead of sent to NAME"
     )
@@ -297,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("compare", "evaluate every prompt variant of a task on the same labelled data (no routing)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("data", metavar="DATA", help="labelled data: {text,label} or {input,target} rows")
+    _add_columns_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compare)
 
@@ -449,9 +452,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     options = _learn_options(args)
     record = bank.learn_task(
         args.name,
-        args.data,
+        _data(args, args.data),
         args.method,
-        dev=args.dev,
+        dev=_data(args, args.dev),
         kind=args.kind,
         label_words=args.label_words,
         num_virtual_tokens=args.tokens,
@@ -532,9 +535,9 @@ def _learn_variant(args: argparse.Namespace) -> int:
     record = bank.learn_variant(
         args.name,
         args.variant,
-        args.data,
+        _data(args, args.data),
         args.method,
-        dev=args.dev,
+        dev=_data(args, args.dev),
         num_virtual_tokens=args.tokens,
         layers=args.layers,
         **_learn_options(args),
@@ -691,10 +694,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     bank = _open_bank(args)
-    scores = bank.evaluate(args.data, task=args.name, max_new_tokens=args.max_new_tokens)
+    data = _data(args, args.data)
+    scores = bank.evaluate(data, task=args.name, max_new_tokens=args.max_new_tokens)
     result: dict[str, Any] = {"task": args.name, **scores, "n": int(scores["n"])}
     if args.routed:
-        routed = bank.evaluate(args.data, task=None, max_new_tokens=args.max_new_tokens)
+        routed = bank.evaluate(data, task=None, max_new_tokens=args.max_new_tokens)
         result["routed"] = {**routed, "n": int(routed["n"])}
     if args.json:
         _print_json(result)
@@ -703,6 +707,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.routed:
         print(f"routed: {_scores_line(result['routed'])}")
     return 0
+
+
+def _add_columns_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--columns",
+        metavar="FIELD=COLUMN,...",
+        help="where the fields are when the data names them otherwise, e.g. text=sentence,label=rating "
+        "(fields: text, label, input, target)",
+    )
+
+
+def _data(args: argparse.Namespace, path: str | None) -> Any:
+    """A data file as given, or loaded with ``--columns`` mapping its fields."""
+    if path is None or not getattr(args, "columns", None):
+        return path
+    from .tasks import load_task_data
+
+    columns: dict[str, str] = {}
+    for part in args.columns.split(","):
+        field, sep, column = part.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ValueError(f"--columns takes FIELD=COLUMN pairs separated by commas, got {args.columns!r}")
+        columns[field.strip()] = column.strip()
+    return load_task_data(path, kind=getattr(args, "kind", None), columns=columns)
 
 
 def _scores_line(scores: dict[str, Any]) -> str:
@@ -717,7 +745,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"data file {args.data} not found")
     bank = _open_bank(args)
-    report = bank.compare(args.name, args.data)
+    report = bank.compare(args.name, _data(args, args.data))
     if args.json:
         _print_json({"task": args.name, "variants": [{"variant": v, **m} for v, m in report.items()]})
         return 0

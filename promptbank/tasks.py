@@ -110,6 +110,7 @@ def load_task_data(
     kind: TaskKind | None = None,
     labels: Sequence[str] | None = None,
     source: str | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> TaskData:
     """Load and validate task data.
 
@@ -131,6 +132,10 @@ def load_task_data(
             of them. When ``None``, the labels are those found in the data, in order of first appearance, and
             there must be at least two.
         source: name used for the data in messages. Default: the path as given, or ``"<list>"``.
+        columns: where the fields are when the data names them otherwise: ``{field: column}`` with fields among
+            ``"text"``, ``"label"``, ``"input"``, ``"target"`` and the column (CSV/TSV) or key (JSON, dicts) that
+            holds each, e.g. ``{"text": "sentence", "label": "rating"}``. A mapped column takes the field's place
+            (a column already named like the field is then ignored). Rows given as pairs have no names to map.
 
     Returns:
         The validated :class:`TaskData`.
@@ -146,14 +151,20 @@ def load_task_data(
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
 
     if isinstance(data, TaskData):
+        if columns:
+            raise DataError(
+                "columns= applies to files and rows with named fields, not to a TaskData", source=data.source
+            )
         return _check_task_data(data, kind=kind, labels=labels, source=source)
 
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         src = source if source is not None else os.fspath(data)
-        rows = _read_file(path, src, kind)
+        mapping = _check_columns(columns, src)
+        rows = _read_file(path, src, kind, mapping)
     elif isinstance(data, (list, tuple)):
         src = source if source is not None else _LIST_SOURCE
+        mapping = _check_columns(columns, src)
         rows = [(row, i + 1) for i, row in enumerate(data)]
     else:
         raise TypeError(
@@ -163,6 +174,8 @@ def load_task_data(
 
     if not rows:
         raise DataError("no rows: the data set is empty", source=src)
+    if mapping:
+        rows = [(_map_fields(row, mapping, line, src), line) for row, line in rows]
 
     label_list = _check_labels_arg(labels, src)
     if kind is None:
@@ -416,8 +429,48 @@ def _short(value: Any, limit: int = 60) -> str:
 # ------------------------------------------------------------------------------ files
 
 
-def _read_file(path: Path, src: str, kind: TaskKind | None) -> list[tuple[Any, int]]:
-    """Read a data file into ``(row, line)`` pairs."""
+def _check_columns(columns: Mapping[str, str] | None, src: str) -> dict[str, str]:
+    """The ``columns`` argument checked: ``{field: column}``, fields known, columns non-empty strings."""
+    if not columns:
+        return {}
+    if not isinstance(columns, Mapping):
+        raise DataError(f"columns must map field names to column names, got {type(columns).__name__}", source=src)
+    fields = [f for pair in _FIELDS.values() for f in pair]
+    out: dict[str, str] = {}
+    for field, column in columns.items():
+        if field not in fields:
+            raise DataError(
+                f"columns: unknown field {field!r}; fields are {', '.join(repr(f) for f in fields)}", source=src
+            )
+        if not isinstance(column, str) or not column.strip():
+            raise DataError(f"columns: the column for {field!r} must be a non-empty string, got {column!r}", source=src)
+        out[field] = column.strip()
+    return out
+
+
+def _map_fields(row: Any, mapping: Mapping[str, str], line: int, src: str) -> Any:
+    """A dict row with each mapped column moved to its field's name (the column must be there)."""
+    if not isinstance(row, dict):
+        raise DataError(
+            "columns= maps named fields, but this row is not an object with named fields", source=src, line=line
+        )
+    missing = [column for column in mapping.values() if column not in row]
+    if missing:
+        raise DataError(
+            f"missing field(s) {', '.join(repr(c) for c in missing)} named in columns=; the row has: "
+            f"{', '.join(repr(k) for k in row) or '(nothing)'}",
+            source=src,
+            line=line,
+        )
+    out = {k: v for k, v in row.items() if k not in mapping}
+    out.update({field: row[column] for field, column in mapping.items()})
+    return out
+
+
+def _read_file(
+    path: Path, src: str, kind: TaskKind | None, mapping: Mapping[str, str] | None = None
+) -> list[tuple[Any, int]]:
+    """Read a data file into ``(row, line)`` pairs (``mapping``: ``{field: column}``, for the CSV header check)."""
     if not path.exists():
         raise DataError("file not found", source=src)
     if not path.is_file():
@@ -437,7 +490,7 @@ def _read_file(path: Path, src: str, kind: TaskKind | None) -> list[tuple[Any, i
         return _parse_jsonl(lines, src)
     if ext == ".json":
         return _parse_json("".join(lines), src)
-    return _parse_csv(lines, src, kind, delimiter="\t" if ext == ".tsv" else ",")
+    return _parse_csv(lines, src, kind, delimiter="\t" if ext == ".tsv" else ",", mapping=mapping or {})
 
 
 def _decode_lines(raw: bytes, src: str) -> list[str]:
@@ -542,7 +595,9 @@ def _json_type(obj: Any) -> str:
     return names.get(type(obj), "a number")
 
 
-def _parse_csv(lines: list[str], src: str, kind: TaskKind | None, *, delimiter: str) -> list[tuple[Any, int]]:
+def _parse_csv(
+    lines: list[str], src: str, kind: TaskKind | None, *, delimiter: str, mapping: Mapping[str, str]
+) -> list[tuple[Any, int]]:
     """Parse CSV/TSV with a header row (checked to have the columns ``kind`` needs); rows become dicts."""
     reader = csv.reader(lines, delimiter=delimiter)
     what = "TSV" if delimiter == "\t" else "CSV"
@@ -557,7 +612,17 @@ def _parse_csv(lines: list[str], src: str, kind: TaskKind | None, *, delimiter: 
         return []
     header_line = reader.line_num
     columns = [name.strip() for name in header]
-    _check_csv_header(columns, header_line, kind, src, what)
+    missing = [column for column in mapping.values() if column not in columns]
+    if missing:
+        raise DataError(
+            f"the {what} header has no column(s) {', '.join(repr(c) for c in missing)} named in columns=; the "
+            f"header has: {', '.join(repr(c) for c in columns) or '(nothing)'}",
+            source=src,
+            line=header_line,
+        )
+    # the header as the fields will be named (the mapping is applied to each row afterwards)
+    sources = set(mapping.values())
+    _check_csv_header([c for c in columns if c not in sources] + list(mapping), header_line, kind, src, what)
 
     rows: list[tuple[Any, int]] = []
     while True:

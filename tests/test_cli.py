@@ -324,6 +324,37 @@ def test_eval_reports_generation_scores(workdir, bank_copy, model_opts, capsys):
     assert rc != 0 and "--max-new-tokens must be >= 1" in err
 
 
+def test_columns_name_the_fields_of_other_data(workdir, bank_copy, capsys):
+    """--columns maps a CSV's own column names for learn (data and --dev), eval and compare; a bad spec or a
+    missing column is a one-line error."""
+    reviews = workdir / "reviews.csv"
+    rows = [("great battery", "pos"), ("broke in a day", "neg"), ("love the screen", "pos"), ("awful", "neg")] * 3
+    reviews.write_text("id,review,stars\n" + "".join(f"{i},{t},{lab}\n" for i, (t, lab) in enumerate(rows)))
+    cols = ["--columns", "text=review,label=stars"]
+    rc, out, err = run(
+        capsys, "learn", "reviews", str(reviews), *cols, "--dev", str(reviews), "--bank", str(bank_copy), *FAST
+    )
+    assert rc == 0, err
+    assert "learned 'reviews' (classification, 2 labels" in out
+    rc, out, err = run(capsys, "eval", "reviews", str(reviews), *cols, "--json", "--bank", str(bank_copy))
+    assert rc == 0, err
+    assert json.loads(out)["n"] == len(rows)
+    rc, out, err = run(capsys, "compare", "reviews", str(reviews), *cols, "--json", "--bank", str(bank_copy))
+    assert rc == 0 and json.loads(out)["variants"][0]["n"] == len(rows)
+
+    rc, _, err = run(capsys, "eval", "reviews", str(reviews), "--columns", "text", "--bank", str(bank_copy))
+    assert rc == 1
+    assert_one_line_error(err, "--columns takes FIELD=COLUMN pairs")
+    rc, _, err = run(
+        capsys, "eval", "reviews", str(reviews), "--columns", "text=body,label=stars", "--bank", str(bank_copy)
+    )
+    assert rc == 1
+    assert_one_line_error(err, "reviews.csv:1", "no column(s) 'body'")
+    rc, _, err = run(capsys, "eval", "reviews", str(reviews), "--bank", str(bank_copy))  # without --columns
+    assert rc == 1
+    assert_one_line_error(err, "missing required column(s) 'text', 'label'")
+
+
 def test_remove_saves_the_bank(bank_copy, capsys):
     rc, out, _ = run(capsys, "remove", "weather", "--bank", str(bank_copy))
     assert rc == 0 and "removed 'weather'" in out

@@ -435,3 +435,48 @@ def test_truncate_inputs_returns_same_object_when_nothing_is_long(
         assert truncate_inputs(data, tokenizer, 2) is data
     with pytest.raises(ValueError, match="max_tokens"):
         truncate_inputs(data, tokenizer, 0)
+
+
+# ----------------------------------------------------------------------- columns= (fields named otherwise)
+
+
+def test_columns_map_csv_jsonl_and_dict_fields(tmp_path: Path) -> None:
+    csv_file = write(tmp_path / "reviews.csv", "id,sentence,rating\n1,great phone,5\n2,broke in a day,1\n")
+    data = load_task_data(csv_file, columns={"text": "sentence", "label": "rating"})
+    assert [(e.input, e.target, e.line) for e in data.examples] == [("great phone", "5", 2), ("broke in a day", "1", 3)]
+    assert data.labels == ["5", "1"]
+
+    rows = [{"question": "who wrote it?", "answer": "Tolstoy"}, {"question": "when?", "answer": "1869"}]
+    gen = load_task_data(write(tmp_path / "qa.jsonl", jsonl(rows)), columns={"input": "question", "target": "answer"})
+    assert gen.kind == "generation" and [(e.input, e.target) for e in gen.examples] == [
+        ("who wrote it?", "Tolstoy"),
+        ("when?", "1869"),
+    ]
+    # a mapped column takes the place of one already named like the field; fields may swap
+    both = [{"text": "an id", "body": "fine", "label": "a"}, {"text": "another", "body": "bad", "label": "b"}]
+    assert [e.input for e in load_task_data(both, columns={"text": "body"}).examples] == ["fine", "bad"]
+    swapped = load_task_data(
+        [{"text": "x", "label": "first"}, {"text": "y", "label": "second"}], columns={"text": "label", "label": "text"}
+    )
+    assert [(e.input, e.target) for e in swapped.examples] == [("first", "x"), ("second", "y")]
+
+
+def test_columns_errors_name_what_is_missing(tmp_path: Path) -> None:
+    csv_file = write(tmp_path / "reviews.csv", "sentence,rating\ngood,5\nbad,1\n")
+    with pytest.raises(
+        DataError, match=r"reviews\.csv:1: the CSV header has no column\(s\) 'review'.*'sentence', 'rating'"
+    ):
+        load_task_data(csv_file, columns={"text": "review", "label": "rating"})
+    with pytest.raises(DataError, match="missing required column"):  # label still unmapped
+        load_task_data(csv_file, columns={"text": "sentence"})
+    rows = jsonl([{"q": "a", "a": "b"}, {"q": "c"}])
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: missing field\(s\) 'a' named in columns="):
+        load_task_data(write(tmp_path / "qa.jsonl", rows), columns={"input": "q", "target": "a"})
+    with pytest.raises(DataError, match="unknown field 'txt'"):
+        load_task_data(csv_file, columns={"txt": "sentence"})
+    with pytest.raises(DataError, match="must be a non-empty string"):
+        load_task_data(csv_file, columns={"text": " "})
+    with pytest.raises(DataError, match="not an object with named fields"):
+        load_task_data([("good", "pos"), ("bad", "neg")], columns={"text": "sentence"})
+    with pytest.raises(DataError, match="not to a TaskData"):
+        load_task_data(make_cls({"a": 2, "b": 2}), columns={"text": "sentence"})
