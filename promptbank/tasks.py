@@ -800,7 +800,8 @@ def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_toke
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
 
     def count(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: counting a text longer than the model's limit is the point here, not a mistake to warn of
+        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     examples: list[Example] = []
     first: tuple[int, Example] | None = None

