@@ -448,20 +448,25 @@ def _check_columns(columns: Mapping[str, str] | None, src: str) -> dict[str, str
     return out
 
 
+def _check_mapped(mapping: Mapping[str, str], names: list[str], lacks: str, has: str, src: str, line: int) -> None:
+    """Raise unless every column ``mapping`` names is among ``names`` (a header's columns or a row's keys)."""
+    missing = [column for column in mapping.values() if column not in names]
+    if missing:
+        raise DataError(
+            f"{lacks} {', '.join(repr(c) for c in missing)} named in columns=; {has}: "
+            f"{', '.join(repr(n) for n in names) or '(nothing)'}",
+            source=src,
+            line=line,
+        )
+
+
 def _map_fields(row: Any, mapping: Mapping[str, str], line: int, src: str) -> Any:
     """A dict row with each mapped column moved to its field's name (the column must be there)."""
     if not isinstance(row, dict):
         raise DataError(
             "columns= maps named fields, but this row is not an object with named fields", source=src, line=line
         )
-    missing = [column for column in mapping.values() if column not in row]
-    if missing:
-        raise DataError(
-            f"missing field(s) {', '.join(repr(c) for c in missing)} named in columns=; the row has: "
-            f"{', '.join(repr(k) for k in row) or '(nothing)'}",
-            source=src,
-            line=line,
-        )
+    _check_mapped(mapping, list(row), "the row has no field(s)", "the row has", src, line)
     out = {k: v for k, v in row.items() if k not in mapping}
     out.update({field: row[column] for field, column in mapping.items()})
     return out
@@ -612,14 +617,7 @@ def _parse_csv(
         return []
     header_line = reader.line_num
     columns = [name.strip() for name in header]
-    missing = [column for column in mapping.values() if column not in columns]
-    if missing:
-        raise DataError(
-            f"the {what} header has no column(s) {', '.join(repr(c) for c in missing)} named in columns=; the "
-            f"header has: {', '.join(repr(c) for c in columns) or '(nothing)'}",
-            source=src,
-            line=header_line,
-        )
+    _check_mapped(mapping, columns, f"the {what} header has no column(s)", "the header has", src, header_line)
     # the header as the fields will be named (the mapping is applied to each row afterwards)
     sources = set(mapping.values())
     _check_csv_header([c for c in columns if c not in sources] + list(mapping), header_line, kind, src, what)

@@ -470,7 +470,7 @@ def test_columns_errors_name_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing required column"):  # label still unmapped
         load_task_data(csv_file, columns={"text": "sentence"})
     rows = jsonl([{"q": "a", "a": "b"}, {"q": "c"}])
-    with pytest.raises(DataError, match=r"qa\.jsonl:2: missing field\(s\) 'a' named in columns="):
+    with pytest.raises(DataError, match=r"qa\.jsonl:2: the row has no field\(s\) 'a' named in columns="):
         load_task_data(write(tmp_path / "qa.jsonl", rows), columns={"input": "q", "target": "a"})
     with pytest.raises(DataError, match="unknown field 'txt'"):
         load_task_data(csv_file, columns={"txt": "sentence"})
