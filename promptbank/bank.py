@@ -1462,6 +1462,8 @@ class PromptBank:
         With ``task`` given this is the task's own score (no routing); with ``task=None`` every row is routed
         first, so routing errors count as wrong answers (a row routed to no task scores 0).
         """
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         td = load_task_data(data)
         if task is not None and td.kind != self._get(task).record.kind:
             raise ValueError(

@@ -602,7 +602,7 @@ def _install_pruning(model: nn.Module) -> bool:
             model.train()
     if not ok:
         for module in modules:
-            del module.forward
+            module.__dict__.pop("forward", None)  # (another thread's first use may have put it back already)
     return ok
 
 

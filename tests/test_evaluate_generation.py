@@ -53,6 +53,8 @@ def test_routed_generation_scores_rows_routed_elsewhere_as_zero(qa_bank):
 
 
 def test_kinds_must_match(qa_bank):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        qa_bank.evaluate(QA, task="qa", max_new_tokens=0)
     with pytest.raises(ValueError, match="generation task; this is classification data"):
         qa_bank.evaluate(LABELLED, task="qa")
     with pytest.raises(ValueError, match="classification task; this is generation data"):
