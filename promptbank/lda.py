@@ -114,8 +114,9 @@ class _Params:
     def __init__(self, owner: np.ndarray, mus: np.ndarray, precision: np.ndarray):
         self.owner = owner
         self.precision = precision.astype(np.float32)
-        self.w = (mus @ precision).astype(np.float32)  # (G, d)
-        self.b = (-0.5 * np.einsum("gd,gd->g", mus, mus @ precision)).astype(np.float32)
+        projected = mus @ precision  # (G, d)
+        self.w = projected.astype(np.float32)
+        self.b = (-0.5 * np.einsum("gd,gd->g", mus, projected)).astype(np.float32)
 
     def distances(self, x: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
         """(n, G) squared Mahalanobis distances of rows ``x`` to every group mean (or (n, len(cols)) to groups
