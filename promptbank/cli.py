@@ -231,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("route", "show which task each text is routed to, with the ranked scores")
     p.add_argument("texts", nargs="*", metavar="TEXT")
-    p.add_argument(
-        "--file", metavar="JSONL", help="also read texts from a JSONL file ({\"text\": ...} rows); '-' for stdin"
-    )
+    _add_file_options(p)
     p.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="tasks to rank (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_route)
@@ -241,18 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "predict for each text (routed to a task unless --task is given)")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--task", metavar="NAME", help="apply this task to every text instead of routing")
-    p.add_argument(
-        "--file", metavar="JSONL", help="also read texts from a JSONL file ({\"text\": ...} rows); '-' for stdin"
-    )
+    _add_file_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_predict)
 
     p = command("generate", "generate a continuation for each text behind its task's soft prompt")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--task", metavar="NAME", help="use this task for every text instead of routing")
-    p.add_argument(
-        "--file", metavar="JSONL", help="also read texts from a JSONL file ({\"text\": ...} rows); '-' for stdin"
-    )
+    _add_file_options(p)
     p.add_argument(
         "--max-new-tokens",
         type=_positive_int,
@@ -374,18 +368,32 @@ def _open_bank(args: argparse.Namespace) -> PromptBank:
     return _load_bank(args)
 
 
+def _add_file_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--file",
+        metavar="FILE",
+        help="also read texts from a file: JSONL ({\"text\": ...} rows or strings; '-' for stdin), or CSV/TSV with "
+        "a header",
+    )
+    _add_columns_option(p)
+
+
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """Positional texts, then those of ``--file``; a usage error when there are none."""
     texts = list(args.texts)
     if args.file:
-        texts += _read_text_file(args.file)
+        mapping = _parse_columns(args.columns) if args.columns else {}
+        texts += _read_text_file(args.file, mapping.get("text") or mapping.get("input"))
     if not texts:
         args._parser.error("give at least one TEXT or --file")
     return texts
 
 
-def _read_text_file(path: str) -> list[str]:
-    """Texts from JSONL: each non-blank line a JSON string or an object with a ``text`` (or ``input``) string."""
+def _read_text_file(path: str, column: str | None = None) -> list[str]:
+    """Texts from JSONL (each non-blank line a JSON string or an object with a ``text``, else ``input``, string) or
+    from CSV/TSV (the ``text``, else ``input``, column of a header row); ``column`` names that field instead."""
+    if path != "-" and Path(path).suffix.lower() in (".csv", ".tsv"):
+        return _read_text_table(path, column)
     if path == "-":
         lines, src = sys.stdin.read().splitlines(), "<stdin>"
     else:
@@ -405,12 +413,42 @@ def _read_text_file(path: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{src}:{i}: invalid JSON ({e.msg})") from None
         if isinstance(row, dict):
-            row = row.get("text", row.get("input"))
+            row = row.get(column) if column else row.get("text", row.get("input"))
         if not isinstance(row, str):
-            raise ValueError(f'{src}:{i}: expected a JSON string or an object with a "text" string')
+            raise ValueError(f'{src}:{i}: expected a JSON string or an object with a "{column or "text"}" string')
         texts.append(row)
     if not texts:
         raise ValueError(f"{src}: no texts")
+    return texts
+
+
+def _read_text_table(path: str, column: str | None) -> list[str]:
+    """The texts of one column of a CSV/TSV file with a header row (``column``, else ``text``, else ``input``)."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
+    try:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = [
+        r for r in csv.reader(lines, delimiter="\t" if p.suffix.lower() == ".tsv" else ",") if any(c.strip() for c in r)
+    ]
+    if not rows:
+        raise ValueError(f"{path}: no texts")
+    header = [c.strip() for c in rows[0]]
+    wanted = [column] if column else ["text", "input"]
+    at = next((header.index(name) for name in wanted if name in header), None)
+    if at is None:
+        names = " or ".join(repr(n) for n in wanted)
+        raise ValueError(
+            f"{path}:1: no column {names} in the header ({', '.join(repr(c) for c in header)}); use --columns text=COLUMN"
+        )
+    texts = [r[at] for r in rows[1:] if at < len(r) and r[at].strip()]
+    if not texts:
+        raise ValueError(f"{path}: no texts")
     return texts
 
 
@@ -724,13 +762,18 @@ def _data(args: argparse.Namespace, path: str | None) -> Any:
         return path
     from .tasks import load_task_data
 
+    return load_task_data(path, kind=getattr(args, "kind", None), columns=_parse_columns(args.columns))
+
+
+def _parse_columns(spec: str) -> dict[str, str]:
+    """``--columns text=review,label=stars`` -> ``{"text": "review", "label": "stars"}``."""
     columns: dict[str, str] = {}
-    for part in args.columns.split(","):
+    for part in spec.split(","):
         field, sep, column = part.partition("=")
         if not sep or not field.strip() or not column.strip():
-            raise ValueError(f"--columns takes FIELD=COLUMN pairs separated by commas, got {args.columns!r}")
+            raise ValueError(f"--columns takes FIELD=COLUMN pairs separated by commas, got {spec!r}")
         columns[field.strip()] = column.strip()
-    return load_task_data(path, kind=getattr(args, "kind", None), columns=columns)
+    return columns
 
 
 def _scores_line(scores: dict[str, Any]) -> str:

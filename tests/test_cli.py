@@ -271,6 +271,28 @@ def test_predict_with_task_and_file(learned_bank, tmp_path, capsys):
     assert all(p["route_score"] is None and set(p["label_scores"]) == {"storm", "sunny"} for p in preds)
 
 
+def test_predict_reads_csv_and_named_fields(learned_bank, tmp_path, capsys):
+    """--file takes CSV/TSV with a header too; --columns names the text's column (or JSONL key); a file without
+    one is a one-line error naming the columns it has."""
+    table = tmp_path / "queries.csv"
+    table.write_text('id,query\n1,"strong wind, on the coast"\n2,clear sky\n', encoding="utf-8")
+    args = ["predict", "--task", "weather", "--file", str(table), "--json", "--bank", str(learned_bank)]
+    rc, out, err = run(capsys, *args, "--columns", "text=query")
+    assert rc == 0, err
+    assert [p["text"] for p in json.loads(out)] == ["strong wind, on the coast", "clear sky"]
+    rc, _, err = run(capsys, *args)
+    assert rc == 1
+    assert_one_line_error(err, "queries.csv:1", "no column 'text' or 'input'", "'id', 'query'", "--columns text=COLUMN")
+
+    rows = tmp_path / "queries.jsonl"
+    rows.write_text('{"query": "gale warning"}\n', encoding="utf-8")
+    rc, out, err = run(
+        capsys, "route", "--file", str(rows), "--columns", "text=query", "--json", "--bank", str(learned_bank)
+    )
+    assert rc == 0, err
+    assert [r["text"] for r in json.loads(out)] == ["gale warning"]
+
+
 def test_generate(learned_bank, capsys):
     rc, out, err = run(
         capsys,
