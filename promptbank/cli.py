@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("route", "show which task each text is routed to, with the ranked scores")
     p.add_argument("texts", nargs="*", metavar="TEXT")
-    _add_file_options(p)
+    _add_columns_option(p, texts_file=True)
     p.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="tasks to rank (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_route)
@@ -239,14 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("predict", "predict for each text (routed to a task unless --task is given)")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--task", metavar="NAME", help="apply this task to every text instead of routing")
-    _add_file_options(p)
+    _add_columns_option(p, texts_file=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_predict)
 
     p = command("generate", "generate a continuation for each text behind its task's soft prompt")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--task", metavar="NAME", help="use this task for every text instead of routing")
-    _add_file_options(p)
+    _add_columns_option(p, texts_file=True)
     p.add_argument(
         "--max-new-tokens",
         type=_positive_int,
@@ -366,16 +366,6 @@ def _open_bank(args: argparse.Namespace) -> PromptBank:
             f"--bank {args.bank}` or point --bank / ${BANK_ENV} at an existing bank"
         )
     return _load_bank(args)
-
-
-def _add_file_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--file",
-        metavar="FILE",
-        help="also read texts from a file: JSONL ({\"text\": ...} rows or strings; '-' for stdin), or CSV/TSV with "
-        "a header",
-    )
-    _add_columns_option(p)
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -747,7 +737,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_columns_option(p: argparse.ArgumentParser) -> None:
+def _add_columns_option(p: argparse.ArgumentParser, *, texts_file: bool = False) -> None:
+    """``--columns``; with ``texts_file``, also ``--file`` (texts to route, predict or generate for)."""
+    if texts_file:
+        p.add_argument(
+            "--file",
+            metavar="FILE",
+            help="also read texts from a file: JSONL ({\"text\": ...} rows or strings; '-' for stdin), or CSV/TSV "
+            "with a header",
+        )
     p.add_argument(
         "--columns",
         metavar="FIELD=COLUMN,...",
