@@ -30,7 +30,7 @@ from .errors import (
 )
 from .inject import PrefixKV, model_device, prompt_kv
 from .lda import ROUTING_SCORERS, GaussianRouter
-from .metrics import exact_match, f1_score
+from .metrics import exact_match, f1_score, macro_f1
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, check_label_words, label_texts, load_task_data, split_dev, truncate_inputs
@@ -1451,7 +1451,9 @@ class PromptBank:
     ) -> dict[str, float]:
         """Score :meth:`predict` on labelled data.
 
-        Classification data (``{"text", "label"}`` rows): returns ``{"accuracy": float, "n": int}``.
+        Classification data (``{"text", "label"}`` rows): returns ``{"accuracy", "macro_f1", "n"}``; macro F1 is the
+        mean F1 over the labels that occur in the data (:func:`promptbank.metrics.macro_f1`), the number to read
+        when a few labels dominate.
         Generation data (``{"input", "target"}`` rows): each input is answered by greedy generation (what
         :meth:`predict` and :meth:`generate` do) and scored against its target as the SQuAD v1.1 script does
         (:mod:`promptbank.metrics`: lower case, no punctuation or articles): ``{"exact_match", "f1", "n"}`` as
@@ -1470,9 +1472,11 @@ class PromptBank:
                 f"{td.source}: task {task!r} is a {self._get(task).record.kind} task; this is {td.kind} data"
             )
         if td.kind == "classification":
-            preds = self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)
-            correct = sum(p.output == ex.target for p, ex in zip(preds, td.examples))
-            return {"accuracy": correct / len(td), "n": len(td)}
+            preds = [p.output for p in self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)]
+            golds = [ex.target for ex in td.examples]
+            correct = sum(p == g for p, g in zip(preds, golds))
+            present = [lab for lab in td.labels if lab in set(golds)]  # the data's labels that occur in it
+            return {"accuracy": correct / len(td), "macro_f1": macro_f1(preds, golds, present), "n": len(td)}
         return self._evaluate_generation(td, task, batch_size, max_new_tokens)
 
     def _evaluate_generation(

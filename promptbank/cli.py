@@ -777,7 +777,7 @@ def _parse_columns(spec: str) -> dict[str, str]:
 def _scores_line(scores: dict[str, Any]) -> str:
     """One line of :meth:`PromptBank.evaluate`'s scores."""
     if "accuracy" in scores:
-        return f"accuracy {scores['accuracy']:.3f} on {scores['n']} examples"
+        return f"accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f} on {scores['n']} examples"
     loss = f", target loss {scores['loss']:.3f}" if "loss" in scores else ""
     return f"exact match {scores['exact_match']:.3f}, F1 {scores['f1']:.3f}{loss} on {scores['n']} examples"
 

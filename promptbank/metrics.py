@@ -38,3 +38,20 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
             p, r = common / len(pred), common / len(ref)
             best = max(best, 2 * p * r / (p + r))
     return best
+
+
+def macro_f1(predictions: Sequence[str | None], golds: Sequence[str], labels: Sequence[str]) -> float:
+    """The unweighted mean over ``labels`` of each label's F1 (``2 tp / (2 tp + fp + fn)``; 0 for a label never
+    predicted nor gold), as scikit-learn's ``f1_score(average="macro", labels=labels)``. A prediction of ``None``
+    or of a label outside ``labels`` (a row routed to no task, or to another task) counts against its gold label."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold labels")
+    if not labels:
+        raise ValueError("macro F1 needs at least one label")
+    total = 0.0
+    for label in labels:
+        tp = sum(p == label and g == label for p, g in zip(predictions, golds))
+        fp = sum(p == label and g != label for p, g in zip(predictions, golds))
+        fn = sum(p != label and g == label for p, g in zip(predictions, golds))
+        total += 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return total / len(labels)

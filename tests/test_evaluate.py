@@ -1,13 +1,14 @@
-"""evaluate() on generation data: exact match and F1 of the greedy answers (SQuAD normalisation) and the targets'
-teacher-forced loss, the same numbers predict() and compare() give; routed rows that land on no generation task
-score 0; kinds that do not match are refused. (The CLI's eval: tests/test_cli.py.)"""
+"""evaluate(): on classification data accuracy and macro F1 (the same as scikit-learn's, rows routed elsewhere
+counting against their label); on generation data exact match and F1 of the greedy answers (SQuAD normalisation)
+and the targets' teacher-forced loss, the same numbers predict() and compare() give; routed rows that land on no
+generation task score 0; kinds that do not match are refused. (The CLI's eval: tests/test_cli.py.)"""
 
 from __future__ import annotations
 
 import pytest
 from conftest import fast_options
 
-from promptbank.metrics import exact_match, f1_score
+from promptbank.metrics import exact_match, f1_score, macro_f1
 
 QA = [{"input": f"capital of country {i}?", "target": f"city {i % 3}"} for i in range(12)]
 LABELLED = [{"text": f"weather report number {i}", "label": "rain" if i % 2 else "sun"} for i in range(12)]
@@ -59,3 +60,27 @@ def test_kinds_must_match(qa_bank):
         qa_bank.evaluate(LABELLED, task="qa")
     with pytest.raises(ValueError, match="classification task; this is generation data"):
         qa_bank.evaluate(QA, task="weather")
+
+
+def test_classification_reports_macro_f1_of_the_predictions(qa_bank):
+    sk = pytest.importorskip("sklearn.metrics")
+    res = qa_bank.evaluate(LABELLED, task="weather")
+    assert set(res) == {"accuracy", "macro_f1", "n"}
+    preds = [p.output for p in qa_bank.predict([r["text"] for r in LABELLED], task="weather")]
+    golds = [r["label"] for r in LABELLED]
+    assert res["macro_f1"] == pytest.approx(sk.f1_score(golds, preds, average="macro", labels=["sun", "rain"]))
+    routed = qa_bank.evaluate(LABELLED)  # a row routed to "qa" predicts text, never a label: it counts against its own
+    routed_preds = [str(p.output) for p in qa_bank.predict([r["text"] for r in LABELLED])]
+    want = sk.f1_score(golds, routed_preds, average="macro", labels=["sun", "rain"])
+    assert routed["macro_f1"] == pytest.approx(want)
+
+
+def test_macro_f1_matches_scikit_learn_with_missing_and_foreign_predictions():
+    sk = pytest.importorskip("sklearn.metrics")
+    golds = ["a", "a", "a", "b", "b", "c", "a", "c"]
+    preds = ["a", "b", None, "b", "x", "c", "a", "a"]
+    want = sk.f1_score(golds, [p or "none" for p in preds], average="macro", labels=["a", "b", "c"])
+    assert macro_f1(preds, golds, ["a", "b", "c"]) == pytest.approx(want)
+    assert macro_f1(["a", "a"], ["a", "a"], ["a", "b"]) == pytest.approx(0.5)  # b: never predicted nor gold
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        macro_f1(["a", "b"], ["a"], ["a"])
