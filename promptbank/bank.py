@@ -1029,19 +1029,14 @@ class PromptBank:
                 row["loss"] = float(torch.nn.functional.cross_entropy(stacked, ys))
                 row["accuracy"] = float((stacked.argmax(-1) == ys).float().mean())
             else:
-                max_target = int(r.train_config.get("max_target_tokens", 64))
-                enc = self._pair_encoder(r.template, max_target, r.label_words)
-                pairs = [enc(ex.input, ex.target) for ex in td.examples]
-                prompt = v.prompt
-                model, tok = self.backbone.model, self.backbone.tokenizer
-                row["loss"] = dev_loss(model, tok, lambda p=prompt: p, pairs, batch_size)
+                row["loss"] = self._target_loss(r, v.prompt, td, batch_size)
                 if rec.kind == "classification":
                     row["accuracy"] = self._accuracy(
-                        prompt,
+                        v.prompt,
                         rec.labels,
                         r.template,
                         td,
-                        max_target,
+                        _max_target_tokens(r),
                         batch_size,
                         label_words=r.label_words,
                         head=v.head,
@@ -1346,7 +1341,7 @@ class PromptBank:
                     labels[int(lp.argmax())], names[i], scores[i], {lab: float(v) for lab, v in zip(labels, lp)}
                 )
         if gen_rows:
-            cap = max(int(table[names[i]].record.train_config.get("max_target_tokens", 64)) for i in gen_rows)
+            cap = max(_max_target_tokens(table[names[i]].record) for i in gen_rows)
             outs = self._generate(
                 [texts[i] for i in gen_rows],
                 [names[i] for i in gen_rows],
@@ -1467,15 +1462,15 @@ class PromptBank:
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         td = load_task_data(data)
-        if task is not None and td.kind != self._get(task).record.kind:
-            raise ValueError(
-                f"{td.source}: task {task!r} is a {self._get(task).record.kind} task; this is {td.kind} data"
-            )
+        kind = None if task is None else self._get(task).record.kind
+        if kind is not None and td.kind != kind:
+            raise ValueError(f"{td.source}: task {task!r} is a {kind} task; this is {td.kind} data")
         if td.kind == "classification":
             preds = [p.output for p in self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)]
             golds = [ex.target for ex in td.examples]
             correct = sum(p == g for p, g in zip(preds, golds))
-            present = [lab for lab in td.labels if lab in set(golds)]  # the data's labels that occur in it
+            occur = set(golds)
+            present = [lab for lab in td.labels if lab in occur]  # the data's labels that occur in it
             return {"accuracy": correct / len(td), "macro_f1": macro_f1(preds, golds, present), "n": len(td)}
         return self._evaluate_generation(td, task, batch_size, max_new_tokens)
 
@@ -1488,8 +1483,7 @@ class PromptBank:
         names, _, _ = self._resolve_tasks(texts, task)
         table = self._tasks  # one snapshot: prompts, templates and caps belong together
         if max_new_tokens is None:
-            caps = [int(table[n].record.train_config.get("max_target_tokens", 64)) for n in set(names) if n]
-            max_new_tokens = max(caps, default=64)
+            max_new_tokens = max((_max_target_tokens(table[n].record) for n in set(names) if n), default=64)
         outputs = self._generate(texts, names, table, max_new_tokens=max_new_tokens, batch_size=batch_size)
         kinds = [None if n is None else table[n].record.kind for n in names]
         # a row routed to no task, or to a classification task, gets no generated answer
@@ -1502,13 +1496,16 @@ class PromptBank:
         }
         if task is not None:
             rec = table[task].record
-            max_in = int(rec.train_config.get("max_input_tokens", 256))
-            cut = truncate_inputs(td, self.backbone.tokenizer, max_in)
-            enc = self._pair_encoder(rec.template, int(rec.train_config.get("max_target_tokens", 64)))
-            pairs = [enc(ex.input, ex.target) for ex in cut.examples]
-            prompt = table[task].prompt
-            result["loss"] = dev_loss(self.backbone.model, self.backbone.tokenizer, lambda: prompt, pairs, batch_size)
+            cut = truncate_inputs(td, self.backbone.tokenizer, int(rec.train_config.get("max_input_tokens", 256)))
+            result["loss"] = self._target_loss(rec, table[task].prompt, cut, batch_size)
         return result
+
+    def _target_loss(self, record: TaskRecord, prompt, data: TaskData, batch_size: int) -> float:
+        """Mean per-token cross-entropy of ``data``'s targets (label words for labels) behind ``prompt``, encoded
+        with ``record``'s template and target cap: the task's ``dev_loss`` on other data."""
+        enc = self._pair_encoder(record.template, _max_target_tokens(record), record.label_words)
+        pairs = [enc(ex.input, ex.target) for ex in data.examples]
+        return dev_loss(self.backbone.model, self.backbone.tokenizer, lambda: prompt, pairs, batch_size)
 
     def _accuracy(
         self,
@@ -1698,6 +1695,11 @@ def _loo_scores(emb: np.ndarray, k: int) -> np.ndarray:
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
     return _top_mean(sims[:, :], min(k, len(emb) - 1))
+
+
+def _max_target_tokens(record: TaskRecord) -> int:
+    """The task's training-target token cap: how long its labels may be, and its generated answers by default."""
+    return int(record.train_config.get("max_target_tokens", 64))
 
 
 def _label_ids(tokenizer, labels: Sequence[str], max_target_tokens: int | None) -> list[list[int]]:

@@ -382,8 +382,6 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 def _read_text_file(path: str, column: str | None = None) -> list[str]:
     """Texts from JSONL (each non-blank line a JSON string or an object with a ``text``, else ``input``, string) or
     from CSV/TSV (the ``text``, else ``input``, column of a header row); ``column`` names that field instead."""
-    if path != "-" and Path(path).suffix.lower() in (".csv", ".tsv"):
-        return _read_text_table(path, column)
     if path == "-":
         lines, src = sys.stdin.read().splitlines(), "<stdin>"
     else:
@@ -394,6 +392,8 @@ def _read_text_file(path: str, column: str | None = None) -> list[str]:
             lines, src = p.read_text(encoding="utf-8-sig").splitlines(), path
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if p.suffix.lower() in (".csv", ".tsv"):
+            return _table_texts(lines, path, "\t" if p.suffix.lower() == ".tsv" else ",", column)
     texts = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -412,20 +412,11 @@ def _read_text_file(path: str, column: str | None = None) -> list[str]:
     return texts
 
 
-def _read_text_table(path: str, column: str | None) -> list[str]:
-    """The texts of one column of a CSV/TSV file with a header row (``column``, else ``text``, else ``input``)."""
+def _table_texts(lines: list[str], path: str, delimiter: str, column: str | None) -> list[str]:
+    """The texts of one column of CSV/TSV ``lines`` with a header row (``column``, else ``text``, else ``input``)."""
     import csv
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows = [
-        r for r in csv.reader(lines, delimiter="\t" if p.suffix.lower() == ".tsv" else ",") if any(c.strip() for c in r)
-    ]
+    rows = [r for r in csv.reader(lines, delimiter=delimiter) if any(c.strip() for c in r)]
     if not rows:
         raise ValueError(f"{path}: no texts")
     header = [c.strip() for c in rows[0]]

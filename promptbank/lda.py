@@ -232,16 +232,15 @@ class GaussianRouter:
             column[owner[starts]] = np.arange(len(starts))
             # every task's held-out keys of this fold, measured together in chunks (one matrix product each)
             held_rows = [(t, keys[f == k]) for (t, keys, _), f in zip(items, folds)]
-            x = np.concatenate([rows for _, rows in held_rows]) if held_rows else np.zeros((0, self.dim))
-            row_task = np.concatenate([np.full(len(rows), t) for t, rows in held_rows]) if held_rows else np.zeros(0)
+            x = np.concatenate([rows for _, rows in held_rows])
+            row_task = np.concatenate([np.full(len(rows), t, dtype=np.int64) for t, rows in held_rows])
             chunk = max(1, _DISTANCE_ELEMENTS // max(len(owner), 1))
             for a in range(0, len(x), chunk):
-                xs, ts = x[a : a + chunk], row_task[a : a + chunk].astype(np.int64)
+                xs, ts = x[a : a + chunk], row_task[a : a + chunk]
                 nearest = np.minimum.reduceat(params.distances(xs), starts, axis=1)  # (rows, tasks with groups)
-                own = column[ts]
-                ok = own >= 0
-                for t in np.unique(ts[ok]):  # each row's distance to its own task (its nearest group)
-                    held[t].append(nearest[(ts == t) & ok, column[t]])
+                for t in np.unique(ts):  # each row's distance to its own task (its nearest group), if it has groups
+                    if column[t] >= 0:
+                        held[t].append(nearest[ts == t, column[t]])
                 if task_model is not None:  # top-1 of each discriminant over the held-out keys
                     hits["group"] += int(np.sum(owner[starts][nearest.argmin(1)] == ts))
                     hits["task"] += int(np.sum(task_model.owner[task_model.distances(xs).argmin(1)] == ts))
