@@ -46,6 +46,7 @@ and multitask train on every example and keep their last state.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -67,6 +68,7 @@ from bench_common import default_data_dir, file_routing_keys_only, routing_discr
 from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 
 ROUTING = "lda"  # set from --routing
+PRECISION = "fp32"  # set from --precision: every system's training forwards (TrainConfig.precision)
 OTHER = {"lda": "knn", "knn": "lda"}
 RESULTS = ROOT / "benchmarks" / "results"
 TEST_FRACTION = 0.2  # datasets without an official test split: a fixed 80/20 split (seed 0)
@@ -174,14 +176,18 @@ def metrics(R: np.ndarray, single: Sequence[float] | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- systems
-def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache, eval_cache=None):
+def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache, eval_cache=None, routed_cache=None):
     """Learn tasks in order; after each, evaluate every task learned so far with the task given (oracle).
 
     ``eval_cache`` memoises oracle accuracies on the sha256 of the task's soft prompt and head tensors (the
     accuracy is a function of those, the frozen backbone and the test set): a task whose tensors are bit-identical
     to an evaluated one is not run again (later rows of R, other orders of the same seed); any change to a prompt
-    or head changes the digest and is evaluated afresh. The digests go into the result."""
+    or head changes the digest and is evaluated afresh. The digests go into the result. ``routed_cache`` memoises
+    the routed evaluation (every test query one at a time through the router) on the set of (task, digest) pairs:
+    a bank holding bit-identical tasks routes the same, in whatever order they were added (checked: every
+    routing number agreed across the orders of each seed when each order was routed separately)."""
     eval_cache = {} if eval_cache is None else eval_cache
+    routed_cache = {} if routed_cache is None else routed_cache
     from promptbank import PromptBank
     from promptbank.bank import _Task
 
@@ -191,7 +197,9 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         key = (name, seed)
         if key not in trained_cache:  # order-independent (warm start off): train once per seed
             t0 = time.perf_counter()
-            bank.learn_task(name, stream[name]["train"], max_steps=steps, seed=seed, **LEARN_OPTIONS)
+            bank.learn_task(
+                name, stream[name]["train"], max_steps=steps, seed=seed, precision=PRECISION, **LEARN_OPTIONS
+            )
             t = bank._tasks[name]
             trained_cache[key] = (t, time.perf_counter() - t0)
         else:
@@ -200,48 +208,69 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         for j in range(i + 1):
             R[i, j] = _oracle_accuracy(bank, order[j], stream[order[j]]["test"], eval_cache)
     digests = {n: _task_digest(bank, n) for n in order}
-    # routed: every test query of every task, one at a time through the router (no task id)
+    key = tuple(sorted(digests.items()))
+    if key not in routed_cache:  # the same tasks route alike whatever order they were added in
+        routed_cache[key] = _routed_eval(bank, stream, sorted(order), eval_cache)
+    got = routed_cache[key]
+    gold_task, preds, plain_preds = got["gold_task"], got["preds"], got["plain_preds"]
+    cols = [*order, None]
+    confusion = np.zeros((len(order), len(cols)), dtype=int)  # gold task x routed task ("no task" last)
+    for (task, _), g in zip(preds, gold_task):
+        confusion[order.index(g), cols.index(task)] += 1
+    out = {
+        "task_digests": digests,
+        "routing_hit@1": got["hit"],
+        "routing_hit@1_label_aware": got["hit_label_aware"],
+        "routing_top1_ignoring_threshold": got["top1"],
+        "routed_ACC": _routed_acc(preds, got["gold_label"], gold_task, order),
+        "routing_confusion": confusion.tolist(),
+        "routing_discriminant": got["discriminant"],
+        **got["other_scorer"],
+    }
+    if plain_preds is not None:  # ablation on the same trained tasks: the prompted heads alone (same routing)
+        out["ACC_head_only"] = float(np.mean([got["plain_oracle"][n] for n in order]))
+        out["routed_ACC_head_only"] = _routed_acc(plain_preds, got["gold_label"], gold_task, order)
+    return R, out, bank
+
+
+def _routed_eval(bank, stream, names, eval_cache: dict) -> dict:
+    """Every test query of the tasks ``names`` routed one at a time (no task id): per query the gold task and
+    label and the (task, output) predicted, with and without the embedding probes, plus the order-free routing
+    numbers."""
     texts, gold_task, gold_label = [], [], []
-    for name in order:
+    for name in names:
         for ex in stream[name]["test"].examples:
             texts.append(ex.input)
             gold_task.append(name)
             gold_label.append(ex.target)
-    preds = bank.predict(texts, batch_size=64)
-    labels_of = {n: tuple(stream[n]["test"].labels) for n in order}
-    hit = float(np.mean([p.task == g for p, g in zip(preds, gold_task)]))  # "no task" counts as a miss
-    hit_label_aware = float(
-        np.mean([p.task is not None and labels_of[p.task] == labels_of[g] for p, g in zip(preds, gold_task)])
-    )
+    preds = [(p.task, p.output) for p in bank.predict(texts, batch_size=64)]
+    labels_of = {n: tuple(stream[n]["test"].labels) for n in names}
     ranked = bank.route_many(texts)
-    top1 = float(np.mean([bool(r.ranked) and r.ranked[0][0] == g for r, g in zip(ranked, gold_task)]))
-    routed = float(
-        np.mean([np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order])
-    )
-    cols = [*order, None]
-    confusion = np.zeros((len(order), len(cols)), dtype=int)  # gold task x routed task ("no task" last)
-    for p, g in zip(preds, gold_task):
-        confusion[order.index(g), cols.index(p.task)] += 1
-    out = {
-        "task_digests": digests,
-        "routing_hit@1": hit,
-        "routing_hit@1_label_aware": hit_label_aware,
-        "routing_top1_ignoring_threshold": top1,
-        "routed_ACC": routed,
-        "routing_confusion": confusion.tolist(),
-        "routing_discriminant": routing_discriminant(bank),
+    got = {
+        "gold_task": gold_task,
+        "gold_label": gold_label,
+        "preds": preds,
+        "hit": float(np.mean([t == g for (t, _), g in zip(preds, gold_task)])),  # "no task" counts as a miss
+        "hit_label_aware": float(
+            np.mean([t is not None and labels_of[t] == labels_of[g] for (t, _), g in zip(preds, gold_task)])
+        ),
+        "top1": float(np.mean([bool(r.ranked) and r.ranked[0][0] == g for r, g in zip(ranked, gold_task)])),
+        "discriminant": routing_discriminant(bank),
+        "other_scorer": _other_scorer(bank, texts, gold_task),
+        "plain_preds": None,
     }
-    out.update(_other_scorer(bank, texts, gold_task))
-    plain = without_probes(bank, order)
-    if plain is not None:  # ablation on the same trained tasks: the prompted heads alone (same keys, same routing)
-        oracle = [_oracle_accuracy(plain, n, stream[n]["test"], eval_cache) for n in order]
-        preds = plain.predict(texts, batch_size=64)
-        routed_plain = [
-            np.mean([p.output == y for p, y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order
-        ]
-        out["ACC_head_only"] = float(np.mean(oracle))
-        out["routed_ACC_head_only"] = float(np.mean(routed_plain))
-    return R, out, bank
+    plain = without_probes(bank, names)
+    if plain is not None:
+        got["plain_oracle"] = {n: _oracle_accuracy(plain, n, stream[n]["test"], eval_cache) for n in names}
+        got["plain_preds"] = [(p.task, p.output) for p in plain.predict(texts, batch_size=64)]
+    return got
+
+
+def _routed_acc(preds, gold_label, gold_task, order) -> float:
+    """Mean over tasks of the share of each task's queries predicted right (routed elsewhere: wrong)."""
+    return float(
+        np.mean([np.mean([o == y for (_, o), y, g in zip(preds, gold_label, gold_task) if g == n]) for n in order])
+    )
 
 
 def _task_digest(bank, name: str) -> str:
@@ -345,7 +374,7 @@ def _train_shared(backbone, data_by_task, steps, seed, prompt=None, heads=None, 
         {"params": list(prompt.parameters()), "lr": DEFAULT_LR_ENCODER[Method.DEEP]},  # as promptbank's tasks
         {"params": [p for n, h in heads.items() if n in data_by_task for p in h.parameters()], "lr": 1e-2},
     ]
-    tconf = TrainConfig(max_steps=steps, batch_size=16, progress=False, seed=seed)
+    tconf = TrainConfig(max_steps=steps, batch_size=16, progress=False, seed=seed, precision=PRECISION)
     train_loop(model, modules, len(rows), batch_loss, None, tconf, param_groups=groups, fold=prompt.fold)
     return prompt, heads
 
@@ -366,14 +395,52 @@ def _eval_shared(backbone, prompt, head, data):
     return correct / len(seqs)
 
 
-def run_sequential_shared(backbone, stream, order, steps, seed):
+def run_sequential_shared(backbone, stream, order, steps, seed, prefixes=None):
+    """One shared deep prompt trained task after task (new head per task); ``prefixes``: see
+    :func:`_resume_prefix`."""
+    prefixes = {} if prefixes is None else prefixes
     R = np.full((len(order), len(order)), np.nan)
-    prompt, heads = None, None
-    for i, name in enumerate(order):
-        prompt, heads = _train_shared(backbone, {name: stream[name]["train"]}, steps, seed, prompt, heads)
+    state, start = _resume_prefix(prefixes, order, R)
+    prompt, heads = state if state is not None else (None, None)
+    for i in range(start, len(order)):
+        prompt, heads = _train_shared(backbone, {order[i]: stream[order[i]]["train"]}, steps, seed, prompt, heads)
         for j in range(i + 1):
             R[i, j] = _eval_shared(backbone, prompt, heads[order[j]], stream[order[j]]["test"])
+        _keep_prefix(prefixes, order, i, R, lambda p=prompt, h=heads: copy.deepcopy((p, h)))
     return R
+
+
+def _resume_prefix(prefixes: dict, order, R: np.ndarray):
+    """Sequential baselines: the state after the longest already-trained prefix of ``order`` and where to go on.
+
+    ``prefixes`` maps an order prefix (a tuple of task names) to ``(state, R rows)`` kept by :func:`_keep_prefix`
+    for the prefixes that another order of the run starts with too (CL-4's O1 and O2 share dbpedia -> amazon).
+    Training a stage depends only on the state before it (seeds and random states are part of the state), so
+    resuming gives the same numbers as training the prefix again. Fills ``R``'s rows of the prefix; returns
+    ``(state or None, first stage to train)``."""
+    for k in range(len(order) - 1, 0, -1):
+        hit = prefixes.get(tuple(order[:k]))
+        if hit is not None:
+            state, rows = hit
+            R[:k, :k] = rows
+            return copy.deepcopy(state), k
+    return None, 0
+
+
+def _keep_prefix(prefixes: dict, order, i: int, R: np.ndarray, snapshot) -> None:
+    """After stage ``i``: keep ``snapshot()`` and R's rows so far if ``prefixes`` wants this prefix (its
+    ``"wanted"`` entry: the prefixes shared by several orders of the run)."""
+    key = tuple(order[: i + 1])
+    if key in prefixes.get("wanted", ()):
+        prefixes[key] = (snapshot(), R[: i + 1, : i + 1].copy())
+
+
+def shared_prefixes(orders) -> set[tuple[str, ...]]:
+    """The proper prefixes (1 .. T-1 tasks) that more than one of ``orders`` starts with."""
+    import collections
+
+    seen = collections.Counter(tuple(o[:k]) for o in orders for k in range(1, len(o)))
+    return {p for p, c in seen.items() if c > 1}
 
 
 def run_multitask(backbone, stream, order, steps, seed):
@@ -387,27 +454,35 @@ def _rows(data) -> list[dict]:
     return [{"text": ex.input, "label": ex.target} for ex in data.examples]
 
 
-def run_sequential_encoder(backbone, stream, order, steps, seed, kind: str) -> np.ndarray:
+def run_sequential_encoder(backbone, stream, order, steps, seed, kind: str, prefixes=None) -> np.ndarray:
     """Sequential fine-tuning of one copy of the encoder (``kind="full_ft"``: every weight; ``"lora"``: one PEFT
     LoRA adapter, r=8 on query/value) task after task, a new zero-initialised head per task and old heads kept (so
     forgetting is the shared weights drifting). Same loop, schedule, batch, model selection (dev accuracy, then loss; 10 % of the
     task's train examples held out, as ``learn_task`` does) as promptbank; learning rates from efficiency.py's
-    SST-2 dev sweep."""
+    SST-2 dev sweep. ``prefixes``: see :func:`_resume_prefix`."""
     import efficiency
 
     from promptbank.config import TrainConfig
     from promptbank.tasks import split_dev
 
+    prefixes = {} if prefixes is None else prefixes
     torch.manual_seed(seed)
     enc = efficiency.full_ft_encoder(backbone.model) if kind == "full_ft" else efficiency.lora_encoder(backbone.model)
     R = np.full((len(order), len(order)), np.nan)
+    state, start = _resume_prefix(prefixes, order, R)
     heads = {}
-    for i, name in enumerate(order):
+    if state is not None:  # dropout draws from torch's generator: its state is part of the stage's state
+        weights, heads, rng = state
+        enc.load_state_dict(weights)
+        torch.set_rng_state(rng)
+    for i in range(start, len(order)):
+        name = order[i]
         data = stream[name]["train"]
         train, dev = split_dev(data, 0.1, seed=seed)
         tconf = TrainConfig(
-            max_steps=steps, batch_size=16, eval_every=10, patience=4, seed=seed, progress=False, max_input_tokens=128
-        )
+            max_steps=steps, batch_size=16, eval_every=10, patience=4, seed=seed, progress=False, max_input_tokens=128,
+            precision=PRECISION,
+        )  # fmt: skip
         enc.train()
         heads[name], _ = efficiency.train_encoder_classifier(
             enc, backbone.tokenizer, _rows(train), _rows(dev), data.labels, tconf, lr=efficiency.LR[kind], desc=kind
@@ -415,6 +490,7 @@ def run_sequential_encoder(backbone, stream, order, steps, seed, kind: str) -> n
         for j in range(i + 1):
             t = stream[order[j]]["test"]
             R[i, j] = efficiency.encoder_accuracy(enc, backbone.tokenizer, heads[order[j]], _rows(t), t.labels, 128)
+        _keep_prefix(prefixes, order, i, R, lambda: copy.deepcopy((enc.state_dict(), heads, torch.get_rng_state())))
     return R
 
 
@@ -511,6 +587,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--routing", default="lda", choices=["lda", "knn"], help="routing scorer of the bank")
     ap.add_argument("--routing-only", action="store_true", help="no training: routing of both scorers / embedders")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="every system's training forwards: fp32, or bf16 mixed precision (TrainConfig.precision)",
+    )
     args = ap.parse_args(argv)
     long = args.stream == "long"
     args.seeds = args.seeds if args.seeds is not None else (1 if long else 3)
@@ -574,8 +656,8 @@ def main(argv=None) -> dict:
 
 def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     """Every requested system on every (seed, order) of ``args.stream``; writes ``args.out`` (+ .png)."""
-    global ROUTING
-    ROUTING = args.routing
+    global ROUTING, PRECISION
+    ROUTING, PRECISION = args.routing, args.precision
     t_start = time.perf_counter() if t_start is None else t_start
     embedder = _Memo(embedder)  # each text embedded once per run (keys, routing, the logistic baseline)
     systems = args.systems.split(",")
@@ -584,13 +666,21 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed, names)
-        trained, evals = {}, {}  # per seed: trained tasks, oracle accuracies by prompt+head digest
+        trained, evals, routed = {}, {}, {}  # per seed: trained tasks, oracle and routed evaluations by digest
+        lists = [STREAMS[args.stream][o] for o in orders]
+        ft_lists = lists if args.ft_orders == "all" else lists[:1]
+        prefixes = {  # per seed and sequential system: states after order prefixes another order shares
+            "shared": {"wanted": shared_prefixes(lists)},
+            **{kind: {"wanted": shared_prefixes(ft_lists)} for kind in ("full_ft", "lora")},
+        }
         mt = None
         for k, oname in enumerate(orders):
             order = STREAMS[args.stream][oname]
             run_ = {"seed": seed, "order": oname, "tasks": order}
             t0 = time.perf_counter()
-            R, routed, bank = run_promptbank(backbone, embedder, stream, order, args.steps, seed, trained, evals)
+            R, routed, bank = run_promptbank(
+                backbone, embedder, stream, order, args.steps, seed, trained, evals, routed
+            )
             single = [float(R[j, j]) for j in range(len(order))]  # each prompt is trained on its task alone
             run_["promptbank"] = {
                 "R": R.tolist(),
@@ -609,7 +699,7 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
                 }
             if "shared" in systems:
                 t0 = time.perf_counter()
-                R_seq = run_sequential_shared(backbone, stream, order, args.steps, seed)
+                R_seq = run_sequential_shared(backbone, stream, order, args.steps, seed, prefixes["shared"])
                 run_["sequential_shared_prompt"] = {
                     "R": R_seq.tolist(),
                     **metrics(R_seq, single),
@@ -618,7 +708,7 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
             for kind, key in (("full_ft", "sequential_full_ft"), ("lora", "sequential_lora")):
                 if kind in systems and (args.ft_orders == "all" or k == 0):
                     t0 = time.perf_counter()
-                    R_enc = run_sequential_encoder(backbone, stream, order, args.steps, seed, kind)
+                    R_enc = run_sequential_encoder(backbone, stream, order, args.steps, seed, kind, prefixes[kind])
                     run_[key] = {"R": R_enc.tolist(), **metrics(R_enc, single), "seconds": time.perf_counter() - t0}
             if "multitask" in systems:
                 if mt is None:  # order-independent: once per seed

@@ -198,7 +198,7 @@ def run_study(args, setting: str, values: list, run, name: str, summarise, tabul
         from promptbank import PromptBank, inject
 
         inject.PACKING = not args.no_pack
-        bank = PromptBank.from_pretrained()
+        bank = PromptBank.from_pretrained(getattr(args, "backbone", None))  # default: SmolLM2-135M
         config = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
         config["data"] = str(args.data)
         runs = []

@@ -87,6 +87,7 @@ def run(args, backbone, embedder) -> dict:
                 head_lr=args.head_lr,
                 lr=args.lr,
                 probe=not args.no_probe,
+                precision=args.precision,
                 **options,
             )
             seconds = time.perf_counter() - t0
@@ -100,6 +101,8 @@ def run(args, backbone, embedder) -> dict:
                 "head_lr": args.head_lr,
                 "lr": args.lr,
                 "probe": not args.no_probe,
+                "dtype": args.dtype,
+                "precision": args.precision,
                 "heldout_accuracy": acc,
                 "logistic_heldout_accuracy": logistic,
                 "steps_run": rec.steps,
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=None, help="the prompt's learning rate (default: the method's, 1e-2)")
     ap.add_argument("--no-probe", action="store_true", help="the prompted head alone (TrainConfig.probe=False)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone weights' dtype")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="TrainConfig.precision")
     ap.add_argument("--quick", action="store_true", help="2 tasks, 4 train / 4 held-out per label, budgets 2,4")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="merge runs, print table")
     ap.add_argument("--out", type=Path, default=None, help="default: results/step_budget[_quick].json")
@@ -199,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.threads:
             torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        result = run(args, load_backbone("all-minilm-l6-v2"), load_embedder(forgetting.ROUTING_EMBEDDER))  # as there
+        result = run(
+            args, load_backbone("all-minilm-l6-v2", dtype=args.dtype), load_embedder(forgetting.ROUTING_EMBEDDER)
+        )  # as there
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "merge"}
         result = {"config": config | {"wall_s": time.perf_counter() - t0}, "versions": versions(), **result}
         out = args.out or RESULTS / ("step_budget_quick.json" if args.quick else "step_budget.json")

@@ -328,7 +328,7 @@ def _check_packing(model: nn.Module) -> bool:
     scale = model.get_input_embeddings().weight.detach().float().std().item()
     prompt = {0: (scale * torch.randn(2, model.config.hidden_size, generator=gen)).to(dev, param.dtype)}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # the check is in the weights' dtype
             kv = prompt_kv(model, prompt)
             packed, starts, _ = forward_packed(model, seqs, [kv, None])
             mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], device=dev)
@@ -584,7 +584,7 @@ def _install_pruning(model: nn.Module) -> bool:
     if training:
         model.eval()  # dropout would make the two forwards differ
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # the check is in the weights' dtype
             full = model.base_model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
             token = _READ_ROWS.set((torch.tensor(rows, device=dev), ids.numel()))
             try:

@@ -25,7 +25,7 @@ from torch import nn
 from .causal import label_cross_entropy, label_loss, label_scores, lm_loss
 from .config import TrainConfig
 from .errors import TrainingDivergedError
-from .inject import prompt_kv
+from .inject import model_device, prompt_kv
 from .prompts import SoftPromptModule
 
 logger = logging.getLogger(__name__)
@@ -321,6 +321,31 @@ def _label_objective(model, tokenizer, module, train, dev, config: TrainConfig, 
     }
 
 
+def _in_precision(batch_loss: Callable[[list[int]], torch.Tensor], precision: str, device: torch.device):
+    """``batch_loss`` run under ``torch.autocast`` in bfloat16 for ``precision="bf16"`` (mixed precision: weights
+    and the loss's backward accumulation stay in their dtype); itself for ``"fp32"``."""
+    if precision == "fp32":
+        return batch_loss
+    if device.type == "cpu" and not _cpu_has_native_bf16():
+        logger.warning("precision='bf16': this CPU has no native bf16 (AVX512-BF16 / AMX); training will be slower")
+
+    def in_bf16(indices: list[int]) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return batch_loss(indices)
+
+    return in_bf16
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether the CPU advertises AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo; elsewhere assumed so)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train_loop(
     model: nn.Module,
     module: nn.Module,
@@ -369,6 +394,7 @@ def train_loop(
         raise ValueError(f"select_on={select_on!r} is not one of the dev metrics {sorted(dev_metrics or {})}")
     params = [p for g in param_groups for p in g["params"]]
     opt = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+    batch_loss = _in_precision(batch_loss, config.precision, model_device(model))
     warmup = max(1, int(config.warmup_ratio * config.max_steps))
 
     def schedule(step: int) -> float:  # linear warm-up, then linear decay to 10 %

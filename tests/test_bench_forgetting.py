@@ -43,7 +43,7 @@ def _args(data: Path, out: Path, **kw) -> argparse.Namespace:
     base = dict(
         data=data, stream="cl4", quick=False, seeds=1, orders="O1,O3", steps=2, train_per_class=3, test_per_class=2,
         systems=",".join(forgetting.SYSTEMS), ft_orders="first", out=out, embedder="hashing", routing="lda",
-        routing_only=False, threads=None, first_seed=0,
+        routing_only=False, threads=None, first_seed=0, precision="fp32",
     )  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
@@ -135,6 +135,38 @@ def test_run_every_system_on_a_tiny_stream(cl4_dir, tmp_path, monkeypatch):
     else:
         assert out.with_suffix(".png").exists()
     forgetting.print_table(result)
+
+
+def test_resumed_prefixes_and_memoised_routing_equal_fresh_runs(cl4_dir, tmp_path):
+    """O2 run after O1 resumes the sequential baselines from O1's state after their shared prefix (dbpedia ->
+    amazon) and reuses O1's routed evaluation of the same four tasks; O2 run alone trains and routes everything
+    afresh. Every number must agree (full FT's dropout makes the random state part of what is resumed)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("peft")
+    from promptbank.embed import HashingEmbedder
+
+    assert forgetting.shared_prefixes(list(forgetting.ORDERS.values())) == {("dbpedia",), ("dbpedia", "amazon")}
+    opts = dict(systems="promptbank,shared,full_ft,lora", ft_orders="all")
+    both = forgetting.run(
+        _args(cl4_dir, tmp_path / "a.json", orders="O1,O2", **opts), make_tiny_bert(), HashingEmbedder(64)
+    )
+    alone = forgetting.run(
+        _args(cl4_dir, tmp_path / "b.json", orders="O2", **opts), make_tiny_bert(), HashingEmbedder(64)
+    )
+    resumed, fresh = both["runs"][1], alone["runs"][0]
+    for key in ("sequential_shared_prompt", "sequential_full_ft", "sequential_lora"):
+        assert np.array_equal(np.array(resumed[key]["R"], float), np.array(fresh[key]["R"], float), equal_nan=True), key
+        assert resumed[key]["seconds"] < both["runs"][0][key]["seconds"]  # two of four stages were not trained
+    pb, pb_fresh = resumed["promptbank"], fresh["promptbank"]
+    assert np.array_equal(np.array(pb["R"], float), np.array(pb_fresh["R"], float), equal_nan=True)
+    for k in (
+        "routing_hit@1",
+        "routing_top1_ignoring_threshold",
+        "routed_ACC",
+        "routing_confusion",
+        "ACC_head_only",
+    ):
+        assert pb[k] == pb_fresh[k], k
 
 
 def test_runs_of_separate_processes_merge_into_one_result(cl4_dir, tmp_path):

@@ -139,6 +139,17 @@ def test_learn_prints_summary_and_creates_bank(workdir, model_opts, tmp_path, ca
     assert (bank / "promptbank.json").is_file()
 
 
+def test_learn_precision_bf16_is_recorded(workdir, model_opts, tmp_path, capsys):
+    bank = tmp_path / "b16"
+    argv = [*model_opts, "learn", "billing", str(workdir / "billing.jsonl"), "--bank", str(bank), *FAST]
+    rc, out, err = run(capsys, *argv, "--precision", "bf16")
+    assert rc == 0, err
+    manifest = json.loads((bank / "promptbank.json").read_text())
+    assert manifest["tasks"]["billing"]["train_config"]["precision"] == "bf16"
+    rc, _, err = run(capsys, *argv, "--precision", "fp16")
+    assert rc == 2 and "invalid choice: 'fp16'" in err
+
+
 def test_library_warnings_print_as_one_line(workdir, model_opts, tmp_path, capsys):
     """A warning from the library (here: inputs cut to the token limit) is one 'promptbank: warning:' line, not
     Python's file:line format with the source line; --debug keeps Python's format (which pytest records instead of
