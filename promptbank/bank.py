@@ -1410,12 +1410,13 @@ class PromptBank:
         for s in range(0, len(texts), batch_size):
             chunk = list(range(s, min(s + batch_size, len(texts))))
             kv = [row_kv[i] for i in chunk]
-            inputs = [
-                self._plain_input(texts[i])
-                if names[i] is None
-                else causal.encode_input(tok, texts[i], table[names[i]].record.template)
-                for i in chunk
-            ]
+            inputs = self._fit_inputs(
+                [texts[i] for i in chunk],
+                [None if names[i] is None else table[names[i]].record.template for i in chunk],
+                kv,
+                max_new_tokens,
+                "the answer",
+            )
             ids = causal.generate(
                 model,
                 tok,
@@ -1538,8 +1539,56 @@ class PromptBank:
         out: list[torch.Tensor] = []
         for s in range(0, len(texts), batch_size):
             sl = slice(s, s + batch_size)
-            inputs = [causal.encode_input(tok, t, tpl) for t, tpl in zip(texts[sl], templates[sl])]
+            reserve = max((len(x) for ids in label_ids[sl] for x in ids), default=0)
+            inputs = self._fit_inputs(texts[sl], templates[sl], kvs[sl], reserve, "the labels")
             out += causal.rank_labels(model, tok, kvs[sl], inputs, label_ids[sl])
+        return out
+
+    def _fit_inputs(
+        self,
+        texts: Sequence[str],
+        templates: Sequence[str | None],
+        kvs: Sequence[PrefixKV | None],
+        reserve: int,
+        what: str,
+    ) -> list[list[int]]:
+        """Token ids of each row's input (``causal.encode_input`` with its template; a row whose template is ``None``
+        has no task: the plain backbone's input). A row whose soft prompt + input + ``reserve`` more tokens (label
+        or answer tokens) would run past the backbone's position limit has its text cut to its first tokens until it
+        fits, as training cuts over-long inputs; one ``UserWarning`` says how many. Models without a position limit
+        in their config are not cut."""
+        tok = self.backbone.tokenizer
+        limit = _max_positions(self.backbone.model)
+
+        def encode(text: str, template: str | None) -> list[int]:
+            return self._plain_input(text) if template is None else causal.encode_input(tok, text, template)
+
+        out, n_cut = [], 0
+        for text, template, kv in zip(texts, templates, kvs):
+            ids = encode(text, template)
+            room = None if limit is None else limit - reserve - (0 if kv is None else int(kv[0][0].shape[-2]))
+            if room is not None and len(ids) > room:
+                tokens = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+                keep = len(tokens) - (len(ids) - room)  # the template's own tokens stay
+                while keep >= 1:
+                    ids = encode(tok.decode(tokens[:keep], skip_special_tokens=True), template)
+                    if len(ids) <= room:
+                        break
+                    keep -= 1  # re-tokenizing a cut text can give more tokens (merges across the cut)
+                if keep < 1:
+                    raise ValueError(
+                        f"the backbone's {limit} positions leave no room for an input: the soft prompt, the template "
+                        f"and up to {reserve} tokens of {what} take them all"
+                    )
+                n_cut += 1
+            out.append(ids)
+        if n_cut:
+            warnings.warn(
+                f"cut {n_cut} of {len(texts)} inputs to fit the backbone's {limit} positions (soft prompt + input + "
+                f"up to {reserve} tokens of {what})",
+                UserWarning,
+                stacklevel=4,
+            )
         return out
 
     def prompt_prefix(self, name: str) -> PrefixKV:
@@ -1700,6 +1749,16 @@ def _loo_scores(emb: np.ndarray, k: int) -> np.ndarray:
 def _max_target_tokens(record: TaskRecord) -> int:
     """The task's training-target token cap: how long its labels may be, and its generated answers by default."""
     return int(record.train_config.get("max_target_tokens", 64))
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    """The backbone's position limit from its config (``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _label_ids(tokenizer, labels: Sequence[str], max_target_tokens: int | None) -> list[list[int]]:
