@@ -36,8 +36,13 @@ when its label is right) and the oracle-vs-routed gap, wall time per system.
 Writes benchmarks/results/forgetting[_long].json, a PNG (R heatmaps, ACC vs number of tasks, routing confusion),
 and prints a markdown table. Warm start is off for promptbank here (each task's prompt is independent of the
 order), so its per-task prompts are trained once per seed and reused across orders; the sequential baselines are
-retrained for every order. promptbank's oracle accuracies are memoised on the sha256 of each task's prompt and
-head tensors (recorded as ``task_digests``): a bit-identical task is not evaluated again, any changed one is.
+retrained for every order, except that an order resumes from the state another order of the same seed reached
+after the same first tasks (O2 starts where O1 was after dbpedia -> amazon; random states included, so the
+numbers equal a fresh run's: tested). promptbank's oracle accuracies are memoised on the sha256 of each task's
+prompt and head tensors (recorded as ``task_digests``): a bit-identical task is not evaluated again, any changed
+one is; its routed evaluation likewise on the set of (task, digest) pairs (the same tasks route the same in any
+order). ``--precision bf16`` trains every system in bf16 mixed precision (``TrainConfig.precision``); evaluation
+stays fp32.
 promptbank, full FT and LoRA keep the state with the best dev accuracy, ties broken by dev loss (the library's
 ``TrainConfig.select_on`` default on encoders; 10 % of each task's train examples held out); the shared prompt
 and multitask train on every example and keep their last state.

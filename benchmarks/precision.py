@@ -18,6 +18,8 @@ as a fraction of fp32's) and writes JSON (config, versions, every run).
 
 from __future__ import annotations
 
+import statistics
+
 from bench_common import mean
 from objective import learn_and_score, run_record, run_study, seed_groups, study_parser
 
@@ -39,8 +41,7 @@ def summary(runs: list[dict]) -> list[dict]:
             row[p] = 100 * mean([by_p[p][s]["held_out_accuracy"] for s in seeds])
             row[f"{p}_best_step"] = mean([by_p[p][s]["best_step"] for s in seeds])
         per_step = {p: [by_p[p][s]["train_seconds"] / max(1, by_p[p][s]["steps"]) for s in seeds] for p in PRECISIONS}
-        ratios = sorted(b / f for b, f in zip(per_step["bf16"], per_step["fp32"]))
-        row["step_time_ratio"] = ratios[len(ratios) // 2]
+        row["step_time_ratio"] = statistics.median(b / f for b, f in zip(per_step["bf16"], per_step["fp32"]))
         out.append(row)
     return sorted(out, key=lambda r: (r["method"], r["dataset"]))
 
@@ -57,10 +58,10 @@ def table(rows: list[dict]) -> str:
         )
     if rows:
         d = [r["bf16"] - r["fp32"] for r in rows]
-        t = sorted(r["step_time_ratio"] for r in rows)
+        t = statistics.median(r["step_time_ratio"] for r in rows)
         lines.append(
             f"\nbf16 - fp32: mean {mean(d):+.1f} points over {len(rows)} (dataset, method) rows (better on "
-            f"{sum(x > 0 for x in d)}, worse on {sum(x < 0 for x in d)}); time per step: median {t[len(t) // 2]:.2f}x"
+            f"{sum(x > 0 for x in d)}, worse on {sum(x < 0 for x in d)}); time per step: median {t:.2f}x"
         )
     return "\n".join(lines)
 

@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
-        help="training forwards' matrix products: fp32 (default) or bf16 under autocast (mixed precision, about "
-        "0.6x the step time on CPUs with AVX512-BF16 / AMX; the task is stored and served as with fp32)",
+        help="training forwards' matrix products: fp32 (default) or bf16 under autocast (mixed precision, 0.6-0.7x "
+        "the training time on CPUs with AVX512-BF16 / AMX; the task is stored and served as with fp32)",
     )
     p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
     p.add_argument(

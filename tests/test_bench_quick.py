@@ -24,6 +24,7 @@ import index_growth  # noqa: E402
 import label_words  # noqa: E402
 import lr_study  # noqa: E402
 import objective  # noqa: E402
+import precision  # noqa: E402
 import probe_gate  # noqa: E402
 import routing_threshold  # noqa: E402
 import transfer  # noqa: E402
@@ -564,3 +565,33 @@ def test_routing_threshold_sweep_trades_kept_queries_for_rejected_out_of_scope()
     assert high["in_task_rejected"] > low["in_task_rejected"] and high["hit@1"] < low["hit@1"]
     assert high["oos_rejected"] >= low["oos_rejected"] and high["oos_rejected"] > 0.9
     assert 0.03 < high["in_task_rejected"] < 0.2  # about the quantile, on queries like the keys
+
+
+def test_precision_summary_pairs_fp32_and_bf16_on_common_seeds():
+    def run(ds, prec, seed, acc, seconds, steps=10):
+        return {
+            "dataset": ds,
+            "method": "deep",
+            "precision": prec,
+            "seed": seed,
+            "labels": 4,
+            "held_out_accuracy": acc,
+            "best_step": 10,
+            "steps": steps,
+            "train_seconds": seconds,
+        }
+
+    runs = [
+        run("t", "fp32", 0, 0.5, 10.0),
+        run("t", "bf16", 0, 0.6, 6.0),
+        run("t", "fp32", 1, 0.7, 10.0, steps=20),  # per step: 0.5 s
+        run("t", "bf16", 1, 0.7, 4.0),  # per step: 0.4 s -> 0.8x
+        run("t", "bf16", 2, 0.0, 1.0),  # no fp32 run for seed 2: left out
+    ]
+    (row,) = precision.summary(runs)
+    assert row["seeds"] == [0, 1]
+    assert row["fp32"] == pytest.approx(60.0) and row["bf16"] == pytest.approx(65.0)
+    assert row["step_time_ratio"] == pytest.approx(0.7)  # the median of 0.6 and 0.8
+    text = precision.table([row])
+    assert "| t | 4 | deep | 0,1 | 60.0 | 65.0 | +5.0 | 0.70 |" in text
+    assert "mean +5.0 points over 1 (dataset, method) rows (better on 1, worse on 0)" in text
