@@ -671,7 +671,7 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         stream = load_stream(args.data, args.train_per_class, args.test_per_class, seed, names)
-        trained, evals, routed = {}, {}, {}  # per seed: trained tasks, oracle and routed evaluations by digest
+        trained, evals, routed_evals = {}, {}, {}  # per seed: trained tasks, oracle and routed evaluations by digest
         lists = [STREAMS[args.stream][o] for o in orders]
         ft_lists = lists if args.ft_orders == "all" else lists[:1]
         prefixes = {  # per seed and sequential system: states after order prefixes another order shares
@@ -684,7 +684,7 @@ def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
             run_ = {"seed": seed, "order": oname, "tasks": order}
             t0 = time.perf_counter()
             R, routed, bank = run_promptbank(
-                backbone, embedder, stream, order, args.steps, seed, trained, evals, routed
+                backbone, embedder, stream, order, args.steps, seed, trained, evals, routed_evals
             )
             single = [float(R[j, j]) for j in range(len(order))]  # each prompt is trained on its task alone
             run_["promptbank"] = {

@@ -137,7 +137,7 @@ def test_run_every_system_on_a_tiny_stream(cl4_dir, tmp_path, monkeypatch):
     forgetting.print_table(result)
 
 
-def test_resumed_prefixes_and_memoised_routing_equal_fresh_runs(cl4_dir, tmp_path):
+def test_resumed_prefixes_and_memoised_routing_equal_fresh_runs(cl4_dir, tmp_path, monkeypatch):
     """O2 run after O1 resumes the sequential baselines from O1's state after their shared prefix (dbpedia ->
     amazon) and reuses O1's routed evaluation of the same four tasks; O2 run alone trains and routes everything
     afresh. Every number must agree (full FT's dropout makes the random state part of what is resumed)."""
@@ -147,12 +147,15 @@ def test_resumed_prefixes_and_memoised_routing_equal_fresh_runs(cl4_dir, tmp_pat
 
     assert forgetting.shared_prefixes(list(forgetting.ORDERS.values())) == {("dbpedia",), ("dbpedia", "amazon")}
     opts = dict(systems="promptbank,shared,full_ft,lora", ft_orders="all")
+    calls, real = [], forgetting._routed_eval
+    monkeypatch.setattr(forgetting, "_routed_eval", lambda *a: calls.append(a[2]) or real(*a))
     both = forgetting.run(
         _args(cl4_dir, tmp_path / "a.json", orders="O1,O2", **opts), make_tiny_bert(), HashingEmbedder(64)
     )
     alone = forgetting.run(
         _args(cl4_dir, tmp_path / "b.json", orders="O2", **opts), make_tiny_bert(), HashingEmbedder(64)
     )
+    assert len(calls) == 2  # routed once per run of the same seed's tasks: O1 (O2 reuses it), then O2 alone
     resumed, fresh = both["runs"][1], alone["runs"][0]
     for key in ("sequential_shared_prompt", "sequential_full_ft", "sequential_lora"):
         assert np.array_equal(np.array(resumed[key]["R"], float), np.array(fresh[key]["R"], float), equal_nan=True), key
