@@ -124,9 +124,13 @@ def _logistic(embedder, train, held, seed: int) -> float:
     return float(np.mean([p == ex.target for p, ex in zip(pred, held.examples)]))
 
 
-def _setting(r: dict) -> tuple[int, float, float, float, bool]:
-    # rows written before the embedding probe existed were without one
-    return r["budget"], r.get("dev_fraction", 0.1), r.get("head_lr", 1e-2), r.get("lr") or 1e-2, r.get("probe", False)
+def _setting(r: dict) -> tuple[int, float, float, float, bool, str]:
+    # rows written before the embedding probe existed were without one; before --dtype / --precision, fp32
+    precision = "".join(f", {v}" for v in (r.get("dtype", "float32"), r.get("precision", "fp32")) if "32" not in v)
+    return (
+        r["budget"], r.get("dev_fraction", 0.1), r.get("head_lr", 1e-2), r.get("lr") or 1e-2, r.get("probe", False),
+        precision,
+    )  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
@@ -136,8 +140,8 @@ def table(rows: list[dict]) -> str:
     head = (
         "| task | logistic | "
         + " | ".join(
-            f"{b} steps, dev {d:g}, head lr {h:g}, lr {lr:g}{' + probe' if pr else ''} (kept step)"
-            for b, d, h, lr, pr in settings
+            f"{b} steps, dev {d:g}, head lr {h:g}, lr {lr:g}{' + probe' if pr else ''}{prec} (kept step)"
+            for b, d, h, lr, pr, prec in settings
         )
         + " |"
     )

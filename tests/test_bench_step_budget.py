@@ -30,7 +30,7 @@ def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - f
 
     args = argparse.Namespace(
         data=cl4_dir, tasks=["ag", "yahoo"], budgets=[1, 3], seed=0, train_per_class=3, heldout_per_class=2,
-        eval_every=1, dev_fraction=0.1, head_lr=1e-2, lr=None, no_probe=False,
+        eval_every=1, dev_fraction=0.1, head_lr=1e-2, lr=None, no_probe=False, dtype="float32", precision="fp32",
     )  # fmt: skip
     rows = step_budget.run(args, make_tiny_bert(), HashingEmbedder(64))["rows"]
     assert [(r["task"], r["budget"]) for r in rows] == [("ag", 1), ("ag", 3), ("yahoo", 1), ("yahoo", 3)]
