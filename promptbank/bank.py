@@ -552,7 +552,8 @@ class PromptBank:
         model, tok = self.backbone.model, self.backbone.tokenizer
         labels = train_data.labels
         index = {lab: i for i, lab in enumerate(labels)}
-        seqs = encode_texts(tok, [ex.input for ex in train_data.examples], tconf.max_input_tokens)
+        max_tokens = self._encoder_tokens(tconf.max_input_tokens, warn=True)
+        seqs = encode_texts(tok, [ex.input for ex in train_data.examples], max_tokens)
         device = model_device(model)
         ys = torch.tensor([index[ex.target] for ex in train_data.examples], device=device)
         head = Head(self.backbone.hidden_size, len(labels)).to(device)
@@ -571,7 +572,7 @@ class PromptBank:
 
         eval_loss, dev_metrics = None, None
         if dev_data:
-            dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], tconf.max_input_tokens)
+            dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], max_tokens)
             dev_ys = torch.tensor([index[ex.target] for ex in dev_data.examples], device=device)
 
             last_accuracy = [float("nan")]  # set by each dev evaluation, read by the history hook
@@ -642,7 +643,7 @@ class PromptBank:
 
         model, tok = self.backbone.model, self.backbone.tokenizer
         emb = self._probe_embeddings(texts, heads, embeddings)
-        seqs = encode_texts(tok, texts, max_tokens)
+        seqs = encode_texts(tok, texts, self._encoder_tokens(max_tokens))
         # Batches of similar length (little padding); each row's result does not depend on its batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list[torch.Tensor | None] = [None] * len(seqs)
@@ -1543,6 +1544,21 @@ class PromptBank:
             inputs = self._fit_inputs(texts[sl], templates[sl], kvs[sl], reserve, "the labels")
             out += causal.rank_labels(model, tok, kvs[sl], inputs, label_ids[sl])
         return out
+
+    def _encoder_tokens(self, max_tokens: int, *, warn: bool = False) -> int:
+        """``max_tokens`` capped at the encoder's position limit (its config's, and its tokenizer's
+        ``model_max_length`` when set), so that no row runs past the position table (an IndexError otherwise);
+        ``warn``: say so when the cap bites (training, where ``max_input_tokens`` was asked for)."""
+        caps = [_max_positions(self.backbone.model), getattr(self.backbone.tokenizer, "model_max_length", None)]
+        limit = min((c for c in caps if isinstance(c, int) and 0 < c < 1_000_000), default=max_tokens)
+        if warn and max_tokens > limit:
+            warnings.warn(
+                f"max_input_tokens={max_tokens} is more than the encoder's {limit} positions; inputs are cut to "
+                f"{limit} tokens",
+                UserWarning,
+                stacklevel=4,
+            )
+        return min(max_tokens, limit)
 
     def _fit_inputs(
         self,

@@ -83,3 +83,13 @@ def test_inputs_that_fit_raise_no_warning(gpt2_bank):
 def test_no_room_for_any_input_is_a_clear_error(gpt2_bank):
     with pytest.raises(ValueError, match=rf"backbone's {LIMIT} positions leave no room for an input"):
         gpt2_bank.generate(["hi"], task="g", max_new_tokens=LIMIT)
+
+
+def test_encoder_inputs_are_capped_at_its_positions(enc_bank):
+    """An encoder task asked for more input tokens than the encoder has positions (tiny BERT: 256) trains and
+    predicts on long inputs, cut to the position limit, with a warning at training (an IndexError before)."""
+    rows = [{"text": "long words here " * 40, "label": "ab"[i % 2]} for i in range(8)]
+    with pytest.warns(UserWarning, match="max_input_tokens=400 is more than the encoder's 256 positions"):
+        rec = enc_bank.learn_task("t", rows, max_input_tokens=400, num_virtual_tokens=4, **fast_options(max_steps=2))
+    pred = enc_bank.predict([LONG], task="t")[0]
+    assert pred.output in rec.labels
