@@ -68,9 +68,12 @@ class PTuningEncoder(SoftPromptModule):
 
     def forward(self) -> dict[int, torch.Tensor]:
         x = self.embedding
-        if self.lstm is not None:
-            x = self.lstm(x[None])[0][0]  # (1, P, d) -> (P, 2*(hidden//2))
-        return {0: self.base + self.mlp(x)}  # (P, d)
+        # The encoder is tiny and runs once per step: always in float32, also under bf16 mixed precision (oneDNN
+        # has no bf16 LSTM on CPUs without AVX512-BF16: "could not create a primitive descriptor").
+        with torch.autocast(x.device.type, enabled=False):
+            if self.lstm is not None:
+                x = self.lstm(x[None])[0][0]  # (1, P, d) -> (P, 2*(hidden//2))
+            return {0: self.base + self.mlp(x)}  # (P, d)
 
 
 class DeepPrompt(SoftPromptModule):

@@ -51,7 +51,8 @@ def test_label_ranking_cuts_only_what_does_not_fit(gpt2_bank, monkeypatch):
     calls = _spy(monkeypatch, "rank_labels")
     with pytest.warns(UserWarning, match=rf"cut 1 of 2 inputs to fit the backbone's {LIMIT} positions"):
         preds = gpt2_bank.predict([LONG, short], task="yn")
-    assert preds[1].label_scores == alone  # the input that fits is untouched
+    # the input that fits is untouched (equal up to float noise: batched with a padded row, sums run in another order)
+    assert preds[1].label_scores == pytest.approx(alone, abs=1e-4)
     (prompt_lens, inputs) = calls[0]
     reserve = max(len(causal.encode_target(tok, lab)) for lab in ("yes", "no"))
     full = causal.encode_input(tok, LONG, template)
