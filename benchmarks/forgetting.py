@@ -68,7 +68,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import default_data_dir, file_routing_keys_only, routing_discriminant, without_probes  # noqa: E402
+from bench_common import (  # noqa: E402
+    default_data_dir,
+    file_routing_keys_only,
+    require_native_bf16,
+    routing_discriminant,
+    without_probes,
+)
 
 from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 
@@ -619,6 +625,7 @@ def main(argv=None) -> dict:
         result = merge(args.merge, args.out)
         print_table(result)
         return result
+    require_native_bf16(args.precision)
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
     if unknown:
         sys.exit(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")

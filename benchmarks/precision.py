@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench_common import mean
+from bench_common import mean, require_native_bf16
 from objective import learn_and_score, run_record, run_study, seed_groups, study_parser
 
 PRECISIONS = ("fp32", "bf16")
@@ -70,6 +70,8 @@ def main() -> None:
     ap = study_parser(__doc__, "sst5,trec,ag_news", "prompt_tuning,deep")
     ap.add_argument("--backbone", default=None, help="default: SmolLM2-135M-Instruct; e.g. all-minilm-l6-v2")
     args = ap.parse_args()
+    if not args.merge:
+        require_native_bf16("bf16")
     run_study(args, "precision", list(PRECISIONS), run_one, "precision", summary, table)
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import RESULTS, default_data_dir, versions  # noqa: E402
+from bench_common import RESULTS, default_data_dir, require_native_bf16, versions  # noqa: E402
 
 CL4 = ["ag", "amazon", "dbpedia", "yahoo"]
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"config": [r["config"] for r in runs], "rows": [row for r in runs for row in r["rows"]]}
         out = args.out or RESULTS / "step_budget.json"
     else:
+        require_native_bf16(args.precision)
         if args.quick:
             args.tasks, args.train_per_class, args.heldout_per_class, args.budgets = "ag,amazon", 4, 4, "2,4"
             args.eval_every = 1

@@ -34,7 +34,7 @@ from .metrics import exact_match, f1_score, macro_f1
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
 from .tasks import TaskData, check_label_words, label_texts, load_task_data, split_dev, truncate_inputs
-from .train import TrainResult, dev_loss, train_loop, train_soft_prompt
+from .train import TrainResult, dev_loss, effective_precision, train_loop, train_soft_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class PromptBank:
         pconf = PromptConfig(
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
-        tconf = TrainConfig(**train_options)
+        tconf = self._train_config(train_options)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
         words = check_label_words(label_words, task_data.kind, task_data.labels)
 
@@ -332,6 +332,13 @@ class PromptBank:
             record.dev_accuracy,
         )
         return record
+
+    def _train_config(self, train_options: dict) -> TrainConfig:
+        """``TrainConfig(**train_options)`` with the precision training will really run in (bf16 falls back to fp32,
+        with a warning, on a CPU without native bf16), so the task's record says what happened."""
+        tconf = TrainConfig(**train_options)
+        precision = effective_precision(tconf.precision, model_device(self.backbone.model))
+        return tconf if precision == tconf.precision else replace(tconf, precision=precision)
 
     def _split_data(
         self, data: Any, dev: Any, kind: str | None, labels: Sequence[str] | None, tconf: TrainConfig
@@ -939,7 +946,7 @@ class PromptBank:
         pconf = PromptConfig(
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
-        tconf = TrainConfig(**train_options)
+        tconf = self._train_config(train_options)
         task_data, train_data, dev_data = self._split_data(data, dev, t.record.kind, t.record.labels, tconf)
         desc = f"learn {task}/{variant} ({pconf.method.value})"
         words = t.record.label_words
@@ -1088,7 +1095,7 @@ class PromptBank:
                 f"{folder}: PEFT prompt adapters are imported into causal-LM banks only; backbone "
                 f"{self.backbone.name!r} is an encoder"
             )
-        tconf = TrainConfig(**train_options)
+        tconf = self._train_config(train_options)
         embeddings, info = read_peft_adapter(folder, self.backbone)
         task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
         words = check_label_words(label_words, task_data.kind, task_data.labels)

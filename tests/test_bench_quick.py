@@ -595,3 +595,15 @@ def test_precision_summary_pairs_fp32_and_bf16_on_common_seeds():
     text = precision.table([row])
     assert "| t | 4 | deep | 0,1 | 60.0 | 65.0 | +5.0 | 0.70 |" in text
     assert "mean +5.0 points over 1 (dataset, method) rows (better on 1, worse on 0)" in text
+
+
+def test_bf16_benchmark_runs_refused_where_bf16_would_fall_back_to_fp32(monkeypatch):
+    from promptbank import train
+
+    monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="would measure fp32"):
+        bench_common.require_native_bf16("bf16")
+    bench_common.require_native_bf16("fp32")  # fp32 runs anywhere
+    monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: True)
+    bench_common.require_native_bf16("bf16")

@@ -139,7 +139,10 @@ def test_learn_prints_summary_and_creates_bank(workdir, model_opts, tmp_path, ca
     assert (bank / "promptbank.json").is_file()
 
 
-def test_learn_precision_bf16_is_recorded(workdir, model_opts, tmp_path, capsys):
+def test_learn_precision_bf16_is_recorded(workdir, model_opts, tmp_path, capsys, monkeypatch):
+    from promptbank import train
+
+    monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: True)  # the bf16 path on any CPU
     bank = tmp_path / "b16"
     argv = [*model_opts, "learn", "billing", str(workdir / "billing.jsonl"), "--bank", str(bank), *FAST]
     rc, out, err = run(capsys, *argv, "--precision", "bf16")
@@ -148,6 +151,12 @@ def test_learn_precision_bf16_is_recorded(workdir, model_opts, tmp_path, capsys)
     assert manifest["tasks"]["billing"]["train_config"]["precision"] == "bf16"
     rc, _, err = run(capsys, *argv, "--precision", "fp16")
     assert rc == 2 and "invalid choice: 'fp16'" in err
+    monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: False)  # emulated bf16: fp32, one warning line
+    argv[argv.index(str(bank))] = str(tmp_path / "b16_emulated")
+    rc, _, err = run(capsys, *argv, "--precision", "bf16")
+    assert rc == 0 and "promptbank: warning: precision='bf16': this CPU has no native bf16" in err
+    manifest = json.loads((tmp_path / "b16_emulated" / "promptbank.json").read_text())
+    assert manifest["tasks"]["billing"]["train_config"]["precision"] == "fp32"
 
 
 def test_library_warnings_print_as_one_line(workdir, model_opts, tmp_path, capsys):
