@@ -534,3 +534,15 @@ def test_bf16_backbone_trains_predicts_and_round_trips(tmp_path, hashing_embedde
     bank.save(tmp_path / "b")
     again = PromptBank.load(tmp_path / "b", backbone=backbone, embedder=hashing_embedder)
     assert [p.label_scores for p in again.predict(texts, task="w_deep")] == [p.label_scores for p in before]
+
+
+@pytest.mark.parametrize("routing", ["lda", "knn"])
+def test_one_example_task_learns_and_routes(tiny_backbone, hashing_embedder, routing):
+    """One training row and no dev data (the README's one-row example): nothing is held out to calibrate the
+    "no task" threshold on. It used to fail deep in the router ("in_task_scores is empty"); now it learns with a
+    warning and routes its own input to itself."""
+    bank = PromptBank(tiny_backbone, hashing_embedder, routing=routing)
+    with pytest.warns(UserWarning, match="one training example and no dev data"):
+        rec = bank.learn_task("faq", [{"input": "what are your hours", "target": "9 to 5"}], **fast_options())
+    assert rec.kind == "generation"
+    assert bank.route("what are your hours").task == "faq"

@@ -57,3 +57,58 @@ def test_files_the_docs_name_exist():
     assert named, "no file names found: the pattern is wrong"
     missing = sorted(n for n in named if not (ROOT / n).is_file())
     assert not missing, f"named in README.md / benchmarks/RESULTS.md but not in the repository: {missing}"
+
+
+def test_readme_python_api_block_runs(tiny_backbone, hashing_embedder, tmp_path, monkeypatch):
+    """The README's Python API block runs as written on the tiny model (3 training steps per call), with its files
+    made up: every call it shows exists and takes the arguments it shows."""
+    import json
+    import shutil
+    import warnings
+
+    from promptbank import PromptBank
+    from promptbank import bank as bank_module
+
+    block = re.search(r"## Python API\n+```python\n(.*?)```", README, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+
+    def write(name, rows):
+        Path(name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    tickets = [{"text": f"{w} problem number {i}", "label": w} for i in range(8) for w in ("billing", "shipping")]
+    write("tickets.jsonl", tickets)
+    write("tickets_test.jsonl", tickets[:6])
+    write("trec.jsonl", [{"text": f"who or where {i}?", "label": ["HUM", "LOC"][i % 2]} for i in range(8)])
+    write("ag_news.jsonl", [{"text": f"news {i}", "label": ["World", "Sports"][i % 2]} for i in range(8)])
+    write("faq_test.jsonl", [{"input": f"question {i}", "target": f"answer {i}"} for i in range(4)])
+    write("reviews.jsonl", [{"text": f"review {i}", "label": ["good", "bad"][i % 2]} for i in range(8)])
+
+    real_train_config = PromptBank._train_config
+    monkeypatch.setattr(
+        PromptBank,
+        "_train_config",
+        lambda self, opts: real_train_config(self, {**opts, "max_steps": 3, "batch_size": 4, "progress": False}),
+    )
+    monkeypatch.setattr(
+        PromptBank, "from_pretrained", classmethod(lambda cls, *a, **k: cls(tiny_backbone, hashing_embedder))
+    )
+    real_load = PromptBank.load.__func__
+    monkeypatch.setattr(
+        PromptBank,
+        "load",
+        classmethod(lambda cls, path, **k: real_load(cls, path, tiny_backbone, embedder=hashing_embedder)),
+    )
+    # a PEFT prompt-tuning adapter for import_peft: a saved bank's task folder is one
+    other = PromptBank(tiny_backbone, hashing_embedder)
+    other.learn_task("src", "reviews.jsonl", method="prompt_tuning")
+    other.save("src_bank")
+    shutil.copytree("src_bank/tasks/src", "peft_adapter_dir")
+    assert bank_module  # the module whose class is patched
+
+    scope = {"texts": ["my card was charged twice", "where is my parcel"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. bf16 falling back to fp32 on this CPU
+        exec(block, scope)  # noqa: S102 - our own README
+    bank = scope["bank"]
+    assert set(bank.tasks) == {"tickets", "qtype", "news", "reviews"}  # "faq" was removed
+    assert set(bank.variants("tickets")) == {"deep"}  # "main" removed after promoting "deep"
