@@ -112,3 +112,13 @@ def test_readme_python_api_block_runs(tiny_backbone, hashing_embedder, tmp_path,
     bank = scope["bank"]
     assert set(bank.tasks) == {"tickets", "qtype", "news", "reviews"}  # "faq" was removed
     assert set(bank.variants("tickets")) == {"deep"}  # "main" removed after promoting "deep"
+
+
+def test_every_config_field_is_documented_in_the_readme():
+    import dataclasses
+
+    from promptbank.config import PromptConfig, TrainConfig
+
+    fields = [f.name for c in (TrainConfig, PromptConfig) for f in dataclasses.fields(c)]
+    missing = [f for f in fields if not re.search(rf"(?<![\w]){f}(?![\w])", README)]
+    assert not missing, f"TrainConfig / PromptConfig fields the README does not name: {missing}"
