@@ -139,11 +139,17 @@ def versions() -> dict[str, str]:
 def require_native_bf16(precision: str) -> None:
     """Exit when a bf16 run was asked for on a CPU-only machine without native bf16: training falls back to fp32
     there (``promptbank.train.effective_precision``), so the run would measure fp32 under a bf16 label."""
+    import warnings
+
     import torch
 
-    from promptbank.train import _cpu_has_native_bf16
+    from promptbank.train import effective_precision
 
-    if precision == "bf16" and not torch.cuda.is_available() and not _cpu_has_native_bf16():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the library's fallback warning: this exit says it instead
+        fallback = effective_precision(precision, device) != precision
+    if fallback:
         raise SystemExit(
             "this CPU has no native bf16 (AVX512-BF16 / AMX), where promptbank trains bf16 requests in fp32: "
             "a bf16 run here would measure fp32"

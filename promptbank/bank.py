@@ -530,15 +530,16 @@ class PromptBank:
                 dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
             held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
         scores = np.concatenate(held_out)
-        if scores.size == 0:  # one training example and no dev data: nothing held out to calibrate on
+        if scores.size:
+            threshold = calibrate_threshold(scores, tconf.threshold_quantile)
+        else:  # one training example and no dev data: nothing held out to calibrate on
             warnings.warn(
                 "one training example and no dev data: the cosine router's 'no task' threshold cannot be "
                 "calibrated and is 0 (any query with a positive score may be routed to this task)",
                 UserWarning,
                 stacklevel=3,
             )
-            return keys, groups.astype(np.int64), 0.0
-        threshold = calibrate_threshold(scores, tconf.threshold_quantile)
+            threshold = 0.0
         return keys, groups.astype(np.int64), threshold
 
     @property

@@ -11,6 +11,7 @@ data-parallel, with no change to the caller's code: see :class:`_DataParallel`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -352,8 +353,9 @@ def _in_precision(batch_loss: Callable[[list[int]], torch.Tensor], precision: st
     return in_bf16
 
 
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
-    """Whether the CPU advertises AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo; elsewhere assumed so)."""
+    """Whether the CPU advertises AVX512-BF16 or AMX-BF16 (Linux /proc/cpuinfo, read once; elsewhere assumed so)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = f.read()
