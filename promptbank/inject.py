@@ -106,7 +106,9 @@ class _OverwriteHidden:
         self.value = value
         self.thread = threading.get_ident()
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, module, args, kwargs=None):
+        # kwargs=None: torch registers a with_kwargs hook in two steps (and removes it in two), so a forward in
+        # another thread can call it in between without kwargs; such calls are not ours and change nothing.
         if threading.get_ident() != self.thread:
             return None
         if args:

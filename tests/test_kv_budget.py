@@ -184,3 +184,41 @@ def test_one_call_computes_each_tasks_prefix_once_even_past_the_budget(bank, mon
     computed.clear()
     gen = bank.generate(texts[:4], ["echo", "weather", "echo", "fruit"], max_new_tokens=3, batch_size=1)
     assert gen == want_gen and len(computed) == 3
+
+
+@pytest.mark.parametrize("kind", ["causal", "encoder"])
+def test_a_hook_half_registered_by_another_thread_is_ignored(bank, enc_bank, kind):
+    """torch registers a ``with_kwargs`` pre-hook in two steps (the hook, then its with-kwargs flag) and removes it in
+    two; a forward in another thread in between calls the hook *without* kwargs. That once failed CI with "missing 1
+    required positional argument: 'kwargs'" in the concurrent-readers test above. Here the window is held open:
+    another thread makes the hook and files only its first half; this thread's forward must run unchanged."""
+    from promptbank.encoder import _RowOverwrite, encoder_layers
+    from promptbank.inject import _OverwriteHidden, decoder_layers
+
+    b = bank if kind == "causal" else enc_bank
+    if kind == "encoder":
+        b.learn_task("weather", WEATHER, method="deep", num_virtual_tokens=3, **fast_options(max_steps=2))
+    name = "weather"
+    want = [(p.output, p.label_scores) for p in b.predict(TEXTS[:2], [name, name])]
+    model = b.backbone.model
+    layer = (decoder_layers(model) if kind == "causal" else encoder_layers(model))[1]
+    made = []
+
+    def make() -> None:  # owned by another thread, as when that thread is mid-registration
+        d = model.config.hidden_size
+        hook = (
+            _OverwriteHidden(torch.ones(1, 2, d))
+            if kind == "causal"
+            else _RowOverwrite(torch.ones(1, 2, d), torch.tensor([True]))
+        )
+        made.append(hook)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    layer._forward_pre_hooks[-1] = made[0]  # the first half of register_forward_pre_hook(..., with_kwargs=True)
+    try:
+        got = [(p.output, p.label_scores) for p in b.predict(TEXTS[:2], [name, name])]
+    finally:
+        del layer._forward_pre_hooks[-1]
+    assert got == want
