@@ -306,7 +306,7 @@ class PromptBank:
         words = check_label_words(label_words, task_data.kind, task_data.labels)
 
         # routing keys, threshold, warm start and the embedding probe (its fit, its dev accuracy): each input once
-        train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+        train_emb = self._embed_training_inputs(train_data, tconf)
         dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples]) if dev_data else None
         keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf, train_emb=train_emb, dev_emb=dev_emb)
 
@@ -382,9 +382,9 @@ class PromptBank:
 
         A new prompt starts from the text / vocabulary initialisation or a warm start (from stored tasks other
         than ``warm_exclude``); with ``resume_from`` it starts from that variant's stored ``train_state`` (prompt
-        module, P-Tuning encoder and head included). ``train_emb`` / ``dev_emb``: the training / dev inputs' routing
-        embeddings, if the caller has them (else computed here when the warm start or the embedding probe needs
-        them). ``label_words``: the task's checked
+        module, P-Tuning encoder and head included). ``train_emb`` / ``dev_emb``: the routing embeddings of
+        :meth:`_embedded_part` of the training data / of the dev inputs, if the caller has them (else computed here
+        when the warm start or the embedding probe needs them). ``label_words``: the task's checked
         verbalizer (:func:`check_label_words`).
         """
         model, tok = self.backbone.model, self.backbone.tokenizer
@@ -417,7 +417,7 @@ class PromptBank:
             init = token_init(model, init_ids, layer_set, causal=not self.is_encoder)
             if tconf.warm_start:
                 if train_emb is None:
-                    train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+                    train_emb = self._embed_training_inputs(train_data, tconf)
                 mixed, warm_from = self._warm_start(
                     train_emb, init, tconf.warm_start_k, tconf.warm_start_min_similarity, exclude=warm_exclude
                 )
@@ -493,6 +493,26 @@ class PromptBank:
                 )
         return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
+    @staticmethod
+    def _embedded_part(train_data: TaskData, tconf: TrainConfig) -> TaskData:
+        """The training rows that go through the routing embedder: all of them, or at most ``max_embedded``
+        (label-stratified for classification, each label keeping its share and at least one row; seeded by
+        ``tconf.seed``), in their original order."""
+        n = len(train_data)
+        if n <= tconf.max_embedded:
+            return train_data
+        if train_data.kind == "classification" and train_data.labels:
+            index = {lab: i for i, lab in enumerate(train_data.labels)}
+            groups = np.array([index[ex.target] for ex in train_data.examples], dtype=np.int64)
+        else:
+            groups = np.zeros(n, dtype=np.int64)
+        keep = _stratified_subset(groups, tconf.max_embedded, tconf.seed)
+        return replace(train_data, examples=[train_data.examples[i] for i in keep])
+
+    def _embed_training_inputs(self, train_data: TaskData, tconf: TrainConfig) -> np.ndarray:
+        """Routing embeddings of :meth:`_embedded_part` of the training data."""
+        return self.embedder.encode([ex.input for ex in self._embedded_part(train_data, tconf).examples])
+
     def _routing_keys(
         self,
         train_data: TaskData,
@@ -504,17 +524,20 @@ class PromptBank:
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """Routing keys, their groups and the cosine ("knn" scorer) threshold for a task with these examples.
 
-        Keys: the embeddings of (at most ``max_keys``, label-stratified) training inputs. Groups: the label of each
-        key for classification, else its k-means cluster (``n_prototypes`` clusters); the learned router
-        (:mod:`promptbank.lda`) fits one Gaussian per group. The threshold accepts all but ``threshold_quantile``
-        of held-out in-task queries (dev inputs, plus leave-one-out train inputs) under the cosine scorer.
-        ``train_emb`` / ``dev_emb``: the training / dev inputs' embeddings when the caller has them.
+        Keys: the embeddings of (at most ``max_keys``, label-stratified) training inputs, drawn from the
+        :meth:`_embedded_part`. Groups: the label of each key for classification, else its k-means cluster
+        (``n_prototypes`` clusters); the learned router (:mod:`promptbank.lda`) fits one Gaussian per group. The
+        threshold accepts all but ``threshold_quantile`` of held-out in-task queries under the cosine scorer, each
+        scored against the keys as a query would be: dev inputs, embedded training inputs that are not keys, and
+        each key against the other keys. ``train_emb`` / ``dev_emb``: the embeddings of the embedded part / of the
+        dev inputs when the caller has them.
         """
-        inputs = [ex.input for ex in train_data.examples]
         if train_emb is None:
-            train_emb = self.embedder.encode(inputs)
-        elif len(train_emb) != len(inputs):
-            raise ValueError(f"{len(train_emb)} embeddings for {len(inputs)} training inputs")
+            train_emb = self._embed_training_inputs(train_data, tconf)
+        train_data = self._embedded_part(train_data, tconf)
+        inputs = [ex.input for ex in train_data.examples]
+        if len(train_emb) != len(inputs):
+            raise ValueError(f"{len(train_emb)} embeddings for {len(inputs)} embedded training inputs")
         if train_data.kind == "classification" and train_data.labels:
             index = {lab: i for i, lab in enumerate(train_data.labels)}
             groups = np.array([index[ex.target] for ex in train_data.examples], dtype=np.int64)
@@ -524,7 +547,10 @@ class PromptBank:
         keep = _stratified_subset(groups, tconf.max_keys, tconf.seed)
         keys = np.ascontiguousarray(train_emb[keep])
         _, groups = np.unique(groups[keep], return_inverse=True)  # dense group ids 0..G-1
-        held_out = [_loo_scores(train_emb, self.router.top_keys)]
+        held_out = [_loo_scores(keys, self.router.top_keys)]
+        rest = np.setdiff1d(np.arange(len(train_emb)), keep)  # embedded, not a key: held out already
+        if len(rest):
+            held_out.append(_top_mean(train_emb[rest] @ keys.T, self.router.top_keys))
         if dev_data:
             if dev_emb is None:
                 dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
@@ -635,12 +661,15 @@ class PromptBank:
         return result, head.tensors()
 
     def _fit_probe(self, train_data: TaskData, tconf: TrainConfig, train_emb: np.ndarray | None) -> dict:
-        """The embedding probe of a new head (:func:`promptbank.encoder.fit_probe` on the training inputs'
-        routing embeddings)."""
+        """The embedding probe of a new head (:func:`promptbank.encoder.fit_probe` on the routing embeddings of the
+        :meth:`_embedded_part` of the training inputs, ``train_emb`` when the caller has them)."""
         from .encoder import fit_probe
 
-        if train_emb is None or len(train_emb) != len(train_data):
-            train_emb = self.embedder.encode([ex.input for ex in train_data.examples])
+        if train_emb is None:
+            train_emb = self._embed_training_inputs(train_data, tconf)
+        train_data = self._embedded_part(train_data, tconf)
+        if len(train_emb) != len(train_data):
+            raise ValueError(f"{len(train_emb)} embeddings for {len(train_data)} embedded training inputs")
         index = {lab: i for i, lab in enumerate(train_data.labels)}
         ys = [index[ex.target] for ex in train_data.examples]
         return fit_probe(np.asarray(train_emb), ys, len(train_data.labels), float(tconf.probe_c))
@@ -1266,6 +1295,8 @@ class PromptBank:
         ``ranked`` holds ``(task, score)`` pairs best first. With the learned router the scores are the per-label
         ones the thresholds apply to, and the ranking is by whichever discriminant that router chose (see
         :mod:`promptbank.lda`), so the scores need not decrease along ``ranked``."""
+        if not isinstance(text, str):
+            raise TypeError(f"route() takes one text, got {type(text).__name__}; route_many(texts) routes several")
         return self.route_many([text], top_k=top_k)[0]
 
     def route_many(self, texts: Sequence[str], *, top_k: int = 3) -> list[Routing]:

@@ -146,7 +146,11 @@ class TrainConfig:
     training suffers: on a 2-label toy task whose labels differ by one token, the dev loss rose instead of falling.
     Routing: the task's keys are the routing embeddings of at most ``max_keys`` training inputs (label-stratified),
     grouped by label (classification) or into ``n_prototypes`` k-means clusters (generation); the "no task"
-    threshold rejects ``threshold_quantile`` of held-out in-task queries.
+    threshold rejects ``threshold_quantile`` of held-out in-task queries. ``max_embedded``: at most this many
+    training inputs (label-stratified, seeded) go through the routing embedder: the keys are drawn from them, and
+    the cosine threshold's held-out scores, warm start's routing shares and the embedding probe use them (every row
+    is still trained on). It bounds the time and memory of a large dataset's embedding pass; a dataset with at
+    most that many training rows is embedded whole.
     ``select_on``: which dev number picks the state that is kept. ``"loss"``: the lowest dev loss.
     ``"accuracy"``: the highest dev accuracy, ties broken by the lower dev loss (classification on an encoder
     backbone, where the dev forward gives both at once). ``"auto"`` (default): accuracy where it is measured,
@@ -209,6 +213,7 @@ class TrainConfig:
     keep_train_state: bool = True
     n_prototypes: int = 16
     max_keys: int = 256
+    max_embedded: int = 4096
     threshold_quantile: float = 0.05
     select_on: str = "auto"
     objective: str = "lm"
@@ -240,6 +245,7 @@ class TrainConfig:
             "warm_start_head_min_similarity": 0 <= self.warm_start_head_min_similarity <= 1,
             "n_prototypes": self.n_prototypes >= 1,
             "max_keys": self.max_keys >= 1,
+            "max_embedded": self.max_embedded >= 1,
             "threshold_quantile": 0 <= self.threshold_quantile < 1,
             "select_on": self.select_on in ("auto", "loss", "accuracy"),
             "objective": self.objective in OBJECTIVES,

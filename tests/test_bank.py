@@ -4,6 +4,7 @@ cached == uncached, save/load round trips, PEFT compatibility, clean failure."""
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,55 @@ def test_learn_task_embeds_each_training_input_once(tiny_bank):
     )
     assert rec.warm_start_from  # the warm start ran
     assert sum(len(c) for c in calls) == len(FRUIT) + 4, calls  # the training inputs once, the dev inputs once
+
+
+def _many_rows(n: int, seed: int = 0) -> list[dict]:
+    """``n`` classification rows of random word sequences (labels alternate): many distinct inputs, one topic."""
+    rng = random.Random(seed)
+    words = ["sunny", "rainy", "lemon", "cherry", "weather", "eat", "today", "awful", "warm", "cold"]
+    return [{"text": " ".join(rng.choice(words) for _ in range(6)), "label": "ab"[i % 2]} for i in range(n)]
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_large_dataset_embeds_at_most_max_embedded_training_inputs(tiny_bank, probe):
+    """The routing embedder sees at most ``max_embedded`` training inputs (label-stratified), however large the
+    data: a 100,000-row dataset used to be embedded whole, and its leave-one-out threshold scores built an n x n
+    matrix (20,000 rows: 3.5 GB peak). Keys, the warm start and the probe come from those rows; every row is
+    still trained on."""
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    data = _many_rows(120)
+    calls: list[list[str]] = []
+    encode = tiny_bank.embedder.encode
+
+    def counting(texts, **kw):
+        calls.append(list(texts))
+        return encode(texts, **kw)
+
+    tiny_bank.embedder.encode = counting
+    opts = fast_options(max_embedded=20, max_keys=8, warm_start_min_similarity=0, probe=probe)
+    rec = tiny_bank.learn_task("many", data, dev=data[:4], num_virtual_tokens=4, **opts)
+    train_calls = [c for c in calls if c != [r["text"] for r in data[:4]]]
+    assert sum(len(c) for c in train_calls) == 20, [len(c) for c in calls]  # training inputs, once: 20 of 120
+    embedded = set(train_calls[0])
+    assert {r["label"] for r in data if r["text"] in embedded} == {"a", "b"}  # both labels kept
+    task = tiny_bank._tasks["many"]
+    assert len(task.keys) == 8 and rec.train_config["max_embedded"] == 20
+    assert rec.num_train == 120  # ... and all rows were trained on
+    assert ("probe_weight" in (task.head or {})) == probe
+    assert tiny_bank.predict([data[5]["text"]], "many")[0].output in {"a", "b"}
+
+
+def test_cosine_threshold_rejects_its_quantile_of_fresh_in_task_queries(tiny_backbone, hashing_embedder):
+    """With more training inputs than keys, the cosine ("knn") threshold is calibrated on held-out inputs scored
+    against the task's keys, as a query is at inference. It used to score every input against all other inputs
+    (denser neighbours than the 256 keys a query meets), which made it reject 56 % of fresh in-task queries here
+    instead of ``threshold_quantile`` (5 %)."""
+    bank = PromptBank(tiny_backbone, hashing_embedder, routing="knn")
+    bank.learn_task("many", _many_rows(1000), num_virtual_tokens=2, **fast_options(max_steps=1))
+    fresh = [r["text"] for r in _many_rows(1000, seed=1)]
+    routed = bank.route_many(fresh)
+    rejected = sum(r.task is None for r in routed) / len(routed)
+    assert 0.02 <= rejected <= 0.10, rejected
 
 
 def test_task_similarities_is_the_routing_share(tiny_bank):
@@ -546,3 +596,12 @@ def test_one_example_task_learns_and_routes(tiny_backbone, hashing_embedder, rou
         rec = bank.learn_task("faq", [{"input": "what are your hours", "target": "9 to 5"}], **fast_options())
     assert rec.kind == "generation"
     assert bank.route("what are your hours").task == "faq"
+
+
+def test_route_of_a_list_says_to_use_route_many(tiny_bank):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    with pytest.raises(TypeError, match=r"route\(\) takes one text, got list; route_many"):
+        tiny_bank.route(["the weather is sunny", "rain"])
+    assert [r.task for r in tiny_bank.route_many(["the weather is sunny"])] == [
+        tiny_bank.route("the weather is sunny").task
+    ]
