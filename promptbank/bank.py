@@ -46,6 +46,8 @@ KV_CACHE_SIZE = 256
 KV_CACHE_FRACTION = 0.05
 # Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
 DEFAULT_VARIANT = "main"
+# learn_task embeds a large training set this many inputs at a time, with a progress bar
+EMBED_CHUNK = 1024
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -510,8 +512,27 @@ class PromptBank:
         return replace(train_data, examples=[train_data.examples[i] for i in keep])
 
     def _embed_training_inputs(self, train_data: TaskData, tconf: TrainConfig) -> np.ndarray:
-        """Routing embeddings of :meth:`_embedded_part` of the training data."""
-        return self.embedder.encode([ex.input for ex in self._embedded_part(train_data, tconf).examples])
+        """Routing embeddings of :meth:`_embedded_part` of the training data (with a progress bar, when
+        ``tconf.progress``, once there are more than :data:`EMBED_CHUNK` of them)."""
+        texts = [ex.input for ex in self._embedded_part(train_data, tconf).examples]
+        if len(texts) <= EMBED_CHUNK:
+            return self.embedder.encode(texts)
+        chunks = range(0, len(texts), EMBED_CHUNK)
+        bar = None
+        if tconf.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="embed training inputs", unit="input", leave=False)
+        out = []
+        try:
+            for i in chunks:
+                out.append(self.embedder.encode(texts[i : i + EMBED_CHUNK]))
+                if bar is not None:
+                    bar.update(len(out[-1]))
+        finally:
+            if bar is not None:
+                bar.close()
+        return np.concatenate(out)
 
     def _routing_keys(
         self,

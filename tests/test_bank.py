@@ -3,6 +3,7 @@ cached == uncached, save/load round trips, PEFT compatibility, clean failure."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 from pathlib import Path
@@ -605,3 +606,18 @@ def test_route_of_a_list_says_to_use_route_many(tiny_bank):
     assert [r.task for r in tiny_bank.route_many(["the weather is sunny"])] == [
         tiny_bank.route("the weather is sunny").task
     ]
+
+
+def test_training_inputs_embedded_in_chunks_give_the_same_task(tiny_backbone, hashing_embedder, monkeypatch):
+    """A large training set is embedded in chunks (with a progress bar): the keys and threshold are those of one
+    call."""
+    import promptbank.bank as bank_module
+
+    data = _many_rows(40)
+    whole = PromptBank(copy.deepcopy(tiny_backbone), hashing_embedder)
+    whole.learn_task("t", data, num_virtual_tokens=2, **fast_options(max_steps=1))
+    monkeypatch.setattr(bank_module, "EMBED_CHUNK", 7)
+    chunked = PromptBank(copy.deepcopy(tiny_backbone), hashing_embedder)
+    chunked.learn_task("t", data, num_virtual_tokens=2, **fast_options(max_steps=1, progress=True))
+    np.testing.assert_array_equal(chunked._tasks["t"].keys, whole._tasks["t"].keys)
+    assert chunked._tasks["t"].record.threshold == whole._tasks["t"].record.threshold
