@@ -48,6 +48,8 @@ KV_CACHE_FRACTION = 0.05
 DEFAULT_VARIANT = "main"
 # learn_task embeds a large training set this many inputs at a time, with a progress bar
 EMBED_CHUNK = 1024
+# evaluate(progress=True) predicts this many batches of rows per call, then moves its progress bar
+EVAL_CHUNK = 16
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -1513,7 +1515,13 @@ class PromptBank:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
-        self, data: Any, task: str | None = None, *, batch_size: int = 16, max_new_tokens: int | None = None
+        self,
+        data: Any,
+        task: str | None = None,
+        *,
+        batch_size: int = 16,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
     ) -> dict[str, float]:
         """Score :meth:`predict` on labelled data.
 
@@ -1528,7 +1536,8 @@ class PromptBank:
         ``max_target_tokens`` (its training targets' token cap; routed rows: the largest of their tasks').
 
         With ``task`` given this is the task's own score (no routing); with ``task=None`` every row is routed
-        first, so routing errors count as wrong answers (a row routed to no task scores 0).
+        first, so routing errors count as wrong answers (a row routed to no task scores 0). ``progress``: a progress
+        bar over the rows (they are then predicted :data:`EVAL_CHUNK` batches at a time).
         """
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -1537,16 +1546,22 @@ class PromptBank:
         if kind is not None and td.kind != kind:
             raise ValueError(f"{td.source}: task {task!r} is a {kind} task; this is {td.kind} data")
         if td.kind == "classification":
-            preds = [p.output for p in self.predict([ex.input for ex in td.examples], task, batch_size=batch_size)]
+            texts = [ex.input for ex in td.examples]
+            preds = [
+                p.output
+                for p in _in_chunks(
+                    texts, lambda chunk: self.predict(chunk, task, batch_size=batch_size), batch_size, progress
+                )
+            ]
             golds = [ex.target for ex in td.examples]
             correct = sum(p == g for p, g in zip(preds, golds))
             occur = set(golds)
             present = [lab for lab in td.labels if lab in occur]  # the data's labels that occur in it
             return {"accuracy": correct / len(td), "macro_f1": macro_f1(preds, golds, present), "n": len(td)}
-        return self._evaluate_generation(td, task, batch_size, max_new_tokens)
+        return self._evaluate_generation(td, task, batch_size, max_new_tokens, progress)
 
     def _evaluate_generation(
-        self, td: TaskData, task: str | None, batch_size: int, max_new_tokens: int | None
+        self, td: TaskData, task: str | None, batch_size: int, max_new_tokens: int | None, progress: bool = False
     ) -> dict[str, float]:
         if self.is_encoder:
             raise ValueError(f"encoder backbone {self.backbone.name!r} classifies; it cannot be scored on generation")
@@ -1555,7 +1570,19 @@ class PromptBank:
         table = self._tasks  # one snapshot: prompts, templates and caps belong together
         if max_new_tokens is None:
             max_new_tokens = max((_max_target_tokens(table[n].record) for n in set(names) if n), default=64)
-        outputs = self._generate(texts, names, table, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        rows = list(zip(texts, names))
+        outputs = _in_chunks(
+            rows,
+            lambda chunk: self._generate(
+                [t for t, _ in chunk],
+                [n for _, n in chunk],
+                table,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            ),
+            batch_size,
+            progress,
+        )
         kinds = [None if n is None else table[n].record.kind for n in names]
         # a row routed to no task, or to a classification task, gets no generated answer
         answers = [out if kind == "generation" else "" for out, kind in zip(outputs, kinds)]
@@ -1800,6 +1827,23 @@ def _variant_of(task: _Task, variant: str | None) -> _Variant:
         raise VariantNotFoundError(
             f"task {task.record.name!r} has no prompt variant {variant!r} (variants: {known})"
         ) from None
+
+
+def _in_chunks(rows: list, fn, batch_size: int, progress: bool, desc: str = "evaluate") -> list:
+    """``fn(rows)``, or with ``progress`` ``fn`` over consecutive chunks of :data:`EVAL_CHUNK` batches (whole
+    batches, so each chunk is batched as the whole call would be) with a progress bar over the rows."""
+    size = EVAL_CHUNK * batch_size
+    if not progress or len(rows) <= size:
+        return fn(rows)
+    from tqdm.auto import tqdm
+
+    out: list = []
+    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
+        for i in range(0, len(rows), size):
+            chunk = rows[i : i + size]
+            out += fn(chunk)
+            bar.update(len(chunk))
+    return out
 
 
 def _stratified_subset(groups: np.ndarray, limit: int, seed: int) -> np.ndarray:

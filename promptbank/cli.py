@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation: longest answer generated (default: the task's max_target_tokens)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = command("compare", "evaluate every prompt variant of a task on the same labelled data (no routing)")
@@ -721,10 +722,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     bank = _open_bank(args)
     data = _data(args, args.data)
-    scores = bank.evaluate(data, task=args.name, max_new_tokens=args.max_new_tokens)
+    progress = not args.quiet
+    scores = bank.evaluate(data, task=args.name, max_new_tokens=args.max_new_tokens, progress=progress)
     result: dict[str, Any] = {"task": args.name, **scores, "n": int(scores["n"])}
     if args.routed:
-        routed = bank.evaluate(data, task=None, max_new_tokens=args.max_new_tokens)
+        routed = bank.evaluate(data, task=None, max_new_tokens=args.max_new_tokens, progress=progress)
         result["routed"] = {**routed, "n": int(routed["n"])}
     if args.json:
         _print_json(result)

@@ -84,3 +84,23 @@ def test_macro_f1_matches_scikit_learn_with_missing_and_foreign_predictions():
     assert macro_f1(["a", "a"], ["a", "a"], ["a", "b"]) == pytest.approx(0.5)  # b: never predicted nor gold
     with pytest.raises(ValueError, match="2 predictions for 1"):
         macro_f1(["a", "b"], ["a"], ["a"])
+
+
+@pytest.mark.parametrize("task", ["qa", "weather", None])
+def test_progress_bar_evaluates_in_chunks_with_the_same_scores(qa_bank, monkeypatch, capsys, task):
+    """progress=True predicts a few whole batches at a time under a progress bar: the same scores as one call."""
+    import promptbank.bank as bank_module
+
+    data = QA if task == "qa" else LABELLED
+    want = qa_bank.evaluate(data, task=task, batch_size=2)
+    monkeypatch.setattr(bank_module, "EVAL_CHUNK", 2)  # 4 rows per chunk: 3 chunks of 12 rows
+    calls = []
+    predict, generate = qa_bank.predict, qa_bank._generate
+    monkeypatch.setattr(qa_bank, "predict", lambda texts, *a, **k: calls.append(len(texts)) or predict(texts, *a, **k))
+    monkeypatch.setattr(
+        qa_bank, "_generate", lambda texts, *a, **k: calls.append(len(texts)) or generate(texts, *a, **k)
+    )
+    got = qa_bank.evaluate(data, task=task, batch_size=2, progress=True)
+    assert got == pytest.approx(want)
+    assert calls == [4, 4, 4]
+    assert "evaluate" in capsys.readouterr().err  # tqdm writes to stderr
