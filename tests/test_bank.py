@@ -95,17 +95,23 @@ def test_warm_start_off_records_nothing(tiny_bank):
     assert rec3.warm_start_from[0]["similarity"] >= 0.9 and rec3.warm_start_from[0]["weight"] == 1.0
 
 
-def test_learn_task_embeds_each_training_input_once(tiny_bank):
-    """The routing keys and the warm start use the same embeddings of the training inputs."""
-    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+def _record_encodes(bank) -> list[list[str]]:
+    """From now on, every list of texts ``bank``'s embedder encodes is appended to the returned list."""
     calls: list[list[str]] = []
-    encode = tiny_bank.embedder.encode
+    encode = bank.embedder.encode
 
     def counting(texts, **kw):
         calls.append(list(texts))
         return encode(texts, **kw)
 
-    tiny_bank.embedder.encode = counting
+    bank.embedder.encode = counting
+    return calls
+
+
+def test_learn_task_embeds_each_training_input_once(tiny_bank):
+    """The routing keys and the warm start use the same embeddings of the training inputs."""
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    calls = _record_encodes(tiny_bank)
     rec = tiny_bank.learn_task(
         "fruit", FRUIT, num_virtual_tokens=4, dev=FRUIT[:4], **fast_options(warm_start_min_similarity=0)
     )
@@ -128,14 +134,7 @@ def test_a_large_dataset_embeds_at_most_max_embedded_training_inputs(tiny_bank, 
     still trained on."""
     tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
     data = _many_rows(120)
-    calls: list[list[str]] = []
-    encode = tiny_bank.embedder.encode
-
-    def counting(texts, **kw):
-        calls.append(list(texts))
-        return encode(texts, **kw)
-
-    tiny_bank.embedder.encode = counting
+    calls = _record_encodes(tiny_bank)
     opts = fast_options(max_embedded=20, max_keys=8, warm_start_min_similarity=0, probe=probe)
     rec = tiny_bank.learn_task("many", data, dev=data[:4], num_virtual_tokens=4, **opts)
     train_calls = [c for c in calls if c != [r["text"] for r in data[:4]]]
