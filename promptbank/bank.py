@@ -1370,13 +1370,32 @@ class PromptBank:
         return names, [None] * len(texts), None
 
     def predict(
-        self, texts: str | Sequence[str], task: str | Sequence[str | None] | None = None, *, batch_size: int = 16
+        self,
+        texts: str | Sequence[str],
+        task: str | Sequence[str | None] | None = None,
+        *,
+        batch_size: int = 16,
+        progress: bool = False,
     ) -> list[Prediction]:
         """Predict for each text. ``task=None`` routes each text; a name applies that task to all; a list
         gives one task (or ``None``) per text. Classification ranks the task's labels by likelihood; a
         generation task generates greedily, up to its ``max_target_tokens`` (its training targets' token cap;
-        rows of several generation tasks: the largest). Texts with no task get ``output=None``."""
+        rows of several generation tasks: the largest). Texts with no task get ``output=None``. ``progress``: a
+        progress bar over the texts (predicted :data:`EVAL_CHUNK` batches at a time)."""
         texts = _as_texts(texts)
+        if progress and len(texts) > EVAL_CHUNK * batch_size:
+            per_row = task is not None and not isinstance(task, str)
+            if per_row and len(task) != len(texts):
+                raise ValueError(f"got {len(task)} task names for {len(texts)} texts")
+            return _in_chunks(
+                list(range(len(texts))),
+                lambda rows: self.predict(
+                    [texts[i] for i in rows], [task[i] for i in rows] if per_row else task, batch_size=batch_size
+                ),
+                batch_size,
+                True,
+                "predict",
+            )
         names, scores, emb = self._resolve_tasks(texts, task)
         table = self._tasks  # one snapshot for the call: each task's template, labels and prompt belong together
         preds: list[Prediction | None] = [None] * len(texts)

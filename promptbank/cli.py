@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", metavar="NAME", help="apply this task to every text instead of routing")
     _add_columns_option(p, texts_file=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown past 256 texts)")
     p.set_defaults(func=cmd_predict)
 
     p = command("generate", "generate a continuation for each text behind its task's soft prompt")
@@ -649,7 +650,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
     bank = _open_bank(args)
-    preds = bank.predict(texts, task=args.task)
+    preds = bank.predict(texts, task=args.task, progress=not args.quiet)
     if args.json:
         _print_json(
             [

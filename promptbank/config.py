@@ -149,7 +149,7 @@ class TrainConfig:
     threshold rejects ``threshold_quantile`` of held-out in-task queries. ``max_embedded``: at most this many
     training inputs (label-stratified, seeded) go through the routing embedder: the keys are drawn from them, and
     the cosine threshold's held-out scores, warm start's routing shares and the embedding probe use them (every row
-    is still trained on). A time budget for a large dataset's embedding pass; a dataset with at most that many
+    stays in the training pool). A time budget for a large dataset's embedding pass; a dataset with at most that many
     training rows is embedded whole (fewer cost the probe accuracy on CLINC150's 150 labels: README, Data).
     ``select_on``: which dev number picks the state that is kept. ``"loss"``: the lowest dev loss.
     ``"accuracy"``: the highest dev accuracy, ties broken by the lower dev loss (classification on an encoder

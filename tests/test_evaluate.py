@@ -104,3 +104,23 @@ def test_progress_bar_evaluates_in_chunks_with_the_same_scores(qa_bank, monkeypa
     assert got == pytest.approx(want)
     assert calls == [4, 4, 4]
     assert "evaluate" in capsys.readouterr().err  # tqdm writes to stderr
+
+
+def test_predict_with_a_progress_bar_gives_the_same_predictions(qa_bank, monkeypatch, capsys):
+    """predict(progress=True) over more than one chunk: per-row tasks follow their rows; outputs and scores as one
+    call; a task list of the wrong length is refused before any chunk runs."""
+    import promptbank.bank as bank_module
+
+    texts = [r["text"] for r in LABELLED] + [r["input"] for r in QA]
+    tasks = ["weather"] * len(LABELLED) + ["qa"] * len(QA)
+    want = [(p.output, p.task, p.label_scores) for p in qa_bank.predict(texts, tasks, batch_size=2)]
+    routed = [(p.output, p.task) for p in qa_bank.predict(texts, batch_size=2)]
+    monkeypatch.setattr(bank_module, "EVAL_CHUNK", 3)  # 6 rows per chunk
+    got = [(p.output, p.task, p.label_scores) for p in qa_bank.predict(texts, tasks, batch_size=2, progress=True)]
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    for (_, _, scores), (_, _, ref) in zip(got, want):
+        assert (scores is None) == (ref is None) and (scores is None or scores == pytest.approx(ref))
+    assert [(p.output, p.task) for p in qa_bank.predict(texts, batch_size=2, progress=True)] == routed
+    assert "predict" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="got 2 task names for 24 texts"):
+        qa_bank.predict(texts, ["qa", "qa"], batch_size=2, progress=True)
