@@ -48,7 +48,7 @@ KV_CACHE_FRACTION = 0.05
 DEFAULT_VARIANT = "main"
 # learn_task embeds a large training set this many inputs at a time, with a progress bar
 EMBED_CHUNK = 1024
-# evaluate(progress=True) predicts this many batches of rows per call, then moves its progress bar
+# predict / evaluate with progress=True run this many batches of rows per call, then move their progress bar
 EVAL_CHUNK = 16
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
