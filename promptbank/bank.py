@@ -46,7 +46,7 @@ KV_CACHE_SIZE = 256
 KV_CACHE_FRACTION = 0.05
 # Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
 DEFAULT_VARIANT = "main"
-# learn_task embeds a large training set this many inputs at a time, with a progress bar
+# learn_task with progress on embeds a large training set this many inputs at a time, under a progress bar
 EMBED_CHUNK = 1024
 # predict / evaluate with progress=True run this many batches of rows per call, then move their progress bar
 EVAL_CHUNK = 16
@@ -514,27 +514,13 @@ class PromptBank:
         return replace(train_data, examples=[train_data.examples[i] for i in keep])
 
     def _embed_training_inputs(self, train_data: TaskData, tconf: TrainConfig) -> np.ndarray:
-        """Routing embeddings of :meth:`_embedded_part` of the training data (with a progress bar, when
-        ``tconf.progress``, once there are more than :data:`EMBED_CHUNK` of them)."""
+        """Routing embeddings of :meth:`_embedded_part` of the training data (with ``tconf.progress`` and more than
+        :data:`EMBED_CHUNK` of them, embedded that many at a time under a progress bar)."""
         texts = [ex.input for ex in self._embedded_part(train_data, tconf).examples]
-        if len(texts) <= EMBED_CHUNK:
-            return self.embedder.encode(texts)
-        chunks = range(0, len(texts), EMBED_CHUNK)
-        bar = None
-        if tconf.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), desc="embed training inputs", unit="input", leave=False)
-        out = []
-        try:
-            for i in chunks:
-                out.append(self.embedder.encode(texts[i : i + EMBED_CHUNK]))
-                if bar is not None:
-                    bar.update(len(out[-1]))
-        finally:
-            if bar is not None:
-                bar.close()
-        return np.concatenate(out)
+        return _in_chunks(
+            texts, self.embedder.encode, EMBED_CHUNK, tconf.progress, "embed training inputs", unit="input",
+            join=np.concatenate,
+        )  # fmt: skip
 
     def _routing_keys(
         self,
@@ -1392,7 +1378,7 @@ class PromptBank:
                 lambda rows: self.predict(
                     [texts[i] for i in rows], [task[i] for i in rows] if per_row else task, batch_size=batch_size
                 ),
-                batch_size,
+                EVAL_CHUNK * batch_size,
                 True,
                 "predict",
             )
@@ -1569,7 +1555,11 @@ class PromptBank:
             preds = [
                 p.output
                 for p in _in_chunks(
-                    texts, lambda chunk: self.predict(chunk, task, batch_size=batch_size), batch_size, progress
+                    texts,
+                    lambda chunk: self.predict(chunk, task, batch_size=batch_size),
+                    EVAL_CHUNK * batch_size,
+                    progress,
+                    "evaluate",
                 )
             ]
             golds = [ex.target for ex in td.examples]
@@ -1599,8 +1589,9 @@ class PromptBank:
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
             ),
-            batch_size,
+            EVAL_CHUNK * batch_size,
             progress,
+            "evaluate",
         )
         kinds = [None if n is None else table[n].record.kind for n in names]
         # a row routed to no task, or to a classification task, gets no generated answer
@@ -1848,21 +1839,20 @@ def _variant_of(task: _Task, variant: str | None) -> _Variant:
         ) from None
 
 
-def _in_chunks(rows: list, fn, batch_size: int, progress: bool, desc: str = "evaluate") -> list:
-    """``fn(rows)``, or with ``progress`` ``fn`` over consecutive chunks of :data:`EVAL_CHUNK` batches (whole
-    batches, so each chunk is batched as the whole call would be) with a progress bar over the rows."""
-    size = EVAL_CHUNK * batch_size
+def _in_chunks(rows: list, fn, size: int, progress: bool, desc: str, *, unit: str = "row", join=None):
+    """``fn(rows)``, or with ``progress`` (and more than ``size`` rows) ``fn`` over consecutive chunks of ``size``
+    rows under a progress bar, the parts joined by ``join`` (default: list concatenation). Callers pass a
+    ``size`` of whole batches, so each chunk is batched as the whole call would be."""
     if not progress or len(rows) <= size:
         return fn(rows)
     from tqdm.auto import tqdm
 
-    out: list = []
-    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
+    parts = []
+    with tqdm(total=len(rows), desc=desc, unit=unit, leave=False) as bar:
         for i in range(0, len(rows), size):
-            chunk = rows[i : i + size]
-            out += fn(chunk)
-            bar.update(len(chunk))
-    return out
+            parts.append(fn(rows[i : i + size]))
+            bar.update(min(size, len(rows) - i))
+    return join(parts) if join is not None else [x for part in parts for x in part]
 
 
 def _stratified_subset(groups: np.ndarray, limit: int, seed: int) -> np.ndarray:
