@@ -48,7 +48,8 @@ KV_CACHE_FRACTION = 0.05
 DEFAULT_VARIANT = "main"
 # learn_task with progress on embeds a large training set this many inputs at a time, under a progress bar
 EMBED_CHUNK = 1024
-# predict / evaluate with progress=True run this many batches of rows per call, then move their progress bar
+# predict / evaluate (classification) with progress=True run this many batches of rows per call, then move their
+# progress bar (generation moves it after every batch)
 EVAL_CHUNK = 16
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -1446,11 +1447,13 @@ class PromptBank:
         top_p: float = 1.0,
         seed: int = 0,
         batch_size: int = 16,
+        progress: bool = False,
     ) -> list[str]:
         """Generate a continuation for each text behind its task's soft prompt (routed when ``task=None``).
 
         Texts with no task are answered by the plain backbone (through its chat template when it has one).
-        Rows of different tasks share each forward.
+        Rows of different tasks share each forward. ``progress``: a progress bar over the rows, advanced batch by
+        batch (when there is more than one batch); the outputs are the same with or without it, sampled ones too.
         """
         if self.is_encoder:
             raise ValueError(f"encoder backbone {self.backbone.name!r} classifies (predict); it cannot generate text")
@@ -1465,6 +1468,7 @@ class PromptBank:
             top_p=top_p,
             seed=seed,
             batch_size=batch_size,
+            progress=progress,
         )
 
     def _generate(
@@ -1478,34 +1482,60 @@ class PromptBank:
         top_p: float = 1.0,
         seed: int = 0,
         batch_size: int = 16,
+        progress: bool = False,
+        desc: str = "generate",
     ) -> list[str]:
-        """:meth:`generate` for resolved task names, with templates and prompts from one task-table snapshot."""
-        tok, model = self.backbone.tokenizer, self.backbone.model
+        """:meth:`generate` for resolved task names, with templates and prompts from one task-table snapshot.
+        ``progress``: a progress bar over the rows, advanced after each batch (one generator runs through all
+        batches either way, so sampled outputs do not depend on it)."""
         gen = torch.Generator().manual_seed(seed)
         outputs: list[str] = []
         row_kv = self._call_kv(names, table)
-        for s in range(0, len(texts), batch_size):
-            chunk = list(range(s, min(s + batch_size, len(texts))))
-            kv = [row_kv[i] for i in chunk]
-            inputs = self._fit_inputs(
-                [texts[i] for i in chunk],
-                [None if names[i] is None else table[names[i]].record.template for i in chunk],
-                kv,
-                max_new_tokens,
-                "the answer",
-            )
-            ids = causal.generate(
-                model,
-                tok,
-                kv,
-                inputs,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                generator=gen,
-            )
-            outputs += [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+        bar = None
+        if progress and len(texts) > batch_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc=desc, unit="row", leave=False)
+        try:
+            for s in range(0, len(texts), batch_size):
+                outputs += self._generate_batch(
+                    texts[s : s + batch_size],
+                    names[s : s + batch_size],
+                    row_kv[s : s + batch_size],
+                    table,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    generator=gen,
+                )
+                if bar is not None:
+                    bar.update(min(batch_size, len(texts) - s))
+        finally:
+            if bar is not None:
+                bar.close()
         return outputs
+
+    def _generate_batch(self, texts, names, kv, table, *, max_new_tokens, temperature, top_p, generator) -> list[str]:
+        """One batch of :meth:`_generate`: its rows' inputs fitted to the positions, decoded answers."""
+        tok, model = self.backbone.tokenizer, self.backbone.model
+        inputs = self._fit_inputs(
+            texts,
+            [None if n is None else table[n].record.template for n in names],
+            kv,
+            max_new_tokens,
+            "the answer",
+        )
+        ids = causal.generate(
+            model,
+            tok,
+            kv,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
+        return [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
 
     def _plain_input(self, text: str) -> list[int]:
         tok = self.backbone.tokenizer
@@ -1542,7 +1572,8 @@ class PromptBank:
 
         With ``task`` given this is the task's own score (no routing); with ``task=None`` every row is routed
         first, so routing errors count as wrong answers (a row routed to no task scores 0). ``progress``: a progress
-        bar over the rows (they are then predicted :data:`EVAL_CHUNK` batches at a time).
+        bar over the rows (classification rows are then predicted :data:`EVAL_CHUNK` batches at a time; generation
+        moves it after each batch).
         """
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -1579,19 +1610,14 @@ class PromptBank:
         table = self._tasks  # one snapshot: prompts, templates and caps belong together
         if max_new_tokens is None:
             max_new_tokens = max((_max_target_tokens(table[n].record) for n in set(names) if n), default=64)
-        rows = list(zip(texts, names))
-        outputs = _in_chunks(
-            rows,
-            lambda chunk: self._generate(
-                [t for t, _ in chunk],
-                [n for _, n in chunk],
-                table,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-            ),
-            EVAL_CHUNK * batch_size,
-            progress,
-            "evaluate",
+        outputs = self._generate(
+            texts,
+            names,
+            table,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc="evaluate",
         )
         kinds = [None if n is None else table[n].record.kind for n in names]
         # a row routed to no task, or to a classification task, gets no generated answer

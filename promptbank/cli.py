@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown past one batch of 16 texts)")
     p.set_defaults(func=cmd_generate)
 
     p = command("remove", "remove a task from the bank")
@@ -687,7 +688,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         routes = bank.route_many(texts)
         names, scores = [r.task for r in routes], [r.score for r in routes]
     outputs = bank.generate(
-        texts, names, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed
+        texts,
+        names,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.quiet,
     )
     if args.json:
         _print_json(

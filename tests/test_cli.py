@@ -331,6 +331,15 @@ def test_generate(learned_bank, capsys):
     assert gen["task"] == "weather" and isinstance(gen["output"], str)
 
 
+def test_generate_shows_a_progress_bar_past_one_batch_unless_quiet(learned_bank, capsys):
+    texts = [f"rain tonight {i}" for i in range(17)]  # 16 rows per batch
+    args = ["generate", *texts, "--task", "weather", "--max-new-tokens", "2", "--json", "--bank", str(learned_bank)]
+    rc, out, err = run(capsys, *args)
+    assert rc == 0 and "generate" in err and "/17" in err
+    rc, quiet_out, err = run(capsys, *args, "--quiet")
+    assert rc == 0 and "generate" not in err and quiet_out == out
+
+
 def test_eval_reports_task_and_routed_accuracy(workdir, learned_bank, capsys):
     rc, out, _ = run(capsys, "eval", "billing", str(workdir / "billing.jsonl"), "--bank", str(learned_bank))
     assert rc == 0 and out.startswith("billing: accuracy ") and "on 8 examples" in out

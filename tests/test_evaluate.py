@@ -88,7 +88,8 @@ def test_macro_f1_matches_scikit_learn_with_missing_and_foreign_predictions():
 
 @pytest.mark.parametrize("task", ["qa", "weather", None])
 def test_progress_bar_evaluates_in_chunks_with_the_same_scores(qa_bank, monkeypatch, capsys, task):
-    """progress=True predicts a few whole batches at a time under a progress bar: the same scores as one call."""
+    """progress=True predicts classification rows a few whole batches at a time under a progress bar, and
+    generates in one call whose bar moves batch by batch: the same scores as without it."""
     import promptbank.bank as bank_module
 
     data = QA if task == "qa" else LABELLED
@@ -102,8 +103,23 @@ def test_progress_bar_evaluates_in_chunks_with_the_same_scores(qa_bank, monkeypa
     )
     got = qa_bank.evaluate(data, task=task, batch_size=2, progress=True)
     assert got == pytest.approx(want)
-    assert calls == [4, 4, 4]
+    assert calls == ([12] if task == "qa" else [4, 4, 4])
     assert "evaluate" in capsys.readouterr().err  # tqdm writes to stderr
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_with_a_progress_bar_gives_the_same_outputs(qa_bank, capsys, temperature):
+    """generate(progress=True) draws a bar over the rows (past one batch) and changes no output, greedy or sampled
+    (one seeded generator runs through the batches either way)."""
+    texts = [r["input"] for r in QA] + ["say something"] * 3
+    tasks = ["qa"] * len(QA) + [None] * 3
+    kw = dict(max_new_tokens=4, temperature=temperature, seed=3, batch_size=4)
+    want = qa_bank.generate(texts, tasks, **kw)
+    assert "generate" not in capsys.readouterr().err
+    assert qa_bank.generate(texts, tasks, progress=True, **kw) == want
+    assert "generate" in capsys.readouterr().err
+    assert qa_bank.generate(texts[:4], tasks[:4], progress=True, **kw) == want[:4]  # the first batch draws first
+    assert "generate" not in capsys.readouterr().err  # one batch: no bar
 
 
 def test_predict_with_a_progress_bar_gives_the_same_predictions(qa_bank, monkeypatch, capsys):
