@@ -33,7 +33,15 @@ from .lda import ROUTING_SCORERS, GaussianRouter
 from .metrics import exact_match, f1_score, macro_f1
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
-from .tasks import TaskData, check_label_words, label_texts, load_task_data, split_dev, truncate_inputs
+from .tasks import (
+    TaskData,
+    check_label_words,
+    cut_to_tokens,
+    label_texts,
+    load_task_data,
+    split_dev,
+    truncate_inputs,
+)
 from .train import TrainResult, dev_loss, effective_precision, train_loop, train_soft_prompt
 
 logger = logging.getLogger(__name__)
@@ -1409,6 +1417,7 @@ class PromptBank:
                     self._call_kv([names[i] for i in cls_rows], table),
                     [self._label_ids(t.record) for t in tasks],
                     batch_size,
+                    [_max_input_tokens(t.record) for t in tasks],
                 )
                 scored = self._with_probes(
                     scored, rows_text, [t.head for t in tasks], None if emb is None else emb[cls_rows]
@@ -1524,6 +1533,7 @@ class PromptBank:
             kv,
             max_new_tokens,
             "the answer",
+            [None if n is None else _max_input_tokens(table[n].record) for n in names],
         )
         ids = causal.generate(
             model,
@@ -1666,14 +1676,16 @@ class PromptBank:
         ll = self._with_probes(ll, inputs, [head] * n, embeddings)
         return sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, data.examples)) / n
 
-    def _rank_rows(self, texts, templates, kvs, label_ids, batch_size: int) -> list[torch.Tensor]:
-        """Causal LM: label log-likelihoods per row (rows may use different prompts and label sets)."""
+    def _rank_rows(self, texts, templates, kvs, label_ids, batch_size: int, caps=None) -> list[torch.Tensor]:
+        """Causal LM: label log-likelihoods per row (rows may use different prompts and label sets). ``caps``:
+        each row's input token cap (its task's ``max_input_tokens``), ``None`` for none."""
         tok, model = self.backbone.tokenizer, self.backbone.model
+        caps = [None] * len(texts) if caps is None else caps
         out: list[torch.Tensor] = []
         for s in range(0, len(texts), batch_size):
             sl = slice(s, s + batch_size)
             reserve = max((len(x) for ids in label_ids[sl] for x in ids), default=0)
-            inputs = self._fit_inputs(texts[sl], templates[sl], kvs[sl], reserve, "the labels")
+            inputs = self._fit_inputs(texts[sl], templates[sl], kvs[sl], reserve, "the labels", caps[sl])
             out += causal.rank_labels(model, tok, kvs[sl], inputs, label_ids[sl])
         return out
 
@@ -1699,20 +1711,26 @@ class PromptBank:
         kvs: Sequence[PrefixKV | None],
         reserve: int,
         what: str,
+        caps: Sequence[int | None] | None = None,
     ) -> list[list[int]]:
         """Token ids of each row's input (``causal.encode_input`` with its template; a row whose template is ``None``
-        has no task: the plain backbone's input). A row whose soft prompt + input + ``reserve`` more tokens (label
-        or answer tokens) would run past the backbone's position limit has its text cut to its first tokens until it
-        fits, as training cuts over-long inputs; one ``UserWarning`` says how many. Models without a position limit
-        in their config are not cut."""
+        has no task: the plain backbone's input). ``caps``: each row's input token cap, its task's
+        ``max_input_tokens`` (``None``: none); a longer text is first cut to it exactly as training cut the task's
+        inputs (:func:`promptbank.tasks.cut_to_tokens`), silently, since that is the task's setting. A row whose
+        soft prompt + input + ``reserve`` more tokens (label or answer tokens) would still run past the backbone's
+        position limit has its text cut to its first tokens until it fits; one ``UserWarning`` says how many. Models
+        without a position limit in their config are not cut there."""
         tok = self.backbone.tokenizer
         limit = _max_positions(self.backbone.model)
+        caps = [None] * len(texts) if caps is None else caps
 
         def encode(text: str, template: str | None) -> list[int]:
             return self._plain_input(text) if template is None else causal.encode_input(tok, text, template)
 
         out, n_cut = [], 0
-        for text, template, kv in zip(texts, templates, kvs):
+        for text, template, kv, cap in zip(texts, templates, kvs, caps):
+            if cap is not None and template is not None:
+                text = cut_to_tokens(tok, text, cap)
             ids = encode(text, template)
             room = None if limit is None else limit - reserve - (0 if kv is None else int(kv[0][0].shape[-2]))
             if room is not None and len(ids) > room:
@@ -1913,6 +1931,12 @@ def _loo_scores(emb: np.ndarray, k: int) -> np.ndarray:
 def _max_target_tokens(record: TaskRecord) -> int:
     """The task's training-target token cap: how long its labels may be, and its generated answers by default."""
     return int(record.train_config.get("max_target_tokens", 64))
+
+
+def _max_input_tokens(record: TaskRecord) -> int | None:
+    """The input token cap a task was trained with (``max_input_tokens``), which inference applies too."""
+    cap = record.train_config.get("max_input_tokens")
+    return None if cap is None else int(cap)
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:

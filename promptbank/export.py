@@ -41,7 +41,8 @@ def prompt_embeds(
     gives one task (or ``None``) per text. A text with a task gets its task's ``P`` soft-prompt vectors (the
     serving variant, as stored: P-Tuning encoders are already folded into plain vectors) followed by the ``T``
     token embeddings of ``template.format(input=text)`` tokenized with ``add_special_tokens=False`` - the same
-    tokens, with no BOS and no truncation, that ``predict`` and ``generate`` feed. A text routed to no task (or
+    tokens, with no BOS, that ``predict`` and ``generate`` feed (a text longer than its task's
+    ``max_input_tokens`` cut to it, as they and training cut it; no cut to the engine's position limit). A text routed to no task (or
     given ``None``) gets only the plain token embeddings of its input as ``generate`` answers it: the backbone's
     chat template with a generation prompt when it has one, else the raw text; ``T`` rows, no soft prompt.
 
@@ -54,7 +55,8 @@ def prompt_embeds(
     embeddings (method ``deep``), naming the task; ``TaskNotFoundError`` for an unknown task name. All tasks are
     checked before anything is computed.
     """
-    from .bank import _as_texts
+    from .bank import _as_texts, _max_input_tokens
+    from .tasks import cut_to_tokens
 
     if bank.is_encoder:
         raise ValueError(
@@ -75,7 +77,9 @@ def prompt_embeds(
             out.append(input_embeddings(bank.backbone.model, None, bank._plain_input(text)))
         else:
             t = tasks[name]
-            ids = causal.encode_input(tok, text, t.record.template)
+            cap = _max_input_tokens(t.record)
+            cut = text if cap is None else cut_to_tokens(tok, text, cap)  # as predict / generate cut it
+            ids = causal.encode_input(tok, cut, t.record.template)
             out.append(input_embeddings(bank.backbone.model, t.prompt[0], ids))
     return out
 

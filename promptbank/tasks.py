@@ -812,14 +812,7 @@ def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_toke
         n_cut += 1
         if first is None:
             first = (i, ex)
-        # Decoding then re-tokenizing is not always the identity (BPE merges across the cut), so shorten
-        # until the result fits.
-        keep = max_tokens
-        text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
-        while keep > 1 and len(count(text)) > max_tokens:
-            keep -= 1
-            text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
-        examples.append(dataclasses.replace(ex, input=text))
+        examples.append(dataclasses.replace(ex, input=_cut_ids(tokenizer, ids, max_tokens, count)))
 
     if first is None:
         return data
@@ -831,3 +824,27 @@ def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_toke
         stacklevel=2,
     )
     return dataclasses.replace(data, examples=examples)
+
+
+def cut_to_tokens(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens as :func:`truncate_inputs` cuts a training input (the
+    same string for the same text and limit), or ``text`` itself when it fits. No warning."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+
+    def count(t: str) -> list[int]:
+        return list(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
+
+    ids = count(text)
+    return text if len(ids) <= max_tokens else _cut_ids(tokenizer, ids, max_tokens, count)
+
+
+def _cut_ids(tokenizer, ids: list[int], max_tokens: int, count) -> str:
+    """The decoded prefix of ``ids`` that re-tokenizes to at most ``max_tokens`` tokens: decoding then
+    re-tokenizing is not always the identity (BPE merges across the cut), so shorten until the result fits."""
+    keep = max_tokens
+    text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+    while keep > 1 and len(count(text)) > max_tokens:
+        keep -= 1
+        text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+    return text

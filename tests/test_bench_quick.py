@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_common  # noqa: E402
 import efficiency  # noqa: E402
 import index_growth  # noqa: E402
+import input_cut  # noqa: E402
 import label_words  # noqa: E402
 import lr_study  # noqa: E402
 import objective  # noqa: E402
@@ -607,3 +608,33 @@ def test_bf16_benchmark_runs_refused_where_bf16_would_fall_back_to_fp32(monkeypa
     bench_common.require_native_bf16("fp32")  # fp32 runs anywhere
     monkeypatch.setattr(train, "_cpu_has_native_bf16", lambda: True)
     bench_common.require_native_bf16("bf16")
+
+
+# ----------------------------------------------------------------------------------------------- input_cut
+def test_input_cut_split_is_per_label_disjoint_and_seeded():
+    rows = [{"text": f"{lab} row {i}", "label": lab} for lab in ("b", "a") for i in range(10)]
+    train, test = input_cut.split(rows, 3, 4, seed=1)
+    assert [r["label"] for r in train] == ["a"] * 3 + ["b"] * 3 and [r["label"] for r in test] == ["a"] * 4 + ["b"] * 4
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    assert input_cut.split(rows, 3, 4, seed=1) == (train, test) != input_cut.split(rows, 3, 4, seed=2)
+    with pytest.raises(SystemExit, match="a label has 10 rows"):
+        input_cut.split(rows, 10, 4, seed=1)
+
+
+def test_input_cut_whole_arm_feeds_the_uncut_input(tiny_bank, monkeypatch):
+    """The study's "whole" arm is inference before the cut: the task's cap lifted for that call only."""
+    from promptbank import causal
+    from promptbank.tasks import cut_to_tokens
+
+    tiny_bank.learn_task("t", _separable(12, 0), num_virtual_tokens=2, max_input_tokens=4, max_steps=2,
+                         progress=False, warm_start=False)  # fmt: skip
+    long_text = "abc " * 30
+    fed, real = [], causal.rank_labels
+    monkeypatch.setattr(
+        causal, "rank_labels", lambda m, t, kvs, inputs, *a: fed.append(inputs) or real(m, t, kvs, inputs, *a)
+    )
+    input_cut._predict_uncut(tiny_bank, [long_text])
+    tiny_bank.predict([long_text], task="t")
+    tok, template = tiny_bank.backbone.tokenizer, tiny_bank.tasks["t"].template
+    assert fed[0] == [causal.encode_input(tok, long_text, template)]
+    assert fed[1] == [causal.encode_input(tok, cut_to_tokens(tok, long_text, 4), template)] != fed[0]

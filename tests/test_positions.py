@@ -1,4 +1,6 @@
-"""Inference inputs longer than the backbone's positions (GPT-2's learned position table: an IndexError before):
+"""Inference inputs are cut as training cut them: a task's input longer than its ``max_input_tokens`` is cut to it,
+silently, to the same string as ``truncate_inputs`` makes of a training input (label ranking, generation, the vLLM
+export). Inputs still longer than the backbone's positions (GPT-2's learned position table: an IndexError before):
 the text is cut to its first tokens until soft prompt + input + label or answer tokens fit, the template's own
 tokens kept, with one warning; inputs that fit are untouched; no room at all is a clear error."""
 
@@ -11,12 +13,14 @@ import torch
 from conftest import fast_options, make_tiny_tokenizer
 
 from promptbank import PromptBank, causal
+from promptbank.tasks import cut_to_tokens, load_task_data, truncate_inputs
 from promptbank.backbone import from_model
 from promptbank.embed import HashingEmbedder
 
 LIMIT = 96
 ROWS = [{"text": f"short text {i}", "label": ["yes", "no"][i % 2]} for i in range(12)]
 LONG = "a long input " * 60  # ~780 byte-level tokens
+CAP = 8
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +31,13 @@ def gpt2_bank():
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=LIMIT, initializer_range=0.3)
     bank = PromptBank(from_model(GPT2LMHeadModel(cfg), tok, name="tiny-gpt2"), HashingEmbedder(64))
-    bank.learn_task("yn", ROWS, num_virtual_tokens=4, max_input_tokens=32, **fast_options(max_steps=2))
-    bank.learn_task("g", [{"input": r["text"], "target": r["label"]} for r in ROWS], num_virtual_tokens=4,
-                    max_input_tokens=32, **fast_options(max_steps=2))  # fmt: skip
+    gen_rows = [{"input": r["text"], "target": r["label"]} for r in ROWS]
+    # caps above the position limit, so that the position limit is what cuts LONG
+    bank.learn_task("yn", ROWS, num_virtual_tokens=4, max_input_tokens=1000, **fast_options(max_steps=2))
+    bank.learn_task("g", gen_rows, num_virtual_tokens=4, max_input_tokens=1000, **fast_options(max_steps=2))
+    # and tasks whose own cap (8 tokens) binds first
+    bank.learn_task("yn8", ROWS, num_virtual_tokens=4, max_input_tokens=CAP, **fast_options(max_steps=2))
+    bank.learn_task("g8", gen_rows, num_virtual_tokens=4, max_input_tokens=CAP, **fast_options(max_steps=2))
     return bank
 
 
@@ -94,3 +102,46 @@ def test_encoder_inputs_are_capped_at_its_positions(enc_bank):
         rec = enc_bank.learn_task("t", rows, max_input_tokens=400, num_virtual_tokens=4, **fast_options(max_steps=2))
     pred = enc_bank.predict([LONG], task="t")[0]
     assert pred.output in rec.labels
+
+
+def test_task_inputs_are_cut_to_its_max_input_tokens_as_in_training(gpt2_bank, monkeypatch):
+    tok = gpt2_bank.backbone.tokenizer
+    cut = cut_to_tokens(tok, LONG, CAP)
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= CAP < len(tok(LONG)["input_ids"])
+    # the same string training made of this input
+    with pytest.warns(UserWarning, match="truncated 1 of 1 inputs to 8 tokens"):
+        trained = truncate_inputs(load_task_data([{"text": LONG, "label": "yes"}], labels=["yes", "no"]), tok, CAP)
+    assert trained.examples[0].input == cut
+    assert cut_to_tokens(tok, "short", CAP) == "short"
+
+    ranks, gens = _spy(monkeypatch, "rank_labels"), _spy(monkeypatch, "generate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the task's own cap: no warning
+        got = gpt2_bank.predict([LONG], task="yn8")[0]
+        out = gpt2_bank.generate([LONG], task="g8", max_new_tokens=3)
+    template = gpt2_bank.tasks["yn8"].template
+    assert ranks[0][1] == [causal.encode_input(tok, cut, template)]
+    assert gens[0][1] == [causal.encode_input(tok, cut, gpt2_bank.tasks["g8"].template)]
+    assert got.label_scores == pytest.approx(gpt2_bank.predict([cut], task="yn8")[0].label_scores)
+    assert out == gpt2_bank.generate([cut], task="g8", max_new_tokens=3)
+
+
+def test_rows_with_other_caps_or_no_task_in_one_batch(gpt2_bank, monkeypatch):
+    """Each row gets its own task's cap; a row with no task is only fitted to the positions."""
+    tok = gpt2_bank.backbone.tokenizer
+    gens = _spy(monkeypatch, "generate")
+    with pytest.warns(UserWarning, match=r"cut 2 of 3 inputs to fit the backbone's"):
+        gpt2_bank.generate([LONG, LONG, LONG], task=["g8", "g", None], max_new_tokens=3)
+    prompt_lens, inputs = gens[0]
+    assert inputs[0] == causal.encode_input(tok, cut_to_tokens(tok, LONG, CAP), gpt2_bank.tasks["g8"].template)
+    assert all(p + len(x) + 3 <= LIMIT for p, x in zip(prompt_lens, inputs))
+    assert len(inputs[1]) > len(inputs[0]) and len(inputs[2]) > len(inputs[0])
+
+
+def test_vllm_export_cuts_as_predict_does(gpt2_bank):
+    tok = gpt2_bank.backbone.tokenizer
+    (emb,) = gpt2_bank.prompt_embeds([LONG], task="yn8")
+    ids = causal.encode_input(tok, cut_to_tokens(tok, LONG, CAP), gpt2_bank.tasks["yn8"].template)
+    assert emb.shape[0] == 4 + len(ids)
+    want = gpt2_bank.backbone.model.get_input_embeddings()(torch.tensor(ids)).detach()
+    assert torch.equal(emb[4:], want.float())
