@@ -13,9 +13,9 @@ import torch
 from conftest import fast_options, make_tiny_tokenizer
 
 from promptbank import PromptBank, causal
-from promptbank.tasks import cut_to_tokens, load_task_data, truncate_inputs
 from promptbank.backbone import from_model
 from promptbank.embed import HashingEmbedder
+from promptbank.tasks import cut_to_tokens, load_task_data, truncate_inputs
 
 LIMIT = 96
 ROWS = [{"text": f"short text {i}", "label": ["yes", "no"][i % 2]} for i in range(12)]
