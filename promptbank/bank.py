@@ -1714,9 +1714,10 @@ class PromptBank:
         caps: Sequence[int | None] | None = None,
     ) -> list[list[int]]:
         """Token ids of each row's input (``causal.encode_input`` with its template; a row whose template is ``None``
-        has no task: the plain backbone's input). ``caps``: each row's input token cap, its task's
-        ``max_input_tokens`` (``None``: none); a longer text is first cut to it exactly as training cut the task's
-        inputs (:func:`promptbank.tasks.cut_to_tokens`), silently, since that is the task's setting. A row whose
+        has no task: the plain backbone's input). ``caps``: each row's input token cap (:func:`_max_input_tokens`:
+        a classification task's ``max_input_tokens``; ``None``: none); a longer text is first cut to it exactly as
+        training cut the task's inputs (:func:`promptbank.tasks.cut_to_tokens`), silently, since that is the task's
+        setting. A row whose
         soft prompt + input + ``reserve`` more tokens (label or answer tokens) would still run past the backbone's
         position limit has its text cut to its first tokens until it fits; one ``UserWarning`` says how many. Models
         without a position limit in their config are not cut there."""
@@ -1934,9 +1935,12 @@ def _max_target_tokens(record: TaskRecord) -> int:
 
 
 def _max_input_tokens(record: TaskRecord) -> int | None:
-    """The input token cap a task was trained with (``max_input_tokens``), which inference applies too."""
+    """The input token cap that inference applies to a causal-LM task's inputs: a classification task's
+    ``max_input_tokens``, as its training inputs were cut (``benchmarks/input_cut.py``); ``None`` (whole inputs)
+    for a generation task, whose question may come after a long context (retrieval-augmented answering), where
+    cutting the tail would drop what is asked."""
     cap = record.train_config.get("max_input_tokens")
-    return None if cap is None else int(cap)
+    return None if cap is None or record.kind != "classification" else int(cap)
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:

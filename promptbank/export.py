@@ -41,8 +41,9 @@ def prompt_embeds(
     gives one task (or ``None``) per text. A text with a task gets its task's ``P`` soft-prompt vectors (the
     serving variant, as stored: P-Tuning encoders are already folded into plain vectors) followed by the ``T``
     token embeddings of ``template.format(input=text)`` tokenized with ``add_special_tokens=False`` - the same
-    tokens, with no BOS, that ``predict`` and ``generate`` feed (a text longer than its task's
-    ``max_input_tokens`` cut to it, as they and training cut it; no cut to the engine's position limit). A text routed to no task (or
+    tokens, with no BOS, that ``predict`` and ``generate`` feed (a text longer than its classification
+    task's ``max_input_tokens`` cut to it, as they and training cut it; generation tasks' inputs whole; no cut to
+    the engine's position limit). A text routed to no task (or
     given ``None``) gets only the plain token embeddings of its input as ``generate`` answers it: the backbone's
     chat template with a generation prompt when it has one, else the raw text; ``T`` rows, no soft prompt.
 

@@ -1,6 +1,7 @@
-"""Inference inputs are cut as training cut them: a task's input longer than its ``max_input_tokens`` is cut to it,
-silently, to the same string as ``truncate_inputs`` makes of a training input (label ranking, generation, the vLLM
-export). Inputs still longer than the backbone's positions (GPT-2's learned position table: an IndexError before):
+"""Inference inputs are cut as training cut them: a classification task's input longer than its
+``max_input_tokens`` is cut to it, silently, to the same string as ``truncate_inputs`` makes of a training input
+(label ranking, generation, the vLLM export); a generation task's input is used whole (its question may follow a
+long context). Inputs still longer than the backbone's positions (GPT-2's learned position table: an IndexError before):
 the text is cut to its first tokens until soft prompt + input + label or answer tokens fit, the template's own
 tokens kept, with one warning; inputs that fit are untouched; no room at all is a clear error."""
 
@@ -118,30 +119,42 @@ def test_task_inputs_are_cut_to_its_max_input_tokens_as_in_training(gpt2_bank, m
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the task's own cap: no warning
         got = gpt2_bank.predict([LONG], task="yn8")[0]
-        out = gpt2_bank.generate([LONG], task="g8", max_new_tokens=3)
+        out = gpt2_bank.generate([LONG], task="yn8", max_new_tokens=3)  # a classification task's prompt, generating
     template = gpt2_bank.tasks["yn8"].template
-    assert ranks[0][1] == [causal.encode_input(tok, cut, template)]
-    assert gens[0][1] == [causal.encode_input(tok, cut, gpt2_bank.tasks["g8"].template)]
+    assert ranks[0][1] == gens[0][1] == [causal.encode_input(tok, cut, template)]
     assert got.label_scores == pytest.approx(gpt2_bank.predict([cut], task="yn8")[0].label_scores)
-    assert out == gpt2_bank.generate([cut], task="g8", max_new_tokens=3)
+    assert out == gpt2_bank.generate([cut], task="yn8", max_new_tokens=3)
+
+
+def test_generation_task_inputs_are_used_whole(gpt2_bank, monkeypatch):
+    """A generation task's cap (8) is not applied at inference: only the position fit cuts LONG."""
+    tok = gpt2_bank.backbone.tokenizer
+    gens = _spy(monkeypatch, "generate")
+    mid = "word " * 6  # longer than the cap, fits the positions (~30 byte-level tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpt2_bank.generate([mid], task="g8", max_new_tokens=3)
+    assert gens[0][1] == [causal.encode_input(tok, mid, gpt2_bank.tasks["g8"].template)]
+    assert len(tok(mid)["input_ids"]) > CAP
 
 
 def test_rows_with_other_caps_or_no_task_in_one_batch(gpt2_bank, monkeypatch):
-    """Each row gets its own task's cap; a row with no task is only fitted to the positions."""
+    """Each row gets its own task's cap; rows of a generation task or of no task are only fitted to the positions."""
     tok = gpt2_bank.backbone.tokenizer
     gens = _spy(monkeypatch, "generate")
-    with pytest.warns(UserWarning, match=r"cut 2 of 3 inputs to fit the backbone's"):
-        gpt2_bank.generate([LONG, LONG, LONG], task=["g8", "g", None], max_new_tokens=3)
+    with pytest.warns(UserWarning, match=r"cut 3 of 4 inputs to fit the backbone's"):
+        gpt2_bank.generate([LONG] * 4, task=["yn8", "g8", "g", None], max_new_tokens=3)
     prompt_lens, inputs = gens[0]
-    assert inputs[0] == causal.encode_input(tok, cut_to_tokens(tok, LONG, CAP), gpt2_bank.tasks["g8"].template)
+    assert inputs[0] == causal.encode_input(tok, cut_to_tokens(tok, LONG, CAP), gpt2_bank.tasks["yn8"].template)
     assert all(p + len(x) + 3 <= LIMIT for p, x in zip(prompt_lens, inputs))
-    assert len(inputs[1]) > len(inputs[0]) and len(inputs[2]) > len(inputs[0])
+    assert all(len(x) > len(inputs[0]) + 40 for x in inputs[1:])
 
 
 def test_vllm_export_cuts_as_predict_does(gpt2_bank):
     tok = gpt2_bank.backbone.tokenizer
-    (emb,) = gpt2_bank.prompt_embeds([LONG], task="yn8")
+    (emb, whole) = gpt2_bank.prompt_embeds([LONG, LONG], task=["yn8", "g8"])
     ids = causal.encode_input(tok, cut_to_tokens(tok, LONG, CAP), gpt2_bank.tasks["yn8"].template)
     assert emb.shape[0] == 4 + len(ids)
     want = gpt2_bank.backbone.model.get_input_embeddings()(torch.tensor(ids)).detach()
     assert torch.equal(emb[4:], want.float())
+    assert whole.shape[0] == 4 + len(causal.encode_input(tok, LONG, gpt2_bank.tasks["g8"].template))
