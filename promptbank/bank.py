@@ -1711,19 +1711,17 @@ class PromptBank:
         kvs: Sequence[PrefixKV | None],
         reserve: int,
         what: str,
-        caps: Sequence[int | None] | None = None,
+        caps: Sequence[int | None],
     ) -> list[list[int]]:
         """Token ids of each row's input (``causal.encode_input`` with its template; a row whose template is ``None``
         has no task: the plain backbone's input). ``caps``: each row's input token cap (:func:`_max_input_tokens`:
         a classification task's ``max_input_tokens``; ``None``: none); a longer text is first cut to it exactly as
         training cut the task's inputs (:func:`promptbank.tasks.cut_to_tokens`), silently, since that is the task's
-        setting. A row whose
-        soft prompt + input + ``reserve`` more tokens (label or answer tokens) would still run past the backbone's
-        position limit has its text cut to its first tokens until it fits; one ``UserWarning`` says how many. Models
-        without a position limit in their config are not cut there."""
+        setting. A row whose soft prompt + input + ``reserve`` more tokens (label or answer tokens) would still run
+        past the backbone's position limit has its text cut to its first tokens until it fits; one ``UserWarning``
+        says how many. Models without a position limit in their config are not cut there."""
         tok = self.backbone.tokenizer
         limit = _max_positions(self.backbone.model)
-        caps = [None] * len(texts) if caps is None else caps
 
         def encode(text: str, template: str | None) -> list[int]:
             return self._plain_input(text) if template is None else causal.encode_input(tok, text, template)

@@ -797,22 +797,18 @@ def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_toke
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
 
-    def count(text: str) -> list[int]:
-        # verbose=False: counting a text longer than the model's limit is the point here, not a mistake to warn of
-        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
     examples: list[Example] = []
     first: tuple[int, Example] | None = None
     n_cut = 0
     for i, ex in enumerate(data.examples):
-        ids = count(ex.input)
+        ids = _token_ids(tokenizer, ex.input)
         if len(ids) <= max_tokens:
             examples.append(ex)
             continue
         n_cut += 1
         if first is None:
             first = (i, ex)
-        examples.append(dataclasses.replace(ex, input=_cut_ids(tokenizer, ids, max_tokens, count)))
+        examples.append(dataclasses.replace(ex, input=_cut_ids(tokenizer, ids, max_tokens)))
 
     if first is None:
         return data
@@ -831,20 +827,21 @@ def cut_to_tokens(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int
     same string for the same text and limit), or ``text`` itself when it fits. No warning."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
-
-    def count(t: str) -> list[int]:
-        return list(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
-
-    ids = count(text)
-    return text if len(ids) <= max_tokens else _cut_ids(tokenizer, ids, max_tokens, count)
+    ids = _token_ids(tokenizer, text)
+    return text if len(ids) <= max_tokens else _cut_ids(tokenizer, ids, max_tokens)
 
 
-def _cut_ids(tokenizer, ids: list[int], max_tokens: int, count) -> str:
+def _token_ids(tokenizer, text: str) -> list[int]:
+    # verbose=False: counting a text longer than the model's limit is the point here, not a mistake to warn of
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _cut_ids(tokenizer, ids: list[int], max_tokens: int) -> str:
     """The decoded prefix of ``ids`` that re-tokenizes to at most ``max_tokens`` tokens: decoding then
     re-tokenizing is not always the identity (BPE merges across the cut), so shorten until the result fits."""
     keep = max_tokens
     text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
-    while keep > 1 and len(count(text)) > max_tokens:
+    while keep > 1 and len(_token_ids(tokenizer, text)) > max_tokens:
         keep -= 1
         text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
     return text
