@@ -41,6 +41,7 @@ from .tasks import (
     load_task_data,
     split_dev,
     truncate_inputs,
+    warn_long_targets,
 )
 from .train import TrainResult, dev_loss, effective_precision, train_loop, train_soft_prompt
 
@@ -362,11 +363,15 @@ class PromptBank:
         task_data = load_task_data(data, kind=kind, labels=labels)
         if self.is_encoder and task_data.kind != "classification":
             raise ValueError(f"{task_data.source}: encoder backbones learn classification tasks only, not generation")
-        task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens)
-        if dev is not None:
-            dev_data = truncate_inputs(
-                load_task_data(dev, kind=task_data.kind, labels=task_data.labels), tok, tconf.max_input_tokens
+        hint = "; raise max_input_tokens (CLI: learn --max-input-tokens) to keep more"
+        task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens, hint=hint)
+        if not self.is_encoder:
+            warn_long_targets(
+                task_data, tok, tconf.max_target_tokens, hint="; raise max_target_tokens (CLI: --max-target-tokens)"
             )
+        if dev is not None:
+            dev_data = load_task_data(dev, kind=task_data.kind, labels=task_data.labels)
+            dev_data = truncate_inputs(dev_data, tok, tconf.max_input_tokens, hint=hint)
             train_data = task_data
         elif tconf.dev_fraction > 0 and len(task_data) >= 4:
             train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
@@ -1640,7 +1645,12 @@ class PromptBank:
         }
         if task is not None:
             rec = table[task].record
-            cut = truncate_inputs(td, self.backbone.tokenizer, int(rec.train_config.get("max_input_tokens", 256)))
+            cut = truncate_inputs(
+                td,
+                self.backbone.tokenizer,
+                int(rec.train_config.get("max_input_tokens", 256)),
+                hint=" for the target loss, as training cut them (the answers were generated from whole inputs)",
+            )
             result["loss"] = self._target_loss(rec, table[task].prompt, cut, batch_size)
         return result
 

@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="L,L,...",
         help="deep prompts only: layers that get prompt vectors, e.g. 0,3,5 (default: all)",
     )
+    p.add_argument(
+        "--max-input-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="cut longer inputs to their first N backbone tokens, in training and (classification) at inference "
+        "(default: 256)",
+    )
+    p.add_argument(
+        "--max-target-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="generation: longest target answer trained on, in tokens (longer ones are cut), and the default answer "
+        "length at inference (default: 64)",
+    )
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: 0)")
     p.add_argument(
         "--no-warm-start",
@@ -536,6 +550,8 @@ def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
         ("max_steps", args.steps),
         ("lr", args.lr),
         ("batch_size", args.batch_size),
+        ("max_input_tokens", getattr(args, "max_input_tokens", None)),
+        ("max_target_tokens", getattr(args, "max_target_tokens", None)),
         ("seed", args.seed),
         ("init", args.init),
         ("objective", getattr(args, "objective", None)),

@@ -40,6 +40,7 @@ __all__ = [
     "load_task_data",
     "split_dev",
     "truncate_inputs",
+    "warn_long_targets",
 ]
 
 logger = logging.getLogger(__name__)
@@ -775,18 +776,19 @@ def _allocate(counts: list[int], k: int) -> list[int]:
 # ------------------------------------------------------------------------- truncation
 
 
-def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> TaskData:
+def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int, *, hint: str = "") -> TaskData:
     """Cut every input longer than ``max_tokens`` tokens down to its first ``max_tokens`` tokens.
 
     Tokens are counted with ``tokenizer(text, add_special_tokens=False)["input_ids"]``; a cut input is the
     decoded prefix (``skip_special_tokens=True``), shortened further if re-tokenizing it would still exceed
     ``max_tokens``. Targets are left alone. One ``UserWarning`` reports how many inputs were cut, the limit and
-    where the first one is.
+    where the first one is, followed by ``hint`` (what the caller's user can do about it).
 
     Args:
         data: the task data.
         tokenizer: a Hugging Face tokenizer (the backbone's).
         max_tokens: the largest input length in tokens (``>= 1``).
+        hint: text appended to the warning (e.g. ``"; raise max_input_tokens to keep more"``).
 
     Returns:
         A new :class:`TaskData` with the cut inputs, or ``data`` itself when no input was too long.
@@ -815,11 +817,35 @@ def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_toke
     index, ex = first
     where = f"{data.source}:{ex.line}" if ex.line is not None else f"{data.source} row {index + 1}"
     warnings.warn(
-        f"truncated {n_cut} of {len(data)} inputs to {max_tokens} tokens (first: {where})",
+        f"truncated {n_cut} of {len(data)} inputs to {max_tokens} tokens, keeping each one's first tokens (first: "
+        f"{where}){hint}",
         UserWarning,
         stacklevel=2,
     )
     return dataclasses.replace(data, examples=examples)
+
+
+def warn_long_targets(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int, *, hint: str = "") -> int:
+    """Warn once (``UserWarning``) if generation targets are too long for ``max_tokens`` target tokens, the cap
+    :func:`promptbank.causal.encode_target` applies in training (with the end-of-text token: at most
+    ``max_tokens - 1`` of the target's own tokens stay). Returns how many targets that cuts; classification data
+    (labels) is not checked: 0."""
+    if data.kind != "generation":
+        return 0
+    n_cut, first = 0, None
+    for i, ex in enumerate(data.examples):
+        if len(_token_ids(tokenizer, " " + ex.target)) >= max_tokens:
+            n_cut += 1
+            if first is None:
+                first = f"{data.source}:{ex.line}" if ex.line is not None else f"{data.source} row {i + 1}"
+    if n_cut:
+        warnings.warn(
+            f"cut {n_cut} of {len(data)} targets to their first {max_tokens - 1} tokens and the end-of-text token "
+            f"(first: {first}); generation stops after {max_tokens} new tokens by default{hint}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return n_cut
 
 
 def cut_to_tokens(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> str:

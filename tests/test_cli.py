@@ -611,3 +611,21 @@ def test_learn_summary_names_the_prompted_heads_dev_accuracy_next_to_the_probed_
     assert _dev_accuracy(rec, True) == "dev accuracy 0.520"
     rec.train_config, rec.dev_accuracy = {"probe": True}, 0.64
     assert _dev_accuracy(rec, True) == "dev accuracy 0.640"  # the same: said once
+
+
+def test_learn_sets_the_input_and_target_token_caps(workdir, model_opts, tmp_path, capsys):
+    """--max-input-tokens and --max-target-tokens reach the task's training settings: a long input is cut to the
+    given cap (the warning names it and the option), and the record keeps both (inference reads them)."""
+    data = tmp_path / "long.jsonl"
+    rows = [{"text": "word " * 40, "label": "a"}] + [{"text": f"short {i}", "label": "ab"[i % 2]} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bank = tmp_path / "b"
+    argv = [*model_opts, "learn", "t", str(data), "--bank", str(bank), "--max-input-tokens", "12"]
+    rc, _, err = run(capsys, *argv, "--max-target-tokens", "9", *FAST)
+    assert rc == 0, err
+    (line,) = [line for line in err.splitlines() if "truncated" in line]
+    assert "truncated 1 of 9 inputs to 12 tokens" in line and "--max-input-tokens" in line
+    train_config = json.loads((bank / "promptbank.json").read_text())["tasks"]["t"]["train_config"]
+    assert train_config["max_input_tokens"] == 12 and train_config["max_target_tokens"] == 9
+    rc, _, err = run(capsys, *model_opts, "learn", "u", str(data), "--bank", str(bank), "--max-input-tokens", "0")
+    assert rc == 2 and "--max-input-tokens" in err

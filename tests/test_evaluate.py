@@ -140,3 +140,19 @@ def test_predict_with_a_progress_bar_gives_the_same_predictions(qa_bank, monkeyp
     assert "predict" in capsys.readouterr().err
     with pytest.raises(ValueError, match="got 2 task names for 24 texts"):
         qa_bank.predict(texts, ["qa", "qa"], batch_size=2, progress=True)
+
+
+def test_learning_warns_of_cut_targets_and_evaluate_of_inputs_cut_for_the_loss_only(tiny_bank):
+    """Targets longer than max_target_tokens are cut in training: one warning says so and names the option (none
+    when they fit). evaluate() on generation data cuts inputs as training did for the target loss only; its warning
+    says the answers came from the whole inputs."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"cut 12 of 12 targets .*raise max_target_tokens"):
+        tiny_bank.learn_task("qa", QA, num_virtual_tokens=3, max_target_tokens=2, **fast_options())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_bank.learn_task("qa_whole", QA, num_virtual_tokens=3, max_target_tokens=64, **fast_options())
+    tiny_bank.learn_task("qa_short", QA, num_virtual_tokens=3, max_input_tokens=4, **fast_options())
+    with pytest.warns(UserWarning, match=r"for the target loss, as training cut them \(the answers were generated"):
+        tiny_bank.evaluate(QA, task="qa_short", max_new_tokens=1)

@@ -158,3 +158,68 @@ def test_vllm_export_cuts_as_predict_does(gpt2_bank):
     want = gpt2_bank.backbone.model.get_input_embeddings()(torch.tensor(ids)).detach()
     assert torch.equal(emb[4:], want.float())
     assert whole.shape[0] == 4 + len(causal.encode_input(tok, LONG, gpt2_bank.tasks["g8"].template))
+
+
+# ------------------------------------------------------------------ PTunedLLM (LangChain) fits its inputs the same way
+
+
+def _steps_spy(monkeypatch) -> list:
+    calls, real = [], causal.generate_steps
+
+    def spy(model, tok, kvs, inputs, **kw):
+        calls.append(([0 if kv is None else kv[0][0].shape[-2] for kv in kvs], [list(x) for x in inputs]))
+        return real(model, tok, kvs, inputs, **kw)
+
+    monkeypatch.setattr(causal, "generate_steps", spy)
+    return calls
+
+
+def test_ptuned_llm_fits_task_rows_as_generate_does(gpt2_bank, monkeypatch):
+    """An over-long message through a task's soft prompt (an IndexError in the model before) feeds the ids
+    generate() feeds: cut to fit soft prompt + input + max_tokens, with one warning; a classification task's input
+    is cut to its max_input_tokens as in training, with no warning, as generate() does."""
+    pytest.importorskip("langchain_core")
+    from langchain_promptbank import PTunedLLM
+
+    calls = _steps_spy(monkeypatch)
+    for task, warns in (("g", True), ("yn8", False)):
+        calls.clear()
+        with warnings.catch_warnings(record=True) as recorded:
+            warnings.simplefilter("always")
+            answer = PTunedLLM(bank=gpt2_bank, task=task, max_tokens=5).invoke(LONG).content
+            gpt2_bank.generate([LONG], task=task, max_new_tokens=5)
+        cut = [w for w in recorded if "to fit the backbone's" in str(w.message)]
+        assert len(cut) == (2 if warns else 0)  # one per call
+        (llm_lens, llm_inputs), (gen_lens, gen_inputs) = calls
+        assert llm_inputs == gen_inputs and llm_lens == gen_lens
+        assert llm_lens[0] + len(llm_inputs[0]) + 5 <= LIMIT and isinstance(answer, str)
+        if not warns:
+            tok = gpt2_bank.backbone.tokenizer
+            template = gpt2_bank.tasks[task].template
+            assert llm_inputs[0] == causal.encode_input(tok, cut_to_tokens(tok, LONG, CAP), template)
+
+
+def test_ptuned_llm_cuts_the_last_human_message_of_a_plain_conversation(gpt2_bank, monkeypatch):
+    """With no task the whole conversation goes to the backbone: an over-long one keeps its other messages whole and
+    has its last human message cut to its first tokens until it fits with max_tokens; one warning. A conversation
+    that fits is fed as before; one whose other messages take every position is a clear error."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from langchain_promptbank import PTunedLLM
+
+    llm = PTunedLLM(bank=gpt2_bank, task=None, max_tokens=5)
+    tok = gpt2_bank.backbone.tokenizer
+    calls = _steps_spy(monkeypatch)
+    with pytest.warns(UserWarning, match=r"cut the last human message of 1 of 1 conversations .* 96 positions"):
+        llm.invoke([SystemMessage("be brief"), HumanMessage(LONG)])
+    (_, (ids,)) = calls[0]
+    assert LIMIT - 5 - 3 <= len(ids) <= LIMIT - 5  # cut to fit, not much shorter
+    text = tok.decode(ids)
+    assert text.startswith("system: be brief\nuser: a long input a long input") and text.endswith("\nassistant:")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        llm.invoke([SystemMessage("be brief"), HumanMessage("short")])
+    assert calls[1][1][0] == tok("system: be brief\nuser: short\nassistant:", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="96 positions leave no room for the conversation"):
+        llm.invoke([SystemMessage(LONG), HumanMessage("short")])

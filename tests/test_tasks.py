@@ -17,6 +17,7 @@ from promptbank.tasks import (
     load_task_data,
     split_dev,
     truncate_inputs,
+    warn_long_targets,
 )
 
 if TYPE_CHECKING:
@@ -435,6 +436,38 @@ def test_truncate_inputs_returns_same_object_when_nothing_is_long(
         assert truncate_inputs(data, tokenizer, 2) is data
     with pytest.raises(ValueError, match="max_tokens"):
         truncate_inputs(data, tokenizer, 0)
+
+
+def test_warn_long_targets_counts_the_targets_encode_target_cuts(tokenizer: PreTrainedTokenizerFast) -> None:
+    """One warning for generation targets that :func:`promptbank.causal.encode_target` would cut (a target of
+    ``max_tokens`` tokens or more: the end-of-text token takes the last place), naming the first and the hint;
+    targets that fit and classification labels give none."""
+    import copy
+
+    from promptbank.causal import encode_target
+
+    tokenizer = copy.deepcopy(tokenizer)  # the module's fixture stays as it was
+    tokenizer.eos_token = "[UNK]"  # a stand-in end-of-text token for encode_target
+    rows = [
+        {"input": "q1", "target": "the cat sat"},  # 3 tokens: 3 + EOS > 3, cut
+        {"input": "q2", "target": "the cat"},  # 2 + EOS fits
+        {"input": "q3", "target": "the cat sat on the mat"},  # cut
+    ]
+    data = load_task_data(rows, source="qa.jsonl")
+    cut = [
+        len(encode_target(tokenizer, ex.target, 3)) - 1 < len(tokenizer(" " + ex.target)["input_ids"])
+        for ex in data.examples
+    ]
+    assert cut == [True, False, True]
+    with pytest.warns(UserWarning) as record:
+        assert warn_long_targets(data, tokenizer, 3, hint="; raise it") == 2
+    (message,) = [str(r.message) for r in record]
+    assert "cut 2 of 3 targets to their first 2 tokens" in message and "qa.jsonl:1" in message
+    assert message.endswith("; raise it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_long_targets(data, tokenizer, 7) == 0
+        assert warn_long_targets(load_task_data([("the cat sat on the mat", "a"), ("b", "b")]), tokenizer, 2) == 0
 
 
 # ----------------------------------------------------------------------- columns= (fields named otherwise)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
@@ -32,6 +33,7 @@ from langchain_core.runnables.config import run_in_executor
 from pydantic import Field, PrivateAttr, model_validator
 
 from promptbank import causal
+from promptbank.bank import _max_input_tokens, _max_positions
 from promptbank.errors import TaskNotFoundError
 
 from ._runtime import DTYPES, load_bank_cached, manifest_path, model_lock
@@ -71,6 +73,12 @@ class PTunedLLM(BaseChatModel):
     decoding stops once one appears. Only new text is returned. ``usage_metadata`` counts the tokenised input
     (soft-prompt positions are not tokens; their number is ``response_metadata["soft_prompt_tokens"]``) and the
     generated tokens (including a final end-of-sequence token).
+
+    Inputs are fitted as :meth:`promptbank.PromptBank.generate` fits them: a classification task's input is cut to
+    its ``max_input_tokens`` as its training inputs were; and where the backbone has a position limit (GPT-2's
+    1,024; SmolLM2's 8,192), an input that would not fit with its soft prompt and ``max_tokens`` new tokens is cut
+    to its first tokens (a task's input inside its template; with no task, the last human message, the other
+    messages and the chat template kept whole), with one warning.
 
     Streaming yields text token by token (multi-byte characters are never split; text that may be the start of
     a stop string is held back). Decoding runs in the consumer's thread, one forward per ``next()``: there is no
@@ -289,21 +297,44 @@ class PTunedLLM(BaseChatModel):
             if opts.task is not None and opts.task not in bank:
                 raise TaskNotFoundError(f"no task named {opts.task!r} in the bank (tasks: {', '.join(bank.tasks)})")
             names, scores = [opts.task] * len(chats), [None] * len(chats)
-        rows = []
-        for chat, name, score in zip(chats, names, scores):
+        with model_lock(bank.backbone.model):
+            kvs = [None if n is None else bank.prompt_prefix(n) for n in names]
+        # a task row: the bank's own input fit (a classification task's input cut to its max_input_tokens as in
+        # training; then, like every row, cut to its first tokens until soft prompt + input + max_tokens fit the
+        # backbone's positions, with one warning)
+        tasked = [i for i, n in enumerate(names) if n is not None]
+        fitted = bank._fit_inputs(
+            [_last_user_text(chats[i]) for i in tasked],
+            [bank.tasks[names[i]].template for i in tasked],
+            [kvs[i] for i in tasked],
+            opts.max_tokens,
+            "the answer",
+            [_max_input_tokens(bank.tasks[names[i]]) for i in tasked],
+        )
+        ids_of = dict(zip(tasked, fitted))
+        limit, n_cut = _max_positions(bank.backbone.model), 0
+        for i, name in enumerate(names):
             if name is None:
-                ids = tok(_render_chat(tok, chat), add_special_tokens=False)["input_ids"]
-            else:
-                ids = causal.encode_input(tok, _last_user_text(chat), bank.tasks[name].template)
-            rows.append(_Row(list(ids), name, None if score is None else float(score), opts.task == "auto"))
-        return rows
+                room = None if limit is None else limit - opts.max_tokens
+                ids_of[i], cut = _fit_chat(tok, chats[i], room, limit, opts.max_tokens)
+                n_cut += cut
+        if n_cut:
+            warnings.warn(
+                f"cut the last human message of {n_cut} of {len(names)} conversations to fit the backbone's {limit} "
+                f"positions (the conversation + up to {opts.max_tokens} tokens of the answer)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return [
+            _Row(list(ids_of[i]), name, None if score is None else float(score), opts.task == "auto", kv=kv)
+            for i, (name, score, kv) in enumerate(zip(names, scores, kvs))
+        ]
 
     def _decode(self, bank, rows: list[_Row], decoders: list[_RowText], opts: _Options) -> Iterator[list]:
         """Run the batched decoding; yield, per step, ``[(row, new text), ...]`` (text already safe to show)."""
         model, tok = bank.backbone.model, bank.backbone.tokenizer
         lock = model_lock(model)
-        with lock:
-            row_kv = [None if r.task is None else bank.prompt_prefix(r.task) for r in rows]
+        row_kv = [r.kv for r in rows]
         for row, kv in zip(rows, row_kv):
             row.prompt_tokens = 0 if kv is None else int(kv[0][0].shape[2])
         generator = None
@@ -431,6 +462,8 @@ class _Row:
     score: float | None
     routed: bool
     prompt_tokens: int = 0
+    kv: Any = None
+    """The task's soft prompt as its key/value prefix (``PromptBank.prompt_prefix``), ``None`` without a task."""
 
 
 class _Prefetched:
@@ -582,6 +615,30 @@ def _last_user_text(chat: list[dict[str, str]]) -> str:
         if m["role"] == "user":
             return m["content"]
     return chat[-1]["content"]
+
+
+def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, reserve: int) -> tuple[list[int], bool]:
+    """Token ids of the conversation rendered for the plain backbone (:func:`_render_chat`), at most ``room`` of
+    them: if it is longer, the last human message is cut to its first tokens until it fits (as the bank cuts an
+    over-long input; the chat template's own tokens stay). Returns ``(ids, whether it was cut)``; ``room=None``
+    (no position limit): never cut. Raises ``ValueError`` when even one token of that message leaves no room."""
+    ids = tokenizer(_render_chat(tokenizer, chat), add_special_tokens=False)["input_ids"]
+    if room is None or len(ids) <= room:
+        return list(ids), False
+    last = max((i for i, m in enumerate(chat) if m["role"] == "user"), default=len(chat) - 1)
+    tokens = tokenizer(chat[last]["content"], add_special_tokens=False, verbose=False)["input_ids"]
+    keep = len(tokens) - (len(ids) - room)
+    while keep >= 1:
+        text = tokenizer.decode(tokens[:keep], skip_special_tokens=True)
+        cut = [*chat[:last], {**chat[last], "content": text}, *chat[last + 1 :]]
+        ids = tokenizer(_render_chat(tokenizer, cut), add_special_tokens=False)["input_ids"]
+        if len(ids) <= room:
+            return list(ids), True
+        keep -= 1  # re-tokenizing a cut text can give more tokens (merges across the cut)
+    raise ValueError(
+        f"the backbone's {limit} positions leave no room for the conversation: its other messages, the chat "
+        f"template and up to {reserve} tokens of the answer take them all"
+    )
 
 
 def _render_chat(tokenizer, chat: list[dict[str, str]]) -> str:
