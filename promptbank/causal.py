@@ -8,7 +8,11 @@ sharing a task) or ``None`` for a row with no soft prompt. Logits are computed o
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +29,91 @@ from .inject import (
     output_cache,
     packing_saves,
     segments_fit,
+    window_groups,
 )
+
+logger = logging.getLogger(__name__)
 
 # How an example's input is shown to the model behind its soft prompt; the target follows after a space.
 DEFAULT_TEMPLATE = "{input}\nAnswer:"
+
+
+# Per model: the function from final hidden states to the logits its own forward returns (found once, on first use).
+_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOGITS_LOCK = threading.Lock()
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of final hidden states ``hidden`` (..., d): the model's output embeddings and whatever its
+    own forward does to their result. Most causal LMs return the output embeddings' product as it is; some scale or
+    soft-cap it (Gemma 2 / 3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling``),
+    which changes the loss, the label ranking and sampling (not greedy decoding). Which of these applies is checked
+    once per model against its own forward (:func:`_find_logits`); a model matching none of them gets the plain
+    product, with one warning."""
+    return logits_fn(model)(hidden)
+
+
+def logits_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`lm_logits` of ``model`` as a function of the hidden states."""
+    fn = _LOGITS.get(model)
+    if fn is None:
+        with _LOGITS_LOCK:
+            fn = _LOGITS.get(model)
+            if fn is None:
+                fn = _LOGITS[model] = _find_logits(model)
+    return fn
+
+
+def _logit_candidates(model: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """Named ways from the output embeddings' product to the model's logits, the plain product first."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [("plain", lambda x: x)]
+    cap = getattr(text, "final_logit_softcapping", None)
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+        out.append((f"soft-capped at {cap}", lambda x, c=float(cap): torch.tanh(x / c) * c))
+    scales = {
+        "logit_scale": getattr(model, "logit_scale", None),
+        "config.logit_scale": getattr(text, "logit_scale", None),
+        "lm_head_multiplier": getattr(getattr(model, "model", None), "lm_head_multiplier", None),
+    }
+    for name, value in scales.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            out.append((f"times {name} {value}", lambda x, v=float(value): x * v))
+    value = getattr(text, "logits_scaling", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:  # divided or multiplied
+        out.append((f"divided by logits_scaling {value}", lambda x, v=float(value): x / v))
+        out.append((f"times logits_scaling {value}", lambda x, v=float(value): x * v))
+    return out
+
+
+def _find_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    head = model.get_output_embeddings()
+    candidates = _logit_candidates(model)
+    dev = model_device(model)
+    ids = torch.tensor([[1, 2, 3, 4]], device=dev)
+    try:
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # the check is in the weights' dtype
+            want = model(input_ids=ids, use_cache=False).logits[0].float()
+            raw = head(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)[0].float()
+    except Exception as e:  # a model whose forward takes other inputs: keep the plain product
+        logger.debug("logits check failed: %s", e)
+        return candidates[0][1]
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    for name, fn in candidates:
+        if torch.allclose(fn(raw), want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0)):
+            if name != "plain":
+                logger.info("%s: logits are the output embeddings' product %s", type(model).__name__, name)
+                return lambda x, fn=fn, head=head: fn(head(x))
+            return head
+    warnings.warn(
+        f"{type(model).__name__}'s forward changes its logits in a way promptbank does not know (not a scaling or "
+        "soft-capping of the output embeddings' product); losses, label scores and sampling use that product as "
+        "it is",
+        UserWarning,
+        stacklevel=3,
+    )
+    return head
 
 
 def encode_input(tokenizer, text: str, template: str = DEFAULT_TEMPLATE) -> list[int]:
@@ -86,6 +171,11 @@ def target_logprobs(
     """
     # the last target token is never fed: nothing after it is scored (its output would predict the next token)
     seqs = [list(i) + list(t[:-1]) for i, t in zip(inputs, targets)]
+    groups = window_groups(model, [len(s) for s in seqs], _prompt_lens(row_kv), 0)
+    if groups is not None:  # a sliding window that padding would stretch: rows of equal length together
+        return _merge(
+            groups, len(seqs), lambda g: target_logprobs(model, tokenizer, *_pick(g, row_kv, inputs, targets))
+        )
     dev = model_device(model)
     if pack is None:
         pack = should_pack(model, seqs, row_kv)
@@ -107,9 +197,48 @@ def target_logprobs(
         padded, _, _ = forward_hidden(model, ids, mask, row_kv, read=pos)  # (B, T, d)
         hidden = padded.reshape(-1, padded.shape[-1])
     selected = hidden[torch.tensor(pos, device=dev)]  # (N_targets, d)
-    logits = model.get_output_embeddings()(selected).float()  # (N, V)
+    logits = lm_logits(model, selected).float()  # (N, V)
     logp = -F.cross_entropy(logits, torch.tensor(tgt, device=dev), reduction="none")  # (N,)
     return list(torch.split(logp, sizes))
+
+
+def _prompt_lens(row_kv: Sequence[PrefixKV | None]) -> list[int]:
+    return [0 if kv is None else int(kv[0][0].shape[2]) for kv in row_kv]
+
+
+def _pick(rows: Sequence[int], *columns: Sequence) -> list[list]:
+    """The entries ``rows`` of each per-row sequence in ``columns``."""
+    return [[col[i] for i in rows] for col in columns]
+
+
+def _merge(groups: Sequence[Sequence[int]], n: int, run: Callable[[Sequence[int]], list]) -> list:
+    """Per-row results of ``run`` on each group of row indices, back in row order."""
+    out: list = [None] * n
+    for g in groups:
+        for i, value in zip(g, run(g)):
+            out[i] = value
+    return out
+
+
+def _merged_steps(groups, n: int, steps: list[Iterator[list[int | None]]]) -> Iterator[list[int | None]]:
+    """One step of every group's decoding per yield, as one row-ordered list (``None`` for a finished group's
+    rows); ends when every group has ended. Closing it closes them all."""
+    try:
+        live = list(range(len(groups)))
+        while live:
+            row: list[int | None] = [None] * n
+            for k in list(live):
+                new = next(steps[k], None)
+                if new is None:
+                    live.remove(k)
+                    continue
+                for i, token in zip(groups[k], new):
+                    row[i] = token
+            if live:
+                yield row
+    finally:
+        for s in steps:
+            s.close()
 
 
 def should_pack(model, seqs, row_kv) -> bool:
@@ -194,8 +323,14 @@ def label_scores(
     sets. Inputs of different lengths run packed, without padding, where that costs less (``pack`` as in
     :func:`target_logprobs`); the continuations then use the same cache laid out padded.
     """
+    extra = max((len(lab) for labels in label_ids for lab in labels), default=0)
+    groups = window_groups(model, [len(i) for i in inputs], _prompt_lens(row_kv), extra)
+    if groups is not None:  # as in target_logprobs
+        return _merge(
+            groups, len(inputs), lambda g: label_scores(model, tokenizer, *_pick(g, row_kv, inputs, label_ids))
+        )
     dev = model_device(model)
-    head = model.get_output_embeddings()
+    head = logits_fn(model)
     if pack is None:
         pack = should_pack(model, inputs, row_kv)
     if pack:  # only each row's last position is read: the labels continue from the cache
@@ -396,11 +531,18 @@ def generate_steps(
     bsz = len(inputs)
     if max_new_tokens == 0 or bsz == 0:
         return
+    groups = window_groups(model, [len(i) for i in inputs], _prompt_lens(row_kv), max_new_tokens)
+    if groups is not None:  # as in target_logprobs: each group decodes on its own, one forward per group and step
+        options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+        yield from _merged_steps(
+            groups, bsz, [generate_steps(model, tokenizer, *_pick(g, row_kv, inputs), **options) for g in groups]
+        )
+        return
     eos = tokenizer.eos_token_id
     ids, mask = left_pad(inputs, _pad_id(tokenizer), model_device(model))
     read = [(b + 1) * ids.shape[1] - 1 for b in range(bsz)]  # each row's last position: its first new token
     hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True, read=read)
-    head = model.get_output_embeddings()
+    head = logits_fn(model)
     attn = prefix.attention_mask
     next_pos = prefix.position_ids[:, -1] + 1  # (B,)
     done = [False] * bsz

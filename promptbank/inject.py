@@ -288,6 +288,42 @@ def packing_saves(model: nn.Module, lengths: Sequence[int], prompt_lens: Sequenc
     return packed < 0.9 * padded and _packing_matches(model)
 
 
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's attention window in positions (Mistral, Gemma 2 / 3, Phi-3 ...), ``None`` when it attends to
+    every earlier position (no window, or one its config turns off)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or not getattr(text, "use_sliding_window", True):
+        return None
+    types = getattr(text, "layer_types", None)
+    if types and not any("sliding" in str(t) for t in types):
+        return None
+    return window
+
+
+def window_groups(
+    model: nn.Module, lengths: Sequence[int], prompt_lens: Sequence[int], extra: int
+) -> list[list[int]] | None:
+    """Where one left-padded batch would not give each row its own result on a sliding-window model, the rows in
+    groups that do: ``None`` when it does, else the row indices grouped by length (in order of first appearance).
+
+    A sliding window counts cache slots, not positions, and a padded row's padding sits between its soft prompt and
+    its tokens: a row shorter than the batch would see less of its prompt and early tokens than alone once its
+    prompt + the batch width + ``extra`` later positions (label or generated tokens) exceed the window. Rows of
+    equal length have no padding between prompt and tokens (prompts are right-aligned), so each group is exact."""
+    window = sliding_window(model)
+    if window is None or not lengths:
+        return None
+    width = max(lengths)
+    if all(n == width or p + width + extra <= window for n, p in zip(lengths, prompt_lens)):
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return list(groups.values())
+
+
 def _block_mask_allowed(model: nn.Module, span: int) -> bool:
     """Whether a custom block mask may stand in for the model's attention over sequences of ``span`` positions:
     :data:`PACKING` on, an attention implementation that takes a custom mask, and on sliding-window models
@@ -296,8 +332,8 @@ def _block_mask_allowed(model: nn.Module, span: int) -> bool:
     config = model.config
     if not PACKING or getattr(config, "_attn_implementation", None) not in _PACKABLE_ATTENTION:
         return False
-    window = getattr(config, "sliding_window", None)
-    return not (window and getattr(config, "use_sliding_window", True) and span > window)
+    window = sliding_window(model)
+    return not (window and span > window)
 
 
 def _additive_mask(allow: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -622,7 +622,8 @@ def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, re
     them: if it is longer, the last human message is cut to its first tokens until it fits (as the bank cuts an
     over-long input; the chat template's own tokens stay). Returns ``(ids, whether it was cut)``; ``room=None``
     (no position limit): never cut. Raises ``ValueError`` when even one token of that message leaves no room."""
-    ids = tokenizer(_render_chat(tokenizer, chat), add_special_tokens=False)["input_ids"]
+    # verbose=False: a conversation longer than the model takes is cut here, not a mistake to warn of
+    ids = tokenizer(_render_chat(tokenizer, chat), add_special_tokens=False, verbose=False)["input_ids"]
     if room is None or len(ids) <= room:
         return list(ids), False
     last = max((i for i, m in enumerate(chat) if m["role"] == "user"), default=len(chat) - 1)
@@ -631,7 +632,7 @@ def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, re
     while keep >= 1:
         text = tokenizer.decode(tokens[:keep], skip_special_tokens=True)
         cut = [*chat[:last], {**chat[last], "content": text}, *chat[last + 1 :]]
-        ids = tokenizer(_render_chat(tokenizer, cut), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_render_chat(tokenizer, cut), add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) <= room:
             return list(ids), True
         keep -= 1  # re-tokenizing a cut text can give more tokens (merges across the cut)

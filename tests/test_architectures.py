@@ -1,0 +1,204 @@
+"""Causal LMs whose forward changes the output embeddings' product (Gemma 2 / 3 soft-capping, Cohere's
+``logit_scale``, Granite's ``logits_scaling``): the bank's losses and label scores use the model's own logits, so
+training, ranking and sampling see the distribution the model (and a PEFT export of the task) defines. Tiny
+config-built models, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_tokenizer
+
+from promptbank import causal
+from promptbank.inject import prompt_kv
+
+V = len(make_tiny_tokenizer())
+SIZES = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def _model(arch: str):
+    import transformers
+
+    extra = {
+        "Gemma2": dict(head_dim=8, final_logit_softcapping=2.0),  # a low cap, so that it bites
+        "Cohere": dict(logit_scale=0.25),
+        "Granite": dict(logits_scaling=4.0),
+        "Llama": {},
+    }[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{arch}Config")(**SIZES, **extra)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["Gemma2", "Cohere", "Granite", "Llama"])
+def test_logits_and_target_logprobs_are_the_models_own(arch):
+    model = _model(arch)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        hidden = model.base_model(input_ids=ids).last_hidden_state
+        raw = model.get_output_embeddings()(hidden)
+        got = causal.lm_logits(model, hidden)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if arch != "Llama":  # the check can fail: the plain product is not the model's logits here
+        assert not torch.allclose(raw, want, atol=1e-3)
+    # behind a soft prompt: target log-probabilities = the model's own log-softmax over [prompt; tokens]
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randn(3, 32, generator=gen) * 0.1
+    inputs, targets = [10, 11, 12, 13], [14, 15]
+    with torch.no_grad():
+        (logp,) = causal.target_logprobs(
+            model, make_tiny_tokenizer(), [prompt_kv(model, {0: prompt})], [inputs], [targets], pack=False
+        )
+        emb = model.get_input_embeddings()(torch.tensor([inputs + targets]))
+        full = model(inputs_embeds=torch.cat([prompt[None], emb], 1)).logits[0].log_softmax(-1)
+    p = 3 + len(inputs) - 1  # the position predicting the first target token
+    torch.testing.assert_close(logp, full[[p, p + 1], targets], atol=1e-4, rtol=1e-4)
+
+
+def test_an_unknown_change_of_the_logits_warns_and_keeps_the_plain_product(monkeypatch):
+    model = _model("Llama")
+    real = type(model).forward
+
+    def shifted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out.logits = out.logits * 3.0 + 1.0  # an affine change no candidate explains
+        return out
+
+    monkeypatch.setattr(type(model), "forward", shifted)
+    hidden = torch.randn(1, 2, 32)
+    with pytest.warns(UserWarning, match="changes its logits in a way promptbank does not know"):
+        got = causal.lm_logits(model, hidden)
+    torch.testing.assert_close(got, model.get_output_embeddings()(hidden))
+
+
+# ---------------------------------------------------------------- sliding-window attention (Mistral, Gemma 2 / 3)
+
+
+def _windowed(arch: str, window: int):
+    import transformers
+
+    extra = {"head_dim": 8} if arch == "Gemma2" else {}
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{arch}Config")(**SIZES, sliding_window=window, **extra)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _reference_loglik(model, prompt, inp, lab) -> float:
+    """log p(label | prompt, input) from the model's own forward over [prompt; input; label] (no cache, no batch)."""
+    emb = model.get_input_embeddings()(torch.tensor([inp + lab]))
+    logp = model(inputs_embeds=torch.cat([prompt[None], emb], 1)).logits[0].log_softmax(-1)
+    first = prompt.shape[0] + len(inp) - 1
+    return sum(logp[first + j, t].item() for j, t in enumerate(lab))
+
+
+@pytest.mark.parametrize("arch", ["Mistral", "Gemma2"])
+def test_a_short_row_batched_with_a_long_one_sees_what_it_sees_alone(arch):
+    """A sliding window counts cache slots: in a left-padded batch a short row's padding would push its soft prompt
+    out of the window (it did: label scores off by 0.02-0.2, other generated tokens). Rows are now grouped by length
+    where that happens: batched label scores, target log-probabilities and greedy tokens equal each row alone and
+    the model's own uncached forward."""
+    window = 16
+    model, tok = _windowed(arch, window), make_tiny_tokenizer()
+    prompt = torch.randn(3, 32, generator=torch.Generator().manual_seed(2)) * 0.5
+    kv = prompt_kv(model, {0: prompt})
+    short, long_ = list(range(5, 12)), list(range(5, 5 + 3 * window))
+    labels = [[20, 21, 22], [23]]
+    with torch.no_grad():
+        batch = causal.label_scores(model, tok, [kv, kv], [short, long_], [labels, labels], pack=False)
+        for row, scores in zip((short, long_), batch):
+            want = torch.tensor([_reference_loglik(model, prompt, row, lab) for lab in labels])
+            torch.testing.assert_close(scores, want, atol=1e-4, rtol=1e-4)
+        lp = causal.target_logprobs(model, tok, [kv, kv], [short, long_], [[30, 31], [32, 33]], pack=False)
+        for row, tgt, got in zip((short, long_), ([30, 31], [32, 33]), lp):
+            assert got.sum().item() == pytest.approx(_reference_loglik(model, prompt, row, tgt), abs=1e-4)
+        together = causal.generate(model, tok, [kv, None, kv], [short, short, long_], max_new_tokens=6)
+        alone = [
+            causal.generate(model, tok, [k], [r], max_new_tokens=6)[0]
+            for k, r in ((kv, short), (None, short), (kv, long_))
+        ]
+    assert together == alone
+
+
+def test_rows_are_grouped_only_where_the_window_needs_it():
+    from promptbank.inject import sliding_window, window_groups
+
+    llama, mistral = _model("Llama"), _windowed("Mistral", 16)
+    assert sliding_window(llama) is None and sliding_window(mistral) == 16
+    assert window_groups(llama, [3, 40], [5, 5], 10) is None  # no window
+    assert window_groups(mistral, [3, 8], [3, 3], 4) is None  # prompt + width + extra = 15: within it
+    assert window_groups(mistral, [9, 9], [3, 3], 10) is None  # equal lengths: no padding
+    assert window_groups(mistral, [3, 9, 3, 5], [3, 0, 3, 3], 4) is None  # 3 + 9 + 4 = 16: just within
+    assert window_groups(mistral, [3, 9, 3, 5], [3, 0, 3, 3], 5) == [[0, 2], [1], [3]]
+
+
+# ---------------------------------------------------------------- the whole bank on other layouts
+
+LAYOUTS = {
+    "GPTNeoX": dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "OPT": dict(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4),
+    "Phi3": dict(SIZES, pad_token_id=V - 1),
+    "Gemma2": dict(SIZES, head_dim=8),
+    "Falcon": dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "GPTBigCode": dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=256),
+}
+ROWS = [
+    {"text": f"the weather is {w} {i}", "label": lab} for i in range(6) for w, lab in (("wet", "rain"), ("warm", "sun"))
+]
+ECHO = [{"input": f"repeat {w}", "target": w} for w in ("cat", "dog", "sky", "sea", "sun", "car", "hat", "pen")]
+
+
+@pytest.mark.parametrize("arch", list(LAYOUTS))
+def test_learn_predict_generate_and_peft_export_on_other_layouts(arch, tmp_path):
+    """Each method learns, a mixed batch predicts and generates as its rows alone, and the deep prompt's PEFT
+    export gives the bank's logits, on decoder layouts other than Llama / Qwen2 / Mistral / GPT-2."""
+    import transformers
+    from conftest import fast_options
+
+    from promptbank import PromptBank
+    from promptbank.backbone import from_model
+    from promptbank.embed import HashingEmbedder
+    from promptbank.inject import forward_hidden
+
+    peft = pytest.importorskip("peft")
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, f"{arch}Config")(**LAYOUTS[arch]))
+    bank = PromptBank(from_model(model, tok, name=f"tiny-{arch}"), HashingEmbedder(64))
+    bank.learn_task("w", ROWS, num_virtual_tokens=3, **fast_options(max_steps=2))
+    bank.learn_task("d", ROWS, method="deep", num_virtual_tokens=4, **fast_options(max_steps=2))
+    bank.learn_task("g", ECHO, method="ptuning_mlp", num_virtual_tokens=3, **fast_options(max_steps=2))
+    texts, tasks = (
+        ["the weather is grey", "a long sentence about the weather being cold and wet", "warm"],
+        ["w", "d", "w"],
+    )
+    mixed = bank.predict(texts, task=tasks)
+    for text, task, got in zip(texts, tasks, mixed):
+        alone = bank.predict([text], task=task)[0]
+        assert got.output == alone.output and got.label_scores == pytest.approx(alone.label_scores, abs=1e-4)
+    gen_texts, gen_tasks = ["repeat cat", "hello", "repeat a dog"], ["g", None, "g"]
+    together = bank.generate(gen_texts, gen_tasks, max_new_tokens=4)
+    assert together == [bank.generate([t], [k], max_new_tokens=4)[0] for t, k in zip(gen_texts, gen_tasks)]
+    bank.save(tmp_path / "bank")
+    ids = causal.encode_input(tok, "the weather is cold")
+    mask = torch.ones(1, len(ids), dtype=torch.long)
+    with torch.no_grad():
+        hidden, _, _ = forward_hidden(model, torch.tensor([ids]), mask, [bank.prompt_prefix("d")])
+        ours = causal.lm_logits(model, hidden)[0]
+        theirs = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "d"))
+        theirs = theirs(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -len(ids) :]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
