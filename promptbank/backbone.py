@@ -214,8 +214,9 @@ def _infer_kind(model: PreTrainedModel) -> str:
     if hasattr(getattr(base, "encoder", None), "layer") and not getattr(model.config, "is_decoder", False):
         return "encoder"
     raise PromptBankError(
-        f"{type(model).__name__} is neither a causal LM nor a BERT-family encoder; pass kind= explicitly "
-        "if it is one of those."
+        f"{type(model).__name__} is neither a causal LM nor a BERT-family encoder with an encoder.layer stack (BERT, "
+        "RoBERTa, XLM-R, MPNet, ELECTRA, DeBERTa, MiniLM; DistilBERT and ModernBERT are not supported); pass kind= "
+        "explicitly if it is one of those."
     )
 
 

@@ -1702,8 +1702,14 @@ class PromptBank:
     def _encoder_tokens(self, max_tokens: int, *, warn: bool = False) -> int:
         """``max_tokens`` capped at the encoder's position limit (its config's, and its tokenizer's
         ``model_max_length`` when set), so that no row runs past the position table (an IndexError otherwise);
-        ``warn``: say so when the cap bites (training, where ``max_input_tokens`` was asked for)."""
-        caps = [_max_positions(self.backbone.model), getattr(self.backbone.tokenizer, "model_max_length", None)]
+        ``warn``: say so when the cap bites (training, where ``max_input_tokens`` was asked for). The RoBERTa family
+        numbers positions from ``padding_idx + 1``, which takes that many from its table."""
+        from .encoder import position_offset
+
+        model = self.backbone.model
+        table = _max_positions(model)
+        table = None if table is None else table - position_offset(model)
+        caps = [table, getattr(self.backbone.tokenizer, "model_max_length", None)]
         limit = min((c for c in caps if isinstance(c, int) and 0 < c < 1_000_000), default=max_tokens)
         if warn and max_tokens > limit:
             warnings.warn(

@@ -14,6 +14,7 @@ pooling all-MiniLM-L6-v2 was trained with); each task has a small linear head on
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,6 +31,43 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     if layers is None:
         raise TypeError(f"cannot find the encoder layers of {type(model).__name__}")
     return layers
+
+
+# Per model: the position id of a row's first token in its own forward (found once, on first use).
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def position_offset(model: nn.Module) -> int:
+    """Position id the model's own forward gives a row's first token: 0 for BERT-style embeddings,
+    ``padding_idx + 1`` for the RoBERTa family (RoBERTa, XLM-R, CamemBERT ...), whose embeddings number positions
+    from after the padding index. :func:`pooled` passes position ids explicitly (prompt positions come first), so
+    it must start where the model would; which candidate does is checked once per model against its forward."""
+    offset = _OFFSETS.get(model)
+    if offset is None:
+        offset = _OFFSETS[model] = _find_offset(model)
+    return offset
+
+
+def _find_offset(model: nn.Module) -> int:
+    base = model.base_model
+    pad = getattr(getattr(base, "embeddings", None), "padding_idx", None)
+    if not isinstance(pad, int) or pad < 0:
+        return 0
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model_device(model)
+    ids = torch.tensor([[(pad + k) % vocab for k in (3, 4, 5, 6)]], device=device)  # no padding token among them
+    mask = torch.ones_like(ids)
+    try:
+        with torch.no_grad():
+            want = base(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            for offset in (0, pad + 1):
+                positions = torch.arange(ids.shape[1], device=device)[None] + offset
+                got = base(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state.float()
+                if torch.allclose(got, want, rtol=1e-3, atol=1e-3 * max(want.abs().max().item(), 1.0)):
+                    return offset
+    except Exception:  # a model that takes no position ids: nothing to align
+        return 0
+    return 0
 
 
 class _RowOverwrite:
@@ -68,7 +106,8 @@ def pooled(
     (or none).
 
     Layout of a row: ``[P_max prompt positions | tokens | right padding]``; a row whose prompt is shorter than
-    ``P_max`` has its first positions masked. Token position ids start at 0, as without a prompt.
+    ``P_max`` has its first positions masked. Token position ids start where the model's own forward starts them
+    (:func:`position_offset`: 0, or ``padding_idx + 1`` for the RoBERTa family), as without a prompt.
     """
     bsz = len(seqs)
     if len(row_prompts) != bsz:
@@ -76,13 +115,14 @@ def pooled(
     lens = [0 if p is None else p[0].shape[0] for p in row_prompts]
     p_max, width = max(lens), max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    offset = position_offset(model)
     ids = torch.full((bsz, p_max + width), pad, dtype=torch.long)
     mask = torch.zeros((bsz, p_max + width), dtype=torch.long)
     positions = torch.zeros((bsz, p_max + width), dtype=torch.long)
     for b, (s, n) in enumerate(zip(seqs, lens)):
         ids[b, p_max : p_max + len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[b, p_max - n : p_max + len(s)] = 1
-        positions[b, p_max : p_max + len(s)] = torch.arange(len(s))
+        positions[b, p_max : p_max + len(s)] = torch.arange(len(s)) + offset
     device = model_device(model)  # built on the CPU above, moved in one copy each
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
 

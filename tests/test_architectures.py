@@ -202,3 +202,61 @@ def test_learn_predict_generate_and_peft_export_on_other_layouts(arch, tmp_path)
         theirs = peft.PeftModel.from_pretrained(model, str(tmp_path / "bank" / "tasks" / "d"))
         theirs = theirs(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -len(ids) :]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- encoders: positions as the model numbers them
+
+ENCODERS = {
+    "Bert": {},
+    "Roberta": dict(pad_token_id=1),  # positions from padding_idx + 1 = 2
+    "MPNet": dict(pad_token_id=1),  # likewise (all-mpnet-base-v2's family)
+    "Electra": dict(embedding_size=32),
+}
+
+
+def _encoder(arch: str, **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = getattr(transformers, f"{arch}Config")(**{**sizes, "max_position_embeddings": 64, **ENCODERS[arch], **kw})
+    return getattr(transformers, f"{arch}Model")(config).eval()
+
+
+@pytest.mark.parametrize("arch", list(ENCODERS))
+def test_encoder_rows_get_the_positions_of_the_models_own_forward(arch):
+    """pooled() passes position ids itself (soft-prompt positions come first); they start where the model's own
+    forward starts them (RoBERTa, MPNet: after the padding index; before, at 0, so every token read the position
+    embedding of another place). A row without a prompt is the model's own mean-pooled output; prompted rows in a
+    mixed batch equal each row alone."""
+    from promptbank.encoder import pooled, position_offset
+
+    model, tok = _encoder(arch), make_tiny_tokenizer()
+    assert position_offset(model) == (2 if arch in ("Roberta", "MPNet") else 0)
+    seq = [10, 20, 30, 40, 50]
+    prompts = [{0: torch.randn(3, 32), 1: torch.randn(3, 32)}, None, {0: torch.randn(2, 32)}]
+    seqs = [seq, seq, [7, 8]]
+    with torch.no_grad():
+        native = model(input_ids=torch.tensor([seq])).last_hidden_state[0].mean(0)
+        batch = pooled(model, tok, seqs, prompts)
+        alone = torch.cat([pooled(model, tok, [s], [p]) for s, p in zip(seqs, prompts)])
+    torch.testing.assert_close(batch[1], native, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_an_encoder_numbering_positions_from_an_offset_caps_inputs_to_what_is_left(tmp_path):
+    """A RoBERTa-style table of 24 positions starting at 2 holds 22 tokens: longer inputs are cut there (an
+    IndexError before, once the offset was applied) with the training warning naming the 22."""
+    from conftest import fast_options
+
+    from promptbank import PromptBank
+    from promptbank.backbone import from_model
+    from promptbank.embed import HashingEmbedder
+
+    tok = make_tiny_tokenizer()
+    tok.model_max_length = 10**30  # no tokenizer limit: the position table is what binds
+    bank = PromptBank(from_model(_encoder("Roberta", max_position_embeddings=24), tok, name="r"), HashingEmbedder(64))
+    rows = [{"text": "word " * 30 + str(i), "label": "ab"[i % 2]} for i in range(8)]
+    with pytest.warns(UserWarning, match="more than the encoder's 22 positions"):
+        bank.learn_task("t", rows, num_virtual_tokens=2, max_input_tokens=64, **fast_options(max_steps=2))
+    assert bank.predict(["word " * 40], task="t")[0].output in ("a", "b")
