@@ -220,8 +220,35 @@ def _infer_kind(model: PreTrainedModel) -> str:
     )
 
 
+def _check_attention_cache(model: PreTrainedModel) -> None:
+    """Refuse a causal LM that keeps anything but attention keys/values in its cache (state-space or linear-attention
+    layers: Mamba, RWKV-style and hybrid models): a soft prompt is run once and reused as a key/value prefix, which
+    such a layer cannot take. Decided from the cache layers its config asks for, before any forward."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config the cache cannot read: the first soft prompt's forward will tell
+        return
+    odd = sorted(
+        {
+            type(layer).__name__
+            for layer in layers
+            if not isinstance(layer, DynamicLayer) or "Linear" in type(layer).__name__
+        }
+    )
+    if odd:
+        raise PromptBankError(
+            f"{type(model).__name__} keeps a recurrent or linear-attention state in some layers ({', '.join(odd)}); "
+            "promptbank's soft prompts are per-layer key/value prefixes and need attention in every layer"
+        )
+
+
 def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, kind: str) -> Backbone:
     """Freeze the model, prepare the tokenizer and wrap both."""
+    if kind == "causal_lm":
+        _check_attention_cache(model)
     freeze(model)
     _prepare_tokenizer(tokenizer)
     gen = getattr(model, "generation_config", None)

@@ -260,3 +260,16 @@ def test_an_encoder_numbering_positions_from_an_offset_caps_inputs_to_what_is_le
     with pytest.warns(UserWarning, match="more than the encoder's 22 positions"):
         bank.learn_task("t", rows, num_virtual_tokens=2, max_input_tokens=64, **fast_options(max_steps=2))
     assert bank.predict(["word " * 40], task="t")[0].output in ("a", "b")
+
+
+def test_a_model_without_attention_in_every_layer_is_refused_clearly():
+    """State-space layers (Mamba) keep a recurrent state, not keys/values: no soft-prompt prefix fits them. Refused
+    when the backbone is made (an AttributeError deep in the first training step before)."""
+    import transformers
+
+    from promptbank.backbone import from_model
+    from promptbank.errors import PromptBankError
+
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2))
+    with pytest.raises(PromptBankError, match="MambaForCausalLM keeps a recurrent or linear-attention state"):
+        from_model(model, make_tiny_tokenizer(), name="mamba")
