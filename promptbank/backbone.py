@@ -643,7 +643,7 @@ def load_backbone(
             access is allowed.
         dtype: dtype to load the weights in (stay in fp32 on CPU).
         cache: promptbank cache folder for the default model (default :func:`cache_dir`).
-        kind: backbone kind; only ``"causal_lm"`` for now.
+        kind: ``"causal_lm"`` (default) or ``"encoder"`` (a BERT-family encoder, for classification).
         device: device to move the model to after loading (default: where it loads, CPU).
         local_files_only: for hub-style ids, never contact a hub. ``None``: try the local
             Hugging Face cache first, then the hub unless ``HF_HUB_OFFLINE`` is set.

@@ -312,6 +312,8 @@ class PromptBank:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
         if "{input}" not in template:
             raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        if not self.is_encoder:  # inputs start as the tokenizer starts a text (its BOS token, if it adds one)
+            template = causal.with_bos(self.backbone.tokenizer, template)
         pconf = PromptConfig(
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
@@ -1005,6 +1007,8 @@ class PromptBank:
         template = t.record.template if template is None else template
         if "{input}" not in template:
             raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        if not self.is_encoder:  # inputs start as the tokenizer starts a text (its BOS token, if it adds one)
+            template = causal.with_bos(self.backbone.tokenizer, template)
         pconf = PromptConfig(
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
@@ -1152,6 +1156,8 @@ class PromptBank:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
         if "{input}" not in template:
             raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        if not self.is_encoder:  # as in learn_task: PEFT users feed the tokenizer's ids, BOS included
+            template = causal.with_bos(self.backbone.tokenizer, template)
         if self.is_encoder:
             raise AdapterError(
                 f"{folder}: PEFT prompt adapters are imported into causal-LM banks only; backbone "
@@ -1561,7 +1567,7 @@ class PromptBank:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return causal.encode_input(tok, text, causal.with_bos(tok, "{input}"))
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(

@@ -116,8 +116,56 @@ def _find_logits(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return head
 
 
+def bos_text(tokenizer) -> str | None:
+    """The beginning-of-sequence token as text, where the tokenizer starts every text with it by default (Llama,
+    Gemma, Mistral ...: their models were trained with it first), else ``None`` (GPT-2, Qwen, SmolLM2 ...). Only a
+    token that reads back as itself from its text counts."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, str) or not bos or bos_id is None:
+        return None
+    key = (bos, bos_id)
+    try:
+        known = _BOS.get(tokenizer)
+    except TypeError:  # not weakly referable: no memo
+        known = None
+    if known is not None and known[0] == key:
+        return known[1]
+    try:
+        default = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        as_text = tokenizer(bos, add_special_tokens=False)["input_ids"]
+    except Exception:
+        return None
+    found = bos if default[:1] == [bos_id] and plain[:1] != [bos_id] and list(as_text) == [bos_id] else None
+    try:
+        _BOS[tokenizer] = (key, found)
+    except TypeError:
+        pass
+    return found
+
+
+# Per tokenizer: ((bos token, id), bos_text's answer), so that a per-row caller does not re-tokenize
+_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def with_bos(tokenizer, template: str) -> str:
+    """``template`` with the tokenizer's :func:`bos_text` in front (unless it starts with it already): a task's
+    inputs then start as the tokenizer starts any text, right after the soft prompt, as in PEFT, where the prompt
+    goes before the tokenized input. Templates of tokenizers without one are unchanged."""
+    bos = bos_text(tokenizer)
+    return template if bos is None or template.startswith(bos) else bos + template
+
+
 def encode_input(tokenizer, text: str, template: str = DEFAULT_TEMPLATE) -> list[int]:
-    return tokenizer(template.format(input=text), add_special_tokens=False)["input_ids"]
+    """Token ids of ``text`` in ``template``, no special tokens added. A templated text that starts with the
+    tokenizer's :func:`bos_text` is encoded as the BOS id followed by the rest, so that the rest tokenizes as the
+    start of a text does (SentencePiece tokenizers treat text right after a special token differently), the ids the
+    tokenizer itself gives the text without the BOS prefix."""
+    full = template.format(input=text)
+    bos = bos_text(tokenizer)
+    if bos is not None and full.startswith(bos):
+        return [tokenizer.bos_token_id, *tokenizer(full[len(bos) :], add_special_tokens=False)["input_ids"]]
+    return tokenizer(full, add_special_tokens=False)["input_ids"]
 
 
 def encode_target(tokenizer, target: str, max_tokens: int | None = None) -> list[int]:

@@ -273,3 +273,44 @@ def test_a_model_without_attention_in_every_layer_is_refused_clearly():
     model = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2))
     with pytest.raises(PromptBankError, match="MambaForCausalLM keeps a recurrent or linear-attention state"):
         from_model(model, make_tiny_tokenizer(), name="mamba")
+
+
+# ---------------------------------------------------------------- tokenizers that start every text with BOS
+
+
+def _bos_tokenizer():
+    """The tiny byte-level tokenizer, but starting every text with <s> by default (as Llama's, Gemma's, Mistral's)."""
+    from tokenizers import processors
+
+    tok = make_tiny_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return tok
+
+
+def test_task_inputs_start_with_bos_where_the_tokenizer_starts_texts_with_it(hashing_embedder):
+    """Such models were trained with BOS first; a task's input now starts with it right after the soft prompt, as a
+    PEFT prompt goes before the tokenizer's ids (BOS included). Stored in the task's template, so banks made
+    before keep their inputs; tokenizers that add nothing (SmolLM2's, GPT-2's) are unchanged."""
+    from conftest import fast_options, make_tiny_model
+
+    from promptbank import PromptBank
+    from promptbank.backbone import from_model
+
+    plain, bos_tok = make_tiny_tokenizer(), _bos_tokenizer()
+    assert causal.bos_text(plain) is None and causal.bos_text(bos_tok) == "<s>"
+    assert causal.with_bos(plain, "{input}") == "{input}" and causal.with_bos(bos_tok, "<s>{input}") == "<s>{input}"
+    bank = PromptBank(from_model(make_tiny_model(len(bos_tok)), bos_tok, name="bos"), hashing_embedder)
+    rec = bank.learn_task("w", ROWS, num_virtual_tokens=3, **fast_options(max_steps=2))
+    assert rec.template == "<s>" + causal.DEFAULT_TEMPLATE
+    ids = causal.encode_input(bos_tok, "the weather is wet", rec.template)
+    assert ids[0] == bos_tok.bos_token_id and ids.count(bos_tok.bos_token_id) == 1
+    # what a PEFT user feeds: the tokenizer's own ids of the templated text, BOS included
+    assert ids == bos_tok(causal.DEFAULT_TEMPLATE.format(input="the weather is wet"))["input_ids"]
+    assert bank.predict(["the weather is wet"], task="w")[0].output in ("rain", "sun")
+    assert bank._plain_input("hello")[0] == bos_tok.bos_token_id  # the plain backbone too (no chat template)
+    other = PromptBank(from_model(make_tiny_model(len(plain)), plain, name="plain"), hashing_embedder)
+    assert (
+        other.learn_task("w", ROWS, num_virtual_tokens=3, **fast_options(max_steps=2)).template
+        == causal.DEFAULT_TEMPLATE
+    )

@@ -623,7 +623,7 @@ def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, re
     over-long input; the chat template's own tokens stay). Returns ``(ids, whether it was cut)``; ``room=None``
     (no position limit): never cut. Raises ``ValueError`` when even one token of that message leaves no room."""
     # verbose=False: a conversation longer than the model takes is cut here, not a mistake to warn of
-    ids = tokenizer(_render_chat(tokenizer, chat), add_special_tokens=False, verbose=False)["input_ids"]
+    ids = _chat_ids(tokenizer, chat)
     if room is None or len(ids) <= room:
         return list(ids), False
     last = max((i for i, m in enumerate(chat) if m["role"] == "user"), default=len(chat) - 1)
@@ -632,7 +632,7 @@ def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, re
     while keep >= 1:
         text = tokenizer.decode(tokens[:keep], skip_special_tokens=True)
         cut = [*chat[:last], {**chat[last], "content": text}, *chat[last + 1 :]]
-        ids = tokenizer(_render_chat(tokenizer, cut), add_special_tokens=False, verbose=False)["input_ids"]
+        ids = _chat_ids(tokenizer, cut)
         if len(ids) <= room:
             return list(ids), True
         keep -= 1  # re-tokenizing a cut text can give more tokens (merges across the cut)
@@ -642,10 +642,17 @@ def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, re
     )
 
 
+def _chat_ids(tokenizer, chat: list[dict[str, str]]) -> list[int]:
+    """Token ids of :func:`_render_chat`'s text (a leading BOS token as its id, as :func:`causal.encode_input`)."""
+    return list(causal.encode_input(tokenizer, _render_chat(tokenizer, chat), "{input}"))
+
+
 def _render_chat(tokenizer, chat: list[dict[str, str]]) -> str:
     """The conversation through the tokenizer's chat template, ending with the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        return "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+    if not getattr(tokenizer, "chat_template", None):  # (a chat template writes the BOS token itself, if any)
+        return (
+            (causal.bos_text(tokenizer) or "") + "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+        )
     errors = []
     for candidate in _orderings(chat):
         try:
