@@ -517,12 +517,13 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Decode new tokens for each row (greedy when ``temperature == 0``); EOS ends a row and is not returned.
+    """Decode new tokens for each row (greedy when ``temperature == 0``); an end token (:func:`end_token_ids`) ends
+    a row and is not returned.
 
     One forward per step for the whole (possibly mixed-task) batch; see :func:`generate_steps`.
     """
     outputs: list[list[int]] = [[] for _ in inputs]
-    eos = tokenizer.eos_token_id
+    ends = end_token_ids(model, tokenizer)
     for step in generate_steps(
         model,
         tokenizer,
@@ -534,9 +535,19 @@ def generate(
         generator=generator,
     ):
         for out, tok in zip(outputs, step):
-            if tok is not None and tok != eos:
+            if tok is not None and tok not in ends:
                 out.append(tok)
     return outputs
+
+
+def end_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Tokens that end a generated answer: the tokenizer's EOS (a task's targets are trained to end with it) and the
+    model's generation-config end tokens (chat models often end a turn with another: Gemma's ``<end_of_turn>``,
+    Llama 3's ``<|eot_id|>``)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return {int(i) for i in ids if i is not None}
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -569,8 +580,8 @@ def generate_steps(
 
     Same forwards and sampling as :func:`generate` (same tokens for the same seed), but lazy: each ``next()`` runs
     one forward for the whole batch, so a caller can stream tokens, stop early (closing the generator runs no
-    further forward) or hold a lock per step. A row's EOS is yielded once; after it the row yields ``None``.
-    Iteration ends after ``max_new_tokens`` steps or once every row has produced EOS.
+    further forward) or hold a lock per step. A row's end token (:func:`end_token_ids`) is yielded once; after it
+    the row yields ``None``. Iteration ends after ``max_new_tokens`` steps or once every row has ended.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -586,7 +597,7 @@ def generate_steps(
             groups, bsz, [generate_steps(model, tokenizer, *_pick(g, row_kv, inputs), **options) for g in groups]
         )
         return
-    eos = tokenizer.eos_token_id
+    ends = end_token_ids(model, tokenizer)
     ids, mask = left_pad(inputs, _pad_id(tokenizer), model_device(model))
     read = [(b + 1) * ids.shape[1] - 1 for b in range(bsz)]  # each row's last position: its first new token
     hidden, cache, prefix = forward_hidden(model, ids, mask, row_kv, use_cache=True, read=read)
@@ -604,7 +615,7 @@ def generate_steps(
                 new.append(None)
             else:
                 new.append(int(nxt[b]))
-                done[b] = eos is not None and new[b] == eos
+                done[b] = new[b] in ends
         yield new
         if all(done) or step == max_new_tokens - 1:
             return

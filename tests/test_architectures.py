@@ -314,3 +314,19 @@ def test_task_inputs_start_with_bos_where_the_tokenizer_starts_texts_with_it(has
         other.learn_task("w", ROWS, num_virtual_tokens=3, **fast_options(max_steps=2)).template
         == causal.DEFAULT_TEMPLATE
     )
+
+
+def test_generation_ends_at_the_models_own_end_of_turn_token(tiny_bank):
+    """Chat models often end a turn with a token other than the tokenizer's EOS (Gemma's <end_of_turn>, Llama 3's
+    <|eot_id|>), listed in their generation config: bank.generate now stops there too (it ran on to the token
+    limit before), as PTunedLLM did."""
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    ids = causal.encode_input(tok, "the weather today")
+    first = causal.generate(model, tok, [None], [ids], max_new_tokens=12)[0]
+    k = next(i for i in range(1, len(first)) if first[i] not in first[:i])  # a token not generated before it
+    model.generation_config.eos_token_id = [tok.eos_token_id, first[k]]  # it ends a turn
+    try:
+        assert causal.generate(model, tok, [None], [ids], max_new_tokens=12)[0] == first[:k]
+        assert causal.end_token_ids(model, tok) == {tok.eos_token_id, first[k]}
+    finally:
+        model.generation_config.eos_token_id = tok.eos_token_id

@@ -340,7 +340,7 @@ class PTunedLLM(BaseChatModel):
         generator = None
         if opts.seed is not None:
             generator = torch.Generator(device=bank.backbone.device).manual_seed(opts.seed)
-        end_ids = _end_token_ids(model, tok)
+        end_ids = causal.end_token_ids(model, tok)
         steps = causal.generate_steps(
             model,
             tok,
@@ -557,14 +557,6 @@ def _partial_stop(text: str, stops: Sequence[str]) -> int:
 def _usage(row: _Row, dec: _RowText) -> UsageMetadata:
     n_in, n_out = len(row.ids), dec.n_tokens
     return UsageMetadata(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out)
-
-
-def _end_token_ids(model, tokenizer) -> set[int]:
-    """EOS of the tokenizer plus the generation config's end tokens (chat models often end turns with another)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    return {int(i) for i in ids if i is not None}
 
 
 def _check_options(task, max_tokens, temperature, top_p, *, known: set[str] | None = None) -> None:
