@@ -242,8 +242,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="train another prompt variant of existing task NAME instead of a new task (same labels; it does not "
         "serve until promoted, see compare / promote)",
     )
+    p.add_argument(
+        "--template",
+        metavar="TEXT",
+        help="causal LMs: how an input is shown to the model, with {input} where it goes; \\n is a line break "
+        "(default: '{input}\\nAnswer:')",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_learn)
+
+    p = command(
+        "resume",
+        "continue training task NAME's soft prompt from its stored state on DATA (routing keys are kept)",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("data", metavar="DATA", help="training data, as for learn")
+    p.add_argument("--dev", metavar="FILE", help="dev data (default: hold out part of DATA)")
+    _add_columns_option(p)
+    p.add_argument("--steps", type=_positive_int, metavar="N", help="more optimizer steps (default: the task's)")
+    p.add_argument("--lr", type=_positive_float, metavar="X", help="learning rate (default: the task's)")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="examples per step (default: the task's)")
+    p.add_argument("--seed", type=int, metavar="N", help="random seed (default: the task's)")
+    p.add_argument("--variant", metavar="VARIANT", help="resume this prompt variant instead of the serving one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_resume)
 
     p = command("list", "list the tasks in the bank")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -481,6 +503,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from .bank import validate_task_name
 
     validate_task_name(args.name)  # fail before loading any model
+    _template(args)  # likewise (a usage error)
     if args.variant is not None:
         return _learn_variant(args)
     for label, path in (("data", args.data), ("dev data", args.dev)):
@@ -501,6 +524,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         label_words=args.label_words,
         num_virtual_tokens=args.tokens,
         layers=args.layers,
+        **_template(args),
         **options,
     )
     bank.save(args.bank)
@@ -562,6 +586,44 @@ def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _template(args: argparse.Namespace) -> dict[str, str]:
+    """``template=`` for learn_task / learn_variant when --template was given (a usage error without {input})."""
+    if args.template is None:
+        return {}
+    if "{input}" not in args.template:
+        args._parser.error(f"--template must contain {{input}}, got {args.template!r}")
+    return {"template": args.template.replace("\\n", "\n")}
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    for label, path in (("data", args.data), ("dev data", args.dev)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{label} file {path} not found")
+    bank = _open_bank(args)
+    records = bank.variants(args.name)  # an unknown task: a one-line error
+    key = args.variant or bank.tasks[args.name].variant
+    before = records[key].steps if key in records else 0  # (an unknown variant: resume_task says so)
+    options: dict[str, Any] = {"progress": not args.quiet}
+    for key, value in (
+        ("max_steps", args.steps),
+        ("lr", args.lr),
+        ("batch_size", args.batch_size),
+        ("seed", args.seed),
+    ):
+        if value is not None:
+            options[key] = value
+    record = bank.resume_task(
+        args.name, _data(args, args.data), dev=_data(args, args.dev), variant=args.variant, **options
+    )
+    bank.save(args.bank)
+    print(
+        f"resumed {record.name!r} (variant {record.variant!r}): {record.steps - before} more steps ({record.steps} in "
+        f"all, best {record.best_step}), dev loss {_fmt(record.dev_loss)}, {_dev_accuracy(record, bank.is_encoder)}; "
+        f"saved {args.bank}"
+    )
+    return 0
+
+
 def _learn_variant(args: argparse.Namespace) -> int:
     from .bank import validate_task_name
 
@@ -585,6 +647,7 @@ def _learn_variant(args: argparse.Namespace) -> int:
         dev=_data(args, args.dev),
         num_virtual_tokens=args.tokens,
         layers=args.layers,
+        **_template(args),
         **_learn_options(args),
     )
     bank.save(args.bank)

@@ -629,3 +629,48 @@ def test_learn_sets_the_input_and_target_token_caps(workdir, model_opts, tmp_pat
     assert train_config["max_input_tokens"] == 12 and train_config["max_target_tokens"] == 9
     rc, _, err = run(capsys, *model_opts, "learn", "u", str(data), "--bank", str(bank), "--max-input-tokens", "0")
     assert rc == 2 and "--max-input-tokens" in err
+
+
+def test_learn_with_a_template_and_resume_from_the_cli(workdir, model_opts, tmp_path, capsys):
+    """--template sets how inputs are shown (\\n a line break; without {input} a usage error); resume continues the
+    stored prompt: more steps, the same routing keys, the new total printed; an unknown task is a one-line error."""
+    bank = tmp_path / "b"
+    rc, _, err = run(
+        capsys,
+        *model_opts,
+        "learn",
+        "t",
+        str(workdir / "billing.jsonl"),
+        "--bank",
+        str(bank),
+        "--template",
+        "Ticket: {input}\\nQueue:",
+        *FAST,
+    )
+    assert rc == 0, err
+    manifest = json.loads((bank / "promptbank.json").read_text())
+    assert manifest["tasks"]["t"]["template"] == "Ticket: {input}\nQueue:"
+    steps, keys = manifest["tasks"]["t"]["steps"], (bank / "tasks" / "t" / "keys.safetensors").read_bytes()
+    rc, out, err = run(
+        capsys,
+        *model_opts,
+        "resume",
+        "t",
+        str(workdir / "billing.jsonl"),
+        "--bank",
+        str(bank),
+        "--steps",
+        "2",
+        "--quiet",
+    )
+    assert rc == 0, err
+    manifest = json.loads((bank / "promptbank.json").read_text())
+    assert manifest["tasks"]["t"]["steps"] == steps + 2 and f"2 more steps ({steps + 2} in all" in out
+    assert (bank / "tasks" / "t" / "keys.safetensors").read_bytes() == keys
+    rc, _, err = run(capsys, *model_opts, "resume", "nope", str(workdir / "billing.jsonl"), "--bank", str(bank))
+    assert rc == 1
+    assert_one_line_error(err, "nope")
+    rc, _, err = run(
+        capsys, *model_opts, "learn", "u", str(workdir / "billing.jsonl"), "--bank", str(bank), "--template", "x"
+    )
+    assert rc == 2 and "--template must contain {input}" in err
