@@ -1139,7 +1139,9 @@ class PromptBank:
         ``token_dim`` = the hidden size). P-Tuning adapters hold the encoder's output embeddings (what PEFT saves),
         so they import as their folded prompt. Pickle files (``adapter_model.bin``) are refused, never loaded.
         The adapter was trained with some input format: pass the same ``template`` (PEFT's own is the raw text,
-        ``"{input}"``) for the bank's outputs to equal the adapter's.
+        ``"{input}"``) for the bank's outputs to equal the adapter's. Where the tokenizer starts every text with a
+        BOS token, the template gets it in front, as the tokenizer's ids that PEFT was fed had it
+        (:func:`promptbank.causal.with_bos`).
 
         ``data`` (rows as for :meth:`learn_task`, ``dev`` too) gives the example inputs for the routing keys and
         threshold, and the label set (or ``labels=``) of a classification task (``label_words``: the texts the
