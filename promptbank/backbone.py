@@ -211,12 +211,13 @@ def _infer_kind(model: PreTrainedModel) -> str:
     if type(model).__name__.endswith("ForCausalLM") or (hasattr(model, "can_generate") and model.can_generate()):
         return "causal_lm"
     base = getattr(model, "base_model", model)
-    if hasattr(getattr(base, "encoder", None), "layer") and not getattr(model.config, "is_decoder", False):
+    if not getattr(model.config, "is_decoder", False) and (
+        hasattr(getattr(base, "encoder", None), "layer") or _is_masked_lm_type(model.config)
+    ):
         return "encoder"
     raise PromptBankError(
-        f"{type(model).__name__} is neither a causal LM nor a BERT-family encoder with an encoder.layer stack (BERT, "
-        "RoBERTa, XLM-R, MPNet, ELECTRA, DeBERTa, MiniLM; DistilBERT and ModernBERT are not supported); pass kind= "
-        "explicitly if it is one of those."
+        f"{type(model).__name__} is neither a causal LM nor a BERT-family encoder; pass kind= explicitly if it is "
+        "one of those."
     )
 
 
@@ -243,6 +244,16 @@ def _check_attention_cache(model: PreTrainedModel) -> None:
             f"{type(model).__name__} keeps a recurrent or linear-attention state in some layers ({', '.join(odd)}); "
             "promptbank's soft prompts are per-layer key/value prefixes and need attention in every layer"
         )
+
+
+def _is_masked_lm_type(config: Any) -> bool:
+    """Whether the config's model type is one transformers builds masked-LM (bidirectional encoder) heads for:
+    BERT-style stacks under other names (DistilBERT's ``transformer.layer``, ModernBERT's ``layers``)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, kind: str) -> Backbone:

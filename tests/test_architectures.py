@@ -206,11 +206,17 @@ def test_learn_predict_generate_and_peft_export_on_other_layouts(arch, tmp_path)
 
 # ---------------------------------------------------------------- encoders: positions as the model numbers them
 
+ENC_SIZES = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 ENCODERS = {
-    "Bert": {},
-    "Roberta": dict(pad_token_id=1),  # positions from padding_idx + 1 = 2
-    "MPNet": dict(pad_token_id=1),  # likewise (all-mpnet-base-v2's family)
-    "Electra": dict(embedding_size=32),
+    "Bert": ENC_SIZES,
+    "Roberta": dict(ENC_SIZES, pad_token_id=1),  # positions from padding_idx + 1 = 2
+    "MPNet": dict(ENC_SIZES, pad_token_id=1),  # likewise (all-mpnet-base-v2's family)
+    "Electra": dict(ENC_SIZES, embedding_size=32),
+    "DistilBert": dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64),  # transformer.layer
+    # layers, rotary positions, local attention in every other layer
+    "ModernBert": dict(
+        ENC_SIZES, num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=8, pad_token_id=V - 1
+    ),
 }
 
 
@@ -218,8 +224,7 @@ def _encoder(arch: str, **kw):
     import transformers
 
     torch.manual_seed(0)
-    sizes = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    config = getattr(transformers, f"{arch}Config")(**{**sizes, "max_position_embeddings": 64, **ENCODERS[arch], **kw})
+    config = getattr(transformers, f"{arch}Config")(**{"max_position_embeddings": 64, **ENCODERS[arch], **kw})
     return getattr(transformers, f"{arch}Model")(config).eval()
 
 
@@ -231,9 +236,12 @@ def test_encoder_rows_get_the_positions_of_the_models_own_forward(arch):
     mixed batch equal each row alone."""
     from promptbank.encoder import pooled, position_offset
 
+    from promptbank.backbone import from_model
+
     model, tok = _encoder(arch), make_tiny_tokenizer()
+    assert from_model(model, tok, name=arch).kind == "encoder"  # DistilBERT and ModernBERT too, by model type
     assert position_offset(model) == (2 if arch in ("Roberta", "MPNet") else 0)
-    seq = [10, 20, 30, 40, 50]
+    seq = list(range(10, 30))  # longer than ModernBERT's local window
     prompts = [{0: torch.randn(3, 32), 1: torch.randn(3, 32)}, None, {0: torch.randn(2, 32)}]
     seqs = [seq, seq, [7, 8]]
     with torch.no_grad():
