@@ -338,3 +338,22 @@ def test_generation_ends_at_the_models_own_end_of_turn_token(tiny_bank):
         assert causal.end_token_ids(model, tok) == {tok.eos_token_id, first[k]}
     finally:
         model.generation_config.eos_token_id = tok.eos_token_id
+
+
+@pytest.mark.parametrize("arch", ["DistilBert", "ModernBert", "Roberta"])
+def test_encoder_banks_learn_predict_and_round_trip_on_other_families(arch, tmp_path, hashing_embedder):
+    from conftest import fast_options
+
+    from promptbank import PromptBank
+    from promptbank.backbone import from_model
+
+    tok = make_tiny_tokenizer()
+    bank = PromptBank(from_model(_encoder(arch), tok, name=f"tiny-{arch}"), hashing_embedder)
+    bank.learn_task("d", ROWS, method="deep", num_virtual_tokens=3, **fast_options(max_steps=3))
+    bank.learn_task("p", ROWS, method="prompt_tuning", num_virtual_tokens=2, **fast_options(max_steps=3))
+    texts = ["the weather is wet today", "warm", "the weather is " + "very " * 20 + "warm"]
+    before = bank.predict(texts, task=["d", "p", "d"])
+    bank.save(tmp_path / "b")
+    loaded = PromptBank.load(tmp_path / "b", backbone=bank.backbone, embedder=hashing_embedder)
+    after = loaded.predict(texts, task=["d", "p", "d"])
+    assert [p.label_scores for p in after] == [p.label_scores for p in before]
