@@ -229,6 +229,10 @@ def _check_attention_cache(model: PreTrainedModel) -> None:
     from transformers.cache_utils import DynamicLayer
 
     try:
+        from transformers.cache_utils import LinearAttentionCacheLayerMixin as Recurrent
+    except ImportError:  # an older transformers: no such layers
+        Recurrent = ()  # noqa: N806
+    try:
         layers = DynamicCache(config=model.config).layers
     except Exception:  # a config the cache cannot read: the first soft prompt's forward will tell
         return
@@ -236,7 +240,7 @@ def _check_attention_cache(model: PreTrainedModel) -> None:
         {
             type(layer).__name__
             for layer in layers
-            if not isinstance(layer, DynamicLayer) or "Linear" in type(layer).__name__
+            if not isinstance(layer, DynamicLayer) or isinstance(layer, Recurrent)
         }
     )
     if odd:
