@@ -310,8 +310,7 @@ class PromptBank:
         validate_task_name(name)
         if name in self._tasks:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
-        if "{input}" not in template:
-            raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        check_template(template)
         if not self.is_encoder:  # inputs start as the tokenizer starts a text (its BOS token, if it adds one)
             template = causal.with_bos(self.backbone.tokenizer, template)
         pconf = PromptConfig(
@@ -1005,8 +1004,7 @@ class PromptBank:
         if variant == t.record.variant or variant in t.variants:
             raise VariantExistsError(f"task {task!r} already has a prompt variant {variant!r}")
         template = t.record.template if template is None else template
-        if "{input}" not in template:
-            raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        check_template(template)
         if not self.is_encoder:  # inputs start as the tokenizer starts a text (its BOS token, if it adds one)
             template = causal.with_bos(self.backbone.tokenizer, template)
         pconf = PromptConfig(
@@ -1156,8 +1154,7 @@ class PromptBank:
         validate_task_name(name)
         if name in self._tasks:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
-        if "{input}" not in template:
-            raise ValueError(f"template must contain '{{input}}', got {template!r}")
+        check_template(template)
         if not self.is_encoder:  # as in learn_task: PEFT users feed the tokenizer's ids, BOS included
             template = causal.with_bos(self.backbone.tokenizer, template)
         if self.is_encoder:
@@ -1963,6 +1960,18 @@ def _max_input_tokens(record: TaskRecord) -> int | None:
     cutting the tail would drop what is asked."""
     cap = record.train_config.get("max_input_tokens")
     return None if cap is None or record.kind != "classification" else int(cap)
+
+
+def check_template(template: Any) -> None:
+    """Raise ``ValueError`` unless ``template`` is a string whose only field is ``{input}`` (what a bank's manifest
+    accepts: other fields, attribute lookups or format specs are refused), with a hint for literal braces."""
+    from .storage import _check_template
+
+    if not _check_template(template):
+        raise ValueError(
+            f"template must be a string with {{input}} as its only field (write literal braces as {{{{ and }}}}), got "
+            f"{template!r:.200}"
+        )
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:

@@ -590,9 +590,14 @@ def _template(args: argparse.Namespace) -> dict[str, str]:
     """``template=`` for learn_task / learn_variant when --template was given (a usage error without {input})."""
     if args.template is None:
         return {}
-    if "{input}" not in args.template:
-        args._parser.error(f"--template must contain {{input}}, got {args.template!r}")
-    return {"template": args.template.replace("\\n", "\n")}
+    from .bank import check_template
+
+    template = args.template.replace("\\n", "\n")
+    try:
+        check_template(template)
+    except ValueError as e:
+        args._parser.error(f"--{e}")
+    return {"template": template}
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

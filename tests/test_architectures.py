@@ -357,3 +357,19 @@ def test_encoder_banks_learn_predict_and_round_trip_on_other_families(arch, tmp_
     loaded = PromptBank.load(tmp_path / "b", backbone=bank.backbone, embedder=hashing_embedder)
     after = loaded.predict(texts, task=["d", "p", "d"])
     assert [p.label_scores for p in after] == [p.label_scores for p in before]
+
+
+def test_a_template_with_other_fields_is_refused_before_training(tiny_bank):
+    """Only {input} may be a field (a manifest refuses others); literal braces are written doubled."""
+    from conftest import fast_options
+
+    for bad in ("Q: {input} {x}", "no field", "{input.__class__}", "{input:>10}"):
+        with pytest.raises(ValueError, match="only field"):
+            tiny_bank.learn_task("t", ROWS, template=bad, **fast_options(max_steps=1))
+    assert "t" not in tiny_bank.tasks
+    rec = tiny_bank.learn_task(
+        "t", ROWS, template='{{"text": "{input}"}}', num_virtual_tokens=2, **fast_options(max_steps=1)
+    )
+    assert causal.encode_input(tiny_bank.backbone.tokenizer, "hi", rec.template) == causal.encode_input(
+        tiny_bank.backbone.tokenizer, '{"text": "hi"}', "{input}"
+    )

@@ -673,4 +673,4 @@ def test_learn_with_a_template_and_resume_from_the_cli(workdir, model_opts, tmp_
     rc, _, err = run(
         capsys, *model_opts, "learn", "u", str(workdir / "billing.jsonl"), "--bank", str(bank), "--template", "x"
     )
-    assert rc == 2 and "--template must contain {input}" in err
+    assert rc == 2 and "--template must be a string with {input} as its only field" in err
