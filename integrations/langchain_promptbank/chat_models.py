@@ -303,13 +303,14 @@ class PTunedLLM(BaseChatModel):
         # training; then, like every row, cut to its first tokens until soft prompt + input + max_tokens fit the
         # backbone's positions, with one warning)
         tasked = [i for i, n in enumerate(names) if n is not None]
+        records = bank.tasks  # one snapshot (built per access)
         fitted = bank._fit_inputs(
             [_last_user_text(chats[i]) for i in tasked],
-            [bank.tasks[names[i]].template for i in tasked],
+            [records[names[i]].template for i in tasked],
             [kvs[i] for i in tasked],
             opts.max_tokens,
             "the answer",
-            [_max_input_tokens(bank.tasks[names[i]]) for i in tasked],
+            [_max_input_tokens(records[names[i]]) for i in tasked],
         )
         ids_of = dict(zip(tasked, fitted))
         limit, n_cut = _max_positions(bank.backbone.model), 0
