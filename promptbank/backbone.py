@@ -214,6 +214,16 @@ def _infer_kind(model: PreTrainedModel) -> str:
     if not getattr(model.config, "is_decoder", False) and (
         hasattr(getattr(base, "encoder", None), "layer") or _is_masked_lm_type(model.config)
     ):
+        from .encoder import encoder_layers
+
+        try:
+            encoder_layers(model)
+        except TypeError:
+            raise PromptBankError(
+                f"{type(model).__name__} is an encoder whose layer stack promptbank does not know (it looks for "
+                "encoder.layer, encoder.layers, layers or transformer.layer, as in BERT, DistilBERT, ModernBERT); "
+                "it cannot place soft prompts in it"
+            ) from None
         return "encoder"
     raise PromptBankError(
         f"{type(model).__name__} is neither a causal LM nor a BERT-family encoder; pass kind= explicitly if it is "

@@ -234,9 +234,8 @@ def test_encoder_rows_get_the_positions_of_the_models_own_forward(arch):
     forward starts them (RoBERTa, MPNet: after the padding index; before, at 0, so every token read the position
     embedding of another place). A row without a prompt is the model's own mean-pooled output; prompted rows in a
     mixed batch equal each row alone."""
-    from promptbank.encoder import pooled, position_offset
-
     from promptbank.backbone import from_model
+    from promptbank.encoder import pooled, position_offset
 
     model, tok = _encoder(arch), make_tiny_tokenizer()
     assert from_model(model, tok, name=arch).kind == "encoder"  # DistilBERT and ModernBERT too, by model type
@@ -373,3 +372,16 @@ def test_a_template_with_other_fields_is_refused_before_training(tiny_bank):
     assert causal.encode_input(tiny_bank.backbone.tokenizer, "hi", rec.template) == causal.encode_input(
         tiny_bank.backbone.tokenizer, '{"text": "hi"}', "{input}"
     )
+
+
+def test_an_encoder_whose_layers_cannot_be_found_is_refused_when_made():
+    """ALBERT shares its layers in groups (no encoder.layer stack): refused with a message when the backbone is made,
+    not with a TypeError at the first training step."""
+    import transformers
+
+    from promptbank.backbone import from_model
+    from promptbank.errors import PromptBankError
+
+    config = transformers.AlbertConfig(**ENC_SIZES, embedding_size=16, max_position_embeddings=64)
+    with pytest.raises(PromptBankError, match="AlbertModel is an encoder whose layer stack promptbank does not know"):
+        from_model(transformers.AlbertModel(config), make_tiny_tokenizer(), name="albert")
