@@ -310,9 +310,7 @@ class PromptBank:
         validate_task_name(name)
         if name in self._tasks:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
-        check_template(template)
-        if not self.is_encoder:  # inputs start as the tokenizer starts a text (its BOS token, if it adds one)
-            template = causal.with_bos(self.backbone.tokenizer, template)
+        template = self._task_template(template)
         pconf = PromptConfig(
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
@@ -354,6 +352,12 @@ class PromptBank:
         tconf = TrainConfig(**train_options)
         precision = effective_precision(tconf.precision, model_device(self.backbone.model))
         return tconf if precision == tconf.precision else replace(tconf, precision=precision)
+
+    def _task_template(self, template: Any) -> str:
+        """A new task's (or variant's) template, checked (:func:`check_template`); on a causal LM with the tokenizer's
+        BOS token in front where it starts every text with one (:func:`promptbank.causal.with_bos`)."""
+        check_template(template)
+        return template if self.is_encoder else causal.with_bos(self.backbone.tokenizer, template)
 
     def _split_data(
         self, data: Any, dev: Any, kind: str | None, labels: Sequence[str] | None, tconf: TrainConfig
@@ -1004,9 +1008,7 @@ class PromptBank:
         if variant == t.record.variant or variant in t.variants:
             raise VariantExistsError(f"task {task!r} already has a prompt variant {variant!r}")
         template = t.record.template if template is None else template
-        check_template(template)
-        if not self.is_encoder:  # inputs start as the tokenizer starts a text (its BOS token, if it adds one)
-            template = causal.with_bos(self.backbone.tokenizer, template)
+        template = self._task_template(template)
         pconf = PromptConfig(
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
@@ -1154,9 +1156,7 @@ class PromptBank:
         validate_task_name(name)
         if name in self._tasks:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
-        check_template(template)
-        if not self.is_encoder:  # as in learn_task: PEFT users feed the tokenizer's ids, BOS included
-            template = causal.with_bos(self.backbone.tokenizer, template)
+        template = self._task_template(template)  # PEFT users feed the tokenizer's ids, BOS included
         if self.is_encoder:
             raise AdapterError(
                 f"{folder}: PEFT prompt adapters are imported into causal-LM banks only; backbone "

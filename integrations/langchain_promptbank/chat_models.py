@@ -316,8 +316,7 @@ class PTunedLLM(BaseChatModel):
         limit, n_cut = _max_positions(bank.backbone.model), 0
         for i, name in enumerate(names):
             if name is None:
-                room = None if limit is None else limit - opts.max_tokens
-                ids_of[i], cut = _fit_chat(tok, chats[i], room, limit, opts.max_tokens)
+                ids_of[i], cut = _fit_chat(tok, chats[i], limit, opts.max_tokens)
                 n_cut += cut
         if n_cut:
             warnings.warn(
@@ -610,12 +609,13 @@ def _last_user_text(chat: list[dict[str, str]]) -> str:
     return chat[-1]["content"]
 
 
-def _fit_chat(tokenizer, chat: list[dict[str, str]], room: int | None, limit, reserve: int) -> tuple[list[int], bool]:
-    """Token ids of the conversation rendered for the plain backbone (:func:`_render_chat`), at most ``room`` of
-    them: if it is longer, the last human message is cut to its first tokens until it fits (as the bank cuts an
-    over-long input; the chat template's own tokens stay). Returns ``(ids, whether it was cut)``; ``room=None``
-    (no position limit): never cut. Raises ``ValueError`` when even one token of that message leaves no room."""
-    # verbose=False: a conversation longer than the model takes is cut here, not a mistake to warn of
+def _fit_chat(tokenizer, chat: list[dict[str, str]], limit: int | None, reserve: int) -> tuple[list[int], bool]:
+    """Token ids of the conversation rendered for the plain backbone (:func:`_render_chat`), at most ``limit -
+    reserve`` of them (the backbone's positions less the answer's tokens): if it is longer, the last human message
+    is cut to its first tokens until it fits (as the bank cuts an over-long input; the chat template's own tokens
+    stay). Returns ``(ids, whether it was cut)``; ``limit=None`` (no position limit): never cut. Raises
+    ``ValueError`` when even one token of that message leaves no room."""
+    room = None if limit is None else limit - reserve
     ids = _chat_ids(tokenizer, chat)
     if room is None or len(ids) <= room:
         return list(ids), False
