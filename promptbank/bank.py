@@ -37,6 +37,7 @@ from .tasks import (
     TaskData,
     check_label_words,
     cut_to_tokens,
+    keep_ids,
     label_texts,
     load_task_data,
     split_dev,
@@ -320,7 +321,7 @@ class PromptBank:
 
         # routing keys, threshold, warm start and the embedding probe (its fit, its dev accuracy): each input once
         train_emb = self._embed_training_inputs(train_data, tconf)
-        dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples]) if dev_data else None
+        dev_emb = self.embedder.encode([ex.whole_input for ex in dev_data.examples]) if dev_data else None
         keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf, train_emb=train_emb, dev_emb=dev_emb)
 
         fit = self._fit(
@@ -368,15 +369,18 @@ class PromptBank:
         task_data = load_task_data(data, kind=kind, labels=labels)
         if self.is_encoder and task_data.kind != "classification":
             raise ValueError(f"{task_data.source}: encoder backbones learn classification tasks only, not generation")
+        side = tconf.truncation_side
         hint = "; raise max_input_tokens (CLI: learn --max-input-tokens) to keep more"
-        task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens, hint=hint)
+        if side == "right":
+            hint += ', or truncation_side="left" (--truncation-side left) to keep their ends'
+        task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens, hint=hint, side=side)
         if not self.is_encoder:
             warn_long_targets(
                 task_data, tok, tconf.max_target_tokens, hint="; raise max_target_tokens (CLI: --max-target-tokens)"
             )
         if dev is not None:
             dev_data = load_task_data(dev, kind=task_data.kind, labels=task_data.labels)
-            dev_data = truncate_inputs(dev_data, tok, tconf.max_input_tokens, hint=hint)
+            dev_data = truncate_inputs(dev_data, tok, tconf.max_input_tokens, hint=hint, side=side)
             train_data = task_data
         elif tconf.dev_fraction > 0 and len(task_data) >= 4:
             train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
@@ -501,7 +505,13 @@ class PromptBank:
         if dev_data and task_data.kind == "classification":
             if self.is_encoder:
                 dev_acc = self._encoder_accuracy(
-                    result.prompt, head, task_data.labels, dev_data, tconf.max_input_tokens, dev_emb
+                    result.prompt,
+                    head,
+                    task_data.labels,
+                    dev_data,
+                    tconf.max_input_tokens,
+                    dev_emb,
+                    tconf.truncation_side,
                 )
             else:
                 dev_acc = self._accuracy(
@@ -534,8 +544,11 @@ class PromptBank:
 
     def _embed_training_inputs(self, train_data: TaskData, tconf: TrainConfig) -> np.ndarray:
         """Routing embeddings of :meth:`_embedded_part` of the training data (with ``tconf.progress`` and more than
-        :data:`EMBED_CHUNK` of them, embedded that many at a time under a progress bar)."""
-        texts = [ex.input for ex in self._embedded_part(train_data, tconf).examples]
+        :data:`EMBED_CHUNK` of them, embedded that many at a time under a progress bar). Each input is embedded as
+        given, before ``max_input_tokens`` cut it (``Example.whole_input``), since routing and the embedding probe
+        embed a query whole: keys, threshold, warm start's shares and the probe then see what inference sees (for
+        ``truncation_side="left"`` / ``"middle"`` the cut text is another part of the input)."""
+        texts = [ex.whole_input for ex in self._embedded_part(train_data, tconf).examples]
         return _in_chunks(
             texts, self.embedder.encode, EMBED_CHUNK, tconf.progress, "embed training inputs", unit="input",
             join=np.concatenate,
@@ -581,7 +594,7 @@ class PromptBank:
             held_out.append(_top_mean(train_emb[rest] @ keys.T, self.router.top_keys))
         if dev_data:
             if dev_emb is None:
-                dev_emb = self.embedder.encode([ex.input for ex in dev_data.examples])
+                dev_emb = self.embedder.encode([ex.whole_input for ex in dev_data.examples])
             held_out.append(_top_mean(dev_emb @ keys.T, self.router.top_keys))
         scores = np.concatenate(held_out)
         if scores.size:
@@ -624,7 +637,8 @@ class PromptBank:
         labels = train_data.labels
         index = {lab: i for i, lab in enumerate(labels)}
         max_tokens = self._encoder_tokens(tconf.max_input_tokens, warn=True)
-        seqs = encode_texts(tok, [ex.input for ex in train_data.examples], max_tokens)
+        side = tconf.truncation_side
+        seqs = encode_texts(tok, [ex.input for ex in train_data.examples], max_tokens, side)
         device = model_device(model)
         ys = torch.tensor([index[ex.target] for ex in train_data.examples], device=device)
         head = Head(self.backbone.hidden_size, len(labels)).to(device)
@@ -643,7 +657,7 @@ class PromptBank:
 
         eval_loss, dev_metrics = None, None
         if dev_data:
-            dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], max_tokens)
+            dev_seqs = encode_texts(tok, [ex.input for ex in dev_data.examples], max_tokens, side)
             dev_ys = torch.tensor([index[ex.target] for ex in dev_data.examples], device=device)
 
             last_accuracy = [float("nan")]  # set by each dev evaluation, read by the history hook
@@ -707,17 +721,21 @@ class PromptBank:
         texts: Sequence[str],
         prompts: Sequence[dict | None],
         heads: Sequence[dict],
-        max_tokens: int,
+        max_tokens: int | Sequence[int],
         batch_size: int = 32,
         embeddings: np.ndarray | None = None,
+        sides: str | Sequence[str] = "right",
     ) -> list[torch.Tensor]:
-        """Each row's label scores under its prompt and head. Heads with an embedding probe need the rows' routing
-        embeddings: ``embeddings`` (one per text) when the caller has them, else computed here for those rows."""
+        """Each row's label scores under its prompt and head. ``max_tokens`` / ``sides``: the input token cap and
+        truncation side of every row, or of each (its task's ``max_input_tokens`` and ``truncation_side``). Heads
+        with an embedding probe need the rows' routing embeddings: ``embeddings`` (one per text) when the caller has
+        them, else computed here for those rows."""
         from .encoder import encode_texts, head_logits, pooled
 
         model, tok = self.backbone.model, self.backbone.tokenizer
         emb = self._probe_embeddings(texts, heads, embeddings)
-        seqs = encode_texts(tok, texts, self._encoder_tokens(max_tokens))
+        caps = [max_tokens] * len(texts) if isinstance(max_tokens, int) else list(max_tokens)
+        seqs = encode_texts(tok, texts, [self._encoder_tokens(c) for c in caps], sides)
         # Batches of similar length (little padding); each row's result does not depend on its batch.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list[torch.Tensor | None] = [None] * len(seqs)
@@ -763,9 +781,17 @@ class PromptBank:
             out[i] = torch.log_softmax(with_probe(scores[i][None], heads[i], e)[0], -1)  # type: ignore[arg-type]
         return out
 
-    def _encoder_accuracy(self, prompt, head, labels, data: TaskData, max_tokens: int, embeddings=None) -> float:
+    def _encoder_accuracy(
+        self, prompt, head, labels, data: TaskData, max_tokens: int, embeddings=None, side: str = "right"
+    ) -> float:
         logits = self._encoder_logits(
-            [ex.input for ex in data.examples], [prompt] * len(data), [head] * len(data), max_tokens, 32, embeddings
+            [ex.input for ex in data.examples],
+            [prompt] * len(data),
+            [head] * len(data),
+            max_tokens,
+            32,
+            embeddings,
+            side,
         )
         return sum(labels[int(lg.argmax())] == ex.target for lg, ex in zip(logits, data.examples)) / len(data)
 
@@ -1080,11 +1106,18 @@ class PromptBank:
         t = self._get(task)
         rec = t.record
         max_in = int(rec.train_config.get("max_input_tokens", 256))
-        td = truncate_inputs(load_task_data(data, kind=rec.kind, labels=rec.labels), self.backbone.tokenizer, max_in)
+        td = truncate_inputs(
+            load_task_data(data, kind=rec.kind, labels=rec.labels),
+            self.backbone.tokenizer,
+            max_in,
+            side=_truncation_side(rec),
+        )
         versions = [t.serving(), *t.variants.values()]
         inputs = [ex.input for ex in td.examples]
-        # the inputs' routing embeddings, once for every variant with an embedding probe
-        emb = self.embedder.encode(inputs) if any(v.head and "probe_weight" in v.head for v in versions) else None
+        # the inputs' routing embeddings (of the whole inputs, as predict embeds them), once for every variant with
+        # an embedding probe
+        probed = any(v.head and "probe_weight" in v.head for v in versions)
+        emb = self.embedder.encode([ex.whole_input for ex in td.examples]) if probed else None
         out: dict[str, dict[str, Any]] = {}
         for v in versions:
             r = v.record
@@ -1097,6 +1130,7 @@ class PromptBank:
                     int(r.train_config.get("max_input_tokens", 256)),
                     batch_size,
                     emb,
+                    _truncation_side(r),
                 )
                 stacked = torch.stack(logits)
                 ys = torch.tensor([rec.labels.index(ex.target) for ex in td.examples], device=stacked.device)
@@ -1410,14 +1444,14 @@ class PromptBank:
             tasks = [table[names[i]] for i in cls_rows]
             rows_text = [texts[i] for i in cls_rows]
             if self.is_encoder:  # per-task linear heads on the pooled encoder output
-                max_tokens = max(t.record.train_config.get("max_input_tokens", 256) for t in tasks)
-                logits = self._encoder_logits(
+                logits = self._encoder_logits(  # each row cut as its task's training inputs were
                     rows_text,
                     [t.prompt for t in tasks],
                     [t.head for t in tasks],
-                    max_tokens,
+                    [int(t.record.train_config.get("max_input_tokens", 256)) for t in tasks],
                     batch_size,
                     embeddings=None if emb is None else emb[cls_rows],
+                    sides=[_truncation_side(t.record) for t in tasks],
                 )
                 scored = [torch.log_softmax(lg, -1) for lg in logits]
             else:  # rank each task's label set by likelihood behind its soft prompt
@@ -1428,6 +1462,7 @@ class PromptBank:
                     [self._label_ids(t.record) for t in tasks],
                     batch_size,
                     [_max_input_tokens(t.record) for t in tasks],
+                    [_truncation_side(t.record) for t in tasks],
                 )
                 scored = self._with_probes(
                     scored, rows_text, [t.head for t in tasks], None if emb is None else emb[cls_rows]
@@ -1544,6 +1579,7 @@ class PromptBank:
             max_new_tokens,
             "the answer",
             [None if n is None else _max_input_tokens(table[n].record) for n in names],
+            ["right" if n is None else _truncation_side(table[n].record) for n in names],
         )
         ids = causal.generate(
             model,
@@ -1655,6 +1691,7 @@ class PromptBank:
                 self.backbone.tokenizer,
                 int(rec.train_config.get("max_input_tokens", 256)),
                 hint=" for the target loss, as training cut them (the answers were generated from whole inputs)",
+                side=_truncation_side(rec),
             )
             result["loss"] = self._target_loss(rec, table[task].prompt, cut, batch_size)
         return result
@@ -1691,16 +1728,20 @@ class PromptBank:
         ll = self._with_probes(ll, inputs, [head] * n, embeddings)
         return sum(labels[int(lp.argmax())] == ex.target for lp, ex in zip(ll, data.examples)) / n
 
-    def _rank_rows(self, texts, templates, kvs, label_ids, batch_size: int, caps=None) -> list[torch.Tensor]:
+    def _rank_rows(
+        self, texts, templates, kvs, label_ids, batch_size: int, caps=None, sides=None
+    ) -> list[torch.Tensor]:
         """Causal LM: label log-likelihoods per row (rows may use different prompts and label sets). ``caps``:
-        each row's input token cap (its task's ``max_input_tokens``), ``None`` for none."""
+        each row's input token cap (its task's ``max_input_tokens``), ``None`` for none; ``sides``: each row's
+        truncation side (its task's ``truncation_side``; default ``"right"``)."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         caps = [None] * len(texts) if caps is None else caps
+        sides = ["right"] * len(texts) if sides is None else sides
         out: list[torch.Tensor] = []
         for s in range(0, len(texts), batch_size):
             sl = slice(s, s + batch_size)
             reserve = max((len(x) for ids in label_ids[sl] for x in ids), default=0)
-            inputs = self._fit_inputs(texts[sl], templates[sl], kvs[sl], reserve, "the labels", caps[sl])
+            inputs = self._fit_inputs(texts[sl], templates[sl], kvs[sl], reserve, "the labels", caps[sl], sides[sl])
             out += causal.rank_labels(model, tok, kvs[sl], inputs, label_ids[sl])
         return out
 
@@ -1733,13 +1774,15 @@ class PromptBank:
         reserve: int,
         what: str,
         caps: Sequence[int | None],
+        sides: Sequence[str] | None = None,
     ) -> list[list[int]]:
         """Token ids of each row's input (``causal.encode_input`` with its template; a row whose template is ``None``
         has no task: the plain backbone's input). ``caps``: each row's input token cap (:func:`_max_input_tokens`:
         a classification task's ``max_input_tokens``; ``None``: none); a longer text is first cut to it exactly as
-        training cut the task's inputs (:func:`promptbank.tasks.cut_to_tokens`), silently, since that is the task's
-        setting. A row whose soft prompt + input + ``reserve`` more tokens (label or answer tokens) would still run
-        past the backbone's position limit has its text cut to its first tokens until it fits; one ``UserWarning``
+        training cut the task's inputs (:func:`promptbank.tasks.cut_to_tokens` on the row's side of ``sides``,
+        its task's ``truncation_side``; default ``"right"``), silently, since that is the task's setting. A row
+        whose soft prompt + input + ``reserve`` more tokens (label or answer tokens) would still run past the
+        backbone's position limit has its text cut further on the same side until it fits; one ``UserWarning``
         says how many. Models without a position limit in their config are not cut there."""
         tok = self.backbone.tokenizer
         limit = _max_positions(self.backbone.model)
@@ -1747,17 +1790,18 @@ class PromptBank:
         def encode(text: str, template: str | None) -> list[int]:
             return self._plain_input(text) if template is None else causal.encode_input(tok, text, template)
 
+        sides = ["right"] * len(texts) if sides is None else sides
         out, n_cut = [], 0
-        for text, template, kv, cap in zip(texts, templates, kvs, caps):
+        for text, template, kv, cap, side in zip(texts, templates, kvs, caps, sides, strict=True):
             if cap is not None and template is not None:
-                text = cut_to_tokens(tok, text, cap)
+                text = cut_to_tokens(tok, text, cap, side)
             ids = encode(text, template)
             room = None if limit is None else limit - reserve - (0 if kv is None else int(kv[0][0].shape[-2]))
             if room is not None and len(ids) > room:
                 tokens = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
                 keep = len(tokens) - (len(ids) - room)  # the template's own tokens stay
                 while keep >= 1:
-                    ids = encode(tok.decode(tokens[:keep], skip_special_tokens=True), template)
+                    ids = encode(tok.decode(keep_ids(tokens, keep, side), skip_special_tokens=True), template)
                     if len(ids) <= room:
                         break
                     keep -= 1  # re-tokenizing a cut text can give more tokens (merges across the cut)
@@ -1946,6 +1990,12 @@ def _loo_scores(emb: np.ndarray, k: int) -> np.ndarray:
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
     return _top_mean(sims[:, :], min(k, len(emb) - 1))
+
+
+def _truncation_side(record: TaskRecord) -> str:
+    """Where the task's over-long inputs are cut (``TrainConfig.truncation_side``; tasks stored before the setting
+    existed were cut on the right)."""
+    return str(record.train_config.get("truncation_side") or "right")
 
 
 def _max_target_tokens(record: TaskRecord) -> int:

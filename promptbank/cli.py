@@ -187,8 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-input-tokens",
         type=_positive_int,
         metavar="N",
-        help="cut longer inputs to their first N backbone tokens, in training and (classification) at inference "
-        "(default: 256)",
+        help="cut longer inputs to N backbone tokens, in training and (classification) at inference (default: 256)",
+    )
+    p.add_argument(
+        "--truncation-side",
+        choices=("right", "left", "middle"),
+        help="where a longer input is cut: right keeps its first tokens, left its last (a question after a long "
+        "context), middle its first and last halves (default: right)",
     )
     p.add_argument(
         "--max-target-tokens",
@@ -576,6 +581,7 @@ def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
         ("batch_size", args.batch_size),
         ("max_input_tokens", getattr(args, "max_input_tokens", None)),
         ("max_target_tokens", getattr(args, "max_target_tokens", None)),
+        ("truncation_side", getattr(args, "truncation_side", None)),
         ("seed", args.seed),
         ("init", args.init),
         ("objective", getattr(args, "objective", None)),

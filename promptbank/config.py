@@ -119,6 +119,11 @@ DEFAULT_LR_ENCODER = {
 # Training objectives of a causal-LM classification task (TrainConfig.objective)
 OBJECTIVES = ("lm", "labels", "labels+lm")
 PRECISIONS = ("fp32", "bf16")  # TrainConfig.precision: the training forwards' matrix products
+TRUNCATION_SIDES = ("right", "left", "middle")
+"""Where an over-long input is cut (``TrainConfig.truncation_side``): ``"right"`` cuts its end and keeps the first
+tokens (the default, as Hugging Face tokenizers truncate); ``"left"`` cuts its start and keeps the last tokens (an
+input whose question or instruction comes after a long context); ``"middle"`` keeps the first half and the last
+half of the allowed tokens (instructions at both ends, a long document between)."""
 
 
 @dataclass
@@ -139,6 +144,11 @@ class TrainConfig:
     similar tasks hurt: on CR, SST-2's and MR's heads at shares 0.10 / 0.04 cost 7.8 points in
     ``benchmarks/transfer.py``), else at zero. ``keep_train_state`` stores the prompt module's state
     (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
+    ``max_input_tokens``: inputs longer than this many tokens are cut to it (one warning says how many), on
+    ``truncation_side`` (:data:`TRUNCATION_SIDES`): ``"right"`` (default) keeps the first tokens, ``"left"`` the
+    last (an input that ends with its question after a long context), ``"middle"`` the first and last halves. The
+    task keeps both, and inference cuts a classification task's inputs the same way (generation tasks' inputs are
+    given whole, as far as the backbone's positions allow, cut on the same side beyond that).
     ``length_bucketing`` (off by default): batches group examples of similar length (sorted within chunks of 50
     batches, batch order shuffled; every example still once per epoch), so little compute goes to padding (AG
     News at batch 16: 39.5 % -> 4.5 % padded positions). Off by default because where length goes with the label
@@ -203,6 +213,7 @@ class TrainConfig:
     max_dev: int = 64
     max_input_tokens: int = 256
     max_target_tokens: int = 64
+    truncation_side: str = "right"
     seed: int = 0
     progress: bool = True
     init: str = "text"
@@ -239,6 +250,7 @@ class TrainConfig:
             "max_dev": self.max_dev >= 1,
             "max_input_tokens": self.max_input_tokens >= 1,
             "max_target_tokens": self.max_target_tokens >= 1,
+            "truncation_side": self.truncation_side in TRUNCATION_SIDES,
             "init": self.init in ("text", "vocab"),
             "warm_start_k": self.warm_start_k >= 1,
             "warm_start_min_similarity": 0 <= self.warm_start_min_similarity <= 1,

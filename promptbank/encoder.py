@@ -94,9 +94,26 @@ class _RowOverwrite:
         return args, dict(kwargs, hidden_states=self._apply(kwargs["hidden_states"]))
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids with the tokenizer's special tokens ([CLS] ... [SEP]), cut to ``max_tokens``."""
-    return [tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"] for t in texts]
+def encode_texts(
+    tokenizer, texts: Sequence[str], max_tokens: int | Sequence[int], side: str | Sequence[str] = "right"
+) -> list[list[int]]:
+    """Token ids with the tokenizer's special tokens ([CLS] ... [SEP]), at most ``max_tokens`` in all (one cap for
+    every text, or one per text): a longer text loses tokens on ``side`` (one for all, or one per text;
+    :data:`promptbank.config.TRUNCATION_SIDES`), its special tokens kept."""
+    from .tasks import check_truncation_side, cut_to_tokens
+
+    caps = [max_tokens] * len(texts) if isinstance(max_tokens, int) else list(max_tokens)
+    sides = [side] * len(texts) if isinstance(side, str) else list(side)
+    if len(caps) != len(texts) or len(sides) != len(texts):
+        raise ValueError(f"{len(caps)} caps and {len(sides)} sides for {len(texts)} texts")
+    out, specials = [], None
+    for text, cap, where in zip(texts, caps, sides):
+        if check_truncation_side(where) != "right":  # cut the text first, as training inputs are cut
+            if specials is None:
+                specials = len(tokenizer("", add_special_tokens=True)["input_ids"])  # [CLS] [SEP]: 2
+            text = cut_to_tokens(tokenizer, text, max(cap - specials, 1), where)
+        out.append(tokenizer(text, add_special_tokens=True, truncation=True, max_length=cap)["input_ids"])
+    return out
 
 
 def pooled(

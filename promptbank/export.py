@@ -42,7 +42,7 @@ def prompt_embeds(
     serving variant, as stored: P-Tuning encoders are already folded into plain vectors) followed by the ``T``
     token embeddings of ``template.format(input=text)`` tokenized with ``add_special_tokens=False`` - the same
     tokens, with no BOS, that ``predict`` and ``generate`` feed (a text longer than its classification
-    task's ``max_input_tokens`` cut to it, as they and training cut it; generation tasks' inputs whole; no cut to
+    task's ``max_input_tokens`` cut to it on its ``truncation_side``, as they and training cut it; generation tasks' inputs whole; no cut to
     the engine's position limit). A text routed to no task (or
     given ``None``) gets only the plain token embeddings of its input as ``generate`` answers it: the backbone's
     chat template with a generation prompt when it has one, else the raw text; ``T`` rows, no soft prompt.
@@ -56,7 +56,7 @@ def prompt_embeds(
     embeddings (method ``deep``), naming the task; ``TaskNotFoundError`` for an unknown task name. All tasks are
     checked before anything is computed.
     """
-    from .bank import _as_texts, _max_input_tokens
+    from .bank import _as_texts, _max_input_tokens, _truncation_side
     from .tasks import cut_to_tokens
 
     if bank.is_encoder:
@@ -79,7 +79,7 @@ def prompt_embeds(
         else:
             t = tasks[name]
             cap = _max_input_tokens(t.record)
-            cut = text if cap is None else cut_to_tokens(tok, text, cap)  # as predict / generate cut it
+            cut = text if cap is None else cut_to_tokens(tok, text, cap, _truncation_side(t.record))  # as predict
             ids = causal.encode_input(tok, cut, t.record.template)
             out.append(input_embeddings(bank.backbone.model, t.prompt[0], ids))
     return out

@@ -63,6 +63,7 @@ from safetensors.numpy import save as _np_bytes
 from safetensors.torch import save as _torch_bytes
 
 from .backbone import Backbone, check_fingerprint, load_backbone
+from .config import TRUNCATION_SIDES
 from .embed import Embedder, load_embedder
 from .errors import AdapterError, BankFormatError, PromptBankError
 from .lda import ROUTING_SCORERS
@@ -869,6 +870,11 @@ def _check_record(name: str, data: dict[str, Any], mpath: Path, num_layers: int)
     for key in ("max_target_tokens", "max_input_tokens"):  # used at inference
         value = rec.train_config.get(key)
         need(value is None or _is_int(value, 1), f"train_config[{key!r}] must be a positive int, got {value!r}")
+    side = rec.train_config.get("truncation_side")
+    need(
+        side is None or side in TRUNCATION_SIDES,
+        f"train_config['truncation_side'] must be one of {list(TRUNCATION_SIDES)}, got {side!r:.100}",
+    )
     p = pconf.num_virtual_tokens
     need(_is_int(p, 1) and p <= MAX_PROMPT_TOKENS, f"num_virtual_tokens must be 1..{MAX_PROMPT_TOKENS}, got {p!r}")
     return rec, p, layers

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from promptbank.config import TRUNCATION_SIDES
 from promptbank.errors import DataError
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ __all__ = [
     "check_label_words",
     "label_texts",
     "load_task_data",
+    "check_truncation_side",
+    "cut_to_tokens",
+    "keep_ids",
     "split_dev",
     "truncate_inputs",
     "warn_long_targets",
@@ -66,11 +70,19 @@ class Example:
         target: classification: the label name; generation: the ``"target"`` field.
         line: 1-based position for error messages (JSONL/JSON/CSV: the file line where the row starts;
             list: row index + 1), or ``None`` when unknown.
+        uncut: the input as given, when :func:`truncate_inputs` cut ``input`` (else ``None``): what the routing
+            embedder reads, since at inference it embeds a query whole.
     """
 
     input: str
     target: str
     line: int | None = None
+    uncut: str | None = None
+
+    @property
+    def whole_input(self) -> str:
+        """The input as given (before any cut): what routing and the embedding probe embed."""
+        return self.input if self.uncut is None else self.uncut
 
 
 @dataclass
@@ -776,28 +788,61 @@ def _allocate(counts: list[int], k: int) -> list[int]:
 # ------------------------------------------------------------------------- truncation
 
 
-def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int, *, hint: str = "") -> TaskData:
-    """Cut every input longer than ``max_tokens`` tokens down to its first ``max_tokens`` tokens.
+_KEPT = {"right": "first tokens", "left": "last tokens", "middle": "first and last tokens"}
+
+
+def check_truncation_side(side: Any) -> str:
+    """``side`` if it is one of :data:`TRUNCATION_SIDES`, else ``ValueError``."""
+    if side not in TRUNCATION_SIDES:
+        raise ValueError(f"truncation_side must be one of {', '.join(map(repr, TRUNCATION_SIDES))}, got {side!r}")
+    return side
+
+
+def keep_ids(ids: Sequence[int], keep: int, side: str = "right") -> list[int]:
+    """The ``keep`` tokens of ``ids`` that a cut on ``side`` keeps (all of them when ``keep >= len(ids)``):
+    ``"right"`` the first ``keep``, ``"left"`` the last ``keep``, ``"middle"`` the first ``ceil(keep / 2)`` and the
+    last ``floor(keep / 2)``."""
+    ids = list(ids)
+    check_truncation_side(side)
+    if keep >= len(ids):
+        return ids
+    if keep <= 0:
+        return []
+    if side == "right":
+        return ids[:keep]
+    if side == "left":
+        return ids[len(ids) - keep :]
+    head = (keep + 1) // 2
+    return ids[:head] + ids[len(ids) - (keep - head) :]
+
+
+def truncate_inputs(
+    data: TaskData, tokenizer: PreTrainedTokenizerBase, max_tokens: int, *, hint: str = "", side: str = "right"
+) -> TaskData:
+    """Cut every input longer than ``max_tokens`` tokens down to ``max_tokens`` tokens, on ``side``
+    (:data:`TRUNCATION_SIDES`: ``"right"`` keeps the first tokens, ``"left"`` the last, ``"middle"`` both ends).
 
     Tokens are counted with ``tokenizer(text, add_special_tokens=False)["input_ids"]``; a cut input is the
-    decoded prefix (``skip_special_tokens=True``), shortened further if re-tokenizing it would still exceed
-    ``max_tokens``. Targets are left alone. One ``UserWarning`` reports how many inputs were cut, the limit and
-    where the first one is, followed by ``hint`` (what the caller's user can do about it).
+    decoded kept tokens (``skip_special_tokens=True``), shortened further if re-tokenizing it would still exceed
+    ``max_tokens``; it keeps the text as given in ``Example.uncut``. Targets are left alone. One ``UserWarning`` reports how many inputs were cut, the limit, what
+    was kept and where the first one is, followed by ``hint`` (what the caller's user can do about it).
 
     Args:
         data: the task data.
         tokenizer: a Hugging Face tokenizer (the backbone's).
         max_tokens: the largest input length in tokens (``>= 1``).
         hint: text appended to the warning (e.g. ``"; raise max_input_tokens to keep more"``).
+        side: where to cut.
 
     Returns:
         A new :class:`TaskData` with the cut inputs, or ``data`` itself when no input was too long.
 
     Raises:
-        ValueError: ``max_tokens < 1``.
+        ValueError: ``max_tokens < 1``, or an unknown ``side``.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+    check_truncation_side(side)
 
     examples: list[Example] = []
     first: tuple[int, Example] | None = None
@@ -810,14 +855,14 @@ def truncate_inputs(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_toke
         n_cut += 1
         if first is None:
             first = (i, ex)
-        examples.append(dataclasses.replace(ex, input=_cut_ids(tokenizer, ids, max_tokens)))
+        examples.append(dataclasses.replace(ex, input=_cut_ids(tokenizer, ids, max_tokens, side), uncut=ex.whole_input))
 
     if first is None:
         return data
     index, ex = first
     where = f"{data.source}:{ex.line}" if ex.line is not None else f"{data.source} row {index + 1}"
     warnings.warn(
-        f"truncated {n_cut} of {len(data)} inputs to {max_tokens} tokens, keeping each one's first tokens (first: "
+        f"truncated {n_cut} of {len(data)} inputs to {max_tokens} tokens, keeping each one's {_KEPT[side]} (first: "
         f"{where}){hint}",
         UserWarning,
         stacklevel=2,
@@ -848,13 +893,14 @@ def warn_long_targets(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_to
     return n_cut
 
 
-def cut_to_tokens(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> str:
-    """``text`` cut to its first ``max_tokens`` tokens as :func:`truncate_inputs` cuts a training input (the
-    same string for the same text and limit), or ``text`` itself when it fits. No warning."""
+def cut_to_tokens(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, side: str = "right") -> str:
+    """``text`` cut to ``max_tokens`` tokens on ``side`` as :func:`truncate_inputs` cuts a training input (the
+    same string for the same text, limit and side), or ``text`` itself when it fits. No warning."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens!r}")
+    check_truncation_side(side)
     ids = _token_ids(tokenizer, text)
-    return text if len(ids) <= max_tokens else _cut_ids(tokenizer, ids, max_tokens)
+    return text if len(ids) <= max_tokens else _cut_ids(tokenizer, ids, max_tokens, side)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -862,12 +908,13 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def _cut_ids(tokenizer, ids: list[int], max_tokens: int) -> str:
-    """The decoded prefix of ``ids`` that re-tokenizes to at most ``max_tokens`` tokens: decoding then
-    re-tokenizing is not always the identity (BPE merges across the cut), so shorten until the result fits."""
+def _cut_ids(tokenizer, ids: list[int], max_tokens: int, side: str = "right") -> str:
+    """The decoded tokens of ``ids`` that a cut on ``side`` keeps, as many as re-tokenize to at most ``max_tokens``
+    tokens: decoding then re-tokenizing is not always the identity (BPE merges across a cut), so shorten until the
+    result fits."""
     keep = max_tokens
-    text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+    text = tokenizer.decode(keep_ids(ids, keep, side), skip_special_tokens=True)
     while keep > 1 and len(_token_ids(tokenizer, text)) > max_tokens:
         keep -= 1
-        text = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        text = tokenizer.decode(keep_ids(ids, keep, side), skip_special_tokens=True)
     return text

@@ -614,8 +614,9 @@ def test_learn_summary_names_the_prompted_heads_dev_accuracy_next_to_the_probed_
 
 
 def test_learn_sets_the_input_and_target_token_caps(workdir, model_opts, tmp_path, capsys):
-    """--max-input-tokens and --max-target-tokens reach the task's training settings: a long input is cut to the
-    given cap (the warning names it and the option), and the record keeps both (inference reads them)."""
+    """--max-input-tokens, --max-target-tokens and --truncation-side reach the task's training settings: a long input
+    is cut to the given cap on the given side (the warning names it and the option), and the record keeps them all
+    (inference reads them)."""
     data = tmp_path / "long.jsonl"
     rows = [{"text": "word " * 40, "label": "a"}] + [{"text": f"short {i}", "label": "ab"[i % 2]} for i in range(8)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -625,10 +626,22 @@ def test_learn_sets_the_input_and_target_token_caps(workdir, model_opts, tmp_pat
     assert rc == 0, err
     (line,) = [line for line in err.splitlines() if "truncated" in line]
     assert "truncated 1 of 9 inputs to 12 tokens" in line and "--max-input-tokens" in line
+    assert "first tokens" in line and "--truncation-side left" in line  # the default side, and how to change it
     train_config = json.loads((bank / "promptbank.json").read_text())["tasks"]["t"]["train_config"]
     assert train_config["max_input_tokens"] == 12 and train_config["max_target_tokens"] == 9
+    assert train_config["truncation_side"] == "right"
     rc, _, err = run(capsys, *model_opts, "learn", "u", str(data), "--bank", str(bank), "--max-input-tokens", "0")
     assert rc == 2 and "--max-input-tokens" in err
+    # --truncation-side: the task keeps its inputs' last tokens
+    argv = [*model_opts, "learn", "v", str(data), "--bank", str(bank), "--max-input-tokens", "12"]
+    rc, _, err = run(capsys, *argv, "--truncation-side", "left", *FAST)
+    assert rc == 0, err
+    (line,) = [line for line in err.splitlines() if "truncated" in line]
+    assert "keeping each one's last tokens" in line and "--truncation-side" not in line
+    train_config = json.loads((bank / "promptbank.json").read_text())["tasks"]["v"]["train_config"]
+    assert train_config["truncation_side"] == "left"
+    rc, _, err = run(capsys, *argv, "--truncation-side", "end", *FAST)
+    assert rc == 2 and "--truncation-side" in err
 
 
 def test_learn_with_a_template_and_resume_from_the_cli(workdir, model_opts, tmp_path, capsys):

@@ -33,7 +33,7 @@ from langchain_core.runnables.config import run_in_executor
 from pydantic import Field, PrivateAttr, model_validator
 
 from promptbank import causal
-from promptbank.bank import _max_input_tokens, _max_positions
+from promptbank.bank import _max_input_tokens, _max_positions, _truncation_side
 from promptbank.errors import TaskNotFoundError
 
 from ._runtime import DTYPES, load_bank_cached, manifest_path, model_lock
@@ -300,8 +300,8 @@ class PTunedLLM(BaseChatModel):
         with model_lock(bank.backbone.model):
             kvs = [None if n is None else bank.prompt_prefix(n) for n in names]
         # a task row: the bank's own input fit (a classification task's input cut to its max_input_tokens as in
-        # training; then, like every row, cut to its first tokens until soft prompt + input + max_tokens fit the
-        # backbone's positions, with one warning)
+        # training; then, like every row, cut on its task's truncation side until soft prompt + input + max_tokens
+        # fit the backbone's positions, with one warning)
         tasked = [i for i, n in enumerate(names) if n is not None]
         records = bank.tasks  # one snapshot (built per access)
         fitted = bank._fit_inputs(
@@ -311,6 +311,7 @@ class PTunedLLM(BaseChatModel):
             opts.max_tokens,
             "the answer",
             [_max_input_tokens(records[names[i]]) for i in tasked],
+            [_truncation_side(records[names[i]]) for i in tasked],
         )
         ids_of = dict(zip(tasked, fitted))
         limit, n_cut = _max_positions(bank.backbone.model), 0
