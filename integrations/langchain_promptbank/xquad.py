@@ -42,6 +42,9 @@ ANSWER_TRAINING: dict[str, Any] = {
     "eval_every": 20,
     "patience": 3,
     "max_input_tokens": 768,
+    # the input is the passages, then the question (format_answer_input): a longer one loses passage text, not the
+    # question (no XQuAD-en input is over 768 SmolLM2 tokens; the longest is 648; longer retrieved contexts may be)
+    "truncation_side": "left",
     "max_target_tokens": 32,
     "warm_start": False,
 }
