@@ -17,7 +17,7 @@ import torch
 
 from . import causal
 from .backbone import Backbone, load_backbone
-from .config import DEFAULT_LR, DEFAULT_LR_ENCODER, Method, PromptConfig, TrainConfig
+from .config import DEFAULT_LR, DEFAULT_LR_ENCODER, Method, PromptConfig, TrainConfig, resolve_truncation_side
 from .embed import ROUTING_EMBEDDER, Embedder, load_embedder
 from .errors import (
     AdapterError,
@@ -316,7 +316,7 @@ class PromptBank:
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
         tconf = self._train_config(train_options)
-        task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
+        task_data, train_data, dev_data, tconf = self._split_data(data, dev, kind, labels, tconf)
         words = check_label_words(label_words, task_data.kind, task_data.labels)
 
         # routing keys, threshold, warm start and the embedding probe (its fit, its dev accuracy): each input once
@@ -362,17 +362,19 @@ class PromptBank:
 
     def _split_data(
         self, data: Any, dev: Any, kind: str | None, labels: Sequence[str] | None, tconf: TrainConfig
-    ) -> tuple[TaskData, TaskData, TaskData | None]:
-        """Load and truncate task data -> (all data, training part, dev part or None): ``dev`` when given, else
-        ``dev_fraction`` of the data (at most ``max_dev`` rows) when there are at least 4 rows."""
+    ) -> tuple[TaskData, TaskData, TaskData | None, TrainConfig]:
+        """Load and truncate task data -> (all data, training part, dev part or None, ``tconf`` with its
+        ``truncation_side`` resolved for the data's kind: :func:`promptbank.config.resolve_truncation_side`): ``dev``
+        when given, else ``dev_fraction`` of the data (at most ``max_dev`` rows) when there are at least 4 rows."""
         tok = self.backbone.tokenizer
         task_data = load_task_data(data, kind=kind, labels=labels)
         if self.is_encoder and task_data.kind != "classification":
             raise ValueError(f"{task_data.source}: encoder backbones learn classification tasks only, not generation")
-        side = tconf.truncation_side
+        side = resolve_truncation_side(tconf.truncation_side, task_data.kind)
+        tconf = replace(tconf, truncation_side=side)
         hint = "; raise max_input_tokens (CLI: learn --max-input-tokens) to keep more"
         if side == "right":
-            hint += ', or truncation_side="left" (--truncation-side left) to keep their ends'
+            hint += ', or truncation_side="middle" / "left" (--truncation-side) to keep their ends'
         task_data = truncate_inputs(task_data, tok, tconf.max_input_tokens, hint=hint, side=side)
         if not self.is_encoder:
             warn_long_targets(
@@ -386,7 +388,7 @@ class PromptBank:
             train_data, dev_data = split_dev(task_data, tconf.dev_fraction, seed=tconf.seed, max_dev=tconf.max_dev)
         else:
             train_data, dev_data = task_data, None
-        return task_data, train_data, dev_data
+        return task_data, train_data, dev_data, tconf
 
     def _fit(
         self,
@@ -962,8 +964,9 @@ class PromptBank:
         # resuming keeps the task with or without its embedding probe (a task stored before probes existed had
         # none, whatever its config says) unless probe= is passed
         stored = {**old.train_config, "probe": bool(var.head) and "probe_weight" in var.head}
+        stored["truncation_side"] = _truncation_side(old)  # tasks stored before the setting: "right"
         tconf = TrainConfig.from_dict({**stored, **train_options})
-        task_data, train_data, dev_data = self._split_data(data, dev, old.kind, old.labels, tconf)
+        task_data, train_data, dev_data, tconf = self._split_data(data, dev, old.kind, old.labels, tconf)
         desc = f"resume {name}/{old.variant} ({pconf.method.value})"
         fit = self._fit(
             desc,
@@ -1039,7 +1042,7 @@ class PromptBank:
             method=method, num_virtual_tokens=num_virtual_tokens, layers=layers, encoder_hidden=encoder_hidden
         )
         tconf = self._train_config(train_options)
-        task_data, train_data, dev_data = self._split_data(data, dev, t.record.kind, t.record.labels, tconf)
+        task_data, train_data, dev_data, tconf = self._split_data(data, dev, t.record.kind, t.record.labels, tconf)
         desc = f"learn {task}/{variant} ({pconf.method.value})"
         words = t.record.label_words
         fit = self._fit(
@@ -1198,7 +1201,7 @@ class PromptBank:
             )
         tconf = self._train_config(train_options)
         embeddings, info = read_peft_adapter(folder, self.backbone)
-        task_data, train_data, dev_data = self._split_data(data, dev, kind, labels, tconf)
+        task_data, train_data, dev_data, tconf = self._split_data(data, dev, kind, labels, tconf)
         words = check_label_words(label_words, task_data.kind, task_data.labels)
 
         keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf)

@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--truncation-side",
-        choices=("right", "left", "middle"),
+        choices=("auto", "right", "left", "middle"),
         help="where a longer input is cut: right keeps its first tokens, left its last (a question after a long "
-        "context), middle its first and last halves (default: right)",
+        "context), middle its first and last halves; auto: middle for generation, right for classification "
+        "(default: auto)",
     )
     p.add_argument(
         "--max-target-tokens",

@@ -121,9 +121,22 @@ OBJECTIVES = ("lm", "labels", "labels+lm")
 PRECISIONS = ("fp32", "bf16")  # TrainConfig.precision: the training forwards' matrix products
 TRUNCATION_SIDES = ("right", "left", "middle")
 """Where an over-long input is cut (``TrainConfig.truncation_side``): ``"right"`` cuts its end and keeps the first
-tokens (the default, as Hugging Face tokenizers truncate); ``"left"`` cuts its start and keeps the last tokens (an
-input whose question or instruction comes after a long context); ``"middle"`` keeps the first half and the last
-half of the allowed tokens (instructions at both ends, a long document between)."""
+tokens (as Hugging Face tokenizers truncate); ``"left"`` cuts its start and keeps the last tokens (an input whose
+question or instruction comes after a long context); ``"middle"`` keeps the first half and the last half of the
+allowed tokens (instructions or questions at either end, a long document between). ``TrainConfig`` also takes
+``"auto"`` (the default): :func:`resolve_truncation_side`."""
+
+
+def resolve_truncation_side(side: str, kind: str) -> str:
+    """The side a task of ``kind`` is cut on: ``side`` itself, or for ``"auto"`` ``"middle"`` on generation tasks (a
+    question or instruction may come first or last; on RAG-style answer inputs, passages then the question, keeping
+    both ends answered best: README, "Where to cut inputs that end with their question") and ``"right"`` on
+    classification tasks (measured with it: "Inference inputs cut like training inputs")."""
+    if side == "auto":
+        return "middle" if kind == "generation" else "right"
+    if side not in TRUNCATION_SIDES:
+        raise ValueError(f"truncation_side must be 'auto' or one of {', '.join(map(repr, TRUNCATION_SIDES))}")
+    return side
 
 
 @dataclass
@@ -145,10 +158,12 @@ class TrainConfig:
     ``benchmarks/transfer.py``), else at zero. ``keep_train_state`` stores the prompt module's state
     (P-Tuning encoders are much larger than the folded prompt) so training can be resumed.
     ``max_input_tokens``: inputs longer than this many tokens are cut to it (one warning says how many), on
-    ``truncation_side`` (:data:`TRUNCATION_SIDES`): ``"right"`` (default) keeps the first tokens, ``"left"`` the
-    last (an input that ends with its question after a long context), ``"middle"`` the first and last halves. The
-    task keeps both, and inference cuts a classification task's inputs the same way (generation tasks' inputs are
-    given whole, as far as the backbone's positions allow, cut on the same side beyond that).
+    ``truncation_side`` (:data:`TRUNCATION_SIDES`): ``"right"`` keeps the first tokens, ``"left"`` the last (an
+    input that ends with its question after a long context), ``"middle"`` the first and last halves; ``"auto"``
+    (default) is ``"middle"`` for generation tasks and ``"right"`` for classification
+    (:func:`resolve_truncation_side`). The task keeps both (the side resolved), and inference cuts a classification
+    task's inputs the same way (generation tasks' inputs are given whole, as far as the backbone's positions allow,
+    cut on the same side beyond that).
     ``length_bucketing`` (off by default): batches group examples of similar length (sorted within chunks of 50
     batches, batch order shuffled; every example still once per epoch), so little compute goes to padding (AG
     News at batch 16: 39.5 % -> 4.5 % padded positions). Off by default because where length goes with the label
@@ -213,7 +228,7 @@ class TrainConfig:
     max_dev: int = 64
     max_input_tokens: int = 256
     max_target_tokens: int = 64
-    truncation_side: str = "right"
+    truncation_side: str = "auto"
     seed: int = 0
     progress: bool = True
     init: str = "text"
@@ -250,7 +265,7 @@ class TrainConfig:
             "max_dev": self.max_dev >= 1,
             "max_input_tokens": self.max_input_tokens >= 1,
             "max_target_tokens": self.max_target_tokens >= 1,
-            "truncation_side": self.truncation_side in TRUNCATION_SIDES,
+            "truncation_side": self.truncation_side in ("auto", *TRUNCATION_SIDES),
             "init": self.init in ("text", "vocab"),
             "warm_start_k": self.warm_start_k >= 1,
             "warm_start_min_similarity": 0 <= self.warm_start_min_similarity <= 1,

@@ -638,3 +638,36 @@ def test_input_cut_whole_arm_feeds_the_uncut_input(tiny_bank, monkeypatch):
     tok, template = tiny_bank.backbone.tokenizer, tiny_bank.tasks["t"].template
     assert fed[0] == [causal.encode_input(tok, long_text, template)]
     assert fed[1] == [causal.encode_input(tok, cut_to_tokens(tok, long_text, 4), template)] != fed[0]
+
+
+def test_truncation_side_study_keeps_only_rows_over_the_cap():
+    """benchmarks/truncation_side.py trains on answer rows whose input is over the cap (where the side matters):
+    passages, then the question, built by the RAG chain's own formatter."""
+    import truncation_side
+    from conftest import make_tiny_tokenizer
+
+    rows = [
+        {"question": "Who?", "context": "short passage.", "answers": ["Ann"]},
+        {"question": "Where?", "context": "a long passage " * 20, "answers": ["Rome"]},
+    ]
+    tok = make_tiny_tokenizer()
+    kept = truncation_side.long_rows(rows, tok, 64, all_lengths=False)
+    assert [r["target"] for r in kept] == ["Rome"]
+    assert kept[0]["input"].index("a long passage") < kept[0]["input"].index("Where?")  # the question comes last
+    assert len(truncation_side.long_rows(rows, tok, 64, all_lengths=True)) == 2
+    table = truncation_side.table(
+        [
+            {
+                "side": "left",
+                "seed": 0,
+                "n_train": 64,
+                "n_test": 40,
+                "exact_match": 25.0,
+                "f1": 40.5,
+                "test_loss": 1.5,
+                "best_step": 30,
+                "train_seconds": 600,
+            }
+        ]
+    )
+    assert "| left | 0 | 64 | 40 | 25.0 | 40.5 | 1.500 | 30 | 10.0 |" in table

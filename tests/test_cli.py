@@ -626,7 +626,7 @@ def test_learn_sets_the_input_and_target_token_caps(workdir, model_opts, tmp_pat
     assert rc == 0, err
     (line,) = [line for line in err.splitlines() if "truncated" in line]
     assert "truncated 1 of 9 inputs to 12 tokens" in line and "--max-input-tokens" in line
-    assert "first tokens" in line and "--truncation-side left" in line  # the default side, and how to change it
+    assert "first tokens" in line and "(--truncation-side)" in line  # the classification default, how to change it
     train_config = json.loads((bank / "promptbank.json").read_text())["tasks"]["t"]["train_config"]
     assert train_config["max_input_tokens"] == 12 and train_config["max_target_tokens"] == 9
     assert train_config["truncation_side"] == "right"

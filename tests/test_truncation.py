@@ -96,7 +96,7 @@ def test_training_cuts_on_the_tasks_side_and_the_record_keeps_it(gpt2_bank):
     assert gpt2_bank.tasks["yn_left"].train_config["truncation_side"] == "left"
     conf = TrainConfig(max_input_tokens=CAP, truncation_side="left", dev_fraction=0)
     with pytest.warns(UserWarning, match="keeping each one's last tokens"):
-        data, train, _ = gpt2_bank._split_data([{"text": LONG, "label": "yes"}], None, None, ["yes", "no"], conf)
+        data, train, _, _ = gpt2_bank._split_data([{"text": LONG, "label": "yes"}], None, None, ["yes", "no"], conf)
     assert train.examples[0].input == LONG[-CAP:]
 
 
@@ -241,3 +241,27 @@ def test_routing_keys_embed_the_whole_inputs_not_the_cut_ones(tiny_bank):
     cut = tiny_bank.embedder.encode([r["text"][-CAP:] for r in rows])
     assert (keys @ whole.T).max(axis=1) == pytest.approx(1.0, abs=1e-5)  # every key is a whole input's embedding
     assert (keys @ cut.T).max() < 0.9
+
+
+def test_auto_is_middle_for_generation_and_right_for_classification(tiny_bank):
+    """The default side: generation inputs keep both ends (a question may come first or last), classification inputs
+    their first tokens, as before; the record stores the side resolved, and resuming keeps it."""
+    from promptbank.config import resolve_truncation_side
+
+    assert TrainConfig().truncation_side == "auto"
+    assert resolve_truncation_side("auto", "generation") == "middle"
+    assert resolve_truncation_side("auto", "classification") == "right"
+    assert resolve_truncation_side("left", "generation") == "left"
+    gen = [{"input": f"context {i} " * 5 + "question?", "target": "yes"} for i in range(6)]
+    opts = {"num_virtual_tokens": 4, "max_input_tokens": CAP, **fast_options(max_steps=1)}
+    with pytest.warns(UserWarning, match="keeping each one's first and last tokens"):
+        rec = tiny_bank.learn_task("g", gen, **opts)
+    assert rec.train_config["truncation_side"] == "middle"
+    with pytest.warns(UserWarning, match="keeping each one's first tokens"):
+        rec = tiny_bank.learn_task("c", ROWS, **opts)
+    assert rec.train_config["truncation_side"] == "right"
+    # a generation task stored before the setting existed was trained on its inputs' first tokens: resuming keeps that
+    del tiny_bank._tasks["g"].record.train_config["truncation_side"]
+    with pytest.warns(UserWarning, match="keeping each one's first tokens"):
+        rec = tiny_bank.resume_task("g", gen, max_steps=1, progress=False)
+    assert rec.train_config["truncation_side"] == "right"
