@@ -1108,26 +1108,25 @@ class PromptBank:
         """
         t = self._get(task)
         rec = t.record
-        max_in = int(rec.train_config.get("max_input_tokens", 256))
-        td = truncate_inputs(
-            load_task_data(data, kind=rec.kind, labels=rec.labels),
-            self.backbone.tokenizer,
-            max_in,
-            side=_truncation_side(rec),
-        )
+        raw = load_task_data(data, kind=rec.kind, labels=rec.labels)
         versions = [t.serving(), *t.variants.values()]
-        inputs = [ex.input for ex in td.examples]
+        # each variant sees the inputs cut as it was trained (variants may differ in max_input_tokens and side)
+        cut: dict[tuple[int, str], TaskData] = {}
         # the inputs' routing embeddings (of the whole inputs, as predict embeds them), once for every variant with
         # an embedding probe
         probed = any(v.head and "probe_weight" in v.head for v in versions)
-        emb = self.embedder.encode([ex.whole_input for ex in td.examples]) if probed else None
+        emb = self.embedder.encode([ex.input for ex in raw.examples]) if probed else None
         out: dict[str, dict[str, Any]] = {}
         for v in versions:
             r = v.record
+            how = (int(r.train_config.get("max_input_tokens", 256)), _truncation_side(r))
+            if how not in cut:
+                cut[how] = truncate_inputs(raw, self.backbone.tokenizer, how[0], side=how[1])
+            td = cut[how]
             row: dict[str, Any] = {"serving": v.record is rec, "method": r.method.value, "n": len(td)}
             if self.is_encoder:
                 logits = self._encoder_logits(
-                    inputs,
+                    [ex.input for ex in td.examples],
                     [v.prompt] * len(td),
                     [v.head] * len(td),
                     int(r.train_config.get("max_input_tokens", 256)),

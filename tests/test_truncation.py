@@ -148,6 +148,22 @@ def test_compare_and_the_vllm_export_cut_on_the_tasks_side(gpt2_bank):
     assert got["loss"] == pytest.approx(cut["loss"]) and got["accuracy"] == cut["accuracy"]
 
 
+def test_compare_cuts_each_variant_as_it_was_trained(gpt2_bank):
+    """A variant trained with another side or cap is compared on inputs cut its own way, not the serving one's."""
+    opts = {"num_virtual_tokens": 4, "probe": False, **fast_options(max_steps=2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpt2_bank.learn_task("yn_var", ROWS, max_input_tokens=CAP, truncation_side="right", **opts)
+        gpt2_bank.learn_variant("yn_var", "ends", ROWS, max_input_tokens=CAP - 2, truncation_side="left", **opts)
+        got = gpt2_bank.compare("yn_var", [{"text": LONG, "label": "yes"}])
+        head = gpt2_bank.compare("yn_var", [{"text": LONG[:CAP], "label": "yes"}])
+        tail = gpt2_bank.compare("yn_var", [{"text": LONG[-(CAP - 2) :], "label": "yes"}])
+    assert list(got) == ["main", "ends"]
+    assert got["main"]["loss"] == pytest.approx(head["main"]["loss"])
+    assert got["ends"]["loss"] == pytest.approx(tail["ends"]["loss"])
+    assert got["ends"]["loss"] != pytest.approx(head["ends"]["loss"])  # the serving cut would differ
+
+
 def test_the_side_survives_save_and_load_and_a_bad_one_is_refused(gpt2_bank, tmp_path):
     gpt2_bank.save(tmp_path / "b")
     loaded = PromptBank.load(tmp_path / "b", backbone=gpt2_bank.backbone, embedder=gpt2_bank.embedder)
