@@ -371,7 +371,7 @@ def _infer_kind(row: Any, line: int, src: str) -> TaskKind:
         return "classification"
     raise DataError(
         "cannot infer the task kind: expected fields 'text' and 'label' (classification) or 'input' and "
-        f"'target' (generation); the row has fields: {_field_list(row)}",
+        f"'target' (generation); the row has fields: {_field_list(row)}{_columns_hint(_FIELDS['classification'], list(row))}",
         source=src,
         line=line,
     )
@@ -381,15 +381,27 @@ def _field_list(row: dict[str, Any]) -> str:
     return ", ".join(repr(k) for k in row) if row else "(none)"
 
 
+def _columns_hint(fields: Sequence[str], names: Sequence[str]) -> str:
+    """How to name the data's own fields for the missing ``fields``: each paired with the next field of ``names``
+    that is not a known field name (a guess, given as an example), or a placeholder when there are too few."""
+    known = {name for pair in _FIELDS.values() for name in pair}
+    spare = [str(n) for n in names if n not in known]
+    cols = spare if len(spare) >= len(fields) else ["COLUMN"] * len(fields)
+    mapping = dict(zip(fields, cols))
+    cli = ",".join(f"{f}={c}" for f, c in mapping.items())
+    return f"; if the data names them otherwise, say which: columns={mapping!r} (CLI: --columns {cli})"
+
+
 def _make_example(row: Any, line: int, kind: TaskKind, src: str) -> Example:
     """Turn one raw row (dict or 2-item pair) into a stripped, validated Example."""
     in_field, out_field = _FIELDS[kind]
     if isinstance(row, dict):
         for name in (in_field, out_field):
             if name not in row:
+                lacking = [f for f in (in_field, out_field) if f not in row]
                 raise DataError(
                     f"missing field {name!r} (a {kind} row needs {in_field!r} and {out_field!r}); "
-                    f"the row has fields: {_field_list(row)}",
+                    f"the row has fields: {_field_list(row)}{_columns_hint(lacking, list(row))}",
                     source=src,
                     line=line,
                 )
@@ -670,7 +682,8 @@ def _check_csv_header(columns: list[str], line: int, kind: TaskKind | None, src:
     expected = " or ".join(f"{_FIELDS[k][0]!r} and {_FIELDS[k][1]!r}" for k in kinds)
     raise DataError(
         f"the {what} header is missing required column(s) {', '.join(repr(n) for n in missing)} "
-        f"(expected {expected}); the header has: {', '.join(repr(c) for c in columns) or '(nothing)'}",
+        f"(expected {expected}); the header has: {', '.join(repr(c) for c in columns) or '(nothing)'}"
+        f"{_columns_hint(missing, columns)}",
         source=src,
         line=line,
     )

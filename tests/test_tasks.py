@@ -202,14 +202,17 @@ def test_missing_field_names_field_and_fields_present(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.jsonl", jsonl([CLS_ROWS[0], {"text": "hi", "lable": "pos"}]))
     with pytest.raises(
         DataError,
-        match=r"bad\.jsonl:2: missing field 'label'.*has fields: 'text', 'lable'",
+        match=r"bad\.jsonl:2: missing field 'label'.*has fields: 'text', 'lable'; .*columns=\{'label': 'lable'\} "
+        r"\(CLI: --columns label=lable\)",
     ):
         load_task_data(p)
 
 
 def test_kind_cannot_be_inferred(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.jsonl", jsonl([{"sentence": "hi", "y": 1}]))
-    with pytest.raises(DataError, match=r"bad\.jsonl:1: cannot infer the task kind.*'sentence', 'y'"):
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:1: cannot infer the task kind.*'sentence', 'y'.*text=sentence,label=y"
+    ):
         load_task_data(p)
     both = [{"text": "a", "label": "x", "input": "b", "target": "y"}]
     with pytest.raises(DataError, match=r"<list>:1: cannot infer.*pass kind="):
@@ -308,8 +311,17 @@ def test_csv_missing_columns(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.csv", "text,category\nhi,pos\n")
     with pytest.raises(
         DataError,
-        match=r"bad\.csv:1: .*missing required column\(s\) 'label'.*'text', 'category'",
+        match=r"bad\.csv:1: .*missing required column\(s\) 'label'.*'text', 'category'.*--columns label=category\)",
     ):
+        load_task_data(p)
+    # the hint's mapping loads the file
+    p2 = write(tmp_path / "ok.csv", "text,category\nhi,pos\nho,neg\n")
+    assert load_task_data(p2, columns={"label": "category"}).examples[0].target == "pos"
+    p = write(tmp_path / "two.csv", "sentence,rating\nhi,1\nho,0\n")
+    with pytest.raises(DataError, match=r"columns=\{'text': 'sentence', 'label': 'rating'\}"):
+        load_task_data(p)
+    p = write(tmp_path / "one.csv", "sentence\nhi\n")  # too few columns to guess from: a placeholder
+    with pytest.raises(DataError, match=r"--columns text=COLUMN,label=COLUMN\)"):
         load_task_data(p)
     p = write(tmp_path / "gen.csv", "input,target\nq,a\n")
     with pytest.raises(DataError, match=r"gen\.csv:1: .*missing required column\(s\) 'text', 'label'"):
