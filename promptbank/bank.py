@@ -297,8 +297,9 @@ class PromptBank:
     ) -> TaskRecord:
         """Train a new soft prompt for task ``name`` on ``data`` and store it; other tasks are not touched.
 
-        ``data``: a JSONL/JSON/CSV path, a list of dicts (``{"text","label"}`` or ``{"input","target"}``) or of
-        tuples. ``dev``: optional dev data (else ``dev_fraction`` of ``data`` is held out). ``method``:
+        ``data``: a JSONL/JSON/CSV/TSV/Parquet path, a list of dicts (``{"text","label"}`` or
+        ``{"input","target"}``) or of tuples, a dict of columns, a DataFrame or a Hugging Face ``Dataset``
+        (:func:`promptbank.tasks.load_task_data`). ``dev``: optional dev data (else ``dev_fraction`` of ``data`` is held out). ``method``:
         ``prompt_tuning`` | ``ptuning_mlp`` | ``ptuning_lstm`` | ``deep``. ``train_options`` are
         :class:`TrainConfig` fields (``max_steps``, ``lr``, ``batch_size``, ``seed``, ``warm_start`` ...).
         ``label_words`` (a verbalizer, classification only): ``{label: text}`` for labels whose names the model

@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("learn", "train a soft prompt for a new task and save it in the bank (creating the bank if needed)")
     p.add_argument("name", metavar="NAME", help="task name (letters, digits, '_', '.', '-')")
     p.add_argument(
-        "data", metavar="DATA", help="training data: .jsonl/.json/.csv/.tsv with {text,label} or {input,target} rows"
+        "data",
+        metavar="DATA",
+        help="training data: .jsonl/.json/.csv/.tsv/.parquet with {text,label} or {input,target} rows",
     )
     p.add_argument(
         "--method", choices=METHODS, default="prompt_tuning", help="soft-prompt method (default: %(default)s)"
@@ -431,32 +433,55 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _read_text_file(path: str, column: str | None = None) -> list[str]:
-    """Texts from JSONL (each non-blank line a JSON string or an object with a ``text``, else ``input``, string) or
-    from CSV/TSV (the ``text``, else ``input``, column of a header row); ``column`` names that field instead."""
+    """Texts from JSONL (each non-blank line a JSON string or an object with a ``text``, else ``input``, string), a
+    JSON list or a Parquet file (the same per element / row), or CSV/TSV (the ``text``, else ``input``, column of a
+    header row); ``column`` names that field instead."""
     if path == "-":
         lines, src = sys.stdin.read().splitlines(), "<stdin>"
     else:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{path}: no such file" if not p.exists() else f"{path}: not a regular file")
+        ext = p.suffix.lower()
+        if ext == ".parquet":
+            from .tasks import _read_parquet
+
+            return _row_texts(list(enumerate(_read_parquet(p, path), 1)), path, column, unit="row")
         try:
             lines, src = p.read_text(encoding="utf-8-sig").splitlines(), path
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if p.suffix.lower() in (".csv", ".tsv"):
-            return _table_texts(lines, path, "\t" if p.suffix.lower() == ".tsv" else ",", column)
-    texts = []
+        if ext in (".csv", ".tsv"):
+            return _table_texts(lines, path, "\t" if ext == ".tsv" else ",", column)
+        if ext == ".json":  # a JSON list of strings or objects
+            try:
+                top = json.loads("\n".join(lines))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{src}:{e.lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(top, list):
+                raise ValueError(f"{src}: expected a JSON list of strings or objects")
+            return _row_texts(list(enumerate(top, 1)), src, column, unit="element")
+    rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((i, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{src}:{i}: invalid JSON ({e.msg})") from None
+    return _row_texts(rows, src, column)
+
+
+def _row_texts(rows: list[tuple[int, Any]], src: str, column: str | None, unit: str = "") -> list[str]:
+    """The text of each numbered row: the row itself when a string, else its ``column`` (``text``, else ``input``).
+    ``unit`` names what the numbers count in messages (``""``: file lines, ``src:N``)."""
+    texts = []
+    for i, row in rows:
         if isinstance(row, dict):
             row = row.get(column) if column else row.get("text", row.get("input"))
         if not isinstance(row, str):
-            raise ValueError(f'{src}:{i}: expected a JSON string or an object with a "{column or "text"}" string')
+            where = f"{src}: {unit} {i}" if unit else f"{src}:{i}"
+            raise ValueError(f'{where}: expected a string or an object with a "{column or "text"}" string')
         texts.append(row)
     if not texts:
         raise ValueError(f"{src}: no texts")
@@ -841,8 +866,8 @@ def _add_columns_option(p: argparse.ArgumentParser, *, texts_file: bool = False)
         p.add_argument(
             "--file",
             metavar="FILE",
-            help="also read texts from a file: JSONL ({\"text\": ...} rows or strings; '-' for stdin), or CSV/TSV "
-            "with a header",
+            help="also read texts from a file: JSONL ({\"text\": ...} rows or strings; '-' for stdin), a JSON list "
+            "of the same, CSV/TSV with a header, or Parquet (needs pyarrow)",
         )
     p.add_argument(
         "--columns",

@@ -21,8 +21,9 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -58,7 +59,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "generation": ("input", "target"),
 }
 _LIST_SOURCE = "<list>"
-_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
+_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,11 @@ def load_task_data(
             * a path (``str`` or ``os.PathLike``) to ``.jsonl`` (one JSON object per line, blank lines skipped),
               ``.json`` (a JSON list of objects), ``.csv`` or ``.tsv`` (header row required), all UTF-8;
             * a list/tuple of dicts (rows as in the files);
-            * a list/tuple of 2-item tuples/lists ``(text, label)`` or ``(input, target)``.
+            * a list/tuple of 2-item tuples/lists ``(text, label)`` or ``(input, target)``;
+            * a table: a dict of equal-length columns (``{"text": [...], "label": [...]}``, as a Hugging Face
+              ``Dataset[:]`` slice gives), a pandas or polars ``DataFrame``, or any other iterable of rows (a
+              Hugging Face ``Dataset``, a generator); row numbers stand for line numbers in messages.
+            * a ``.parquet`` path (needs ``pyarrow``: ``pip install pyarrow``).
 
             Classification rows are ``{"text", "label"}``, generation rows ``{"input", "target"}``; other fields
             are ignored. Text is stripped of surrounding whitespace; integer labels/targets become ``str(x)``.
@@ -179,10 +184,15 @@ def load_task_data(
         src = source if source is not None else _LIST_SOURCE
         mapping = _check_columns(columns, src)
         rows = [(row, i + 1) for i, row in enumerate(data)]
+    elif (table := _table_rows(data)) is not None:
+        src = source if source is not None else f"<{type(data).__name__}>"
+        mapping = _check_columns(columns, src)
+        rows = [(row, i + 1) for i, row in enumerate(table)]
     else:
         raise TypeError(
-            "data must be a TaskData, a path to a .jsonl/.json/.csv/.tsv file, or a list of dicts or "
-            f"(text, label) pairs; got {type(data).__name__}"
+            "data must be a TaskData, a path to a .jsonl/.json/.csv/.tsv/.parquet file, a list of dicts or "
+            "(text, label) pairs, a dict of equal-length columns, a pandas / polars DataFrame or another iterable "
+            f"of rows (a Hugging Face Dataset); got {type(data).__name__}"
         )
 
     if not rows:
@@ -433,7 +443,10 @@ def _make_example(row: Any, line: int, kind: TaskKind, src: str) -> Example:
     if not text:
         raise DataError(f"field {in_field!r} is empty", source=src, line=line)
 
-    # Integer labels/targets (e.g. {"label": 3} in JSON) are accepted as their decimal string.
+    # Integer labels/targets (e.g. {"label": 3} in JSON, numpy integers from a DataFrame) are accepted as their
+    # decimal string.
+    if isinstance(raw_out, Integral) and not isinstance(raw_out, bool):
+        raw_out = int(raw_out)
     if isinstance(raw_out, bool) or not isinstance(raw_out, (str, int)):
         raise DataError(
             f"field {out_field!r} must be a string, got {type(raw_out).__name__} ({_short(raw_out)})",
@@ -511,6 +524,8 @@ def _read_file(
             f"unsupported file extension {path.suffix!r}; supported: {', '.join(_EXTENSIONS)}",
             source=src,
         )
+    if ext == ".parquet":
+        return [(row, i + 1) for i, row in enumerate(_read_parquet(path, src))]
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -521,6 +536,49 @@ def _read_file(
     if ext == ".json":
         return _parse_json("".join(lines), src)
     return _parse_csv(lines, src, kind, delimiter="\t" if ext == ".tsv" else ",", mapping=mapping or {})
+
+
+def _read_parquet(path: Path, src: str) -> list[dict[str, Any]]:
+    """The rows of a Parquet file as dicts (pyarrow, imported only here)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading .parquet files needs pyarrow: pip install pyarrow", source=src) from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"cannot read the Parquet file: {exc}", source=src) from None
+
+
+def _table_rows(data: Any) -> list[Any] | None:
+    """The rows of a table-like ``data`` (a dict of equal-length columns, a pandas or polars DataFrame, any other
+    iterable of rows), or ``None`` when ``data`` is none of those."""
+    if isinstance(data, (str, bytes, bytearray)):
+        return None
+    if callable(getattr(data, "to_dicts", None)):  # polars
+        return list(data.to_dicts())
+    if hasattr(data, "columns") and callable(getattr(data, "to_dict", None)):  # pandas
+        return list(data.to_dict(orient="records"))
+    if isinstance(data, Mapping):
+        cols = {k: v for k, v in data.items()}
+        bad = [k for k, v in cols.items() if isinstance(v, (str, bytes)) or not hasattr(v, "__len__")]
+        if bad or not cols:
+            raise DataError(
+                "a dict is read as columns of equal length ({field: [values]}), but "
+                + (f"{bad[0]!r} holds {type(cols[bad[0]]).__name__}" if bad else "it has no columns")
+                + "; pass one row as a list of one dict",
+                source="<dict>",
+            )
+        lengths = {k: len(v) for k, v in cols.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(
+                "the columns differ in length: " + ", ".join(f"{k!r} {n}" for k, n in lengths.items()),
+                source="<dict>",
+            )
+        return [dict(zip(cols, values)) for values in zip(*cols.values())]
+    if isinstance(data, Iterable):
+        return list(data)
+    return None
 
 
 def _decode_lines(raw: bytes, src: str) -> list[str]:

@@ -313,6 +313,31 @@ def test_predict_reads_csv_and_named_fields(learned_bank, tmp_path, capsys):
     assert [r["text"] for r in json.loads(out)] == ["gale warning"]
 
 
+def test_predict_reads_json_lists_and_parquet(learned_bank, tmp_path, capsys):
+    """--file also takes a JSON list (strings or objects) and Parquet; a bad element is named by its number."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    listed = tmp_path / "queries.json"
+    listed.write_text('[\n  "clear sky",\n  {"text": "gale warning"}\n]\n', encoding="utf-8")
+    table = tmp_path / "queries.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "query": ["strong wind", "sunny spells"]}), table)
+    base = ["predict", "--task", "weather", "--json", "--bank", str(learned_bank)]
+    rc, out, err = run(capsys, *base, "--file", str(listed))
+    assert rc == 0, err
+    assert [p["text"] for p in json.loads(out)] == ["clear sky", "gale warning"]
+    rc, out, err = run(capsys, *base, "--file", str(table), "--columns", "text=query")
+    assert rc == 0, err
+    assert [p["text"] for p in json.loads(out)] == ["strong wind", "sunny spells"]
+    rc, _, err = run(capsys, *base, "--file", str(table))  # no text column: named by its row
+    assert rc == 1
+    assert_one_line_error(err, "queries.parquet: row 1", 'an object with a "text" string')
+    listed.write_text('["clear sky", 7]', encoding="utf-8")
+    rc, _, err = run(capsys, *base, "--file", str(listed))
+    assert rc == 1
+    assert_one_line_error(err, "queries.json: element 2")
+
+
 def test_generate(learned_bank, capsys):
     rc, out, err = run(
         capsys,

@@ -208,6 +208,61 @@ def test_missing_field_names_field_and_fields_present(tmp_path: Path) -> None:
         load_task_data(p)
 
 
+class _Frame:
+    """The part of a pandas DataFrame that loading uses (``columns``, ``to_dict(orient="records")``), with the
+    numpy integer labels a DataFrame holds."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows, self.columns = rows, list(rows[0])
+
+    def to_dict(self, orient: str = "dict") -> list[dict]:
+        assert orient == "records"
+        return [dict(r) for r in self.rows]
+
+
+def test_tables_load_as_rows(tmp_path: Path) -> None:
+    """A dict of columns, a DataFrame, any iterable of rows (a generator; a Hugging Face Dataset iterates so) and
+    Parquet files all load as the same rows; numpy integer labels become their decimal strings."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    want = load_task_data([{"text": "good", "label": "1"}, {"text": "bad", "label": "0"}])
+    cols = {"sentence": ["good", "bad"], "stars": [np.int64(1), np.int64(0)]}
+    mapping = {"text": "sentence", "label": "stars"}
+    frame = _Frame([{"sentence": "good", "stars": np.int64(1)}, {"sentence": "bad", "stars": np.int64(0)}])
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"sentence": ["good", "bad"], "stars": [1, 0]}), path)
+    for data in (cols, frame, (row for row in frame.rows), path):
+        got = load_task_data(data, columns=mapping)
+        assert [(e.input, e.target) for e in got.examples] == [(e.input, e.target) for e in want.examples]
+        assert got.labels == ["1", "0"]
+    assert load_task_data(frame, columns=mapping).source == "<_Frame>"
+
+    with pytest.raises(DataError, match=r"the columns differ in length: 'text' 2, 'label' 1"):
+        load_task_data({"text": ["a", "b"], "label": ["x"]})
+    with pytest.raises(DataError, match=r"'text' holds str; pass one row as a list of one dict"):
+        load_task_data({"text": "a", "label": "x"})
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": ["good", "bad"], "label": [1.5, 0.0]}), bad)
+    with pytest.raises(DataError, match=r"bad\.parquet:1: field 'label' must be a string, got float"):
+        load_task_data(bad)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"junk\.parquet: cannot read the Parquet file"):
+        load_task_data(tmp_path / "junk.parquet")
+    with pytest.raises(TypeError, match=r"a dict of equal-length columns, a pandas / polars DataFrame"):
+        load_task_data(42)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as when pyarrow is missing
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"rows\.parquet: reading \.parquet files needs pyarrow: pip install pyarrow"):
+        load_task_data(tmp_path / "rows.parquet")
+
+
 def test_kind_cannot_be_inferred(tmp_path: Path) -> None:
     p = write(tmp_path / "bad.jsonl", jsonl([{"sentence": "hi", "y": 1}]))
     with pytest.raises(
