@@ -50,6 +50,23 @@ def make_tiny_model(vocab_size: int, *, layers: int = 2, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
+def make_tiny_gpt2_bank(n_positions: int):
+    """A bank on a seeded 2-layer GPT-2 over the tiny tokenizer with a short learned position table (its limit is
+    what the position tests cut to), and the hashing embedder."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from promptbank import PromptBank
+    from promptbank.backbone import from_model
+    from promptbank.embed import HashingEmbedder
+
+    tok = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=n_positions, initializer_range=0.3
+    )
+    return PromptBank(from_model(GPT2LMHeadModel(cfg), tok, name="tiny-gpt2"), HashingEmbedder(64))
+
+
 def make_tiny_bert(name: str = "tiny-bert"):
     """A 3-layer BertModel over the tiny tokenizer, seeded (for encoder-backbone tests), as a Backbone."""
     from transformers import BertConfig, BertModel

@@ -11,11 +11,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import fast_options, make_tiny_tokenizer
+from conftest import fast_options, make_tiny_gpt2_bank
 
-from promptbank import PromptBank, causal
-from promptbank.backbone import from_model
-from promptbank.embed import HashingEmbedder
+from promptbank import causal
 from promptbank.tasks import cut_to_tokens, load_task_data, truncate_inputs
 
 LIMIT = 96
@@ -26,12 +24,7 @@ CAP = 8
 
 @pytest.fixture(scope="module")
 def gpt2_bank():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=LIMIT, initializer_range=0.3)
-    bank = PromptBank(from_model(GPT2LMHeadModel(cfg), tok, name="tiny-gpt2"), HashingEmbedder(64))
+    bank = make_tiny_gpt2_bank(LIMIT)
     gen_rows = [{"input": r["text"], "target": r["label"]} for r in ROWS]
     # caps above the position limit, so that the position limit is what cuts LONG
     bank.learn_task("yn", ROWS, num_virtual_tokens=4, max_input_tokens=1000, **fast_options(max_steps=2))

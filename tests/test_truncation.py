@@ -11,11 +11,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import fast_options, make_tiny_tokenizer
+from conftest import fast_options, make_tiny_gpt2_bank, make_tiny_tokenizer
 
 from promptbank import BankFormatError, PromptBank, TrainConfig, causal
-from promptbank.backbone import from_model
-from promptbank.embed import HashingEmbedder
 from promptbank.encoder import encode_texts
 from promptbank.storage import manifest_digest
 from promptbank.tasks import cut_to_tokens, keep_ids, load_task_data, truncate_inputs
@@ -63,12 +61,7 @@ def test_a_bad_side_is_refused_before_training(tiny_bank):
 @pytest.fixture(scope="module")
 def gpt2_bank():
     """GPT-2 with a 96-position table: tasks that keep their inputs' ends, with caps that bind (8) and do not."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=LIMIT, initializer_range=0.3)
-    bank = PromptBank(from_model(GPT2LMHeadModel(cfg), tok, name="tiny-gpt2"), HashingEmbedder(64))
+    bank = make_tiny_gpt2_bank(LIMIT)
     gen_rows = [{"input": r["text"], "target": r["label"]} for r in ROWS]
     # no embedding probe: it reads the routing embedding of the whole text, the cut is what is tested here
     opts = {"num_virtual_tokens": 4, "truncation_side": "left", "probe": False, **fast_options(max_steps=2)}
