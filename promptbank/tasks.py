@@ -434,6 +434,8 @@ def _make_example(row: Any, line: int, kind: TaskKind, src: str) -> Example:
         )
 
     if not isinstance(raw_in, str):
+        if isinstance(raw_in, float) and raw_in != raw_in:  # NaN: how a DataFrame holds an empty cell
+            raise DataError(f"field {in_field!r} is empty (NaN)", source=src, line=line)
         raise DataError(
             f"field {in_field!r} must be a string, got {type(raw_in).__name__} ({_short(raw_in)})",
             source=src,
@@ -561,6 +563,13 @@ def _table_rows(data: Any) -> list[Any] | None:
         return list(data.to_dict(orient="records"))
     if isinstance(data, Mapping):
         cols = {k: v for k, v in data.items()}
+        split = next((k for k, v in cols.items() if hasattr(v, "column_names") or isinstance(v, Mapping)), None)
+        if split is not None:  # a Hugging Face DatasetDict, or a dict of splits
+            raise DataError(
+                f"a dict of data sets ({', '.join(map(repr, cols))}), not of columns: pass one of them, "
+                f"e.g. data[{split!r}]",
+                source=f"<{type(data).__name__}>",
+            )
         bad = [k for k, v in cols.items() if isinstance(v, (str, bytes)) or not hasattr(v, "__len__")]
         if bad or not cols:
             raise DataError(

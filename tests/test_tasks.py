@@ -243,6 +243,10 @@ def test_tables_load_as_rows(tmp_path: Path) -> None:
         load_task_data({"text": ["a", "b"], "label": ["x"]})
     with pytest.raises(DataError, match=r"'text' holds str; pass one row as a list of one dict"):
         load_task_data({"text": "a", "label": "x"})
+    with pytest.raises(DataError, match=r"a dict of data sets \('train', 'test'\), not of columns: .*data\['train'\]"):
+        load_task_data({"train": cols, "test": cols})  # as a DatasetDict holds its splits
+    with pytest.raises(DataError, match=r"<list>:2: field 'text' is empty \(NaN\)"):
+        load_task_data([{"text": "a", "label": "x"}, {"text": float("nan"), "label": "y"}])
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"text": ["good", "bad"], "label": [1.5, 0.0]}), bad)
     with pytest.raises(DataError, match=r"bad\.parquet:1: field 'label' must be a string, got float"):
