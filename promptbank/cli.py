@@ -317,9 +317,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar (shown past one batch of 16 texts)")
     p.set_defaults(func=cmd_generate)
 
-    p = command("remove", "remove a task from the bank")
+    p = command("remove", "remove a task from the bank (or, with --variant, one of its non-serving prompt variants)")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--variant", metavar="VARIANT", help="remove only this prompt variant of task NAME")
     p.set_defaults(func=cmd_remove)
+
+    p = command(
+        "import-peft",
+        "file a PEFT prompt-tuning / P-Tuning adapter folder (adapter_config.json + adapter_model.safetensors) as a "
+        "new task; DATA gives its routing keys and labels",
+    )
+    p.add_argument("name", metavar="NAME", help="task name (letters, digits, '_', '.', '-')")
+    p.add_argument("adapter", metavar="FOLDER", help="the adapter folder PEFT's save_pretrained wrote")
+    p.add_argument("data", metavar="DATA", help="example rows, as for learn: {text,label} or {input,target}")
+    p.add_argument("--dev", metavar="FILE", help="dev data (default: hold out part of DATA)")
+    _add_columns_option(p)
+    p.add_argument("--kind", choices=("classification", "generation"), help="task kind (default: from the data)")
+    p.add_argument(
+        "--label-words",
+        type=_label_words,
+        metavar="JSON",
+        help="classification: the texts the adapter was trained to write for the labels, as for learn",
+    )
+    p.add_argument(
+        "--template",
+        metavar="TEXT",
+        default="{input}",
+        help="how the adapter's inputs were shown to the model, with {input} where the text goes (default: "
+        "%(default)s, the raw text PEFT feeds)",
+    )
+    p.set_defaults(func=cmd_import_peft)
 
     p = command(
         "eval",
@@ -832,9 +859,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_remove(args: argparse.Namespace) -> int:
     bank = _open_bank(args)
+    if args.variant is not None:
+        bank.remove_variant(args.name, args.variant)  # unknown, or the serving one: a one-line error
+        bank.save(args.bank)
+        left = ", ".join(bank.variants(args.name))
+        print(f"removed variant {args.variant!r} of {args.name!r} from {args.bank} (variants left: {left})")
+        return 0
     bank.remove_task(args.name)
     bank.save(args.bank)
     print(f"removed {args.name!r} from {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''} left)")
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    from .bank import validate_task_name
+
+    validate_task_name(args.name)  # fail before loading any model
+    template = _template(args)
+    for label, path in (("data", args.data), ("dev data", args.dev)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{label} file {path} not found")
+    if not Path(args.adapter).is_dir():
+        raise FileNotFoundError(f"adapter folder {args.adapter} not found")
+    folder = Path(args.bank)
+    if not _has_bank(folder) and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
+    created = not _has_bank(folder)
+    bank = _load_bank(args, create=created)
+    record = bank.import_peft(
+        args.name,
+        args.adapter,
+        _data(args, args.data),
+        dev=_data(args, args.dev),
+        kind=args.kind,
+        label_words=args.label_words,
+        **template,
+    )
+    bank.save(args.bank)
+    imported = record.imported_from or {}
+    print(
+        f"imported {record.name!r} ({record.kind}, {imported.get('peft_type', 'PEFT')}, "
+        f"{record.prompt_config['num_virtual_tokens']} tokens) from {args.adapter}: dev loss {_fmt(record.dev_loss)}"
+        f"{'' if record.kind == 'generation' else f', dev accuracy {_fmt(record.dev_accuracy)}'}; "
+        f"{'created' if created else 'saved'} {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''})"
+    )
     return 0
 
 

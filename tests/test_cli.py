@@ -712,3 +712,53 @@ def test_learn_with_a_template_and_resume_from_the_cli(workdir, model_opts, tmp_
         capsys, *model_opts, "learn", "u", str(workdir / "billing.jsonl"), "--bank", str(bank), "--template", "x"
     )
     assert rc == 2 and "--template must be a string with {input} as its only field" in err
+
+
+def test_remove_variant(workdir, bank_copy, capsys):
+    bank = str(bank_copy)
+    data = str(workdir / "billing.jsonl")
+    assert run(capsys, "learn", "billing", data, "--variant", "alt", "--bank", bank, *FAST)[0] == 0
+    rc, _, err = run(capsys, "remove", "billing", "--variant", "main", "--bank", bank)
+    assert rc == 1  # the serving prompt is not removed this way
+    assert_one_line_error(err, "main")
+    rc, out, err = run(capsys, "remove", "billing", "--variant", "alt", "--bank", bank)
+    assert rc == 0, err
+    assert "removed variant 'alt' of 'billing'" in out and "variants left: main" in out
+    rc, out, _ = run(capsys, "list", "--json", "--bank", bank)
+    assert {t["name"] for t in json.loads(out)} == {"billing", "weather"}  # the task itself stays
+    rc, _, err = run(capsys, "remove", "billing", "--variant", "alt", "--bank", bank)
+    assert rc == 1
+    assert_one_line_error(err, "no prompt variant 'alt'")
+
+
+def test_import_peft_files_an_adapter_as_a_task(workdir, model_opts, bank_copy, tmp_path, capsys):
+    """A PEFT prompt-tuning adapter saved by PEFT on the bank's backbone becomes a task that serves like a learned
+    one; bad folders are one-line errors."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(workdir / "tiny")
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    pm.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    bank = str(bank_copy)
+    data = str(workdir / "weather.jsonl")
+    rc, out, err = run(capsys, "import-peft", "peft_weather", str(tmp_path / "adapter"), data, "--bank", bank)
+    assert rc == 0, err
+    assert "imported 'peft_weather' (classification, PROMPT_TUNING, 4 tokens)" in out and "(3 tasks)" in out
+    rc, out, _ = run(capsys, "list", "--json", "--bank", bank)
+    assert {t["name"] for t in json.loads(out)} == {"billing", "weather", "peft_weather"}
+    rc, out, err = run(capsys, "predict", "a storm tonight", "--task", "peft_weather", "--json", "--bank", bank)
+    assert rc == 0 and json.loads(out)[0]["output"] in ("storm", "sunny"), err
+
+    rc, _, err = run(capsys, "import-peft", "x", str(tmp_path / "missing"), data, "--bank", bank)
+    assert rc == 1
+    assert_one_line_error(err, "adapter folder", "missing not found")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(capsys, "import-peft", "x", str(tmp_path / "empty"), data, "--bank", bank)
+    assert rc == 1
+    assert_one_line_error(err, "adapter_config.json")
+    rc, _, err = run(capsys, "import-peft", "peft_weather", str(tmp_path / "adapter"), data, "--bank", bank)
+    assert rc == 1
+    assert_one_line_error(err, "already exists")

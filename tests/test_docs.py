@@ -29,10 +29,10 @@ def test_cli_synopsis_lists_every_command_and_option():
     synopsis = _cli_synopsis()
     lines = synopsis.splitlines()
     subs = _subcommands(build_parser())
-    assert set(subs) == {m.group(1) for line in lines[1:] if (m := re.match(r"  (\w+)\b", line))}
+    assert set(subs) == {m.group(1) for line in lines[1:] if (m := re.match(r"  ([\w-]+)\b", line))}
     for name, sub in subs.items():
         # the command's lines: from "  name" to the next command's line
-        start = next(i for i, line in enumerate(lines) if re.match(rf"  {name}\b", line))
+        start = next(i for i, line in enumerate(lines) if re.match(rf"  {name}(?![\w-])", line))
         end = next((i for i in range(start + 1, len(lines)) if re.match(r"  \w", lines[i])), len(lines))
         text = "\n".join(lines[start:end]) + "\n" + lines[0]  # the global options are on the first line
         for action in sub._actions:
