@@ -724,9 +724,13 @@ def _learn_variant(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_summary(record: Any) -> dict[str, Any]:
+def _task_summary(record: Any, variants: list[str] | None = None) -> dict[str, Any]:
+    """A task's JSON line of ``list --json``: ``variant`` is the serving prompt's name, ``variants`` all of them
+    (serving first)."""
     return {
         "name": record.name,
+        "variant": record.variant,
+        "variants": variants if variants is not None else [record.variant],
         "kind": record.kind,
         "method": record.method.value,
         "tokens": record.prompt_config["num_virtual_tokens"],
@@ -741,14 +745,18 @@ def _task_summary(record: Any) -> dict[str, Any]:
         "dev_accuracy": record.dev_accuracy,
         "threshold": record.threshold,
         "warm_start_from": record.warm_start_from,
+        "max_input_tokens": record.train_config.get("max_input_tokens"),
+        "truncation_side": record.train_config.get("truncation_side", "right"),
+        "imported_from": record.imported_from,
     }
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     bank = _open_bank(args)
     records = list(bank.tasks.values())
+    variants = {r.name: list(bank.variants(r.name)) for r in records}
     if args.json:
-        _print_json([_task_summary(r) for r in records])
+        _print_json([_task_summary(r, variants[r.name]) for r in records])
         return 0
     if not records:
         print(f"(no tasks in {args.bank})")
@@ -765,7 +773,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         for r in records
     ]
-    print(_table(["NAME", "KIND", "METHOD", "TOKENS", "LABELS", "DEV_ACC", "STEPS"], rows))
+    header = ["NAME", "KIND", "METHOD", "TOKENS", "LABELS", "DEV_ACC", "STEPS"]
+    if any(len(v) > 1 for v in variants.values()):  # the serving variant first, starred
+        header.append("VARIANTS")
+        for row, r in zip(rows, records, strict=True):
+            row.append(",".join(f"{v}*" if v == r.variant else v for v in variants[r.name]))
+    print(_table(header, rows))
     return 0
 
 

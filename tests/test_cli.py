@@ -226,6 +226,8 @@ def test_list_json(learned_bank, capsys):
     assert [t["name"] for t in tasks] == ["billing", "weather"]
     assert tasks[0]["labels"] == ["billing", "account"] and tasks[0]["steps"] == 3
     assert tasks[1]["method"] == "deep" and tasks[1]["layers"] == [0, 1]
+    assert tasks[0]["variants"] == ["main"] and tasks[0]["truncation_side"] == "right"  # auto, for classification
+    assert tasks[0]["max_input_tokens"] == 256 and tasks[0]["imported_from"] is None
 
 
 def test_list_uses_bank_from_environment(learned_bank, monkeypatch, capsys):
@@ -721,6 +723,11 @@ def test_remove_variant(workdir, bank_copy, capsys):
     rc, _, err = run(capsys, "remove", "billing", "--variant", "main", "--bank", bank)
     assert rc == 1  # the serving prompt is not removed this way
     assert_one_line_error(err, "main")
+    rc, out, _ = run(capsys, "list", "--bank", bank)
+    header, *rows = out.strip().splitlines()
+    assert header.split()[-1] == "VARIANTS" and rows[0].split()[-1] == "main*,alt" and rows[1].split()[-1] == "main*"
+    rc, out, _ = run(capsys, "list", "--json", "--bank", bank)
+    assert [(t["variant"], t["variants"]) for t in json.loads(out)] == [("main", ["main", "alt"]), ("main", ["main"])]
     rc, out, err = run(capsys, "remove", "billing", "--variant", "alt", "--bank", bank)
     assert rc == 0, err
     assert "removed variant 'alt' of 'billing'" in out and "variants left: main" in out
