@@ -419,6 +419,8 @@ class PromptBank:
         """
         model, tok = self.backbone.model, self.backbone.tokenizer
         texts = label_texts(task_data.labels, label_words) if task_data.labels else None
+        if tconf.probe and task_data.kind == "classification" and train_emb is None:
+            train_emb = self._embed_training_inputs(train_data, tconf)  # the probe's fit and refit
         if tconf.objective != "lm" and (self.is_encoder or task_data.kind != "classification"):
             raise ValueError(
                 f"objective={tconf.objective!r} trains a causal LM's classification task to rank its labels; "
@@ -505,6 +507,9 @@ class PromptBank:
                 stacklevel=3,
             )
         dev_acc = None
+        probed = head is not None and "probe_weight" in head
+        if probed and dev_data and dev_emb is None:  # the dev accuracy's probe scores, and the probe's refit
+            dev_emb = self.embedder.encode([ex.whole_input for ex in dev_data.examples])
         if dev_data and task_data.kind == "classification":
             if self.is_encoder:
                 dev_acc = self._encoder_accuracy(
@@ -527,6 +532,10 @@ class PromptBank:
                     head=head,
                     embeddings=dev_emb,
                 )
+        if probed and dev_data and tconf.probe_refit:
+            # nothing of the probe is chosen on the dev rows (its C is fixed): once they have measured the dev
+            # accuracy, it learns from them too
+            head = head | self._fit_probe(train_data, tconf, train_emb, dev=(dev_data, dev_emb))
         return _Fit(result, head, dev_acc, warm_from, num_train, num_dev, tconf.keep_train_state)
 
     @staticmethod
@@ -705,9 +714,16 @@ class PromptBank:
         )
         return result, head.tensors()
 
-    def _fit_probe(self, train_data: TaskData, tconf: TrainConfig, train_emb: np.ndarray | None) -> dict:
+    def _fit_probe(
+        self,
+        train_data: TaskData,
+        tconf: TrainConfig,
+        train_emb: np.ndarray | None,
+        dev: tuple[TaskData, np.ndarray] | None = None,
+    ) -> dict:
         """The embedding probe of a new head (:func:`promptbank.encoder.fit_probe` on the routing embeddings of the
-        :meth:`_embedded_part` of the training inputs, ``train_emb`` when the caller has them)."""
+        :meth:`_embedded_part` of the training inputs, ``train_emb`` when the caller has them), and of the dev rows
+        too when ``dev`` (the dev data, its routing embeddings) is given."""
         from .encoder import fit_probe
 
         if train_emb is None:
@@ -715,9 +731,14 @@ class PromptBank:
         train_data = self._embedded_part(train_data, tconf)
         if len(train_emb) != len(train_data):
             raise ValueError(f"{len(train_emb)} embeddings for {len(train_data)} embedded training inputs")
+        examples, emb = train_data.examples, np.asarray(train_emb)
+        if dev is not None:
+            if len(dev[1]) != len(dev[0]):
+                raise ValueError(f"{len(dev[1])} embeddings for {len(dev[0])} dev inputs")
+            examples, emb = examples + dev[0].examples, np.concatenate([emb, np.asarray(dev[1])])
         index = {lab: i for i, lab in enumerate(train_data.labels)}
-        ys = [index[ex.target] for ex in train_data.examples]
-        return fit_probe(np.asarray(train_emb), ys, len(train_data.labels), float(tconf.probe_c))
+        ys = [index[ex.target] for ex in examples]
+        return fit_probe(emb, ys, len(train_data.labels), float(tconf.probe_c))
 
     def _encoder_logits(
         self,

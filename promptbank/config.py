@@ -202,8 +202,10 @@ class TrainConfig:
     differently. Encoders: on CL-4 (16 examples per label) it added 0.1-0.8 ACC points per seed (mean 0.5),
     mostly on Amazon's 5-way ratings, where the prompted head alone is weak and unstable
     (``benchmarks/forgetting.py`` reports both). Causal LMs: see the README ("Embedding probe for causal-LM
-    classification", ``benchmarks/probe_gate.py``). The record's dev accuracy is the combined task's (the probe
-    is fitted on the training part only). ``probe=False``: the prompt alone, which is also what a task's PEFT
+    classification", ``benchmarks/probe_gate.py``). The record's dev accuracy is the combined task's with the
+    probe fitted on the training part only; then, with ``probe_refit`` (default), the stored probe is refitted on
+    the training and dev rows together (nothing of it is chosen on the dev rows: ``probe_c`` is fixed), so it
+    learns from every labelled row, as a baseline fitted on all of them would. ``probe=False``: the prompt alone, which is also what a task's PEFT
     adapter or vLLM ``prompt_embeds`` export reproduces (neither carries the probe).
     ``precision``: ``"fp32"`` (default) or ``"bf16"``, the training forwards' matrix products in bfloat16 under
     ``torch.autocast`` (mixed precision: the backbone's weights, the soft prompt, its optimizer state and the
@@ -246,6 +248,7 @@ class TrainConfig:
     label_subset: int = 32
     probe: bool = True
     probe_c: float = 10.0
+    probe_refit: bool = True
     precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -279,6 +282,7 @@ class TrainConfig:
             "label_subset": isinstance(self.label_subset, int) and self.label_subset >= 2,
             "probe": isinstance(self.probe, bool),
             "probe_c": isinstance(self.probe_c, (int, float)) and self.probe_c > 0,
+            "probe_refit": isinstance(self.probe_refit, bool),
             "precision": self.precision in PRECISIONS,
         }
         for name, ok in checks.items():

@@ -12,6 +12,7 @@ from conftest import make_tiny_bert
 from test_bench_forgetting import cl4_dir  # noqa: F401 - fixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import probe_refit  # noqa: E402
 import step_budget  # noqa: E402
 
 
@@ -52,3 +53,29 @@ def test_run_reports_every_task_and_budget(cl4_dir, tmp_path):  # noqa: F811 - f
     b.write_text(json.dumps({"config": {"seed": 1}, "rows": [r | {"seed": 1} for r in rows]}))
     merged = step_budget.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
     assert len(merged["rows"]) == 8 and "seeds [0, 1]" in step_budget.table(merged["rows"])
+
+
+def test_probe_refit_study_swaps_in_what_the_library_stores(cl4_dir, tmp_path):  # noqa: F811 - fixture
+    """benchmarks/probe_refit.py: the refitted probe it scores is the one learn_task(probe_refit=True) stores."""
+    pytest.importorskip("sklearn")
+    import forgetting
+    import torch
+
+    from promptbank import PromptBank
+    from promptbank.embed import HashingEmbedder
+
+    bert, emb = make_tiny_bert(), HashingEmbedder(64)
+    train, held = step_budget.sample(cl4_dir, "ag", 4, 2, seed=0)
+    bank = PromptBank(bert, emb, routing="lda")
+    row = probe_refit.score_task(bank, "ag", train, held, 0, 2)
+    assert row["n_train"] + row["n_dev"] == len(train) and row["n_dev"] >= 1 and row["n_heldout"] == len(held)
+    for key in ("heldout_accuracy_probe_train", "heldout_accuracy_probe_refit", "probe_alone_refit"):
+        assert 0.0 <= row[key] <= 1.0
+    swapped = bank._tasks["ag"].head
+    other = PromptBank(bert, emb, routing="lda")
+    other.learn_task("ag", train, **(forgetting.LEARN_OPTIONS | {"max_steps": 2, "seed": 0}))
+    stored = other._tasks["ag"].head
+    assert torch.allclose(swapped["probe_weight"], stored["probe_weight"], atol=1e-5)
+    assert torch.equal(swapped["weight"], stored["weight"])  # the same prompted head: the probe changes no step
+    table = probe_refit.table([row, row | {"seed": 1}])
+    assert "| ag |" in table and "| **mean** |" in table and "seeds [0, 1]" in table

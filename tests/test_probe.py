@@ -99,11 +99,24 @@ def test_tasks_get_a_probe_by_default_and_predict_with_it(enc_bank):
 
 
 def test_dev_accuracy_is_that_of_the_stored_task(enc_bank):
-    rec = enc_bank.learn_task(
-        "weather", WEATHER[:12], dev=WEATHER[12:], method="deep", num_virtual_tokens=3, **fast_options()
-    )
+    """Without the refit the stored task is the one the dev accuracy measured; with it (the default) the stored
+    probe is refitted on train + dev rows, and the dev accuracy is still that of the probe fitted on train alone."""
+    opts = {"method": "deep", "num_virtual_tokens": 3, **fast_options()}
+    rec = enc_bank.learn_task("weather", WEATHER[:12], dev=WEATHER[12:], probe_refit=False, **opts)
     assert "probe_weight" in enc_bank._tasks["weather"].head
     assert rec.dev_accuracy == pytest.approx(enc_bank.evaluate(WEATHER[12:], task="weather")["accuracy"])
+    head = enc_bank._tasks["weather"].head
+    emb = enc_bank.embedder.encode([r["text"] for r in WEATHER[:12]])
+    ys = [rec.labels.index(r["label"]) for r in WEATHER[:12]]
+    assert torch.equal(head["probe_weight"], fit_probe(emb, ys, 2, 10.0)["probe_weight"])  # train rows only
+
+    refit = enc_bank.learn_task("weather2", WEATHER[:12], dev=WEATHER[12:], **opts)
+    assert refit.train_config["probe_refit"] is True and refit.dev_accuracy == rec.dev_accuracy
+    both = enc_bank._tasks["weather2"].head
+    emb = enc_bank.embedder.encode([r["text"] for r in WEATHER])
+    ys = [rec.labels.index(r["label"]) for r in WEATHER]
+    assert torch.equal(both["probe_weight"], fit_probe(emb, ys, 2, 10.0)["probe_weight"])  # train + dev rows
+    assert torch.equal(both["weight"], head["weight"])  # the prompted head is trained as before
 
 
 def test_probe_survives_save_and_load(enc_bank, hashing_embedder, tmp_path):
@@ -224,7 +237,9 @@ def test_causal_classification_tasks_get_a_probe_and_predict_with_it(tiny_bank):
 
 
 def test_causal_dev_accuracy_is_that_of_the_stored_task_with_its_probe(tiny_bank):
-    rec = tiny_bank.learn_task("weather", WEATHER[:12], dev=WEATHER[12:], num_virtual_tokens=3, **fast_options())
+    rec = tiny_bank.learn_task(
+        "weather", WEATHER[:12], dev=WEATHER[12:], num_virtual_tokens=3, probe_refit=False, **fast_options()
+    )
     assert "probe_weight" in tiny_bank._tasks["weather"].head
     assert rec.dev_accuracy == pytest.approx(tiny_bank.evaluate(WEATHER[12:], task="weather")["accuracy"])
     report = tiny_bank.compare("weather", WEATHER[12:])  # the variants report scores with the probe too
