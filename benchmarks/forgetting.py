@@ -80,6 +80,7 @@ from promptbank.embed import ROUTING_EMBEDDER  # noqa: E402
 
 ROUTING = "lda"  # set from --routing
 PRECISION = "fp32"  # set from --precision: every system's training forwards (TrainConfig.precision)
+PROBE_REFIT = True  # set from --no-probe-refit: promptbank's probe refitted on train + dev (TrainConfig.probe_refit)
 OTHER = {"lda": "knn", "knn": "lda"}
 RESULTS = ROOT / "benchmarks" / "results"
 TEST_FRACTION = 0.2  # datasets without an official test split: a fixed 80/20 split (seed 0)
@@ -209,7 +210,13 @@ def run_promptbank(backbone, embedder, stream, order, steps, seed, trained_cache
         if key not in trained_cache:  # order-independent (warm start off): train once per seed
             t0 = time.perf_counter()
             bank.learn_task(
-                name, stream[name]["train"], max_steps=steps, seed=seed, precision=PRECISION, **LEARN_OPTIONS
+                name,
+                stream[name]["train"],
+                max_steps=steps,
+                seed=seed,
+                precision=PRECISION,
+                probe_refit=PROBE_REFIT,
+                **LEARN_OPTIONS,
             )
             t = bank._tasks[name]
             trained_cache[key] = (t, time.perf_counter() - t0)
@@ -599,6 +606,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--routing-only", action="store_true", help="no training: routing of both scorers / embedders")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument(
+        "--no-probe-refit",
+        action="store_true",
+        help="promptbank's embedding probe fitted on the training part only (TrainConfig.probe_refit=False)",
+    )
+    ap.add_argument(
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
@@ -668,8 +680,9 @@ def main(argv=None) -> dict:
 
 def run(args, backbone, embedder, *, t_start: float | None = None) -> dict:
     """Every requested system on every (seed, order) of ``args.stream``; writes ``args.out`` (+ .png)."""
-    global ROUTING, PRECISION
+    global ROUTING, PRECISION, PROBE_REFIT
     ROUTING, PRECISION = args.routing, args.precision
+    PROBE_REFIT = not getattr(args, "no_probe_refit", False)
     t_start = time.perf_counter() if t_start is None else t_start
     embedder = _Memo(embedder)  # each text embedded once per run (keys, routing, the logistic baseline)
     systems = args.systems.split(",")
