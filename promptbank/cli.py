@@ -564,14 +564,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     _template(args)  # likewise (a usage error)
     if args.variant is not None:
         return _learn_variant(args)
-    for label, path in (("data", args.data), ("dev data", args.dev)):
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{label} file {path} not found")
-    folder = Path(args.bank)
-    if not _has_bank(folder) and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
-    created = not _has_bank(folder)
-    bank = _load_bank(args, create=created)
+    bank, created = _bank_for_new_task(args)
     options = _learn_options(args)
     record = bank.learn_task(
         args.name,
@@ -603,6 +596,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
         f"{'created' if created else 'saved'} {args.bank} ({len(bank)} task{'s' if len(bank) != 1 else ''})"
     )
     return 0
+
+
+def _bank_for_new_task(args: argparse.Namespace) -> tuple[Any, bool]:
+    """(the bank at ``--bank``, whether it is created now) for a command that adds a task, after checking that the
+    data files exist and that the folder is a bank, empty or absent."""
+    for label, path in (("data", args.data), ("dev data", args.dev)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{label} file {path} not found")
+    folder = Path(args.bank)
+    if not _has_bank(folder) and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
+    created = not _has_bank(folder)
+    return _load_bank(args, create=created), created
 
 
 def _dev_accuracy(record, encoder: bool) -> str:
@@ -889,16 +895,9 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
 
     validate_task_name(args.name)  # fail before loading any model
     template = _template(args)
-    for label, path in (("data", args.data), ("dev data", args.dev)):
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{label} file {path} not found")
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter folder {args.adapter} not found")
-    folder = Path(args.bank)
-    if not _has_bank(folder) and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
-    created = not _has_bank(folder)
-    bank = _load_bank(args, create=created)
+    bank, created = _bank_for_new_task(args)
     record = bank.import_peft(
         args.name,
         args.adapter,
