@@ -1141,20 +1141,20 @@ class PromptBank:
         out: dict[str, dict[str, Any]] = {}
         for v in versions:
             r = v.record
-            how = (int(r.train_config.get("max_input_tokens", 256)), _truncation_side(r))
-            if how not in cut:
-                cut[how] = truncate_inputs(raw, self.backbone.tokenizer, how[0], side=how[1])
-            td = cut[how]
+            max_in, side = int(r.train_config.get("max_input_tokens", 256)), _truncation_side(r)
+            if (max_in, side) not in cut:
+                cut[max_in, side] = truncate_inputs(raw, self.backbone.tokenizer, max_in, side=side)
+            td = cut[max_in, side]
             row: dict[str, Any] = {"serving": v.record is rec, "method": r.method.value, "n": len(td)}
             if self.is_encoder:
                 logits = self._encoder_logits(
                     [ex.input for ex in td.examples],
                     [v.prompt] * len(td),
                     [v.head] * len(td),
-                    int(r.train_config.get("max_input_tokens", 256)),
+                    max_in,
                     batch_size,
                     emb,
-                    _truncation_side(r),
+                    side,
                 )
                 stacked = torch.stack(logits)
                 ys = torch.tensor([rec.labels.index(ex.target) for ex in td.examples], device=stacked.device)

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import TRUNCATION_SIDES
 from .errors import PromptBankError
 
 if TYPE_CHECKING:
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--truncation-side",
-        choices=("auto", "right", "left", "middle"),
+        choices=("auto", *TRUNCATION_SIDES),
         help="where a longer input is cut: right keeps its first tokens, left its last (a question after a long "
         "context), middle its first and last halves; auto: middle for generation, right for classification "
         "(default: auto)",
@@ -730,13 +731,15 @@ def _learn_variant(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_summary(record: Any, variants: list[str] | None = None) -> dict[str, Any]:
+def _task_summary(record: Any, variants: list[str]) -> dict[str, Any]:
     """A task's JSON line of ``list --json``: ``variant`` is the serving prompt's name, ``variants`` all of them
     (serving first)."""
+    from .bank import _truncation_side
+
     return {
         "name": record.name,
         "variant": record.variant,
-        "variants": variants if variants is not None else [record.variant],
+        "variants": variants,
         "kind": record.kind,
         "method": record.method.value,
         "tokens": record.prompt_config["num_virtual_tokens"],
@@ -752,7 +755,7 @@ def _task_summary(record: Any, variants: list[str] | None = None) -> dict[str, A
         "threshold": record.threshold,
         "warm_start_from": record.warm_start_from,
         "max_input_tokens": record.train_config.get("max_input_tokens"),
-        "truncation_side": record.train_config.get("truncation_side", "right"),
+        "truncation_side": _truncation_side(record),
         "imported_from": record.imported_from,
     }
 

@@ -562,7 +562,7 @@ def _table_rows(data: Any) -> list[Any] | None:
     if hasattr(data, "columns") and callable(getattr(data, "to_dict", None)):  # pandas
         return list(data.to_dict(orient="records"))
     if isinstance(data, Mapping):
-        cols = {k: v for k, v in data.items()}
+        cols = dict(data)
         split = next((k for k, v in cols.items() if hasattr(v, "column_names") or isinstance(v, Mapping)), None)
         if split is not None:  # a Hugging Face DatasetDict, or a dict of splits
             raise DataError(
