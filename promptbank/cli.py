@@ -462,8 +462,12 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
 
 def _read_text_file(path: str, column: str | None = None) -> list[str]:
     """Texts from JSONL (each non-blank line a JSON string or an object with a ``text``, else ``input``, string), a
-    JSON list or a Parquet file (the same per element / row), or CSV/TSV (the ``text``, else ``input``, column of a
-    header row); ``column`` names that field instead."""
+    JSON list or a Parquet file (the same per element / row), CSV/TSV (the ``text``, else ``input``, column of a
+    header row) or plain text (each non-blank line one text); ``column`` names that field instead.
+
+    ``.txt`` files are plain text and ``.jsonl`` files JSONL. Standard input (``-``) and files of other extensions
+    are JSONL when their first non-blank line starts with ``{`` or ``"``, else plain text."""
+    ext = ""
     if path == "-":
         lines, src = sys.stdin.read().splitlines(), "<stdin>"
     else:
@@ -489,6 +493,10 @@ def _read_text_file(path: str, column: str | None = None) -> list[str]:
             if not isinstance(top, list):
                 raise ValueError(f"{src}: expected a JSON list of strings or objects")
             return _row_texts(list(enumerate(top, 1)), src, column, unit="element")
+    if ext == ".txt" or (ext not in (".jsonl", ".ndjson") and not _looks_like_jsonl(lines)):
+        if column:
+            raise ValueError(f"{src}: --columns applies to JSON, CSV/TSV and Parquet; this is plain text, one per line")
+        return [line.strip() for line in lines if line.strip()]
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -498,6 +506,12 @@ def _read_text_file(path: str, column: str | None = None) -> list[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{src}:{i}: invalid JSON ({e.msg})") from None
     return _row_texts(rows, src, column)
+
+
+def _looks_like_jsonl(lines: list[str]) -> bool:
+    """Whether the first non-blank line starts a JSON object or string (else the lines are plain text)."""
+    first = next((line.lstrip() for line in lines if line.strip()), "")
+    return first.startswith(("{", '"'))
 
 
 def _row_texts(rows: list[tuple[int, Any]], src: str, column: str | None, unit: str = "") -> list[str]:
@@ -949,8 +963,9 @@ def _add_columns_option(p: argparse.ArgumentParser, *, texts_file: bool = False)
         p.add_argument(
             "--file",
             metavar="FILE",
-            help="also read texts from a file: JSONL ({\"text\": ...} rows or strings; '-' for stdin), a JSON list "
-            "of the same, CSV/TSV with a header, or Parquet (needs pyarrow)",
+            help="also read texts from a file ('-' for stdin): JSONL ({\"text\": ...} rows or strings), a JSON list "
+            "of the same, CSV/TSV with a header, Parquet (needs pyarrow) or plain text, one per line (.txt, or "
+            "stdin / other files whose first line does not start with '{' or '\"')",
         )
     p.add_argument(
         "--columns",
@@ -958,15 +973,28 @@ def _add_columns_option(p: argparse.ArgumentParser, *, texts_file: bool = False)
         help="where the fields are when the data names them otherwise, e.g. text=sentence,label=rating "
         "(fields: text, label, input, target)",
     )
+    if not texts_file:
+        p.add_argument(
+            "--skip-invalid",
+            action="store_true",
+            help="skip rows that fail their own checks (empty or missing text or label, a JSONL line that is not "
+            "an object, a CSV row with the wrong number of fields) with one warning, instead of stopping at the first",
+        )
 
 
 def _data(args: argparse.Namespace, path: str | None) -> Any:
-    """A data file as given, or loaded with ``--columns`` mapping its fields."""
-    if path is None or not getattr(args, "columns", None):
+    """A data file as given, or loaded with ``--columns`` mapping its fields and ``--skip-invalid``."""
+    columns, skip = getattr(args, "columns", None), getattr(args, "skip_invalid", False)
+    if path is None or not (columns or skip):
         return path
     from .tasks import load_task_data
 
-    return load_task_data(path, kind=getattr(args, "kind", None), columns=_parse_columns(args.columns))
+    return load_task_data(
+        path,
+        kind=getattr(args, "kind", None),
+        columns=_parse_columns(columns) if columns else None,
+        skip_invalid=skip,
+    )
 
 
 def _parse_columns(spec: str) -> dict[str, str]:

@@ -125,6 +125,7 @@ def load_task_data(
     labels: Sequence[str] | None = None,
     source: str | None = None,
     columns: Mapping[str, str] | None = None,
+    skip_invalid: bool = False,
 ) -> TaskData:
     """Load and validate task data.
 
@@ -154,6 +155,11 @@ def load_task_data(
             ``"text"``, ``"label"``, ``"input"``, ``"target"`` and the column (CSV/TSV) or key (JSON, dicts) that
             holds each, e.g. ``{"text": "sentence", "label": "rating"}``. A mapped column takes the field's place
             (a column already named like the field is then ignored). Rows given as pairs have no names to map.
+        skip_invalid: drop the rows that fail a check of their own instead of raising: an empty, missing or
+            non-string text or label, a label outside ``labels``, a JSONL line that is not a JSON object, a CSV row
+            with the wrong number of fields. One warning says how many rows were dropped, of how many, and why
+            the first was (and the rest are logged at INFO level). Problems with the whole data still raise: a
+            missing file or column, an unreadable file, no valid row left, fewer than 2 labels.
 
     Returns:
         The validated :class:`TaskData`.
@@ -168,6 +174,7 @@ def load_task_data(
     if kind is not None and kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
 
+    skipped: list[DataError] | None = [] if skip_invalid else None
     if isinstance(data, TaskData):
         if columns:
             raise DataError(
@@ -179,7 +186,7 @@ def load_task_data(
         path = Path(data)
         src = source if source is not None else os.fspath(data)
         mapping = _check_columns(columns, src)
-        rows = _read_file(path, src, kind, mapping)
+        rows = _read_file(path, src, kind, mapping, skipped)
     elif isinstance(data, (list, tuple)):
         src = source if source is not None else _LIST_SOURCE
         mapping = _check_columns(columns, src)
@@ -195,21 +202,32 @@ def load_task_data(
             f"of rows (a Hugging Face Dataset); got {type(data).__name__}"
         )
 
-    if not rows:
+    if not rows and not skipped:
         raise DataError("no rows: the data set is empty", source=src)
+    total = len(rows) + len(skipped or [])
     if mapping:
-        rows = [(_map_fields(row, mapping, line, src), line) for row, line in rows]
+        rows = _each_row(rows, lambda row, line: _map_fields(row, mapping, line, src), skipped)
 
     label_list = _check_labels_arg(labels, src)
     if kind is None:
-        kind = _infer_kind(rows[0][0], rows[0][1], src)
+        kind = _first_kind(rows, src, skipped)
     if kind == "generation" and label_list is not None:
         raise DataError(
             "labels apply only to classification tasks, but kind is 'generation'",
             source=src,
         )
 
-    examples = [_make_example(row, line, kind, src) for row, line in rows]
+    examples = [ex for ex, _ in _each_row(rows, lambda row, line: _make_example(row, line, kind, src), skipped)]
+    if skipped is not None and label_list is not None:
+        allowed = set(label_list)
+        skipped += [
+            DataError(_unknown_label_message(ex.target, label_list), source=src, line=ex.line)
+            for ex in examples
+            if ex.target not in allowed
+        ]
+        examples = [ex for ex in examples if ex.target in allowed]
+    if skipped:
+        _report_skipped(skipped, total, src, kept=len(examples))
 
     if kind == "classification":
         label_list = _resolve_labels(examples, label_list, src)
@@ -222,6 +240,51 @@ def load_task_data(
         f" ({len(label_list)} labels)" if label_list is not None else "",
     )
     return data_out
+
+
+def _each_row(rows: list[tuple[Any, int]], fn: Any, skipped: list[DataError] | None) -> list[tuple[Any, int]]:
+    """``fn(row, line)`` of each row, as ``(result, line)``; with ``skipped`` (a list), a row whose check raises
+    :class:`DataError` is dropped and its error appended there instead of raised."""
+    out = []
+    for row, line in rows:
+        try:
+            out.append((fn(row, line), line))
+        except DataError as exc:
+            if skipped is None:
+                raise
+            skipped.append(exc)
+    return out
+
+
+def _first_kind(rows: list[tuple[Any, int]], src: str, skipped: list[DataError] | None) -> TaskKind:
+    """The kind of the first row (of the first row it can be told from, when skipping invalid rows)."""
+    if not rows:
+        raise _no_valid_rows(skipped or [], src)
+    first_error = None
+    for row, line in rows if skipped is not None else rows[:1]:
+        try:
+            return _infer_kind(row, line, src)
+        except DataError as exc:
+            first_error = first_error or exc
+    raise first_error
+
+
+def _no_valid_rows(skipped: list[DataError], src: str) -> DataError:
+    first = f"; the first: {skipped[0]}" if skipped else ""
+    return DataError(f"no valid rows: all {len(skipped)} rows were skipped as invalid{first}", source=src)
+
+
+def _report_skipped(skipped: list[DataError], total: int, src: str, *, kept: int) -> None:
+    """One warning for the rows dropped by ``skip_invalid`` (each one logged at INFO); an error if none is left."""
+    if not kept:
+        raise _no_valid_rows(skipped, src)
+    skipped.sort(key=lambda e: e.line or 0)
+    for exc in skipped:
+        logger.info("skipped invalid row: %s", exc)
+    warnings.warn(
+        f"{src}: skipped {len(skipped)} invalid row(s) of {total} (skip_invalid); the first: {skipped[0]}",
+        stacklevel=3,
+    )
 
 
 def _check_task_data(
@@ -513,9 +576,14 @@ def _map_fields(row: Any, mapping: Mapping[str, str], line: int, src: str) -> An
 
 
 def _read_file(
-    path: Path, src: str, kind: TaskKind | None, mapping: Mapping[str, str] | None = None
+    path: Path,
+    src: str,
+    kind: TaskKind | None,
+    mapping: Mapping[str, str] | None = None,
+    skipped: list[DataError] | None = None,
 ) -> list[tuple[Any, int]]:
-    """Read a data file into ``(row, line)`` pairs (``mapping``: ``{field: column}``, for the CSV header check)."""
+    """Read a data file into ``(row, line)`` pairs (``mapping``: ``{field: column}``, for the CSV header check;
+    ``skipped``: where JSONL lines and CSV rows that cannot be rows go, instead of raising)."""
     if not path.exists():
         raise DataError("file not found", source=src)
     if not path.is_file():
@@ -534,10 +602,12 @@ def _read_file(
         raise DataError(f"cannot read the file: {exc.strerror or exc}", source=src) from exc
     lines = _decode_lines(raw, src)
     if ext == ".jsonl":
-        return _parse_jsonl(lines, src)
+        return _parse_jsonl(lines, src, skipped)
     if ext == ".json":
         return _parse_json("".join(lines), src)
-    return _parse_csv(lines, src, kind, delimiter="\t" if ext == ".tsv" else ",", mapping=mapping or {})
+    return _parse_csv(
+        lines, src, kind, delimiter="\t" if ext == ".tsv" else ",", mapping=mapping or {}, skipped=skipped
+    )
 
 
 def _read_parquet(path: Path, src: str) -> list[dict[str, Any]]:
@@ -614,25 +684,35 @@ def _json_limit(exc: Exception) -> str:
     return f"value out of range ({str(exc).split(';')[0]})"
 
 
-def _parse_jsonl(lines: list[str], src: str) -> list[tuple[Any, int]]:
+def _parse_jsonl(lines: list[str], src: str, skipped: list[DataError] | None = None) -> list[tuple[Any, int]]:
+    """Each non-blank line's JSON object, with its line number (``skipped``: see :func:`_read_file`)."""
     rows: list[tuple[Any, int]] = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=number) from None
-        except (ValueError, RecursionError) as exc:  # over-deep nesting, integers over the digit limit
-            raise DataError(f"invalid JSON: {_json_limit(exc)}", source=src, line=number) from None
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"each line must be a JSON object, got {_json_type(obj)} ({_short(obj)})",
-                source=src,
-                line=number,
-            )
-        rows.append((obj, number))
+            rows.append((_jsonl_object(text, number, src), number))
+        except DataError as exc:
+            if skipped is None:
+                raise
+            skipped.append(exc)
     return rows
+
+
+def _jsonl_object(text: str, number: int, src: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", source=src, line=number) from None
+    except (ValueError, RecursionError) as exc:  # over-deep nesting, integers over the digit limit
+        raise DataError(f"invalid JSON: {_json_limit(exc)}", source=src, line=number) from None
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"each line must be a JSON object, got {_json_type(obj)} ({_short(obj)})",
+            source=src,
+            line=number,
+        )
+    return obj
 
 
 def _parse_json(text: str, src: str) -> list[tuple[Any, int]]:
@@ -693,7 +773,13 @@ def _json_type(obj: Any) -> str:
 
 
 def _parse_csv(
-    lines: list[str], src: str, kind: TaskKind | None, *, delimiter: str, mapping: Mapping[str, str]
+    lines: list[str],
+    src: str,
+    kind: TaskKind | None,
+    *,
+    delimiter: str,
+    mapping: Mapping[str, str],
+    skipped: list[DataError] | None = None,
 ) -> list[tuple[Any, int]]:
     """Parse CSV/TSV with a header row (checked to have the columns ``kind`` needs); rows become dicts."""
     reader = csv.reader(lines, delimiter=delimiter)
@@ -728,11 +814,15 @@ def _parse_csv(
             continue
         if len(cells) != len(columns):
             hint = " (an unquoted delimiter?)" if len(cells) > len(columns) else ""
-            raise DataError(
+            exc = DataError(
                 f"the row has {len(cells)} fields but the header has {len(columns)}{hint}",
                 source=src,
                 line=start,
             )
+            if skipped is None:
+                raise exc
+            skipped.append(exc)
+            continue
         rows.append((dict(zip(columns, cells, strict=True)), start))
     return rows
 

@@ -379,6 +379,21 @@ def test_eval_reports_task_and_routed_accuracy(workdir, learned_bank, capsys):
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["routed"]["accuracy"] <= 1
 
 
+def test_eval_skip_invalid_rows(workdir, learned_bank, tmp_path, capsys):
+    """--skip-invalid drops the bad rows of a messy file with one warning line; without it the first one stops."""
+    messy = tmp_path / "messy.jsonl"
+    good = (workdir / "billing.jsonl").read_text(encoding="utf-8").splitlines()
+    messy.write_text("\n".join([good[0], '{"text": "", "label": "x"}', "not json", *good[1:]]) + "\n", encoding="utf-8")
+    rc, _, err = run(capsys, "eval", "billing", str(messy), "--bank", str(learned_bank))
+    assert rc == 1
+    assert_one_line_error(err, "messy.jsonl:3", "invalid JSON")  # the file is parsed before rows are checked
+    rc, out, err = run(capsys, "eval", "billing", str(messy), "--skip-invalid", "--bank", str(learned_bank))
+    assert rc == 0, err
+    assert "on 8 examples" in out
+    warnings = [line for line in err.splitlines() if line.startswith("promptbank: warning:")]
+    assert len(warnings) == 1 and "skipped 2 invalid row(s) of 10" in warnings[0] and "messy.jsonl:2" in warnings[0]
+
+
 def test_eval_reports_generation_scores(workdir, bank_copy, model_opts, capsys):
     qa = workdir / "qa.jsonl"
     rows = [{"input": f"capital of country {i}?", "target": f"city {i % 3}"} for i in range(8)]
@@ -769,3 +784,40 @@ def test_import_peft_files_an_adapter_as_a_task(workdir, model_opts, bank_copy, 
     rc, _, err = run(capsys, "import-peft", "peft_weather", str(tmp_path / "adapter"), data, "--bank", bank)
     assert rc == 1
     assert_one_line_error(err, "already exists")
+
+
+def test_file_reads_plain_text_lines(learned_bank, tmp_path, capsys, monkeypatch):
+    """Plain text, one per line: .txt files, and stdin whose first line is not JSON; a .jsonl file stays strict."""
+    import io
+
+    base = ["predict", "--task", "weather", "--json", "--bank", str(learned_bank)]
+    lines = tmp_path / "queries.txt"
+    lines.write_text('strong wind on the coast\n\n  "clear" sky  \n{not json}\n', encoding="utf-8")
+    rc, out, err = run(capsys, *base, "--file", str(lines))
+    assert rc == 0, err
+    assert [p["text"] for p in json.loads(out)] == ["strong wind on the coast", '"clear" sky', "{not json}"]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("gale warning\nsunny spells\n"))
+    rc, out, err = run(capsys, *base, "--file", "-")
+    assert rc == 0, err
+    assert [p["text"] for p in json.loads(out)] == ["gale warning", "sunny spells"]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('\n{"text": "gale warning"}\n"sunny spells"\n'))
+    rc, out, err = run(capsys, *base, "--file", "-")
+    assert rc == 0, err
+    assert [p["text"] for p in json.loads(out)] == ["gale warning", "sunny spells"]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "gale warning"}\nsunny spells\n'))
+    rc, _, err = run(capsys, *base, "--file", "-")  # JSONL from its first line on: a plain line is an error
+    assert rc == 1
+    assert_one_line_error(err, "<stdin>:2", "invalid JSON")
+
+    strict = tmp_path / "queries.jsonl"
+    strict.write_text("gale warning\n", encoding="utf-8")
+    rc, _, err = run(capsys, *base, "--file", str(strict))
+    assert rc == 1
+    assert_one_line_error(err, "queries.jsonl:1", "invalid JSON")
+
+    rc, _, err = run(capsys, *base, "--file", str(lines), "--columns", "text=query")
+    assert rc == 1
+    assert_one_line_error(err, "queries.txt", "plain text")

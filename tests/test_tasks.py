@@ -611,3 +611,59 @@ def test_counting_long_inputs_does_not_trigger_the_tokenizers_length_warning(cap
         hf_logging.disable_propagation()
         hf_logging.set_verbosity(was)
     assert counted == [] and plain
+
+
+def test_skip_invalid_drops_bad_rows_with_one_warning(tmp_path: Path) -> None:
+    """skip_invalid keeps the valid rows of a messy file (each line number kept) and warns once with the count and
+    the first reason; without it the first bad row raises as before."""
+    path = tmp_path / "messy.jsonl"
+    path.write_text(
+        '{"text": "good one", "label": "pos"}\n'
+        "not json at all\n"
+        '{"text": "", "label": "neg"}\n'
+        '["a", "list"]\n'
+        '{"text": "bad one", "label": "neg"}\n'
+        '{"text": "no label"}\n'
+        '{"text": "fine", "label": "pos"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"messy.jsonl:2: invalid JSON"):
+        load_task_data(path)
+    with pytest.warns(UserWarning, match=r"skipped 4 invalid row\(s\) of 7 .*messy.jsonl:2: invalid JSON"):
+        data = load_task_data(path, skip_invalid=True)
+    assert [(e.input, e.target, e.line) for e in data.examples] == [
+        ("good one", "pos", 1),
+        ("bad one", "neg", 5),
+        ("fine", "pos", 7),
+    ]
+    assert data.labels == ["pos", "neg"]
+
+
+def test_skip_invalid_csv_rows_and_unknown_labels(tmp_path: Path) -> None:
+    path = tmp_path / "messy.csv"
+    path.write_text("review,stars\ngreat,pos\n,neg\nawful,neg,extra\nmeh,neutral\nbad,neg\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"messy.csv:4: the row has 3 fields"):
+        load_task_data(path, columns={"text": "review", "label": "stars"}, labels=["pos", "neg"])
+    with pytest.warns(UserWarning, match=r"skipped 3 invalid row\(s\) of 5 .*messy.csv:3: field 'text' is empty"):
+        data = load_task_data(
+            path, columns={"text": "review", "label": "stars"}, labels=["pos", "neg"], skip_invalid=True
+        )
+    assert [(e.input, e.line) for e in data.examples] == [("great", 2), ("bad", 6)]
+
+
+def test_skip_invalid_still_raises_for_the_whole_data(tmp_path: Path) -> None:
+    """Nothing valid left, a missing column or a missing file stay errors; the first row's kind is inferred from
+    the first row that has one."""
+    bad = [{"text": ""}, {"text": " ", "label": "x"}]
+    with pytest.raises(DataError, match=r"no valid rows: all 2 rows were skipped"):
+        load_task_data(bad, skip_invalid=True)
+    rows = [{"other": 1}, {"input": "q", "target": "a"}, {"input": "q2", "target": ""}]
+    with pytest.warns(UserWarning, match=r"skipped 2 invalid row"):
+        data = load_task_data(rows, skip_invalid=True)
+    assert data.kind == "generation" and [e.input for e in data.examples] == ["q"]
+    with pytest.raises(DataError, match="file not found"):
+        load_task_data(tmp_path / "nope.jsonl", skip_invalid=True)
+    table = tmp_path / "t.csv"
+    table.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="column"):
+        load_task_data(table, skip_invalid=True)
