@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "causal LMs: the label ranking alone, as a PEFT export of the task predicts)",
     )
     p.add_argument(
+        "--no-probe-refit",
+        action="store_true",
+        help="classification: keep the embedding probe fitted on the training part only (by default it is refitted "
+        "on the training and dev rows once the dev accuracy is measured)",
+    )
+    p.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
         help="training forwards' matrix products: fp32 (default) or bf16 under autocast (mixed precision, 0.6-0.7x "
@@ -649,6 +655,8 @@ def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"progress": not args.quiet, "warm_start": not args.no_warm_start}
     if getattr(args, "no_probe", False):
         options["probe"] = False
+    if getattr(args, "no_probe_refit", False):
+        options["probe_refit"] = False
     for key, value in (
         ("max_steps", args.steps),
         ("lr", args.lr),

@@ -622,6 +622,8 @@ def test_no_probe_reaches_the_train_options():
     base = ["learn", "t", "data.jsonl"]
     assert "probe" not in _learn_options(build_parser().parse_args(base))  # TrainConfig's default (on)
     assert _learn_options(build_parser().parse_args([*base, "--no-probe"]))["probe"] is False
+    assert "probe_refit" not in _learn_options(build_parser().parse_args(base))
+    assert _learn_options(build_parser().parse_args([*base, "--no-probe-refit"]))["probe_refit"] is False
 
 
 def test_objective_reaches_the_train_options():
