@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from .errors import (
 )
 from .inject import PrefixKV, model_device, prompt_kv
 from .lda import ROUTING_SCORERS, GaussianRouter
+from .manifest import validate_task_name
 from .metrics import exact_match, f1_score, macro_f1
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
@@ -61,17 +61,6 @@ EMBED_CHUNK = 1024
 # predict / evaluate (classification) with progress=True run this many batches of rows per call, then move their
 # progress bar (generation moves it after every batch)
 EVAL_CHUNK = 16
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def validate_task_name(name: str) -> str:
-    """Task names become folder names: letters, digits, ``_ . -``, no leading dot, at most 128 chars."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid task name {name!r}: use 1-128 letters, digits, '_', '.', '-' (not starting with '.' or '-', no '..')"
-        )
-    return name
 
 
 @dataclass

@@ -421,7 +421,7 @@ def resolve_bank(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _has_bank(folder: str | os.PathLike) -> bool:
-    from .storage import bank_exists  # also finds a bank left next to the folder by an interrupted save
+    from .manifest import bank_exists  # also finds a bank left next to the folder by an interrupted save
 
     return bank_exists(folder)
 
@@ -447,12 +447,16 @@ def _load_bank(args: argparse.Namespace, *, create: bool = False) -> PromptBank:
 
 def _open_bank(args: argparse.Namespace) -> PromptBank:
     """Load the bank at ``--bank``; a clear error when there is none."""
+    _require_bank(args)
+    return _load_bank(args)
+
+
+def _require_bank(args: argparse.Namespace) -> None:
     if not _has_bank(args.bank):
         raise CLIError(
             f"no bank at {args.bank} (no {MANIFEST}); create one with `{PROG} learn NAME DATA "
             f"--bank {args.bank}` or point --bank / ${BANK_ENV} at an existing bank"
         )
-    return _load_bank(args)
 
 
 def _read_texts(args: argparse.Namespace) -> list[str]:
@@ -753,62 +757,72 @@ def _learn_variant(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_summary(record: Any, variants: list[str]) -> dict[str, Any]:
-    """A task's JSON line of ``list --json``: ``variant`` is the serving prompt's name, ``variants`` all of them
-    (serving first)."""
-    from .bank import _truncation_side
-
+def _task_summary(name: str, record: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+    """A task's JSON line of ``list --json``, from its manifest record: ``variant`` is the serving prompt's name,
+    ``variants`` all of them (serving first)."""
+    prompt_config, train_config = record.get("prompt_config") or {}, record.get("train_config") or {}
     return {
-        "name": record.name,
-        "variant": record.variant,
+        "name": name,
+        "variant": variants[0],
         "variants": variants,
-        "kind": record.kind,
-        "method": record.method.value,
-        "tokens": record.prompt_config["num_virtual_tokens"],
-        "layers": record.prompt_config.get("layers"),
-        "labels": record.labels,
-        "label_words": record.label_words,
-        "num_train": record.num_train,
-        "num_dev": record.num_dev,
-        "steps": record.steps,
-        "best_step": record.best_step,
-        "dev_loss": record.dev_loss,
-        "dev_accuracy": record.dev_accuracy,
-        "threshold": record.threshold,
-        "warm_start_from": record.warm_start_from,
-        "max_input_tokens": record.train_config.get("max_input_tokens"),
-        "truncation_side": _truncation_side(record),
-        "imported_from": record.imported_from,
+        "kind": record.get("kind"),
+        "method": prompt_config.get("method"),
+        "tokens": prompt_config.get("num_virtual_tokens"),
+        "layers": prompt_config.get("layers"),
+        "labels": record.get("labels"),
+        "label_words": record.get("label_words"),
+        "num_train": record.get("num_train"),
+        "num_dev": record.get("num_dev"),
+        "steps": record.get("steps"),
+        "best_step": record.get("best_step"),
+        "dev_loss": record.get("dev_loss"),
+        "dev_accuracy": record.get("dev_accuracy"),
+        "threshold": record.get("threshold"),
+        "warm_start_from": record.get("warm_start_from"),
+        "max_input_tokens": train_config.get("max_input_tokens"),
+        # tasks stored before the setting existed were cut on the right (bank._truncation_side)
+        "truncation_side": train_config.get("truncation_side") or "right",
+        "imported_from": record.get("imported_from"),
     }
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    bank = _open_bank(args)
-    records = list(bank.tasks.values())
-    variants = {r.name: list(bank.variants(r.name)) for r in records}
+    """The tasks of the bank, from its manifest alone: no model is loaded, nor torch imported."""
+    from .manifest import DEFAULT_VARIANT, read_manifest
+
+    _require_bank(args)
+    manifest = read_manifest(args.bank)  # checked: structure, types, its own sha256
+    tasks, stored_variants = manifest["tasks"], manifest.get("variants", {})
+    names = manifest.get("task_order", list(tasks))
+    variants = {
+        n: [tasks[n].get("variant", DEFAULT_VARIANT)]
+        + [v.get("variant", DEFAULT_VARIANT) for v in stored_variants.get(n, [])]
+        for n in names
+    }
+    summaries = [_task_summary(n, tasks[n], variants[n]) for n in names]
     if args.json:
-        _print_json([_task_summary(r, variants[r.name]) for r in records])
+        _print_json(summaries)
         return 0
-    if not records:
+    if not summaries:
         print(f"(no tasks in {args.bank})")
         return 0
     rows = [
         [
-            r.name,
-            r.kind,
-            r.method.value,
-            str(r.prompt_config["num_virtual_tokens"]),
-            str(len(r.labels)) if r.labels else "-",
-            _fmt(r.dev_accuracy),
-            str(r.steps),
+            str(t["name"]),
+            str(t["kind"]),
+            str(t["method"]),
+            str(t["tokens"]),
+            str(len(t["labels"])) if t["labels"] else "-",
+            _fmt(t["dev_accuracy"]) if isinstance(t["dev_accuracy"], (int, float)) else "-",
+            str(t["steps"]),
         ]
-        for r in records
+        for t in summaries
     ]
     header = ["NAME", "KIND", "METHOD", "TOKENS", "LABELS", "DEV_ACC", "STEPS"]
     if any(len(v) > 1 for v in variants.values()):  # the serving variant first, starred
         header.append("VARIANTS")
-        for row, r in zip(rows, records, strict=True):
-            row.append(",".join(f"{v}*" if v == r.variant else v for v in variants[r.name]))
+        for row, t in zip(rows, summaries, strict=True):
+            row.append(",".join(f"{v}*" if v == t["variant"] else v for v in t["variants"]))
     print(_table(header, rows))
     return 0
 

@@ -616,6 +616,22 @@ def test_variant_errors_are_one_line(workdir, learned_bank, capsys):
     assert_one_line_error(err, "weather.jsonl")
 
 
+def test_list_reads_the_manifest_only(learned_bank):
+    """`list` needs no model: in a fresh interpreter it prints the tasks without importing torch or transformers."""
+    import subprocess
+
+    code = (
+        "import sys; from promptbank.cli import main; "
+        f"rc = main(['list', '--bank', {str(learned_bank)!r}]); "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "billing" in done.stdout and "weather" in done.stdout
+    assert "HEAVY []" in done.stdout
+
+
 def test_no_probe_reaches_the_train_options():
     from promptbank.cli import _learn_options, build_parser
 
