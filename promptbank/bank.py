@@ -29,7 +29,7 @@ from .errors import (
 )
 from .inject import PrefixKV, model_device, prompt_kv
 from .lda import ROUTING_SCORERS, GaussianRouter
-from .manifest import validate_task_name
+from .manifest import DEFAULT_VARIANT, validate_task_name
 from .metrics import exact_match, f1_score, macro_f1
 from .prompts import build_prompt_module, describe_task, text_init_ids, token_init, vocab_init_ids
 from .router import Router, calibrate_threshold, make_prototypes
@@ -54,8 +54,6 @@ ROUTER_TOP_KEYS = 3
 # (`bank.kv_cache_size`) and at most KV_CACHE_FRACTION of the backbone's parameter bytes (`bank.kv_cache_bytes`).
 KV_CACHE_SIZE = 256
 KV_CACHE_FRACTION = 0.05
-# Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
-DEFAULT_VARIANT = "main"
 # learn_task with progress on embeds a large training set this many inputs at a time, under a progress bar
 EMBED_CHUNK = 1024
 # predict / evaluate (classification) with progress=True run this many batches of rows per call, then move their

@@ -583,7 +583,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from .bank import validate_task_name
+    from .manifest import validate_task_name
 
     validate_task_name(args.name)  # fail before loading any model
     _template(args)  # likewise (a usage error)
@@ -722,7 +722,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _learn_variant(args: argparse.Namespace) -> int:
-    from .bank import validate_task_name
+    from .manifest import validate_task_name
 
     try:
         validate_task_name(args.variant)
@@ -930,7 +930,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
-    from .bank import validate_task_name
+    from .manifest import validate_task_name
 
     validate_task_name(args.name)  # fail before loading any model
     template = _template(args)

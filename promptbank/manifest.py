@@ -22,7 +22,8 @@ from .lda import ROUTING_SCORERS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VARIANT = "main"  # = bank.DEFAULT_VARIANT (bank imports storage lazily; storage imports bank lazily)
+# Name of the prompt variant that learn_task / import_peft create (learn_variant adds others; promote swaps them).
+DEFAULT_VARIANT = "main"
 
 FORMAT = "promptbank"
 FORMAT_VERSION = 2  # 2: sha256 + size of every file and of the manifest itself; 1: no checksums
