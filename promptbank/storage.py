@@ -34,6 +34,9 @@ checked finite, symbolic links and special files refused. Errors are :class:`Ban
 
 PEFT import (:func:`read_peft_adapter`) reads a PEFT soft-prompt adapter folder with the same safetensors
 parser; pickle files are refused, never loaded.
+
+The manifest's format constants, its reading and its structure checks (and the file-reading primitives they share
+with this module) live in :mod:`promptbank.manifest`, which imports no model library; they are re-exported here.
 """
 
 from __future__ import annotations
