@@ -32,7 +32,6 @@ import functools
 import json
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +55,11 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def _background(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from promptbank.lda import ledoit_wolf_covariance
+    """Mean and precision of one Ledoit-Wolf Gaussian over all ``keys``."""
+    from promptbank.lda import ledoit_wolf_covariance, precision_of
 
     mu = keys.mean(0)
-    cov, _ = ledoit_wolf_covariance(keys - mu)
-    evals, evecs = np.linalg.eigh(cov)
-    evals = np.maximum(evals, 1e-8 * evals.max())
-    return mu, (evecs / evals) @ evecs.T
+    return mu, precision_of(ledoit_wolf_covariance(keys - mu)[0])
 
 
 def _bg_distance(x: np.ndarray, bg: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -70,22 +67,9 @@ def _bg_distance(x: np.ndarray, bg: tuple[np.ndarray, np.ndarray]) -> np.ndarray
     return np.einsum("nd,nd->n", d @ bg[1], d)
 
 
-def _folds(names: list[str], items) -> list[np.ndarray]:
-    """Each task's cross-fitting folds, as ``promptbank.lda`` draws them (seeded by the task's name)."""
-    from promptbank.lda import _FOLDS
-
-    out = []
-    for name, (_, keys, _) in zip(names, items):
-        rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
-        f = np.empty(len(keys), dtype=np.int64)
-        f[rng.permutation(len(keys))] = np.arange(len(keys)) % _FOLDS
-        out.append(f)
-    return out
-
-
 def rejection(keys, ktask, kgroup, queries, qtask, oos) -> dict:
     """The default rejection score (Mahalanobis distance to the top task) against relative ones, per alpha."""
-    from promptbank.lda import _FOLDS, GaussianRouter, _fit, _Params
+    from promptbank.lda import _FOLDS, GaussianRouter, _fit, _Params, task_folds
 
     names = list(dict.fromkeys(ktask.tolist()))
     items = [(t, keys[ktask == n].astype(np.float64), kgroup[ktask == n]) for t, n in enumerate(names)]
@@ -98,7 +82,7 @@ def rejection(keys, ktask, kgroup, queries, qtask, oos) -> dict:
     # held-out (cross-fitted) distances of each task's keys: to its own task, and to the background
     held_task: list[list[np.ndarray]] = [[] for _ in names]
     held_bg: list[list[np.ndarray]] = [[] for _ in names]
-    folds = _folds(names, items)
+    folds = [task_folds(n, len(kk)) for n, (_, kk, _) in zip(names, items)]  # as the router draws them
     for k in range(_FOLDS):
         train = [(t, kk[f != k], g[f != k]) for (t, kk, g), f in zip(items, folds)]
         params = _Params(*_fit(train, dim)[:3])

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["ROUTING_SCORERS", "GaussianRouter", "ledoit_wolf_covariance"]
+__all__ = ["ROUTING_SCORERS", "GaussianRouter", "ledoit_wolf_covariance", "precision_of", "task_folds"]
 
 # How a bank scores tasks for a query: "lda" (this module; the default for new banks) or "knn" (mean cosine of
 # the task's top keys, promptbank.router.Router; banks saved before the learned router keep it).
@@ -101,11 +101,24 @@ def _fit(items: list[tuple[int, np.ndarray, np.ndarray]], dim: int, *, per_task:
         cov, shrinkage = ledoit_wolf_covariance(dev)
     else:
         cov, shrinkage = np.eye(dim), 1.0
-    # symmetric positive definite: invert through the eigendecomposition (stable for a near-singular C)
+    return np.asarray(owner, dtype=np.int64), mus, precision_of(cov), shrinkage
+
+
+def precision_of(cov: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive (semi)definite ``cov``, through its eigendecomposition (stable for a
+    near-singular one: eigenvalues are floored at 1e-8 of the largest)."""
     evals, evecs = np.linalg.eigh(cov)
     evals = np.maximum(evals, 1e-8 * max(float(evals.max(initial=0.0)), 1e-12))
-    precision = (evecs / evals) @ evecs.T
-    return np.asarray(owner, dtype=np.int64), mus, precision, shrinkage
+    return (evecs / evals) @ evecs.T
+
+
+def task_folds(name: str, n: int) -> np.ndarray:
+    """Cross-fitting fold (0 .. _FOLDS - 1) of each of a task's ``n`` keys, drawn from the task's name, so that
+    thresholds do not depend on the order tasks were added in."""
+    rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
+    folds = np.empty(n, dtype=np.int64)
+    folds[rng.permutation(n)] = np.arange(n) % _FOLDS
+    return folds
 
 
 class _Params:
@@ -211,13 +224,7 @@ class GaussianRouter:
         covariance is fitted to the very points, in hundreds of dimensions), so the threshold would reject most
         new in-task queries.
         """
-        folds = []
-        for name, (_, keys, _) in zip(self.names, items):
-            # each task's folds from its own name: thresholds do not depend on the order tasks were added in
-            rng = np.random.default_rng(zlib.crc32(name.encode("utf-8")))
-            f = np.empty(len(keys), dtype=np.int64)
-            f[rng.permutation(len(keys))] = np.arange(len(keys)) % _FOLDS
-            folds.append(f)
+        folds = [task_folds(name, len(keys)) for name, (_, keys, _) in zip(self.names, items)]
         held: list[list[np.ndarray]] = [[] for _ in items]
         hits = {"group": 0, "task": 0, "n": 0}
         for k in range(_FOLDS):

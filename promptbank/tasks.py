@@ -686,17 +686,8 @@ def _json_limit(exc: Exception) -> str:
 
 def _parse_jsonl(lines: list[str], src: str, skipped: list[DataError] | None = None) -> list[tuple[Any, int]]:
     """Each non-blank line's JSON object, with its line number (``skipped``: see :func:`_read_file`)."""
-    rows: list[tuple[Any, int]] = []
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            rows.append((_jsonl_object(text, number, src), number))
-        except DataError as exc:
-            if skipped is None:
-                raise
-            skipped.append(exc)
-    return rows
+    numbered = [(text, number) for number, text in enumerate(lines, start=1) if text.strip()]
+    return _each_row(numbered, lambda text, number: _jsonl_object(text, number, src), skipped)
 
 
 def _jsonl_object(text: str, number: int, src: str) -> dict[str, Any]:
