@@ -113,11 +113,16 @@ class TaskRecord:
 
 @dataclass
 class Routing:
-    """Result of :meth:`PromptBank.route`: the chosen task (``None`` = no task fits) and the ranking."""
+    """Result of :meth:`PromptBank.route`: the chosen task (``None`` = no task fits) and the ranking.
+
+    ``score`` is the first-ranked task's score and ``threshold`` its "no task" threshold, on the same scale: the
+    task is chosen when ``score >= threshold`` (both ``None`` when the bank has no task). The other ranked tasks'
+    thresholds: :meth:`PromptBank.routing_thresholds`."""
 
     task: str | None
     score: float | None
     ranked: list[tuple[str, float]]
+    threshold: float | None = None
 
 
 @dataclass
@@ -1385,8 +1390,20 @@ class PromptBank:
         out = []
         for ranked in scorer.route(emb, top_k=max(1, top_k)):
             best, score = ranked[0]
-            out.append(Routing(best if score >= scorer.threshold(best) else None, score, ranked))
+            threshold = float(scorer.threshold(best))
+            out.append(Routing(best if score >= threshold else None, score, ranked, threshold))
         return out, emb
+
+    def routing_thresholds(self) -> dict[str, float]:
+        """Each task's "no task" threshold under the bank's routing scorer, on the scale of :class:`Routing`'s
+        scores: a query goes to its first-ranked task when that task's score is at least this. Set when the task
+        is learned (``TrainConfig.threshold_quantile`` of held-out in-task queries fall under it); the learned
+        router recalibrates them whenever the task set changes."""
+        router = self.router
+        if not len(router):
+            return {}
+        scorer = self._learned_router(router) if self.routing == "lda" else router
+        return {name: float(scorer.threshold(name)) for name in router.tasks}
 
     def _learned_router(self, router: Router) -> GaussianRouter:
         """The learned router for this router snapshot (refitted from the keys when the task set changed)."""

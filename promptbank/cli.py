@@ -831,10 +831,17 @@ def cmd_route(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
     bank = _open_bank(args)
     routes = bank.route_many(texts, top_k=args.top_k)
+    thresholds = bank.routing_thresholds()
     if args.json:
         _print_json(
             [
-                {"text": t, "task": r.task, "score": r.score, "ranked": [{"task": n, "score": s} for n, s in r.ranked]}
+                {
+                    "text": t,
+                    "task": r.task,
+                    "score": r.score,
+                    "threshold": r.threshold,
+                    "ranked": [{"task": n, "score": s, "threshold": thresholds.get(n)} for n, s in r.ranked],
+                }
                 for t, r in zip(texts, routes, strict=True)
             ]
         )
@@ -843,9 +850,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         if i:
             print()
         print(_short(text, 80))
-        print(f"  -> {r.task if r.task is not None else '(no task)'}")
+        if r.task is None and r.ranked:
+            print(f"  -> (no task: {r.ranked[0][0]} scores {r.score:.4f}, under its threshold {r.threshold:.4f})")
+        else:
+            print(f"  -> {r.task if r.task is not None else '(no task)'}")
         for rank, (name, score) in enumerate(r.ranked, 1):
-            print(f"     {rank}. {name}  {score:.4f}")
+            limit = thresholds.get(name)
+            print(f"     {rank}. {name}  {score:.4f}" + (f"  (threshold {limit:.4f})" if limit is not None else ""))
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import fast_options
 
-from promptbank import DataError, PromptBank, TaskExistsError, TaskNotFoundError, TrainingDivergedError
+from promptbank import DataError, PromptBank, Routing, TaskExistsError, TaskNotFoundError, TrainingDivergedError
 from promptbank.causal import encode_input, left_pad
 from promptbank.inject import decoder_layers, forward_hidden, prompt_kv
 
@@ -359,6 +359,24 @@ def test_routing_picks_the_right_task_and_rejects_off_topic(tiny_bank):
     assert off.task is None and off.ranked  # ranked candidates are still reported
     pred = tiny_bank.predict(["quantum chromodynamics lecture notes"])[0]
     assert pred.output is None and pred.task is None
+
+
+@pytest.mark.parametrize("routing", ["lda", "knn"])
+def test_routing_reports_the_threshold_it_decided_by(tiny_backbone, hashing_embedder, routing):
+    bank = PromptBank(tiny_backbone, hashing_embedder, routing=routing)
+    assert bank.routing_thresholds() == {}
+    assert bank.route("anything") == Routing(None, None, [], None)
+    bank.learn_task("weather", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=1))
+    bank.learn_task("fruit", FRUIT, num_virtual_tokens=2, **fast_options(max_steps=1))
+    limits = bank.routing_thresholds()
+    assert set(limits) == {"weather", "fruit"} and all(np.isfinite(v) for v in limits.values())
+    if routing == "knn":  # the cosine scorer's thresholds are the ones stored with the tasks
+        assert limits == {n: pytest.approx(t.threshold) for n, t in bank.tasks.items()}
+    for text in ("the weather is sunny today", "i would like to eat a banana", "quantum chromodynamics notes"):
+        r = bank.route(text)
+        first, score = r.ranked[0]
+        assert r.score == score and r.threshold == pytest.approx(limits[first])
+        assert r.task == (first if score >= r.threshold else None)
 
 
 def test_only_prompt_parameters_receive_gradients(tiny_bank):

@@ -263,6 +263,23 @@ def test_route_ranks_tasks(learned_bank, capsys):
     assert [r["text"] for r in routes] == texts
     assert [r["ranked"][0]["task"] for r in routes] == ["billing", "weather"]
     assert all(len(r["ranked"]) == 1 and r["task"] in (None, "billing", "weather") for r in routes)
+    for r in routes:  # the decision and the threshold it was made by
+        first = r["ranked"][0]
+        assert r["score"] == first["score"] and r["threshold"] == first["threshold"]
+        assert r["task"] == (first["task"] if r["score"] >= r["threshold"] else None)
+
+
+def test_route_says_why_a_query_went_to_no_task(learned_bank, capsys, monkeypatch):
+    from promptbank.lda import GaussianRouter
+
+    monkeypatch.setattr(GaussianRouter, "threshold", lambda self, name: 0.0)  # scores are < 0: every query rejected
+    rc, out, _ = run(capsys, "route", "thunder and rain storm tonight", "--json", "--bank", str(learned_bank))
+    got = json.loads(out)[0]
+    assert rc == 0 and got["task"] is None and got["threshold"] == 0.0 and got["score"] < 0
+    rc, out, _ = run(capsys, "route", "thunder and rain storm tonight", "--bank", str(learned_bank))
+    first = got["ranked"][0]
+    assert f"(no task: {first['task']} scores {got['score']:.4f}, under its threshold 0.0000)" in out
+    assert f"1. {first['task']}  {first['score']:.4f}  (threshold 0.0000)" in out
 
 
 def test_predict_routes_and_prints_output_task_and_score(learned_bank, capsys):
