@@ -12,6 +12,10 @@ routing target (hit@1 >= 98 %): its top-1 on held-out queries is ~97.6 %, and th
   Gaussian (Ledoit-Wolf) over every key of the bank, thresholds cross-fitted like the default's (same folds).
   Reported: AUROC of in-task vs out-of-scope queries (threshold-free), and at ``threshold_quantile=0.05`` hit@1,
   in-task queries rejected, out-of-scope queries rejected;
+- **surface features beside the embedding**: the keys and queries extended with a hashed bag of character
+  n-grams (case kept) or of word uni- and bigrams (:class:`promptbank.embed.HashingEmbedder`), weighted against
+  the default embedding, since tasks from different sources differ in format (casing, punctuation, markup) that a
+  sentence embedding is trained to ignore. Reported: top-1, hit@1 and the default rejection score's AUROC;
 - **another embedder** (``--smollm2``, ~16 min more at 2 threads): mean-pooled hidden states of SmolLM2-135M (the
   default causal backbone, so a causal bank could route from its own model) at several layers, alone and
   concatenated with the default embedding.
@@ -44,6 +48,7 @@ from bench_common import default_data_dir, versions, write_result  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
 QUANTILE = 0.05
+DEFAULT = "default (Mahalanobis)"
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -98,7 +103,7 @@ def rejection(keys, ktask, kgroup, queries, qtask, oos) -> dict:
     params = _Params(*_fit(items, dim)[:3])
     bg = _background(np.concatenate([kk for _, kk, _ in items]))
     out = {}
-    per_alpha = {"default (Mahalanobis)": 0.0, **{f"relative, alpha={a:g}": a for a in ALPHAS}}
+    per_alpha = {DEFAULT: 0.0, **{f"relative, alpha={a:g}": a for a in ALPHAS}}
     tops = {}
     for which, x in (("in", queries), ("oos", oos)):
         top = router.rank_scores(x).argmax(1)
@@ -144,6 +149,67 @@ def rankers(keys, ktask, kgroup, queries, qtask) -> dict:
         "logistic regression, task-label groups summed": top1(p_group),
         "LDA x logistic regression (posterior product)": top1(np.log(lda_post + 1e-12) + np.log(p_task + 1e-12)),
     }
+
+
+SURFACE = {  # name -> (n-gram lengths; None: hashed words), weight of the surface block against the embedding
+    "char 3-grams, weight 0.5": ((3,), 0.5),
+    "char 3-grams, weight 1": ((3,), 1.0),
+    "char 2-4-grams, weight 0.5": ((2, 3, 4), 0.5),
+    "word uni+bigrams, weight 0.5": (None, 0.5),
+}
+SURFACE_DIM = 256
+
+
+def char_ngrams(texts: list[str], ns: tuple[int, ...] = (3,), dim: int = SURFACE_DIM) -> np.ndarray:
+    """``(n, dim)`` unit rows: each text's UTF-8 byte n-grams (case kept, padded with one space each side) hashed
+    into ``dim`` signed buckets (splitmix64 of the n-gram's bytes; stable across processes), counts log-scaled
+    (``sign * log1p(|count|)``)."""
+    out = np.zeros((len(texts), dim))
+    m1, m2, m3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    for row, text in enumerate(texts):
+        b = np.frombuffer(f" {text} ".encode(), dtype=np.uint8).astype(np.uint64)
+        for n in ns:
+            if len(b) < n:
+                continue
+            code = np.zeros(len(b) - n + 1, dtype=np.uint64)
+            for j in range(n):
+                code = (code << np.uint64(8)) | b[j : len(b) - n + 1 + j]
+            with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash wants
+                h = code + np.uint64(n) * m1
+                h = (h ^ (h >> np.uint64(30))) * m2
+                h = (h ^ (h >> np.uint64(27))) * m3
+                h = h ^ (h >> np.uint64(31))
+            np.add.at(out[row], ((h >> np.uint64(1)) % np.uint64(dim)).astype(np.int64), np.where(h & 1, 1.0, -1.0))
+    out = np.sign(out) * np.log1p(np.abs(out))
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.where(norm > 0, norm, 1.0)
+
+
+def with_surface(emb: np.ndarray, surface: np.ndarray, weight: float) -> np.ndarray:
+    """The embedding and the ``weight``-scaled surface block side by side, as unit rows."""
+    x = np.concatenate([np.asarray(emb, dtype=np.float64), weight * surface], 1)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def surface(emb: tuple, texts: tuple, ktask, kgroup, qtask) -> dict:
+    """Routing with each :data:`SURFACE` block beside the default embedding. ``emb`` / ``texts``: (keys,
+    in-task queries, out-of-scope queries) as embeddings / texts."""
+    from routing_layers import routing_accuracy
+
+    from promptbank.embed import HashingEmbedder
+
+    names = list(dict.fromkeys(np.asarray(ktask).tolist()))
+
+    def measure(k, q, o) -> dict:
+        acc = routing_accuracy(k, ktask, kgroup, q, qtask, names, quantile=QUANTILE)
+        auroc = rejection(k, ktask, kgroup, q, qtask, o)[DEFAULT]["auroc"]
+        return {"top1": acc["top1"], "hit@1": acc["hit@1"], "auroc": auroc}
+
+    out = {"default (no surface block)": measure(*emb)}
+    for label, (ns, weight) in SURFACE.items():
+        blocks = [HashingEmbedder(SURFACE_DIM).encode(t) if ns is None else char_ngrams(t, ns) for t in texts]
+        out[label] = measure(*(with_surface(e, b, weight) for e, b in zip(emb, blocks)))
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -217,7 +283,7 @@ def main(argv=None) -> dict:
     oos_lines = (args.data / "clinc150" / "oos_test.jsonl").read_text(encoding="utf-8").splitlines()
     far_oos_texts = [json.loads(line)["text"] for line in oos_lines[:n_oos]]
     far_oos = embed(far_oos_texts)
-    per_seed: dict[str, list] = {"rejection": [], "rankers": [], "smollm2": []}
+    per_seed: dict[str, list] = {"rejection": [], "rankers": [], "surface": [], "smollm2": []}
     for seed in seeds:
         samples = {}
         for set_name, names in sets.items():
@@ -225,12 +291,19 @@ def main(argv=None) -> dict:
             samples[set_name] = (kt, np.asarray(ktask), np.asarray(kgroup), qt, np.asarray(qtask), far_oos_texts)
         kt, ktask, kgroup, qt, qtask, oos = clinc_sample(args.data, keys_per_intent, seed, domains)
         samples["clinc"] = (kt, np.asarray(ktask), np.asarray(kgroup), qt, np.asarray(qtask), oos)
-        rej, rk, smol = {}, {}, {}
+        rej, rk, surf, smol = {}, {}, {}, {}
         for set_name, (kt, ktask, kgroup, qt, qtask, oos) in samples.items():
             k, q = embed(kt), embed(qt)
             o = far_oos if oos is far_oos_texts else embed(oos)
             rej[set_name] = rejection(k, ktask, kgroup, q, qtask, o)
             rk[set_name] = rankers(k, ktask, kgroup, q, qtask)
+            surf[set_name] = surface((k, q, o), (kt, qt, oos), ktask, kgroup, qtask)
+            for label, r in surf[set_name].items():
+                print(
+                    f"seed {seed} {set_name:5s} {label:30s} top-1 {100 * r['top1']:.1f}  hit@1 {100 * r['hit@1']:.1f}  "
+                    f"AUROC {r['auroc']:.3f}",
+                    flush=True,
+                )
             line = ", ".join(f"{name} {100 * v:.1f}" for name, v in rk[set_name].items())
             print(f"seed {seed} {set_name:5s} top-1: {line}", flush=True)
             for label, r in rej[set_name].items():
@@ -261,6 +334,7 @@ def main(argv=None) -> dict:
                     )
         per_seed["rejection"].append(rej)
         per_seed["rankers"].append(rk)
+        per_seed["surface"].append(surf)
         if smol:
             per_seed["smollm2"].append(smol)
     result = {
@@ -290,6 +364,13 @@ def table(mean: dict) -> str:
             f"{100 * r['oos_rejected']:.1f} |"
             for name, r in rows.items()
         ]
+    if "surface" in mean:
+        lines += ["", "| task set | routing keys | top-1 | hit@1 | AUROC |", "|---|---|---:|---:|---:|"]
+        for set_name, rows in mean["surface"].items():
+            lines += [
+                f"| {set_name} | {name} | {100 * r['top1']:.1f} | {100 * r['hit@1']:.1f} | {r['auroc']:.3f} |"
+                for name, r in rows.items()
+            ]
     if "smollm2" in mean:
         lines += ["", "| task set | routing embedding | top-1 | hit@1 |", "|---|---|---:|---:|"]
         for set_name, rows in mean["smollm2"].items():

@@ -1661,10 +1661,12 @@ class PromptBank:
         """
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        td = load_task_data(data)
-        kind = None if task is None else self._get(task).record.kind
-        if kind is not None and td.kind != kind:
-            raise ValueError(f"{td.source}: task {task!r} is a {kind} task; this is {td.kind} data")
+        td = load_task_data(data, min_labels=1)  # a test set may hold one label
+        rec = None if task is None else self._get(task).record
+        if rec is not None and td.kind != rec.kind:
+            raise ValueError(f"{td.source}: task {task!r} is a {rec.kind} task; this is {td.kind} data")
+        if rec is not None and rec.kind == "classification":  # every gold label one the task can predict
+            td = load_task_data(td, labels=rec.labels)
         if td.kind == "classification":
             texts = [ex.input for ex in td.examples]
             preds = [

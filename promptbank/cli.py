@@ -595,7 +595,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         args.name,
         _data(args, args.data),
         args.method,
-        dev=_data(args, args.dev),
+        dev=_data(args, args.dev, min_labels=1),
         kind=args.kind,
         label_words=args.label_words,
         num_virtual_tokens=args.tokens,
@@ -710,7 +710,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if value is not None:
             options[key] = value
     record = bank.resume_task(
-        args.name, _data(args, args.data), dev=_data(args, args.dev), variant=args.variant, **options
+        args.name, _data(args, args.data), dev=_data(args, args.dev, min_labels=1), variant=args.variant, **options
     )
     bank.save(args.bank)
     print(
@@ -741,7 +741,7 @@ def _learn_variant(args: argparse.Namespace) -> int:
         args.variant,
         _data(args, args.data),
         args.method,
-        dev=_data(args, args.dev),
+        dev=_data(args, args.dev, min_labels=1),
         num_virtual_tokens=args.tokens,
         layers=args.layers,
         **_template(args),
@@ -952,7 +952,7 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
         args.name,
         args.adapter,
         _data(args, args.data),
-        dev=_data(args, args.dev),
+        dev=_data(args, args.dev, min_labels=1),
         kind=args.kind,
         label_words=args.label_words,
         **template,
@@ -974,7 +974,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     bank = _open_bank(args)
-    data = _data(args, args.data)
+    data = _data(args, args.data, min_labels=1)
     progress = not args.quiet
     scores = bank.evaluate(data, task=args.name, max_new_tokens=args.max_new_tokens, progress=progress)
     result: dict[str, Any] = {"task": args.name, **scores, "n": int(scores["n"])}
@@ -1015,8 +1015,9 @@ def _add_columns_option(p: argparse.ArgumentParser, *, texts_file: bool = False)
         )
 
 
-def _data(args: argparse.Namespace, path: str | None) -> Any:
-    """A data file as given, or loaded with ``--columns`` mapping its fields and ``--skip-invalid``."""
+def _data(args: argparse.Namespace, path: str | None, *, min_labels: int = 2) -> Any:
+    """A data file as given, or loaded with ``--columns`` mapping its fields and ``--skip-invalid`` (classification
+    data to evaluate on: ``min_labels=1``)."""
     columns, skip = getattr(args, "columns", None), getattr(args, "skip_invalid", False)
     if path is None or not (columns or skip):
         return path
@@ -1027,6 +1028,7 @@ def _data(args: argparse.Namespace, path: str | None) -> Any:
         kind=getattr(args, "kind", None),
         columns=_parse_columns(columns) if columns else None,
         skip_invalid=skip,
+        min_labels=min_labels,
     )
 
 
@@ -1053,7 +1055,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"data file {args.data} not found")
     bank = _open_bank(args)
-    report = bank.compare(args.name, _data(args, args.data))
+    report = bank.compare(args.name, _data(args, args.data, min_labels=1))
     if args.json:
         _print_json({"task": args.name, "variants": [{"variant": v, **m} for v, m in report.items()]})
         return 0

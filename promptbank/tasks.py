@@ -126,6 +126,7 @@ def load_task_data(
     source: str | None = None,
     columns: Mapping[str, str] | None = None,
     skip_invalid: bool = False,
+    min_labels: int = 2,
 ) -> TaskData:
     """Load and validate task data.
 
@@ -149,7 +150,7 @@ def load_task_data(
             (2-item tuple rows default to classification).
         labels: classification only: the allowed label names, in canonical order. Every row's label must be one
             of them. When ``None``, the labels are those found in the data, in order of first appearance, and
-            there must be at least two.
+            there must be at least ``min_labels``.
         source: name used for the data in messages. Default: the path as given, or ``"<list>"``.
         columns: where the fields are when the data names them otherwise: ``{field: column}`` with fields among
             ``"text"``, ``"label"``, ``"input"``, ``"target"`` and the column (CSV/TSV) or key (JSON, dicts) that
@@ -159,7 +160,10 @@ def load_task_data(
             non-string text or label, a label outside ``labels``, a JSONL line that is not a JSON object, a CSV row
             with the wrong number of fields. One warning says how many rows were dropped, of how many, and why
             the first was (and the rest are logged at INFO level). Problems with the whole data still raise: a
-            missing file or column, an unreadable file, no valid row left, fewer than 2 labels.
+            missing file or column, an unreadable file, no valid row left, fewer than ``min_labels`` labels.
+        min_labels: classification data without ``labels``: the fewest distinct labels it must hold. 2 (default)
+            is what training needs; data to evaluate a task on may hold a single label (``min_labels=1``, what
+            :meth:`promptbank.PromptBank.evaluate` passes).
 
     Returns:
         The validated :class:`TaskData`.
@@ -173,6 +177,8 @@ def load_task_data(
     """
     if kind is not None and kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if isinstance(min_labels, bool) or not isinstance(min_labels, int) or min_labels < 1:
+        raise ValueError(f"min_labels must be an int >= 1, got {min_labels!r}")
 
     skipped: list[DataError] | None = [] if skip_invalid else None
     if isinstance(data, TaskData):
@@ -180,7 +186,7 @@ def load_task_data(
             raise DataError(
                 "columns= applies to files and rows with named fields, not to a TaskData", source=data.source
             )
-        return _check_task_data(data, kind=kind, labels=labels, source=source)
+        return _check_task_data(data, kind=kind, labels=labels, source=source, min_labels=min_labels)
 
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
@@ -230,7 +236,7 @@ def load_task_data(
         _report_skipped(skipped, total, src, kept=len(examples))
 
     if kind == "classification":
-        label_list = _resolve_labels(examples, label_list, src)
+        label_list = _resolve_labels(examples, label_list, src, min_labels)
     data_out = TaskData(kind=kind, examples=examples, labels=label_list, source=src)
     logger.debug(
         "loaded %d %s examples from %s%s",
@@ -293,8 +299,10 @@ def _check_task_data(
     kind: TaskKind | None,
     labels: Sequence[str] | None,
     source: str | None,
+    min_labels: int = 2,
 ) -> TaskData:
-    """Validate an existing TaskData against the requested ``kind``/``labels``."""
+    """Validate an existing TaskData against the requested ``kind``/``labels`` (without ``labels``: its own
+    labels, at least ``min_labels`` of them)."""
     src = data.source
     if kind is not None and data.kind != kind:
         raise DataError(
@@ -314,6 +322,8 @@ def _check_task_data(
         _resolve_labels(data.examples, label_list, src)
         if label_list != data.labels:
             changed["labels"] = label_list
+    elif data.kind == "classification" and len(data.labels or []) < min_labels:
+        raise DataError(f"a classification task needs at least {min_labels} labels, got {data.labels!r}", source=src)
     if source is not None and source != data.source:
         changed["source"] = source
     return dataclasses.replace(data, **changed) if changed else data
@@ -346,8 +356,9 @@ def _check_labels_arg(labels: Sequence[str] | None, src: str) -> list[str] | Non
     return out
 
 
-def _resolve_labels(examples: list[Example], label_list: list[str] | None, src: str) -> list[str]:
-    """Check every label against ``label_list``, or collect the labels in order of first appearance."""
+def _resolve_labels(examples: list[Example], label_list: list[str] | None, src: str, min_labels: int = 2) -> list[str]:
+    """Check every label against ``label_list``, or collect the labels in order of first appearance (at least
+    ``min_labels`` of them)."""
     if label_list is not None:
         allowed = set(label_list)
         for ex in examples:
@@ -359,9 +370,10 @@ def _resolve_labels(examples: list[Example], label_list: list[str] | None, src: 
                 )
         return label_list
     found = list(dict.fromkeys(ex.target for ex in examples))
-    if len(found) < 2:
+    if len(found) < min_labels:
+        held = f"every row has label {found[0]!r}" if len(found) == 1 else f"the data holds only {found!r}"
         raise DataError(
-            f"a classification task needs at least 2 distinct labels, but every row has label {found[0]!r}"
+            f"a classification task needs at least {min_labels} distinct labels, but {held}"
             " (pass labels=[...] if the data holds only some of them)",
             source=src,
         )

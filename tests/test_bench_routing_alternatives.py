@@ -43,3 +43,30 @@ def test_rejection_and_rankers_on_separated_tasks():
         assert 0.0 <= r["auroc"] <= 1.0 and r["top1"] == base["top1"]  # the ranking is the router's either way
     top1 = ra.rankers(keys, ktask, kgroup, queries, qtask)
     assert top1["LDA (default)"] == 1.0 and all(0.9 <= v <= 1.0 for v in top1.values())
+
+
+def test_char_ngrams_are_stable_unit_rows_that_see_case_and_format():
+    texts = ["Hello World!", "hello world", "<p>Hello World!</p>", ""]
+    a = ra.char_ngrams(texts)
+    assert a.shape == (4, ra.SURFACE_DIM) and np.array_equal(a, ra.char_ngrams(texts))  # deterministic
+    assert np.allclose(np.linalg.norm(a[:3], axis=1), 1.0)
+    assert not a[3].any()  # "" is padded to 2 bytes: no 3-gram
+    assert a[0] @ a[1] < 0.99 and a[0] @ a[2] < 0.99  # case and markup change the features
+    assert ra.char_ngrams(["abc"], (2, 3)).shape == (1, ra.SURFACE_DIM)
+    both = ra.with_surface(np.eye(4, 8), a, 0.5)
+    assert both.shape == (4, 8 + ra.SURFACE_DIM) and np.allclose(np.linalg.norm(both, axis=1), 1.0)
+
+
+def test_surface_blocks_measured_beside_the_embedding():
+    rng = np.random.default_rng(0)
+    keys, ktask, kgroup = _tasks(rng)
+    queries, qtask, _ = _tasks(np.random.default_rng(0), per_label=10)
+    oos = np.random.default_rng(2).normal(0, 1, (20, keys.shape[1])).astype(np.float32) + 30.0
+    words = {"t0": "alpha", "t1": "BETA!", "t2": "gamma?"}  # each task's texts in its own format
+    ktexts = [f"{words[t]} {i}" for i, t in enumerate(ktask)]
+    qtexts = [f"{words[t]} {i}" for i, t in enumerate(qtask)]
+    got = ra.surface((keys, queries, oos), (ktexts, qtexts, ["zzz"] * 20), ktask, kgroup, qtask)
+    assert list(got) == ["default (no surface block)", *ra.SURFACE]
+    assert got["default (no surface block)"]["top1"] == 1.0
+    for r in got.values():
+        assert set(r) == {"top1", "hit@1", "auroc"} and 0.0 <= r["hit@1"] <= r["top1"] <= 1.0 and 0 <= r["auroc"] <= 1

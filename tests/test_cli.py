@@ -396,6 +396,27 @@ def test_eval_reports_task_and_routed_accuracy(workdir, learned_bank, capsys):
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["routed"]["accuracy"] <= 1
 
 
+def test_eval_on_a_file_of_one_label(learned_bank, tmp_path, capsys):
+    rows = [{"query": text, "queue": label} for text, label in BILLING if label == "billing"]
+    one = tmp_path / "billing_only.jsonl"
+    _write_jsonl(one, [(r["query"], r["queue"]) for r in rows])
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = []
+    for path, extra in ((one, []), (renamed, ["--columns", "text=query,label=queue"])):
+        rc, out, err = run(
+            capsys, "eval", "billing", str(path), "--routed", "--json", *extra, "--bank", str(learned_bank)
+        )
+        assert rc == 0, err
+        got.append(json.loads(out))
+    assert got[0] == got[1] and got[0]["n"] == len(rows) and 0 <= got[0]["accuracy"] <= 1
+    foreign = tmp_path / "foreign.jsonl"
+    _write_jsonl(foreign, [("my invoice is wrong", "billing"), ("it is raining", "weather")])
+    rc, _, err = run(capsys, "eval", "billing", str(foreign), "--bank", str(learned_bank))
+    assert rc == 1
+    assert_one_line_error(err, "foreign.jsonl:2: unknown label 'weather'; allowed labels: ")
+
+
 def test_eval_skip_invalid_rows(workdir, learned_bank, tmp_path, capsys):
     """--skip-invalid drops the bad rows of a messy file with one warning line; without it the first one stops."""
     messy = tmp_path / "messy.jsonl"

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 from conftest import fast_options
 
+from promptbank import DataError
 from promptbank.metrics import exact_match, f1_score, macro_f1
+from promptbank.tasks import load_task_data
 
 QA = [{"input": f"capital of country {i}?", "target": f"city {i % 3}"} for i in range(12)]
 LABELLED = [{"text": f"weather report number {i}", "label": "rain" if i % 2 else "sun"} for i in range(12)]
@@ -73,6 +75,24 @@ def test_classification_reports_macro_f1_of_the_predictions(qa_bank):
     routed_preds = [str(p.output) for p in qa_bank.predict([r["text"] for r in LABELLED])]
     want = sk.f1_score(golds, routed_preds, average="macro", labels=["sun", "rain"])
     assert routed["macro_f1"] == pytest.approx(want)
+
+
+def test_a_test_set_of_one_label_is_scored_and_labels_the_task_lacks_are_refused(qa_bank):
+    rain = [r for r in LABELLED if r["label"] == "rain"]
+    res = qa_bank.evaluate(rain, task="weather")
+    preds = [p.output for p in qa_bank.predict([r["text"] for r in rain], task="weather")]
+    assert res["n"] == len(rain) and res["accuracy"] == pytest.approx(preds.count("rain") / len(rain))
+    assert res["macro_f1"] == pytest.approx(macro_f1(preds, ["rain"] * len(rain), ["rain"]))
+    routed = qa_bank.evaluate(rain)  # routed: each row through the router first
+    routed_preds = [p.output for p in qa_bank.predict([r["text"] for r in rain])]
+    assert routed["n"] == len(rain) and routed["accuracy"] == pytest.approx(routed_preds.count("rain") / len(rain))
+    with pytest.raises(DataError, match=r"<list>:2: unknown label 'snow'; allowed labels: 'sun', 'rain'"):
+        qa_bank.evaluate([LABELLED[0], {"text": "cold and white", "label": "snow"}], task="weather")
+    # training still needs two labels
+    with pytest.raises(DataError, match="at least 2 distinct labels"):
+        qa_bank.learn_task("rain_only", rain, **fast_options())
+    with pytest.raises(DataError, match=r"at least 2 labels, got \['rain'\]"):
+        qa_bank.learn_task("rain_only", load_task_data(rain, min_labels=1), **fast_options())
 
 
 def test_macro_f1_matches_scikit_learn_with_missing_and_foreign_predictions():

@@ -321,6 +321,16 @@ def test_fewer_than_two_labels(tmp_path: Path) -> None:
     )
     with pytest.raises(DataError, match=r"one\.jsonl: .*at least 2 distinct labels.*'x'"):
         load_task_data(p)
+    one = load_task_data(p, min_labels=1)  # data to evaluate on may hold one label
+    assert one.labels == ["x"] and len(one) == 2
+    assert load_task_data(one, labels=["x", "y"]).labels == ["x", "y"]
+    with pytest.raises(DataError, match=r"at least 2 labels, got \['x'\]"):
+        load_task_data(one)  # a one-label TaskData is refused where two are needed
+    with pytest.raises(DataError, match=r"at least 3 distinct labels"):
+        load_task_data(CLS_ROWS, min_labels=3)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="min_labels must be an int >= 1"):
+            load_task_data(p, min_labels=bad)
 
 
 def test_labels_argument_validated() -> None:
