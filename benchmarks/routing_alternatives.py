@@ -2,7 +2,7 @@
 
 The learned router (LDA over MiniLM's sentence + middle-layer embedding, ``promptbank.lda``) misses the CL-4
 routing target (hit@1 >= 98 %): its top-1 on held-out queries is ~97.6 %, and the "no task" threshold rejects
-~3 % more. This measures three ways one might try to do better, on the same held-out data as
+~3 % more. This measures four ways one might try to do better, on the same held-out data as
 ``routing_layers.py`` / ``routing_threshold.py`` (no test split is read):
 
 - **another ranker**: multinomial logistic regression over the same keys (labels: tasks, or task labels summed
