@@ -44,7 +44,7 @@ from .tasks import (
     truncate_inputs,
     warn_long_targets,
 )
-from .train import TrainResult, dev_loss, effective_precision, train_loop, train_soft_prompt
+from .train import TrainResult, balanced_mean, dev_loss, effective_precision, train_loop, train_soft_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +422,8 @@ class PromptBank:
                     else "this is a generation task: use objective='lm'"
                 )
             )
+        if tconf.balance_labels and task_data.kind != "classification":
+            raise ValueError("balance_labels balances a classification task's labels; this is a generation task")
         if tconf.select_on == "accuracy" and not self.is_encoder and tconf.objective == "lm":
             raise ValueError(
                 "select_on='accuracy' needs the dev accuracy during training: an encoder backbone, or "
@@ -475,8 +477,21 @@ class PromptBank:
                 label_ids = None
                 if tconf.objective != "lm":
                     label_ids = _label_ids(tok, texts, tconf.max_target_tokens)
+                row_labels = None
+                if task_data.kind == "classification":
+                    index = {lab: i for i, lab in enumerate(task_data.labels)}
+                    row_labels = [index[ex.target] for ex in train_data.examples]
                 result = train_soft_prompt(
-                    model, tok, module, train_pairs, dev_pairs, tconf, lr=lr, desc=desc, label_ids=label_ids
+                    model,
+                    tok,
+                    module,
+                    train_pairs,
+                    dev_pairs,
+                    tconf,
+                    lr=lr,
+                    desc=desc,
+                    label_ids=label_ids,
+                    labels=row_labels,
                 )
                 if tconf.probe and task_data.kind == "classification":
                     head = self._fit_probe(train_data, tconf, train_emb)
@@ -668,7 +683,7 @@ class PromptBank:
 
             @torch.no_grad()
             def eval_loss() -> float:
-                prompt, total, correct = module(), 0.0, 0
+                prompt, losses, hits = module(), [], []
                 for s in range(0, len(dev_seqs), tconf.batch_size):
                     feats = pooled(
                         model,
@@ -677,10 +692,14 @@ class PromptBank:
                         [prompt] * len(dev_seqs[s : s + tconf.batch_size]),
                     )
                     logits, ys_ = head(feats), dev_ys[s : s + tconf.batch_size]
-                    total += float(torch.nn.functional.cross_entropy(logits, ys_, reduction="sum"))
-                    correct += int((logits.argmax(-1) == ys_).sum())
-                last_accuracy[0] = correct / len(dev_seqs)
-                return total / len(dev_seqs)
+                    losses += torch.nn.functional.cross_entropy(logits, ys_, reduction="none").tolist()
+                    hits += (logits.argmax(-1) == ys_).float().tolist()
+                if tconf.balance_labels:  # each label's rows count as much as another's
+                    gold = dev_ys.tolist()
+                    last_accuracy[0] = balanced_mean(hits, gold)
+                    return balanced_mean(losses, gold)
+                last_accuracy[0] = sum(hits) / len(dev_seqs)
+                return sum(losses) / len(dev_seqs)
 
             dev_metrics = {"dev_accuracy": lambda: last_accuracy[0]}  # free: same forward as the dev loss
 
@@ -699,6 +718,7 @@ class PromptBank:
             fold=module.fold,
             desc=desc,
             lengths=[len(s) for s in seqs],
+            labels=ys.tolist(),
             dev_metrics=dev_metrics,
             select_on="dev_accuracy" if dev_metrics and tconf.select_on != "loss" else None,
             # a new zero head predicts one label for everything: not a state to keep (a resumed or warm one is)
@@ -730,7 +750,11 @@ class PromptBank:
             examples, emb = examples + dev[0].examples, np.concatenate([emb, np.asarray(dev[1])])
         index = {lab: i for i, lab in enumerate(train_data.labels)}
         ys = [index[ex.target] for ex in examples]
-        return fit_probe(emb, ys, len(train_data.labels), float(tconf.probe_c))
+        weights = None
+        if tconf.balance_labels:  # n / (labels present * rows of the label), scikit-learn's "balanced"
+            counts = np.bincount(ys, minlength=len(train_data.labels))
+            weights = [len(ys) / (np.count_nonzero(counts) * counts[y]) for y in ys]
+        return fit_probe(emb, ys, len(train_data.labels), float(tconf.probe_c), sample_weight=weights)
 
     def _encoder_logits(
         self,

@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on the training and dev rows once the dev accuracy is measured)",
     )
     p.add_argument(
+        "--balance-labels",
+        action="store_true",
+        help="classification data whose labels are far from equally common: label-balanced training batches, a "
+        "class-balanced embedding probe, and the kept state chosen on balanced dev accuracy (trades accuracy on "
+        "the common labels for recall on the rare ones)",
+    )
+    p.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
         help="training forwards' matrix products: fp32 (default) or bf16 under autocast (mixed precision, 0.6-0.7x "
@@ -661,6 +668,8 @@ def _learn_options(args: argparse.Namespace) -> dict[str, Any]:
         options["probe"] = False
     if getattr(args, "no_probe_refit", False):
         options["probe_refit"] = False
+    if getattr(args, "balance_labels", False):
+        options["balance_labels"] = True
     for key, value in (
         ("max_steps", args.steps),
         ("lr", args.lr),

@@ -215,6 +215,14 @@ class TrainConfig:
     AMX) ``learn_task`` took 0.70x the time on the MiniLM encoder and 0.61x on SmolLM2-135M (medians), with held-out
     accuracy within noise of fp32 (README, "Mixed-precision training"); elsewhere it is slower, and a warning says
     so.
+    ``balance_labels`` (classification, off by default): for data whose labels are far from equally common. Training
+    batches are drawn label-balanced (each row's label uniform over the labels, then a row of that label, each
+    label's rows cycled in a fresh shuffled order), the embedding probe weighs each row by ``n / (L * n_label)``
+    (scikit-learn's ``class_weight="balanced"``), and where the dev accuracy picks the kept state (encoders, the
+    label objectives) it is the balanced accuracy (the mean of the labels' recalls) and the dev loss the mean of
+    the labels' mean losses. The record's ``dev_accuracy`` stays the plain accuracy. It trades accuracy on the
+    common labels for recall on the rare ones: held out on UNFAIR-ToS (90 % one label) macro-F1 rose and accuracy
+    fell (``benchmarks/balance_labels.py``).
     """
 
     max_steps: int = 100
@@ -251,6 +259,7 @@ class TrainConfig:
     probe_c: float = 10.0
     probe_refit: bool = True
     precision: str = "fp32"
+    balance_labels: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -285,10 +294,13 @@ class TrainConfig:
             "probe_c": isinstance(self.probe_c, (int, float)) and self.probe_c > 0,
             "probe_refit": isinstance(self.probe_refit, bool),
             "precision": self.precision in PRECISIONS,
+            "balance_labels": isinstance(self.balance_labels, bool),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid TrainConfig.{name}: {getattr(self, name)!r}")
+        if self.balance_labels and self.length_bucketing:
+            raise ValueError("balance_labels and length_bucketing each choose the batches: pass one of them")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

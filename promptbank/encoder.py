@@ -224,23 +224,34 @@ def probe_logprobs(head: Mapping[str, torch.Tensor], embeddings: torch.Tensor) -
     return torch.log_softmax(embeddings.to(w.dtype) @ w.T + b, -1)
 
 
-def fit_probe(embeddings, targets: Sequence[int], n_labels: int, c: float) -> dict[str, torch.Tensor]:
+def fit_probe(
+    embeddings, targets: Sequence[int], n_labels: int, c: float, *, sample_weight: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Multinomial logistic regression on frozen embeddings (n, e) -> ``{"probe_weight": (L, e), "probe_bias":
-    (L,)}``: minimises ``c * sum_i CE_i + ||W||^2 / 2`` (scikit-learn's ``C = c``; bias not penalised), full-batch
-    L-BFGS in float64, deterministic. Labels absent from ``targets`` get no special treatment (their bias falls)."""
+    (L,)}``: minimises ``c * sum_i s_i CE_i + ||W||^2 / 2`` (scikit-learn's ``C = c``; bias not penalised; ``s_i``
+    the ``sample_weight``, default 1), full-batch L-BFGS in float64, deterministic. Labels absent from ``targets``
+    get no special treatment (their bias falls)."""
     x = torch.as_tensor(embeddings, dtype=torch.float64)
     y = torch.as_tensor(list(targets), dtype=torch.long)
     if x.ndim != 2 or len(x) != len(y) or not len(y):
         raise ValueError(f"fit_probe needs (n, e) embeddings and n targets, got {tuple(x.shape)} and {len(y)}")
     if not c > 0:
         raise ValueError(f"c must be > 0, got {c!r}")
+    if sample_weight is not None:
+        s = torch.as_tensor(list(sample_weight), dtype=torch.float64)
+        if s.shape != (len(y),) or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise ValueError(f"sample_weight must be {len(y)} finite weights >= 0")
     w = torch.zeros(n_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_labels, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = c * nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum") + 0.5 * (w * w).sum()
+        if sample_weight is None:
+            ce = nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum")
+        else:
+            ce = (s * nn.functional.cross_entropy(x @ w.T + b, y, reduction="none")).sum()
+        loss = c * ce + 0.5 * (w * w).sum()
         loss.backward()
         return loss
 

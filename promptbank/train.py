@@ -81,17 +81,22 @@ def dev_label_metrics(
     label_ids: Sequence[list[int]],
     gold: list[int],
     batch_size: int,
+    balanced: bool = False,
 ) -> tuple[float, float]:
-    """(mean label cross-entropy, accuracy) of the dev rows under the label objective."""
+    """(mean label cross-entropy, accuracy) of the dev rows under the label objective; ``balanced``: each the
+    mean over the gold labels of their rows' mean (:func:`balanced_mean`)."""
     kv = prompt_kv(model, module())
-    total, hits = 0.0, 0
+    losses: list[float] = []
+    hits: list[float] = []
     for s in range(0, len(dev), batch_size):
         chunk = dev[s : s + batch_size]
         scores = label_scores(model, tokenizer, [kv] * len(chunk), [p[0] for p in chunk], [label_ids] * len(chunk))
         chunk_gold = gold[s : s + batch_size]
-        total += float(label_cross_entropy(scores, chunk_gold).sum())
-        hits += sum(int(sc.argmax()) == g for sc, g in zip(scores, chunk_gold))
-    return total / max(len(dev), 1), hits / max(len(dev), 1)
+        losses += label_cross_entropy(scores, chunk_gold).tolist()
+        hits += [float(int(sc.argmax()) == g) for sc, g in zip(scores, chunk_gold)]
+    if balanced:
+        return balanced_mean(losses, gold), balanced_mean(hits, gold)
+    return sum(losses) / max(len(dev), 1), sum(hits) / max(len(dev), 1)
 
 
 @torch.no_grad()
@@ -114,6 +119,34 @@ def _batches(n: int, batch_size: int, rng: random.Random):
         rng.shuffle(order)
         for s in range(0, n, batch_size):
             yield order[s : s + batch_size]
+
+
+def _balanced_batches(labels: Sequence[int], batch_size: int, rng: random.Random):
+    """Endless label-balanced index batches: each row's label drawn uniformly from the labels present, then the
+    next row of that label, each label's rows cycled in a fresh shuffled order (a rare label's rows repeat more
+    often than a common label's; none is skipped within its cycle)."""
+    pools: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        pools.setdefault(int(lab), []).append(i)
+    keys = sorted(pools)
+    queues: dict[int, list[int]] = {k: [] for k in keys}
+    while True:
+        batch = []
+        for _ in range(batch_size):
+            k = keys[rng.randrange(len(keys))]
+            if not queues[k]:
+                queues[k] = pools[k][:]
+                rng.shuffle(queues[k])
+            batch.append(queues[k].pop())
+        yield batch
+
+
+def balanced_mean(values: Sequence[float], groups: Sequence[int]) -> float:
+    """The mean over groups of each group's mean value (with 0/1 hits and labels as groups: balanced accuracy)."""
+    sums: dict[int, list[float]] = {}
+    for v, g in zip(values, groups, strict=True):
+        sums.setdefault(int(g), []).append(float(v))
+    return sum(sum(v) / len(v) for v in sums.values()) / max(len(sums), 1)
 
 
 BUCKET_BATCHES = 50  # length-bucketed batches are sorted by length within chunks of this many batches
@@ -255,8 +288,10 @@ def train_soft_prompt(
     desc: str = "training",
     on_step: Callable[[int, float], None] | None = None,
     label_ids: Sequence[list[int]] | None = None,
+    labels: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train a causal-LM soft prompt on ``train`` (lists of (input ids, target ids)); select on ``dev`` loss.
+    ``labels``: a classification task's label index per training row (for ``config.balance_labels``).
 
     Batches are length-bucketed on input + target tokens (``config.length_bucketing``). Raises
     :class:`TrainingDivergedError` on a NaN/inf loss or gradient. ``model`` must be frozen.
@@ -284,6 +319,7 @@ def train_soft_prompt(
         on_step=on_step,
         fold=module.fold,
         lengths=[len(inp) + len(tgt) for inp, tgt in train],
+        labels=labels,
         **options,
     )
 
@@ -312,7 +348,9 @@ def _label_objective(model, tokenizer, module, train, dev, config: TrainConfig, 
         return _label_batch_loss(model, tokenizer, module, pairs, [label_ids[g] for g in labels], gold, lm_weight)
 
     def eval_labels() -> float:
-        loss, last_acc[0] = dev_label_metrics(model, tokenizer, module, dev, label_ids, gold_dev, config.batch_size)
+        loss, last_acc[0] = dev_label_metrics(
+            model, tokenizer, module, dev, label_ids, gold_dev, config.batch_size, config.balance_labels
+        )
         return loss
 
     return {
@@ -381,13 +419,16 @@ def train_loop(
     dev_metrics: dict[str, Callable[[], float]] | None = None,
     select_on: str | None = None,
     initial_is_candidate: bool = True,
+    labels: Sequence[int] | None = None,
 ) -> TrainResult:
     """The loop itself, for any frozen backbone: ``batch_loss(indices)`` is the loss of a batch of training
     examples, ``eval_loss()`` the dev loss (``None``: no dev set, keep the last state). ``module`` holds every
     trainable tensor (its state at the best dev loss is restored at the end); ``fold()`` gives the soft prompt.
 
     ``lengths``: each training example's length in tokens; with ``config.length_bucketing`` batches are drawn
-    length-bucketed (:func:`_bucketed_batches`), else (or without lengths) plainly shuffled.
+    length-bucketed (:func:`_bucketed_batches`), else (or without lengths) plainly shuffled. ``labels``: each
+    training example's label index, needed by ``config.balance_labels`` (label-balanced batches,
+    :func:`_balanced_batches`).
     ``loss_weight(indices)``: how many terms ``batch_loss(indices)`` is a mean over (default: its rows; a
     per-token loss gives its token count). Used only in a distributed launch, where each process computes the loss
     of a shard of every batch and the shards' gradients are averaged with these weights (:class:`_DataParallel`);
@@ -408,6 +449,8 @@ def train_loop(
         raise ValueError("no training examples")
     if lengths is not None and len(lengths) != n_train:
         raise ValueError(f"{len(lengths)} lengths for {n_train} training examples")
+    if config.balance_labels and (labels is None or len(labels) != n_train):
+        raise ValueError("balance_labels needs each training example's label (a classification task)")
     if select_on is not None and select_on not in (dev_metrics or {}):
         raise ValueError(f"select_on={select_on!r} is not one of the dev metrics {sorted(dev_metrics or {})}")
     params = [p for g in param_groups for p in g["params"]]
@@ -422,7 +465,9 @@ def train_loop(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = random.Random(config.seed)
-    if lengths is not None and config.length_bucketing:
+    if config.balance_labels:
+        batches = _balanced_batches(labels, config.batch_size, rng)
+    elif lengths is not None and config.length_bucketing:
         batches = _bucketed_batches(lengths, config.batch_size, rng)
     else:
         batches = _batches(n_train, config.batch_size, rng)

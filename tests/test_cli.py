@@ -678,6 +678,27 @@ def test_no_probe_reaches_the_train_options():
     assert _learn_options(build_parser().parse_args([*base, "--no-probe"]))["probe"] is False
     assert "probe_refit" not in _learn_options(build_parser().parse_args(base))
     assert _learn_options(build_parser().parse_args([*base, "--no-probe-refit"]))["probe_refit"] is False
+    assert "balance_labels" not in _learn_options(build_parser().parse_args(base))
+    assert _learn_options(build_parser().parse_args([*base, "--balance-labels"]))["balance_labels"] is True
+
+
+def test_learn_with_balance_labels_records_it(workdir, model_opts, tmp_path, capsys):
+    from promptbank import PromptBank
+
+    bank = tmp_path / "bank"
+    rc, _, err = run(
+        capsys,
+        *model_opts,
+        "learn",
+        "b",
+        str(workdir / "billing.jsonl"),
+        "--balance-labels",
+        "--bank",
+        str(bank),
+        *FAST,
+    )
+    assert rc == 0, err
+    assert PromptBank.load(bank).tasks["b"].train_config["balance_labels"] is True
 
 
 def test_objective_reaches_the_train_options():
