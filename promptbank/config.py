@@ -220,7 +220,9 @@ class TrainConfig:
     label's rows cycled in a fresh shuffled order), the embedding probe weighs each row by ``n / (L * n_label)``
     (scikit-learn's ``class_weight="balanced"``), and where the dev accuracy picks the kept state (encoders, the
     label objectives) it is the balanced accuracy (the mean of the labels' recalls) and the dev loss the mean of
-    the labels' mean losses. The record's ``dev_accuracy`` stays the plain accuracy. It trades accuracy on the
+    the labels' mean losses (a causal LM's default ``"lm"`` objective selects on its per-token dev loss, which stays
+    unweighted: there the balancing acts through the batches and the probe). The record's ``dev_accuracy`` stays
+    the plain accuracy. It trades accuracy on the
     common labels for recall on the rare ones: held out on UNFAIR-ToS (90 % one label) macro-F1 rose and accuracy
     fell (``benchmarks/balance_labels.py``).
     """
