@@ -41,13 +41,14 @@ SETTINGS = {"unbalanced (default)": False, "balance_labels": True}
 def scores(preds: list[str], golds: list[str]) -> dict:
     """Accuracy, macro-F1 over the gold labels present, balanced accuracy, labels predicted."""
     from promptbank.metrics import macro_f1
+    from promptbank.train import balanced_mean
 
     present = list(dict.fromkeys(golds))
-    recalls = [np.mean([p == g for p, g in zip(preds, golds) if g == lab]) for lab in present]
+    hits = [float(p == g) for p, g in zip(preds, golds)]
     return {
-        "accuracy": float(np.mean([p == g for p, g in zip(preds, golds)])),
+        "accuracy": float(np.mean(hits)),
         "macro_f1": float(macro_f1(preds, golds, present)),
-        "balanced_accuracy": float(np.mean(recalls)),
+        "balanced_accuracy": balanced_mean(hits, golds),  # the mean of the labels' recalls
         "labels_predicted": len(set(preds)),
         "labels_present": len(present),
     }

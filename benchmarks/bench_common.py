@@ -199,6 +199,16 @@ def routing_discriminant(bank) -> str | None:
     return bank._learned_router(bank.router).discriminant if bank.routing == "lda" else None
 
 
+def auroc(pos, neg) -> float:
+    """P(a ``pos`` score > a ``neg`` score), ties counted half (Mann-Whitney)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    r = rankdata(np.r_[pos, neg])
+    return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
 def write_result(result: dict, out: Path | None, name: str, *, quick: bool = False) -> Path:
     """Write ``result`` as JSON to ``out``, else to ``benchmarks/results/<name>[_quick].json``; print where and the
     run's ``wall_seconds`` in minutes; return the path."""

@@ -44,19 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import default_data_dir, versions, write_result  # noqa: E402
+from bench_common import auroc, default_data_dir, versions, write_result  # noqa: E402
 
 ALPHAS = (0.25, 0.5, 0.75)
 QUANTILE = 0.05
 DEFAULT = "default (Mahalanobis)"
-
-
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(a ``pos`` score > a ``neg`` score), ties counted half (Mann-Whitney)."""
-    from scipy.stats import rankdata
-
-    r = rankdata(np.r_[pos, neg])
-    return float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def _background(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +193,8 @@ def surface(emb: tuple, texts: tuple, ktask, kgroup, qtask) -> dict:
     names = list(dict.fromkeys(np.asarray(ktask).tolist()))
 
     def measure(k, q, o) -> dict:
-        acc = routing_accuracy(k, ktask, kgroup, q, qtask, names, quantile=QUANTILE)
-        auroc = rejection(k, ktask, kgroup, q, qtask, o)[DEFAULT]["auroc"]
-        return {"top1": acc["top1"], "hit@1": acc["hit@1"], "auroc": auroc}
+        acc = routing_accuracy(k, ktask, kgroup, q, qtask, names, quantile=QUANTILE, oos=o)
+        return {m: acc[m] for m in ("top1", "hit@1", "auroc")}
 
     out = {"default (no surface block)": measure(*emb)}
     for label, (ns, weight) in SURFACE.items():
@@ -364,18 +355,15 @@ def table(mean: dict) -> str:
             f"{100 * r['oos_rejected']:.1f} |"
             for name, r in rows.items()
         ]
-    if "surface" in mean:
-        lines += ["", "| task set | routing keys | top-1 | hit@1 | AUROC |", "|---|---|---:|---:|---:|"]
-        for set_name, rows in mean["surface"].items():
-            lines += [
-                f"| {set_name} | {name} | {100 * r['top1']:.1f} | {100 * r['hit@1']:.1f} | {r['auroc']:.3f} |"
-                for name, r in rows.items()
-            ]
-    if "smollm2" in mean:
-        lines += ["", "| task set | routing embedding | top-1 | hit@1 |", "|---|---|---:|---:|"]
-        for set_name, rows in mean["smollm2"].items():
+    for key, column, with_auroc in (("surface", "routing keys", True), ("smollm2", "routing embedding", False)):
+        if key not in mean:
+            continue
+        lines += ["", f"| task set | {column} | top-1 | hit@1 |" + (" AUROC |" if with_auroc else "")]
+        lines.append("|---|---|---:|---:|" + ("---:|" if with_auroc else ""))
+        for set_name, rows in mean[key].items():
             lines += [
                 f"| {set_name} | {name} | {100 * r['top1']:.1f} | {100 * r['hit@1']:.1f} |"
+                + (f" {r['auroc']:.3f} |" if with_auroc else "")
                 for name, r in rows.items()
                 if isinstance(r, dict)
             ]

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import default_data_dir, versions, write_result  # noqa: E402
+from bench_common import auroc, default_data_dir, versions, write_result  # noqa: E402
 
 VARIANTS = {  # name -> hidden-state indices (1 = first transformer layer); L = the model's number of layers
     "default (+mid: L, L/2)": "mid",
@@ -95,7 +95,9 @@ def combine(means: np.ndarray, layers: list[int]) -> np.ndarray:
     return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
 
-def routing_accuracy(keys, ktask, kgroup, queries, qtask, names, quantile: float = 0.05) -> dict:
+def routing_accuracy(keys, ktask, kgroup, queries, qtask, names, quantile: float = 0.05, oos=None) -> dict:
+    """Top-1 and hit@1 of the learned router on ``queries``; with out-of-scope queries ``oos``, also the AUROC of
+    its "no task" score (the first-ranked task's score) between in-task and out-of-scope queries."""
     from promptbank.lda import GaussianRouter
 
     ktask, kgroup = np.asarray(ktask), np.asarray(kgroup)
@@ -104,7 +106,10 @@ def routing_accuracy(keys, ktask, kgroup, queries, qtask, names, quantile: float
     routes = router.route(queries, top_k=1)
     top1 = [r[0][0] == g for r, g in zip(routes, qtask)]
     hit = [r[0][0] == g and r[0][1] >= router.threshold(r[0][0]) for r, g in zip(routes, qtask)]
-    return {"top1": float(np.mean(top1)), "hit@1": float(np.mean(hit)), "queries": len(qtask)}
+    out = {"top1": float(np.mean(top1)), "hit@1": float(np.mean(hit)), "queries": len(qtask)}
+    if oos is not None:
+        out["auroc"] = auroc([r[0][1] for r in routes], [r[0][1] for r in router.route(oos, top_k=1)])
+    return out
 
 
 def latency(variants: dict[str, str], queries: list[str], rounds: int) -> dict:

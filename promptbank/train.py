@@ -18,7 +18,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,11 +141,11 @@ def _balanced_batches(labels: Sequence[int], batch_size: int, rng: random.Random
         yield batch
 
 
-def balanced_mean(values: Sequence[float], groups: Sequence[int]) -> float:
+def balanced_mean(values: Sequence[float], groups: Sequence[Hashable]) -> float:
     """The mean over groups of each group's mean value (with 0/1 hits and labels as groups: balanced accuracy)."""
-    sums: dict[int, list[float]] = {}
+    sums: dict[Hashable, list[float]] = {}
     for v, g in zip(values, groups, strict=True):
-        sums.setdefault(int(g), []).append(float(v))
+        sums.setdefault(g, []).append(float(v))
     return sum(sum(v) / len(v) for v in sums.values()) / max(len(sums), 1)
 
 
