@@ -84,6 +84,7 @@ class TaskRecord:
     variant: str = DEFAULT_VARIANT  # name of this prompt variant (in bank.tasks: the serving one)
     imported_from: dict[str, Any] | None = None  # import_peft: adapter file, its sha256, peft_type, base model
     label_words: dict[str, str] | None = None  # classification on a causal LM: label -> the text the model reads
+    routing_examples: int = 0  # add_routing_examples: the task's last this many routing keys were added after training
 
     @property
     def label_texts(self) -> list[str] | None:
@@ -96,11 +97,14 @@ class TaskRecord:
         return Method(self.prompt_config["method"])
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as JSON-ready data; ``variant``, ``imported_from`` and ``label_words`` are left out at their
-        defaults (so a bank that uses none of them is readable by promptbank versions that predate them)."""
+        """The record as JSON-ready data; ``variant``, ``imported_from``, ``label_words`` and ``routing_examples``
+        are left out at their defaults (so a bank that uses none of them is readable by promptbank versions that
+        predate them)."""
         d = asdict(self)
         if d["variant"] == DEFAULT_VARIANT:
             del d["variant"]
+        if not d["routing_examples"]:
+            del d["routing_examples"]
         for key in ("imported_from", "label_words"):
             if d[key] is None:
                 del d[key]
@@ -961,6 +965,80 @@ class PromptBank:
             self._tasks = tasks
             self._kv.pop(name, None)
 
+    def add_routing_examples(
+        self, name: str, texts: str | Sequence[str], *, seed: int = 0, progress: bool = False
+    ) -> TaskRecord:
+        """Add ``texts`` as routing keys of task ``name``: queries like them are then routed to it. No training;
+        the soft prompt, head and probe are unchanged, and so is every other task.
+
+        For inputs that a task should take but that do not look like its training inputs: another format (the
+        training texts were lower-cased or stop-word-stripped, the queries are natural sentences), another source
+        of the same kind of text, or queries that went to the wrong task or to "no task" (``bank.route`` shows
+        which and by how much). No labels are needed: the texts only tell the router where the task's inputs
+        lie. Each text is embedded whole, as a query is.
+
+        The new keys form new groups of the learned router (one per ~4 texts, at most the task's
+        ``n_prototypes``, by k-means), beside the label groups of the training inputs, so a handful of examples
+        of a new format is a Gaussian of its own rather than a shift of the old ones. The learned router is
+        refitted and every task's "no task" threshold recalibrated from the keys (as when a task is learned);
+        with ``routing="knn"`` the task's cosine threshold is kept (more keys can only raise a task's score).
+        :meth:`remove_routing_examples` takes them all out again. Returns the task's record (its
+        ``routing_examples`` counts the added keys). On any failure the bank is left as it was.
+        """
+        texts = _as_texts(texts)
+        if not texts:
+            raise ValueError("texts is empty: pass at least one text to add as a routing example")
+        task = self._get(name)
+        emb = _in_chunks(
+            texts, self.embedder.encode, EMBED_CHUNK, progress, f"embed routing examples of {name}", unit="text",
+            join=np.concatenate,
+        )  # fmt: skip
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        n_protos = int(task.record.train_config.get("n_prototypes", TrainConfig.n_prototypes))
+        centers = make_prototypes(emb, min(n_protos, max(1, len(texts) // 4)), seed=seed)
+        _, new_groups = np.unique(np.argmax(emb @ centers.T, axis=1), return_inverse=True)
+        old_groups = task.key_groups if task.key_groups is not None else np.zeros(len(task.keys), dtype=np.int64)
+        groups = np.concatenate([old_groups, new_groups.astype(np.int64) + int(old_groups.max(initial=-1)) + 1])
+        from .storage import MAX_KEYS
+
+        if len(groups) > MAX_KEYS:
+            raise ValueError(f"task {name!r} would have {len(groups)} routing keys; at most {MAX_KEYS} are stored")
+        with self._lock:
+            if self._tasks.get(name) is not task:
+                raise TaskChangedError(f"task {name!r} was changed or removed meanwhile; nothing was added")
+            router = self.router.copy()
+            router.extend(name, emb)
+            record = replace(task.record, routing_examples=task.record.routing_examples + len(texts))
+            self._publish_keys(name, replace(task, record=record), router, groups)
+        logger.info("task %r: %d routing examples added (%d keys)", name, len(texts), len(groups))
+        return record
+
+    def remove_routing_examples(self, name: str) -> TaskRecord:
+        """Take out every routing key that :meth:`add_routing_examples` added to task ``name``: its keys and
+        groups are those its training gave it again. Returns the task's record."""
+        with self._lock:
+            task = self._get(name)
+            n = task.record.routing_examples
+            if not n:
+                return task.record
+            keep = len(task.keys) - n
+            router = self.router.copy()
+            router.truncate(name, keep)
+            groups = None if task.key_groups is None else task.key_groups[:keep]
+            record = replace(task.record, routing_examples=0)
+            self._publish_keys(name, replace(task, record=record), router, groups)
+        logger.info("task %r: %d routing examples removed", name, n)
+        return record
+
+    def _publish_keys(self, name: str, task: _Task, router: Router, groups: np.ndarray | None) -> None:
+        """Publish task ``name`` with its keys from ``router`` (a new router whose keys for it changed) and these
+        key groups; the caller holds ``self._lock``. The table first, then the router (both name the task)."""
+        task = replace(task, keys=router.keys(name, copy=False), key_groups=groups)
+        tasks = dict(self._tasks)
+        tasks[name] = task
+        self._tasks = tasks
+        self.router = router
+
     # ------------------------------------------------------------------ resume, prompt variants, PEFT import
     def _replace(self, name: str, task: _Task) -> None:
         """Publish a new version of stored task ``name`` whose routing keys and threshold are unchanged (so the
@@ -1118,7 +1196,7 @@ class PromptBank:
             v = _variant_of(t, variant)
             others = {n: x for n, x in t.variants.items() if n != variant}
             others[t.record.variant] = t.serving()
-            record = replace(v.record, threshold=t.record.threshold)
+            record = replace(v.record, threshold=t.record.threshold, routing_examples=t.record.routing_examples)
             self._replace(task, _Task(record, v.prompt, t.keys, v.train_state, v.head, others, t.key_groups))
         logger.info("task %r now serves prompt variant %r", task, variant)
         return record

@@ -1,5 +1,5 @@
-"""Command line interface: ``promptbank learn | list | route | predict | generate | remove | eval | compare |
-promote | demo``.
+"""Command line interface: ``promptbank learn | list | route | predict | generate | add-routing-examples | remove |
+eval | compare | promote | demo``.
 
 Every command works on one bank folder (``--bank DIR``, default ``$PROMPTBANK_BANK`` or ``./promptbank_bank``).
 Exit status: 0 success, 1 expected failure (one line ``promptbank: error: ...`` on stderr; ``--debug`` shows the
@@ -331,9 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar (shown past one batch of 16 texts)")
     p.set_defaults(func=cmd_generate)
 
+    p = command(
+        "add-routing-examples",
+        "route texts like these to task NAME (they become its routing keys; no training, no labels)",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    _add_columns_option(p, texts_file=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown past 1,024 texts)")
+    p.set_defaults(func=cmd_add_routing_examples)
+
     p = command("remove", "remove a task from the bank (or, with --variant, one of its non-serving prompt variants)")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--variant", metavar="VARIANT", help="remove only this prompt variant of task NAME")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--variant", metavar="VARIANT", help="remove only this prompt variant of task NAME")
+    which.add_argument(
+        "--routing-examples",
+        action="store_true",
+        help="remove only the routing examples added to task NAME (add-routing-examples)",
+    )
     p.set_defaults(func=cmd_remove)
 
     p = command(
@@ -792,6 +808,7 @@ def _task_summary(name: str, record: dict[str, Any], variants: list[str]) -> dic
         # tasks stored before the setting existed were cut on the right (bank._truncation_side)
         "truncation_side": train_config.get("truncation_side") or "right",
         "imported_from": record.get("imported_from"),
+        "routing_examples": record.get("routing_examples", 0),  # add-routing-examples
     }
 
 
@@ -832,6 +849,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         header.append("VARIANTS")
         for row, t in zip(rows, summaries, strict=True):
             row.append(",".join(f"{v}*" if v == t["variant"] else v for v in t["variants"]))
+    if any(t["routing_examples"] for t in summaries):  # keys added after training (add-routing-examples)
+        header.append("ROUTING_EXAMPLES")
+        for row, t in zip(rows, summaries, strict=True):
+            row.append(str(t["routing_examples"]))
     print(_table(header, rows))
     return 0
 
@@ -935,8 +956,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_routing_examples(args: argparse.Namespace) -> int:
+    texts = _read_texts(args)
+    bank = _open_bank(args)
+    record = bank.add_routing_examples(args.name, texts, progress=not args.quiet)
+    bank.save(args.bank)
+    n_keys = len(bank.router.keys(args.name, copy=False))
+    print(
+        f"added {len(texts)} routing example{'s' if len(texts) != 1 else ''} to {args.name!r} in {args.bank} "
+        f"({record.routing_examples} added in all; {n_keys} routing keys)"
+    )
+    return 0
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
     bank = _open_bank(args)
+    if args.routing_examples:
+        n = bank.tasks[args.name].routing_examples if args.name in bank.tasks else 0
+        bank.remove_routing_examples(args.name)  # an unknown task: a one-line error
+        bank.save(args.bank)
+        print(f"removed {n} routing example{'s' if n != 1 else ''} from {args.name!r} in {args.bank}")
+        return 0
     if args.variant is not None:
         bank.remove_variant(args.name, args.variant)  # unknown, or the serving one: a one-line error
         bank.save(args.bank)

@@ -524,6 +524,30 @@ class Router:
         self._tasks[task] = _Task(_readonly(k), _readonly(ids), thr)
         self._cache = self._pos_cols = self._pending = None
 
+    def extend(self, task: str, keys: np.ndarray) -> None:
+        """Append ``keys`` (``(m, dim)``, L2-normalised) to stored task ``task``, with new ids; its threshold and
+        its place among the tasks are kept. The index is rebuilt on its next use."""
+        entry = self._get(task)
+        k = self._check_keys(keys)
+        ids = np.arange(self._next_id, self._next_id + k.shape[0], dtype=np.int64)
+        self._next_id += k.shape[0]
+        self._replace_entry(task, np.concatenate([entry.keys, k]), np.concatenate([entry.ids, ids]), entry.threshold)
+
+    def truncate(self, task: str, n: int) -> None:
+        """Keep only the first ``n`` (>= 1) keys of stored task ``task`` (and their ids); its threshold and its
+        place among the tasks are kept. The index is rebuilt on its next use."""
+        entry = self._get(task)
+        n = _check_pos_int(n, "n")
+        if n > entry.keys.shape[0]:
+            raise ValueError(f"task {task!r} has {entry.keys.shape[0]} keys, cannot keep {n}")
+        self._replace_entry(task, entry.keys[:n].copy(), entry.ids[:n].copy(), entry.threshold)
+
+    def _replace_entry(self, task: str, keys: np.ndarray, ids: np.ndarray, threshold: float) -> None:
+        self._tasks[task] = _Task(_readonly(keys), _readonly(ids), threshold)
+        self._cache = self._pos_cols = self._pending = None
+        self._dirty = True  # an index without these keys (or with removed ones): rebuilt from the keys when used
+        self._base = None
+
     def remove(self, task: str) -> None:
         """Remove a task and its ids from the index. :class:`TaskNotFoundError` (a ``KeyError``) if absent."""
         entry = self._get(task)

@@ -599,6 +599,10 @@ def _check_record(name: str, data: dict[str, Any], mpath: Path, num_layers: int)
         and math.isfinite(rec.threshold),
         f"threshold must be a finite number, got {rec.threshold!r}",
     )
+    need(
+        _is_int(rec.routing_examples, 0),
+        f"routing_examples must be an int >= 0, got {rec.routing_examples!r:.100}",
+    )
     need(isinstance(rec.train_config, dict), "train_config must be a dict")
     for key in ("max_target_tokens", "max_input_tokens"):  # used at inference
         value = rec.train_config.get(key)
@@ -767,6 +771,8 @@ def _read_task(
     norms = np.linalg.norm(keys.astype(np.float64), axis=1)
     if np.any(np.abs(norms - 1.0) > 1e-3):
         raise _fail(key_file.path, "routing keys must be L2-normalised rows")
+    if record.routing_examples >= len(keys):  # added keys come after at least one key of its training
+        raise _fail(key_file.path, f"{len(keys)} keys, but {record.routing_examples} routing examples")
     groups = None
     if "groups" in key_file.infos:
         groups = key_file.array("groups")

@@ -898,3 +898,39 @@ def test_file_reads_plain_text_lines(learned_bank, tmp_path, capsys, monkeypatch
     rc, _, err = run(capsys, *base, "--file", str(lines), "--columns", "text=query")
     assert rc == 1
     assert_one_line_error(err, "queries.txt", "plain text")
+
+
+def test_add_routing_examples_then_remove_them(workdir, bank_copy, model_opts, capsys, tmp_path):
+    queries = ["INVOICE #4471 OVERDUE", "STATEMENT #5310 PAST DUE"]  # billing, in a format none of its rows has
+    rc, out, _ = run(capsys, *model_opts, "route", *queries, "--json", "--bank", str(bank_copy))
+    before = [r["task"] for r in json.loads(out)]
+    assert "billing" not in before
+    examples = tmp_path / "examples.csv"
+    rows = [f"{d} #{n} {s}" for d in ("INVOICE", "STATEMENT") for n, s in [(1093, "OVERDUE"), (2210, "PAST DUE")]]
+    rows += ["INVOICE #7781 DUE NOW", "STATEMENT #6602 DUE NOW"]
+    examples.write_text("query\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    argv = ["add-routing-examples", "billing", "INVOICE #3348 UNPAID", "--file", str(examples)]
+    rc, out, _ = run(capsys, *model_opts, *argv, "--columns", "text=query", "--quiet", "--bank", str(bank_copy))
+    assert rc == 0 and "added 7 routing examples to 'billing'" in out and "(7 added in all;" in out
+    rc, out, _ = run(capsys, *model_opts, "route", *queries, "--json", "--bank", str(bank_copy))
+    assert [r["task"] for r in json.loads(out)] == ["billing", "billing"]
+    rc, out, _ = run(capsys, "list", "--json", "--bank", str(bank_copy))
+    assert {t["name"]: t.get("routing_examples", 0) for t in json.loads(out)} == {"billing": 7, "weather": 0}
+    rc, out, _ = run(capsys, *model_opts, "remove", "billing", "--routing-examples", "--bank", str(bank_copy))
+    assert rc == 0 and "removed 7 routing examples from 'billing'" in out
+    rc, out, _ = run(capsys, *model_opts, "route", *queries, "--json", "--bank", str(bank_copy))
+    assert [r["task"] for r in json.loads(out)] == before
+    rc, out, _ = run(capsys, "list", "--json", "--bank", str(bank_copy))
+    assert [t["name"] for t in json.loads(out)] == ["billing", "weather"]  # the task itself stays
+
+
+def test_add_routing_examples_errors(bank_copy, model_opts, capsys):
+    rc, _, err = run(capsys, *model_opts, "add-routing-examples", "nope", "some text", "--bank", str(bank_copy))
+    assert rc == 1
+    assert_one_line_error(err, "nope")
+    rc, _, err = run(capsys, *model_opts, "add-routing-examples", "weather", "--bank", str(bank_copy))
+    assert rc == 2 and "give at least one TEXT or --file" in err
+    rc, _, err = run(capsys, "remove", "weather", "--variant", "v", "--routing-examples", "--bank", str(bank_copy))
+    assert rc == 2 and "not allowed with" in err
+    rc, out, _ = run(capsys, "list", "--json", "--bank", str(bank_copy))
+    assert all(t["routing_examples"] == 0 for t in json.loads(out))  # nothing was added or removed
