@@ -318,6 +318,38 @@ def test_peft_loads_exported_task_with_equal_logits(tiny_bank, tmp_path, method,
     torch.testing.assert_close(ours, theirs.logits[0, -len(ids) :], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "ptuning_mlp", "deep"])
+def test_peft_generation_on_an_exported_task_equals_the_bank(tiny_bank, tmp_path, method):
+    """Greedy generation through PeftModel on an exported generation task gives the bank's text: for PROMPT_TUNING
+    exports PEFT's ``generate`` without its KV cache (``use_cache=False``; with transformers 5 its cached generation
+    drifts, see the README), for PREFIX_TUNING (deep) a loop of PeftModel forwards (its ``generate`` drops or
+    shifts the prefix)."""
+    peft = pytest.importorskip("peft")
+    tiny_bank.learn_task("echo", ECHO, method=method, num_virtual_tokens=4, **fast_options())
+    tiny_bank.save(tmp_path / "bank")
+    model, tok = tiny_bank.backbone.model, tiny_bank.backbone.tokenizer
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "bank" / "tasks" / "echo")).eval()
+    texts = ["repeat cat", "repeat moon", "say hello"]
+    want = tiny_bank.generate(texts, task="echo", max_new_tokens=6)
+    for text, expected in zip(texts, want):
+        ids = torch.tensor([encode_input(tok, text)])
+        with torch.no_grad():
+            if method != "deep":
+                out = pm.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                    use_cache=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                )[0, ids.shape[1] :]  # fmt: skip
+            else:
+                x = ids
+                for _ in range(6):
+                    nxt = int(pm(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax())
+                    x = torch.cat([x, torch.tensor([[nxt]])], 1)
+                    if nxt == tok.eos_token_id:
+                        break
+                out = x[0, ids.shape[1] :]
+        assert tok.decode(out, skip_special_tokens=True).strip() == expected
+
+
 def test_duplicate_and_invalid_task_names(tiny_bank):
     tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=1))
     with pytest.raises(TaskExistsError, match="weather"):
