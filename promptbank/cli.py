@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TRUNCATION_SIDES
-from .errors import PromptBankError
+from .errors import BackboneMismatchError, DataError, PromptBankError
 
 if TYPE_CHECKING:
     from .bank import PromptBank
@@ -462,7 +462,16 @@ def _load_bank(args: argparse.Namespace, *, create: bool = False) -> PromptBank:
     try:
         if create:
             return PromptBank.from_pretrained(backbone=args.backbone, embedder=args.embedder)
-        return PromptBank.load(args.bank, backbone=args.backbone, embedder=args.embedder)
+        try:
+            return PromptBank.load(args.bank, backbone=args.backbone, embedder=args.embedder)
+        except BackboneMismatchError as e:
+            if args.backbone is None:
+                raise
+            # the CLI has no allow_mismatch: the useful advice is to let the bank load the backbone it records
+            head = str(e).split(" The prompts were made", 1)[0]
+            raise BackboneMismatchError(
+                f"{head} The bank's prompts were made for the backbone it records: drop --backbone to load that one"
+            ) from None
     finally:
         if hide:
             hf_logging.enable_progress_bar()
@@ -482,6 +491,24 @@ def _require_bank(args: argparse.Namespace) -> None:
         )
 
 
+def _check_tasks(args: argparse.Namespace, *names: str | None, new: str | None = None) -> None:
+    """Task-name errors from the bank's manifest alone, before any model loads (a load takes ~10 s): each of
+    ``names`` must be a task of the bank, ``new`` must not be (the same errors the bank raises). Nothing to check
+    when there is no bank yet (the command says so, or creates one)."""
+    if not _has_bank(args.bank):
+        return
+    from .errors import TaskExistsError, TaskNotFoundError
+    from .manifest import read_manifest
+
+    manifest = read_manifest(args.bank)
+    known = list(manifest.get("task_order", list(manifest["tasks"])))
+    for name in names:
+        if name is not None and name not in known:
+            raise TaskNotFoundError(f"no task named {name!r} in the bank (tasks: {', '.join(known) or 'none'})")
+    if new is not None and new in known:
+        raise TaskExistsError(f"task {new!r} already exists; remove it first or choose another name")
+
+
 def _read_texts(args: argparse.Namespace) -> list[str]:
     """Positional texts, then those of ``--file``; a usage error when there are none."""
     texts = list(args.texts)
@@ -489,6 +516,8 @@ def _read_texts(args: argparse.Namespace) -> list[str]:
         mapping = _parse_columns(args.columns) if args.columns else {}
         texts += _read_text_file(args.file, mapping.get("text") or mapping.get("input"))
     if not texts:
+        if args.file:  # an empty stdin (an empty file says so where it is read)
+            raise DataError(f"{'<stdin>' if args.file == '-' else args.file}: no texts")
         args._parser.error("give at least one TEXT or --file")
     return texts
 
@@ -612,13 +641,16 @@ def cmd_learn(args: argparse.Namespace) -> int:
     _template(args)  # likewise (a usage error)
     if args.variant is not None:
         return _learn_variant(args)
+    _check_new_task_files(args)
+    _check_tasks(args, new=args.name)
+    data, dev = _data(args, args.data), _data(args, args.dev, min_labels=1)  # data errors before the model loads
     bank, created = _bank_for_new_task(args)
     options = _learn_options(args)
     record = bank.learn_task(
         args.name,
-        _data(args, args.data),
+        data,
         args.method,
-        dev=_data(args, args.dev, min_labels=1),
+        dev=dev,
         kind=args.kind,
         label_words=args.label_words,
         num_virtual_tokens=args.tokens,
@@ -649,14 +681,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def _bank_for_new_task(args: argparse.Namespace) -> tuple[Any, bool]:
     """(the bank at ``--bank``, whether it is created now) for a command that adds a task, after checking that the
     data files exist and that the folder is a bank, empty or absent."""
+    _check_new_task_files(args)
+    created = not _has_bank(Path(args.bank))
+    return _load_bank(args, create=created), created
+
+
+def _check_new_task_files(args: argparse.Namespace) -> None:
+    """The data files of a command that adds a task exist, and ``--bank`` is a bank, an empty folder or absent."""
     for label, path in (("data", args.data), ("dev data", args.dev)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{label} file {path} not found")
     folder = Path(args.bank)
     if not _has_bank(folder) and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
-    created = not _has_bank(folder)
-    return _load_bank(args, create=created), created
 
 
 def _dev_accuracy(record, encoder: bool) -> str:
@@ -721,8 +758,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     for label, path in (("data", args.data), ("dev data", args.dev)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{label} file {path} not found")
+    _require_bank(args)
+    _check_tasks(args, args.name)
+    data, dev = _data(args, args.data), _data(args, args.dev, min_labels=1)
     bank = _open_bank(args)
-    records = bank.variants(args.name)  # an unknown task: a one-line error
+    records = bank.variants(args.name)
     key = args.variant or bank.tasks[args.name].variant
     before = records[key].steps if key in records else 0  # (an unknown variant: resume_task says so)
     options: dict[str, Any] = {"progress": not args.quiet}
@@ -734,9 +774,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             options[key] = value
-    record = bank.resume_task(
-        args.name, _data(args, args.data), dev=_data(args, args.dev, min_labels=1), variant=args.variant, **options
-    )
+    record = bank.resume_task(args.name, data, dev=dev, variant=args.variant, **options)
     bank.save(args.bank)
     print(
         f"resumed {record.name!r} (variant {record.variant!r}): {record.steps - before} more steps ({record.steps} in "
@@ -760,13 +798,16 @@ def _learn_variant(args: argparse.Namespace) -> int:
     for label, path in (("data", args.data), ("dev data", args.dev)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{label} file {path} not found")
+    _require_bank(args)
+    _check_tasks(args, args.name)
+    data, dev = _data(args, args.data), _data(args, args.dev, min_labels=1)
     bank = _open_bank(args)
     record = bank.learn_variant(
         args.name,
         args.variant,
-        _data(args, args.data),
+        data,
         args.method,
-        dev=_data(args, args.dev, min_labels=1),
+        dev=dev,
         num_virtual_tokens=args.tokens,
         layers=args.layers,
         **_template(args),
@@ -892,6 +933,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
+    _check_tasks(args, args.task)
     bank = _open_bank(args)
     preds = bank.predict(texts, task=args.task, progress=not args.quiet)
     if args.json:
@@ -923,6 +965,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
+    _check_tasks(args, args.task)
     bank = _open_bank(args)
     if args.task is not None:
         names, scores = [args.task] * len(texts), [None] * len(texts)
@@ -958,6 +1001,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_add_routing_examples(args: argparse.Namespace) -> int:
     texts = _read_texts(args)
+    _check_tasks(args, args.name)
     bank = _open_bank(args)
     record = bank.add_routing_examples(args.name, texts, progress=not args.quiet)
     bank.save(args.bank)
@@ -970,6 +1014,7 @@ def cmd_add_routing_examples(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    _check_tasks(args, args.name)
     bank = _open_bank(args)
     if args.routing_examples:
         n = bank.tasks[args.name].routing_examples if args.name in bank.tasks else 0
@@ -996,12 +1041,15 @@ def cmd_import_peft(args: argparse.Namespace) -> int:
     template = _template(args)
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter folder {args.adapter} not found")
+    _check_new_task_files(args)
+    _check_tasks(args, new=args.name)
+    data, dev = _data(args, args.data), _data(args, args.dev, min_labels=1)
     bank, created = _bank_for_new_task(args)
     record = bank.import_peft(
         args.name,
         args.adapter,
-        _data(args, args.data),
-        dev=_data(args, args.dev, min_labels=1),
+        data,
+        dev=dev,
         kind=args.kind,
         label_words=args.label_words,
         **template,
@@ -1022,8 +1070,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"data file {args.data} not found")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    bank = _open_bank(args)
+    _require_bank(args)
+    _check_tasks(args, args.name)
     data = _data(args, args.data, min_labels=1)
+    bank = _open_bank(args)
     progress = not args.quiet
     scores = bank.evaluate(data, task=args.name, max_new_tokens=args.max_new_tokens, progress=progress)
     result: dict[str, Any] = {"task": args.name, **scores, "n": int(scores["n"])}
@@ -1065,11 +1115,11 @@ def _add_columns_option(p: argparse.ArgumentParser, *, texts_file: bool = False)
 
 
 def _data(args: argparse.Namespace, path: str | None, *, min_labels: int = 2) -> Any:
-    """A data file as given, or loaded with ``--columns`` mapping its fields and ``--skip-invalid`` (classification
-    data to evaluate on: ``min_labels=1``)."""
+    """A data file loaded (so that its errors come before any model loads), with ``--columns`` mapping its fields
+    and ``--skip-invalid`` (classification data to evaluate on: ``min_labels=1``)."""
     columns, skip = getattr(args, "columns", None), getattr(args, "skip_invalid", False)
-    if path is None or not (columns or skip):
-        return path
+    if path is None:
+        return None
     from .tasks import load_task_data
 
     return load_task_data(
@@ -1103,8 +1153,11 @@ def _scores_line(scores: dict[str, Any]) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"data file {args.data} not found")
+    _require_bank(args)
+    _check_tasks(args, args.name)
+    data = _data(args, args.data, min_labels=1)
     bank = _open_bank(args)
-    report = bank.compare(args.name, _data(args, args.data, min_labels=1))
+    report = bank.compare(args.name, data)
     if args.json:
         _print_json({"task": args.name, "variants": [{"variant": v, **m} for v, m in report.items()]})
         return 0
@@ -1117,6 +1170,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    _check_tasks(args, args.name)
     bank = _open_bank(args)
     before = bank.tasks[args.name].variant if args.name in bank else None
     bank.promote(args.name, args.variant)  # unknown task or variant: a one-line error

@@ -934,3 +934,53 @@ def test_add_routing_examples_errors(bank_copy, model_opts, capsys):
     assert rc == 2 and "not allowed with" in err
     rc, out, _ = run(capsys, "list", "--json", "--bank", str(bank_copy))
     assert all(t["routing_examples"] == 0 for t in json.loads(out))  # nothing was added or removed
+
+
+def test_name_and_data_errors_come_before_any_model_loads(workdir, bank_copy, tmp_path, capsys, monkeypatch):
+    """Unknown or taken task names and bad data files are one-line errors from the manifest and the file alone: no
+    backbone is loaded for them (a load takes ~10 s on the default model)."""
+    import io
+
+    import promptbank.cli as cli
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cli, "_load_bank", no_load)
+    nolabel = tmp_path / "nolabel.jsonl"
+    nolabel.write_text('{"text": "no label here"}\n', encoding="utf-8")
+    data = str(workdir / "weather.jsonl")
+    for argv, fragment in [
+        (["predict", "hi", "--task", "nosuch"], "no task named 'nosuch' in the bank (tasks: billing, weather)"),
+        (["generate", "hi", "--task", "nosuch"], "no task named 'nosuch'"),
+        (["eval", "nosuch", data], "no task named 'nosuch'"),
+        (["compare", "nosuch", data], "no task named 'nosuch'"),
+        (["resume", "nosuch", data], "no task named 'nosuch'"),
+        (["promote", "nosuch", "v"], "no task named 'nosuch'"),
+        (["remove", "nosuch"], "no task named 'nosuch'"),
+        (["add-routing-examples", "nosuch", "hi"], "no task named 'nosuch'"),
+        (["learn", "weather", data], "task 'weather' already exists"),
+        (["learn", "weather", str(nolabel), "--variant", "v2"], "label"),  # a variant: its data checked first
+        (["learn", "fresh", str(nolabel)], "label"),
+        (["eval", "weather", str(nolabel)], "label"),
+    ]:
+        rc, _, err = run(capsys, *argv, "--bank", str(bank_copy))
+        assert rc == 1, (argv, err)
+        assert_one_line_error(err, fragment)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    rc, _, err = run(capsys, "predict", "--file", "-", "--bank", str(bank_copy))
+    assert rc == 1
+    assert_one_line_error(err, "<stdin>: no texts")
+
+
+def test_another_backbone_for_a_bank_says_to_drop_the_option(learned_bank, tmp_path, capsys):
+    tok = make_tiny_tokenizer()
+    other = make_tiny_model(len(tok), seed=1)  # same shape, other weights: another fingerprint
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    capsys.readouterr()  # transformers' "Writing model shards" bar
+    argv = ["--backbone", str(tmp_path / "other"), "--embedder", "hashing", "predict", "rain tonight"]
+    rc, _, err = run(capsys, *argv, "--bank", str(learned_bank))
+    assert rc == 1
+    assert_one_line_error(err, "fingerprint mismatch", "drop --backbone")
+    assert "allow_mismatch" not in err  # a Python option the CLI does not have
