@@ -980,14 +980,27 @@ class PromptBank:
         The new keys form new groups of the learned router (one per ~4 texts, at most the task's
         ``n_prototypes``, by k-means), beside the label groups of the training inputs, so a handful of examples
         of a new format is a Gaussian of its own rather than a shift of the old ones. The learned router is
-        refitted and every task's "no task" threshold recalibrated from the keys (as when a task is learned);
-        with ``routing="knn"`` the task's cosine threshold is kept (more keys can only raise a task's score).
+        refitted; the task's "no task" threshold stays calibrated on its training keys alone (a few examples far
+        from everything must not make the task accept anything), and other tasks' thresholds move only as the
+        shared covariance does. Needs the learned router (``routing="lda"``, the default): the cosine scorer's
+        threshold, calibrated on the training inputs, would reject texts unlike them.
         :meth:`remove_routing_examples` takes them all out again. Returns the task's record (its
         ``routing_examples`` counts the added keys). On any failure the bank is left as it was.
         """
+        if self.routing != "lda":
+            raise ValueError(
+                f"add_routing_examples needs the learned router (routing='lda'); this bank routes with "
+                f"{self.routing!r}, whose thresholds would reject texts unlike the training inputs. Set "
+                "bank.routing = 'lda' (the default for new banks; saved with the bank) first"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         texts = _as_texts(texts)
         if not texts:
             raise ValueError("texts is empty: pass at least one text to add as a routing example")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise ValueError(f"texts[{i}] is empty or blank: a routing example needs text")
         task = self._get(name)
         emb = _in_chunks(
             texts, self.embedder.encode, EMBED_CHUNK, progress, f"embed routing examples of {name}", unit="text",
@@ -1195,7 +1208,8 @@ class PromptBank:
                 return t.record
             v = _variant_of(t, variant)
             others = {n: x for n, x in t.variants.items() if n != variant}
-            others[t.record.variant] = t.serving()
+            # the routing examples are the task's, counted on its serving record only
+            others[t.record.variant] = replace(t.serving(), record=replace(t.record, routing_examples=0))
             record = replace(v.record, threshold=t.record.threshold, routing_examples=t.record.routing_examples)
             self._replace(task, _Task(record, v.prompt, t.keys, v.train_state, v.head, others, t.key_groups))
         logger.info("task %r now serves prompt variant %r", task, variant)
@@ -1513,6 +1527,15 @@ class PromptBank:
         if cached is not None and cached[0] is router:
             return cached[1]
         tasks = self._tasks
+        if any(n in tasks and tasks[n].keys is not router.keys(n, copy=False) for n in router.tasks):
+            # a writer changed some task's keys (routing examples) after this router snapshot was taken: its
+            # groups in the table are for the new keys. Fit the newest consistent pair instead (writers publish both
+            # under the lock).
+            with self._lock:
+                router, tasks = self.router, self._tasks
+            cached = self._lda
+            if cached is not None and cached[0] is router:
+                return cached[1]
         spec = {}
         for name in router.tasks:
             keys, t = router.keys(name, copy=False), tasks.get(name)
@@ -1520,7 +1543,7 @@ class PromptBank:
             if groups is not None and len(groups) != len(keys):
                 groups = None
             q = t.record.train_config.get("threshold_quantile", 0.05) if t is not None else 0.05
-            spec[name] = (keys, groups, q)
+            spec[name] = (keys, groups, q, t.record.routing_examples if t is not None else 0)
         scorer = GaussianRouter(spec, router.dim)
         self._lda = (router, scorer)
         return scorer

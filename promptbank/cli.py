@@ -1017,8 +1017,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
     _check_tasks(args, args.name)
     bank = _open_bank(args)
     if args.routing_examples:
-        n = bank.tasks[args.name].routing_examples if args.name in bank.tasks else 0
-        bank.remove_routing_examples(args.name)  # an unknown task: a one-line error
+        n = bank.tasks[args.name].routing_examples
+        if not n:
+            print(f"{args.name!r} has no routing examples; nothing changed")
+            return 0
+        bank.remove_routing_examples(args.name)
         bank.save(args.bank)
         print(f"removed {n} routing example{'s' if n != 1 else ''} from {args.name!r} in {args.bank}")
         return 0

@@ -143,16 +143,19 @@ class _Params:
 class GaussianRouter:
     """LDA over the keys of every task.
 
-    ``tasks``: ``{name: (keys (k, d), groups (k,) ints, threshold_quantile)}``; ``groups=None`` puts all of a
-    task's keys in one group. :meth:`route` ranks tasks for a batch of query embeddings; :meth:`threshold` is
-    a task's "no task" threshold on the same score scale.
+    ``tasks``: ``{name: (keys (k, d), groups (k,) ints, threshold_quantile[, added])}``; ``groups=None`` puts all
+    of a task's keys in one group; ``added`` (default 0): the number of its last keys that are routing examples
+    (:meth:`promptbank.PromptBank.add_routing_examples`), fitted like the others but not calibrated on, so that
+    a few examples far from the training inputs cannot loosen the task's threshold. :meth:`route` ranks tasks
+    for a batch of query embeddings; :meth:`threshold` is a task's "no task" threshold on the same score scale.
     """
 
-    def __init__(self, tasks: Mapping[str, tuple[np.ndarray, np.ndarray | None, float]], dim: int):
+    def __init__(self, tasks: Mapping[str, tuple], dim: int):
         self.dim = int(dim)
         self.names = list(tasks)
         items = []
-        for t, (keys, groups, _) in enumerate(tasks.values()):
+        self._added = [int(spec[3]) if len(spec) > 3 else 0 for spec in tasks.values()]
+        for t, (keys, groups, *_) in enumerate(tasks.values()):
             keys = np.asarray(keys, dtype=np.float64)
             groups = np.zeros(len(keys), dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
             items.append((t, keys, groups))
@@ -164,7 +167,7 @@ class GaussianRouter:
         # the per-task discriminant is a candidate for ranking when some task has several groups (else it is the
         # same model) and there are tasks to tell apart
         candidate = len(self._nonempty) >= 2 and any(len(np.unique(g)) > 1 for _, _, g in items)
-        self._thresholds, self.cv_top1 = self._calibrate(items, [q for _, _, q in tasks.values()], candidate)
+        self._thresholds, self.cv_top1 = self._calibrate(items, [spec[2] for spec in tasks.values()], candidate)
         self._ranker: _Params | None = None
         self.discriminant = "group"
         if self.cv_top1 is not None and self.cv_top1["task"] > self.cv_top1["group"]:
@@ -224,7 +227,12 @@ class GaussianRouter:
         covariance is fitted to the very points, in hundreds of dimensions), so the threshold would reject most
         new in-task queries.
         """
-        folds = [task_folds(name, len(keys)) for name, (_, keys, _) in zip(self.names, items)]
+        # training keys' folds as without examples (thresholds come back exactly when they are removed); the
+        # examples' folds drawn apart
+        folds = [
+            np.concatenate([task_folds(name, len(keys) - a), task_folds(name + "\0examples", a)])
+            for name, (_, keys, _), a in zip(self.names, items, self._added)
+        ]
         held: list[list[np.ndarray]] = [[] for _ in items]
         hits = {"group": 0, "task": 0, "n": 0}
         for k in range(_FOLDS):
@@ -241,13 +249,20 @@ class GaussianRouter:
             held_rows = [(t, keys[f == k]) for (t, keys, _), f in zip(items, folds)]
             x = np.concatenate([rows for _, rows in held_rows])
             row_task = np.concatenate([np.full(len(rows), t, dtype=np.int64) for t, rows in held_rows])
+            # which held-out rows calibrate their task's threshold: its training keys, not its routing examples
+            row_calib = np.concatenate(
+                [
+                    (np.arange(len(keys)) < len(keys) - a)[f == k]
+                    for (_, keys, _), f, a in zip(items, folds, self._added)
+                ]
+            )
             chunk = max(1, _DISTANCE_ELEMENTS // max(len(owner), 1))
             for a in range(0, len(x), chunk):
-                xs, ts = x[a : a + chunk], row_task[a : a + chunk]
+                xs, ts, cs = x[a : a + chunk], row_task[a : a + chunk], row_calib[a : a + chunk]
                 nearest = np.minimum.reduceat(params.distances(xs), starts, axis=1)  # (rows, tasks with groups)
                 for t in np.unique(ts):  # each row's distance to its own task (its nearest group), if it has groups
                     if column[t] >= 0:
-                        held[t].append(nearest[ts == t, column[t]])
+                        held[t].append(nearest[(ts == t) & cs, column[t]])
                 if task_model is not None:  # top-1 of each discriminant over the held-out keys
                     hits["group"] += int(np.sum(owner[starts][nearest.argmin(1)] == ts))
                     hits["task"] += int(np.sum(task_model.owner[task_model.distances(xs).argmin(1)] == ts))
