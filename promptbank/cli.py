@@ -928,6 +928,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         for rank, (name, score) in enumerate(r.ranked, 1):
             limit = thresholds.get(name)
             print(f"     {rank}. {name}  {score:.4f}" + (f"  (threshold {limit:.4f})" if limit is not None else ""))
+    if bank.routing == "lda" and any(r.task is None and r.ranked for r in routes):
+        print(
+            f"\n(to send texts like a rejected one to a task: `{PROG} add-routing-examples TASK TEXT...`; no training)"
+        )
     return 0
 
 

@@ -280,6 +280,7 @@ def test_route_says_why_a_query_went_to_no_task(learned_bank, capsys, monkeypatc
     first = got["ranked"][0]
     assert f"(no task: {first['task']} scores {got['score']:.4f}, under its threshold 0.0000)" in out
     assert f"1. {first['task']}  {first['score']:.4f}  (threshold 0.0000)" in out
+    assert out.rstrip().endswith("`promptbank add-routing-examples TASK TEXT...`; no training)")  # what to do about it
 
 
 def test_predict_routes_and_prints_output_task_and_score(learned_bank, capsys):
