@@ -1693,16 +1693,21 @@ class PromptBank:
         desc: str = "generate",
     ) -> list[str]:
         """:meth:`generate` for resolved task names, with templates and prompts from one task-table snapshot.
-        ``progress``: a progress bar over the rows, advanced after each batch (one generator runs through all
-        batches either way, so sampled outputs do not depend on it)."""
+        ``progress``: a progress bar over the rows, advanced after each batch, or for a single batch over its
+        decoding steps (one generator runs through all batches either way, so sampled outputs do not depend on
+        it)."""
         gen = torch.Generator().manual_seed(seed)
         outputs: list[str] = []
         row_kv = self._call_kv(names, table)
-        bar = None
-        if progress and len(texts) > batch_size:
+        bar = on_step = None
+        if progress and texts:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(texts), desc=desc, unit="row", leave=False)
+            if len(texts) > batch_size:
+                bar = tqdm(total=len(texts), desc=desc, unit="row", leave=False)
+            else:  # one batch (a few long answers can take a minute): its decoding steps
+                bar = tqdm(total=max_new_tokens, desc=desc, unit="token", leave=False)
+                on_step = bar.update
         try:
             for s in range(0, len(texts), batch_size):
                 outputs += self._generate_batch(
@@ -1714,15 +1719,18 @@ class PromptBank:
                     temperature=temperature,
                     top_p=top_p,
                     generator=gen,
+                    on_step=on_step,
                 )
-                if bar is not None:
+                if bar is not None and on_step is None:
                     bar.update(min(batch_size, len(texts) - s))
         finally:
             if bar is not None:
                 bar.close()
         return outputs
 
-    def _generate_batch(self, texts, names, kv, table, *, max_new_tokens, temperature, top_p, generator) -> list[str]:
+    def _generate_batch(
+        self, texts, names, kv, table, *, max_new_tokens, temperature, top_p, generator, on_step=None
+    ) -> list[str]:
         """One batch of :meth:`_generate`: its rows' inputs fitted to the positions, decoded answers."""
         tok, model = self.backbone.tokenizer, self.backbone.model
         inputs = self._fit_inputs(
@@ -1743,6 +1751,7 @@ class PromptBank:
             temperature=temperature,
             top_p=top_p,
             generator=generator,
+            on_step=on_step,
         )
         return [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
 

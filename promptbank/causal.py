@@ -516,9 +516,10 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[list[int]]:
     """Decode new tokens for each row (greedy when ``temperature == 0``); an end token (:func:`end_token_ids`) ends
-    a row and is not returned.
+    a row and is not returned. ``on_step`` is called after each decoding step (a progress bar).
 
     One forward per step for the whole (possibly mixed-task) batch; see :func:`generate_steps`.
     """
@@ -537,6 +538,8 @@ def generate(
         for out, tok in zip(outputs, step):
             if tok is not None and tok not in ends:
                 out.append(tok)
+        if on_step is not None:
+            on_step()
     return outputs
 
 

@@ -328,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (shown past one batch of 16 texts)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (over rows past one batch of 16 texts, else over the batch's decoding steps)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = command(

@@ -129,17 +129,19 @@ def test_progress_bar_evaluates_in_chunks_with_the_same_scores(qa_bank, monkeypa
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_generate_with_a_progress_bar_gives_the_same_outputs(qa_bank, capsys, temperature):
-    """generate(progress=True) draws a bar over the rows (past one batch) and changes no output, greedy or sampled
-    (one seeded generator runs through the batches either way)."""
+    """generate(progress=True) draws a bar over the rows (past one batch; for one batch over its decoding steps)
+    and changes no output, greedy or sampled (one seeded generator runs through the batches either way)."""
     texts = [r["input"] for r in QA] + ["say something"] * 3
     tasks = ["qa"] * len(QA) + [None] * 3
     kw = dict(max_new_tokens=4, temperature=temperature, seed=3, batch_size=4)
     want = qa_bank.generate(texts, tasks, **kw)
     assert "generate" not in capsys.readouterr().err
     assert qa_bank.generate(texts, tasks, progress=True, **kw) == want
-    assert "generate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "generate" in err and "row" in err and "token" not in err
     assert qa_bank.generate(texts[:4], tasks[:4], progress=True, **kw) == want[:4]  # the first batch draws first
-    assert "generate" not in capsys.readouterr().err  # one batch: no bar
+    err = capsys.readouterr().err
+    assert "generate" in err and "token" in err  # one batch: a bar over its decoding steps
 
 
 def test_predict_with_a_progress_bar_gives_the_same_predictions(qa_bank, monkeypatch, capsys):
