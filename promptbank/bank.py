@@ -606,8 +606,7 @@ class PromptBank:
             index = {lab: i for i, lab in enumerate(train_data.labels)}
             groups = np.array([index[ex.target] for ex in train_data.examples], dtype=np.int64)
         else:
-            centers = make_prototypes(train_emb, min(tconf.n_prototypes, max(1, len(inputs) // 4)), seed=tconf.seed)
-            groups = np.argmax(train_emb @ centers.T, axis=1).astype(np.int64)
+            groups = _cluster_groups(train_emb, tconf.n_prototypes, tconf.seed)
         keep = _stratified_subset(groups, tconf.max_keys, tconf.seed)
         keys = np.ascontiguousarray(train_emb[keep])
         _, groups = np.unique(groups[keep], return_inverse=True)  # dense group ids 0..G-1
@@ -1008,8 +1007,7 @@ class PromptBank:
         )  # fmt: skip
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         n_protos = int(task.record.train_config.get("n_prototypes", TrainConfig.n_prototypes))
-        centers = make_prototypes(emb, min(n_protos, max(1, len(texts) // 4)), seed=seed)
-        _, new_groups = np.unique(np.argmax(emb @ centers.T, axis=1), return_inverse=True)
+        _, new_groups = np.unique(_cluster_groups(emb, n_protos, seed), return_inverse=True)
         old_groups = task.key_groups if task.key_groups is not None else np.zeros(len(task.keys), dtype=np.int64)
         groups = np.concatenate([old_groups, new_groups.astype(np.int64) + int(old_groups.max(initial=-1)) + 1])
         from .storage import MAX_KEYS
@@ -2145,6 +2143,13 @@ def _top_mean(sims: np.ndarray, k: int) -> np.ndarray:
     """Row-wise mean of the ``k`` largest values of a (n, m) similarity matrix (the router's task score)."""
     k = min(k, sims.shape[1])
     return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+
+
+def _cluster_groups(emb: np.ndarray, n_prototypes: int, seed: int) -> np.ndarray:
+    """Each row's k-means cluster (one per ~4 rows, at most ``n_prototypes``): the key groups of inputs that have
+    no labels (generation tasks' training inputs, routing examples)."""
+    centers = make_prototypes(emb, min(n_prototypes, max(1, len(emb) // 4)), seed=seed)
+    return np.argmax(emb @ centers.T, axis=1).astype(np.int64)
 
 
 def _loo_scores(emb: np.ndarray, k: int) -> np.ndarray:

@@ -683,9 +683,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def _bank_for_new_task(args: argparse.Namespace) -> tuple[Any, bool]:
-    """(the bank at ``--bank``, whether it is created now) for a command that adds a task, after checking that the
-    data files exist and that the folder is a bank, empty or absent."""
-    _check_new_task_files(args)
+    """(the bank at ``--bank``, whether it is created now) for a command that adds a task; the caller has run
+    :func:`_check_new_task_files`."""
     created = not _has_bank(Path(args.bank))
     return _load_bank(args, create=created), created
 

@@ -531,7 +531,7 @@ class Router:
         k = self._check_keys(keys)
         ids = np.arange(self._next_id, self._next_id + k.shape[0], dtype=np.int64)
         self._next_id += k.shape[0]
-        self._replace_entry(task, np.concatenate([entry.keys, k]), np.concatenate([entry.ids, ids]), entry.threshold)
+        self._replace_entry(task, np.concatenate([entry.keys, k]), np.concatenate([entry.ids, ids]))
 
     def truncate(self, task: str, n: int) -> None:
         """Keep only the first ``n`` (>= 1) keys of stored task ``task`` (and their ids); its threshold and its
@@ -540,10 +540,11 @@ class Router:
         n = _check_pos_int(n, "n")
         if n > entry.keys.shape[0]:
             raise ValueError(f"task {task!r} has {entry.keys.shape[0]} keys, cannot keep {n}")
-        self._replace_entry(task, entry.keys[:n].copy(), entry.ids[:n].copy(), entry.threshold)
+        self._replace_entry(task, entry.keys[:n].copy(), entry.ids[:n].copy())
 
-    def _replace_entry(self, task: str, keys: np.ndarray, ids: np.ndarray, threshold: float) -> None:
-        self._tasks[task] = _Task(_readonly(keys), _readonly(ids), threshold)
+    def _replace_entry(self, task: str, keys: np.ndarray, ids: np.ndarray) -> None:
+        """Stored task ``task`` with these keys and ids (its threshold kept)."""
+        self._tasks[task] = _Task(_readonly(keys), _readonly(ids), self._tasks[task].threshold)
         self._cache = self._pos_cols = self._pending = None
         self._dirty = True  # an index without these keys (or with removed ones): rebuilt from the keys when used
         self._base = None
