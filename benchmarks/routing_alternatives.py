@@ -96,16 +96,23 @@ def rejection(keys, ktask, kgroup, queries, qtask, oos) -> dict:
     bg = _background(np.concatenate([kk for _, kk, _ in items]))
     out = {}
     per_alpha = {DEFAULT: 0.0, **{f"relative, alpha={a:g}": a for a in ALPHAS}}
+    # the router's guard (GaussianRouter.route_guarded): with the per-group ranking, the query must also pass the
+    # threshold of the task the per-task Gaussians rank first; applied with each row's own score and thresholds
+    per_task = router._guard if router._guard is not None else router._ranker
     tops = {}
     for which, x in (("in", queries), ("oos", oos)):
         top = router.rank_scores(x).argmax(1)
-        tops[which] = (top, task_distances(params, x)[np.arange(len(x)), top], _bg_distance(x, bg))
+        guard = top if per_task is None else per_task.owner[per_task.distances(x).argmin(1)]
+        d = task_distances(params, x)
+        rows = np.arange(len(x))
+        tops[which] = (top, d[rows, top], guard, d[rows, guard], _bg_distance(x, bg))
     right = np.asarray(names)[tops["in"][0]] == qtask
     for label, a in per_alpha.items():
-        score = {w: d - a * b for w, (_, d, b) in tops.items()}  # lower: more in-task
+        score = {w: d - a * b for w, (_, d, _, _, b) in tops.items()}  # lower: more in-task
+        guard_score = {w: d - a * b for w, (_, _, _, d, b) in tops.items()}
         thr = np.array([np.quantile(h - a * b, 1 - QUANTILE) for h, b in zip(held_task_all, held_bg_all)])
-        acc_in = score["in"] <= thr[tops["in"][0]]
-        acc_oos = score["oos"] <= thr[tops["oos"][0]]
+        acc_in = (score["in"] <= thr[tops["in"][0]]) & (guard_score["in"] <= thr[tops["in"][2]])
+        acc_oos = (score["oos"] <= thr[tops["oos"][0]]) & (guard_score["oos"] <= thr[tops["oos"][2]])
         out[label] = {
             "auroc": auroc(-score["in"], -score["oos"]),
             "top1": float(right.mean()),

@@ -105,7 +105,7 @@ def routing_accuracy(keys, ktask, kgroup, queries, qtask, names, quantile: float
     router = GaussianRouter(spec, keys.shape[1])
     routes = router.route(queries, top_k=1)
     top1 = [r[0][0] == g for r, g in zip(routes, qtask)]
-    hit = [r[0][0] == g and r[0][1] >= router.threshold(r[0][0]) for r, g in zip(routes, qtask)]
+    hit = [d == g for d, g in zip(router.decide(queries), qtask)]
     out = {"top1": float(np.mean(top1)), "hit@1": float(np.mean(hit)), "queries": len(qtask)}
     if oos is not None:
         out["auroc"] = auroc([r[0][1] for r in routes], [r[0][1] for r in router.route(oos, top_k=1)])

@@ -63,10 +63,11 @@ def clinc_sample(data_dir: Path, keys_per_intent: int, seed: int, domains: int |
     return kt, ktask, kgroup, qt, qtask, oos
 
 
-def _decide(router, thresholds: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's top-ranked task index, and whether its score passes that task's threshold."""
-    top = router.rank_scores(x).argmax(1)
-    return top, router.scores(x)[np.arange(len(x)), top] >= thresholds[top]
+def _decide(router, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's top-ranked task, and whether the router answers it with that task (its threshold passed, and
+    the guard's: GaussianRouter.decide)."""
+    top = np.array([r[0][0] for r in router.route(x, top_k=1)])
+    return top, np.array([d is not None for d in router.decide(x)])
 
 
 def sweep(keys, ktask, kgroup, queries, qtask, oos=None) -> dict:
@@ -79,10 +80,8 @@ def sweep(keys, ktask, kgroup, queries, qtask, oos=None) -> dict:
     for q in QUANTILES:
         spec = {n: (keys[ktask == n].astype(np.float64), kgroup[ktask == n], q) for n in names}
         router = GaussianRouter(spec, keys.shape[1])
-        thr = np.array([router.threshold(n) for n in names])
-
-        top, accepted = _decide(router, thr, queries)
-        right = np.asarray(names)[top] == qtask
+        top, accepted = _decide(router, queries)
+        right = top == qtask
         row = {
             "top1": float(right.mean()),
             "hit@1": float((right & accepted).mean()),
@@ -90,7 +89,7 @@ def sweep(keys, ktask, kgroup, queries, qtask, oos=None) -> dict:
             "queries": len(qtask),
         }
         if oos is not None and len(oos):
-            row["oos_rejected"] = float((~_decide(router, thr, oos)[1]).mean())
+            row["oos_rejected"] = float((~_decide(router, oos)[1]).mean())
             row["oos_queries"] = len(oos)
         out[f"{q:g}"] = row
     return out

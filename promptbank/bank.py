@@ -119,14 +119,18 @@ class TaskRecord:
 class Routing:
     """Result of :meth:`PromptBank.route`: the chosen task (``None`` = no task fits) and the ranking.
 
-    ``score`` is the first-ranked task's score and ``threshold`` its "no task" threshold, on the same scale: the
-    task is chosen when ``score >= threshold`` (both ``None`` when the bank has no task). The other ranked tasks'
-    thresholds: :meth:`PromptBank.routing_thresholds`."""
+    ``score`` is the first-ranked task's score and ``threshold`` its "no task" threshold, on the same scale (both
+    ``None`` when the bank has no task). ``guard`` is a second check of the learned router, present when it ranks
+    tasks by label groups and its per-task Gaussians put another task first: ``(that task, its score, its
+    threshold)`` (see :meth:`promptbank.lda.GaussianRouter.route_guarded`). The first-ranked task is chosen when
+    ``score >= threshold`` and the query passes the guard's threshold too. The other ranked tasks' thresholds:
+    :meth:`PromptBank.routing_thresholds`."""
 
     task: str | None
     score: float | None
     ranked: list[tuple[str, float]]
     threshold: float | None = None
+    guard: tuple[str, float, float] | None = None
 
 
 @dataclass
@@ -865,9 +869,9 @@ class PromptBank:
             self.router = router
 
     def task_similarities(self, texts: Sequence[str], *, exclude: str | None = None) -> dict[str, float]:
-        """For each stored task, the share of ``texts`` the router would send to it and accept (its threshold
-        passed): how much a new task's inputs look like that task's inputs, in [0, 1] with the bank's own
-        calibration. Tasks that no text reaches are left out. Task ``exclude`` is skipped (a text whose best
+        """For each stored task, the share of ``texts`` the router ranks first for and whose threshold they pass
+        (:class:`Routing`'s ``guard`` is not applied: this measures likeness, it does not reject): how much a new
+        task's inputs look like that task's inputs, in [0, 1] with the bank's own calibration. Tasks that no text reaches are left out. Task ``exclude`` is skipped (a text whose best
         task it is goes to its next-ranked task). This is the warm-start similarity of :meth:`learn_task`."""
         texts = _as_texts(texts)
         router = self.router
@@ -1482,7 +1486,8 @@ class PromptBank:
             self.router = self.router.copy(index=index, **options)
 
     def route(self, text: str, *, top_k: int = 3) -> Routing:
-        """Rank tasks for one query; ``task`` is ``None`` when the first-ranked task's score is under its threshold.
+        """Rank tasks for one query; ``task`` is ``None`` when the first-ranked task's score is under its threshold
+        (or the query fails :class:`Routing`'s ``guard``).
 
         ``ranked`` holds ``(task, score)`` pairs best first. With the learned router the scores are the per-label
         ones the thresholds apply to, and the ranking is by whichever discriminant that router chose (see
@@ -1500,17 +1505,24 @@ class PromptBank:
         if not len(router):
             return [Routing(None, None, []) for _ in texts], None
         emb = self.embedder.encode(texts)
-        scorer = self._learned_router(router) if self.routing == "lda" else router
+        if self.routing == "lda":
+            scorer = self._learned_router(router)
+            ranks, guards = scorer.route_guarded(emb, top_k=max(1, top_k))
+        else:
+            scorer, ranks, guards = router, router.route(emb, top_k=max(1, top_k)), [None] * len(texts)
         out = []
-        for ranked in scorer.route(emb, top_k=max(1, top_k)):
+        for ranked, g in zip(ranks, guards, strict=True):
             best, score = ranked[0]
             threshold = float(scorer.threshold(best))
-            out.append(Routing(best if score >= threshold else None, score, ranked, threshold))
+            guard = None if g is None else (g[0], g[1], float(scorer.threshold(g[0])))
+            ok = score >= threshold and (guard is None or guard[1] >= guard[2])
+            out.append(Routing(best if ok else None, score, ranked, threshold, guard))
         return out, emb
 
     def routing_thresholds(self) -> dict[str, float]:
         """Each task's "no task" threshold under the bank's routing scorer, on the scale of :class:`Routing`'s
-        scores: a query goes to its first-ranked task when that task's score is at least this. Set when the task
+        scores: a query goes to its first-ranked task when that task's score is at least this (and, where
+        :class:`Routing` has a ``guard``, the guard task's score is at least its own). Set when the task
         is learned (``TrainConfig.threshold_quantile`` of held-out in-task queries fall under it); the learned
         router recalibrates them whenever the task set changes."""
         router = self.router

@@ -914,6 +914,9 @@ def cmd_route(args: argparse.Namespace) -> int:
                     "task": r.task,
                     "score": r.score,
                     "threshold": r.threshold,
+                    "guard": None
+                    if r.guard is None
+                    else {"task": r.guard[0], "score": r.guard[1], "threshold": r.guard[2]},
                     "ranked": [{"task": n, "score": s, "threshold": thresholds.get(n)} for n, s in r.ranked],
                 }
                 for t, r in zip(texts, routes, strict=True)
@@ -924,8 +927,14 @@ def cmd_route(args: argparse.Namespace) -> int:
         if i:
             print()
         print(_short(text, 80))
-        if r.task is None and r.ranked:
+        if r.task is None and r.ranked and r.score < r.threshold:
             print(f"  -> (no task: {r.ranked[0][0]} scores {r.score:.4f}, under its threshold {r.threshold:.4f})")
+        elif r.task is None and r.guard is not None:
+            name, score, limit = r.guard
+            print(
+                f"  -> (no task: {r.ranked[0][0]} ranks first by label groups, but {name}, first by whole tasks, "
+                f"scores {score:.4f}, under its threshold {limit:.4f})"
+            )
         else:
             print(f"  -> {r.task if r.task is not None else '(no task)'}")
         for rank, (name, score) in enumerate(r.ranked, 1):

@@ -266,7 +266,8 @@ def test_route_ranks_tasks(learned_bank, capsys):
     for r in routes:  # the decision and the threshold it was made by
         first = r["ranked"][0]
         assert r["score"] == first["score"] and r["threshold"] == first["threshold"]
-        assert r["task"] == (first["task"] if r["score"] >= r["threshold"] else None)
+        guard_ok = r["guard"] is None or r["guard"]["score"] >= r["guard"]["threshold"]
+        assert r["task"] == (first["task"] if r["score"] >= r["threshold"] and guard_ok else None)
 
 
 def test_route_says_why_a_query_went_to_no_task(learned_bank, capsys, monkeypatch):
@@ -281,6 +282,29 @@ def test_route_says_why_a_query_went_to_no_task(learned_bank, capsys, monkeypatc
     assert f"(no task: {first['task']} scores {got['score']:.4f}, under its threshold 0.0000)" in out
     assert f"1. {first['task']}  {first['score']:.4f}  (threshold 0.0000)" in out
     assert out.rstrip().endswith("`promptbank add-routing-examples TASK TEXT...`; no training)")  # what to do about it
+
+
+def test_route_names_the_guard_a_query_failed(learned_bank, capsys, monkeypatch):
+    from promptbank.lda import GaussianRouter
+
+    unguarded = GaussianRouter.route_guarded
+
+    def guarded(self, x, top_k=3):  # the same ranking, with the other task as a guard the query fails
+        ranked, _ = unguarded(self, x, top_k=top_k)
+        return ranked, [(next(n for n in self.names if n != r[0][0]), -50.0) for r in ranked]
+
+    monkeypatch.setattr(GaussianRouter, "route_guarded", guarded)
+    monkeypatch.setattr(GaussianRouter, "threshold", lambda self, name: -40.0)  # the first task passes it
+    rc, out, _ = run(capsys, "route", "thunder and rain storm tonight", "--json", "--bank", str(learned_bank))
+    got = json.loads(out)[0]
+    assert rc == 0 and got["task"] is None and got["score"] >= got["threshold"]
+    other = got["guard"]["task"]
+    assert other != got["ranked"][0]["task"] and got["guard"]["score"] == -50.0 and got["guard"]["threshold"] == -40.0
+    rc, out, _ = run(capsys, "route", "thunder and rain storm tonight", "--bank", str(learned_bank))
+    assert (
+        f"(no task: {got['ranked'][0]['task']} ranks first by label groups, but {other}, first by whole tasks, "
+        "scores -50.0000, under its threshold -40.0000)"
+    ) in out
 
 
 def test_predict_routes_and_prints_output_task_and_score(learned_bank, capsys):

@@ -281,3 +281,68 @@ def test_calibration_does_not_depend_on_the_distance_chunks(monkeypatch):
     assert whole.cv_top1 is not None and rowwise.cv_top1 == whole.cv_top1
     for name in spec:
         assert rowwise.threshold(name) == pytest.approx(whole.threshold(name), rel=1e-5)
+
+
+def _broad_and_narrow_tasks(seed: int = 0):
+    """A broad task (two label groups far apart, wide spread: a loose threshold) and a narrow one (two tight
+    groups), in 8 dimensions. Every key is routed right by either discriminant, so the per-group one ranks."""
+    rng = np.random.default_rng(seed)
+    d = 8
+
+    def at(*v):
+        x = np.zeros(d)
+        x[: len(v)] = v
+        return x
+
+    def task(centres, sd):
+        keys = np.concatenate([c + sd * rng.standard_normal((20, d)) for c in centres])
+        return keys, np.repeat(np.arange(len(centres)), 20), 0.05
+
+    tasks = {"broad": task([at(10, 0, 5), at(10, 0, -5)], 2.5), "narrow": task([at(0, 0, 0.3), at(0, 0, -0.3)], 0.3)}
+    return GaussianRouter(tasks, d), at
+
+
+def test_the_guard_rejects_a_query_near_a_broad_label_group_but_nearest_another_task_as_a_whole():
+    router, at = _broad_and_narrow_tasks()
+    assert router.discriminant == "group"
+    q = at(4.5, 0, 5)[None]  # near the broad task's first label group, nearer the narrow task's mean
+    (ranked,), (guard,) = router.route_guarded(q, top_k=2)
+    assert ranked[0][0] == "broad" and ranked[0][1] >= router.threshold("broad")  # the ranking alone would accept
+    assert guard is not None and guard[0] == "narrow" and guard[1] < router.threshold("narrow")
+    assert guard[1] == pytest.approx(dict(ranked)["narrow"])  # the guard's score is the per-group score
+    assert router.decide(q) == [None]
+    # in-task queries of both tasks have no guard or pass it
+    inside = np.stack([at(10, 0, 5), at(10, 0, -5), at(0, 0, 0.3), at(0, 0, -0.3)])
+    assert router.decide(inside) == ["broad", "broad", "narrow", "narrow"]
+
+
+def test_no_guard_when_the_tasks_are_ranked_by_the_per_task_gaussians():
+    rng = np.random.default_rng(11)
+    tasks, q, _ = _random_label_tasks(rng, 48, 400)
+    router = GaussianRouter(tasks, q.shape[1])
+    assert router.discriminant == "task"
+    ranked, guards = router.route_guarded(q, top_k=1)
+    assert guards == [None] * len(q)
+    thr = router.thresholds
+    assert router.decide(q) == [r[0][0] if r[0][1] >= thr[r[0][0]] else None for r in ranked]
+
+
+def test_bank_routing_reports_the_guard_and_rejects_on_it(tiny_bank, monkeypatch, capsys):
+    tiny_bank.learn_task("weather", WEATHER, num_virtual_tokens=4, **fast_options())
+    tiny_bank.learn_task("fruit", FRUIT, num_virtual_tokens=4, **fast_options())
+    text = "the weather is rainy today"
+    plain = tiny_bank.route(text)
+    assert plain.task == "weather" and plain.guard is None
+    scorer = tiny_bank._learned_router(tiny_bank.router)
+    thr, unguarded = scorer.threshold("fruit"), scorer.route_guarded
+
+    def guarded(x, top_k=3, score=thr - 1.0):  # the same ranking, with fruit as the guard
+        return unguarded(x, top_k=top_k)[0], [("fruit", score)] * len(x)
+
+    monkeypatch.setattr(scorer, "route_guarded", guarded)
+    r = tiny_bank.route(text)
+    assert r.task is None and r.guard == ("fruit", thr - 1.0, thr)
+    assert (r.score, r.threshold, r.ranked) == (plain.score, plain.threshold, plain.ranked)
+    assert tiny_bank.predict([text])[0].task is None
+    monkeypatch.setattr(scorer, "route_guarded", lambda x, top_k=3: guarded(x, top_k, thr))  # passes: at it
+    assert tiny_bank.route(text).task == "weather"
