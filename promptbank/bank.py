@@ -54,6 +54,8 @@ ROUTER_TOP_KEYS = 3
 # (`bank.kv_cache_size`) and at most KV_CACHE_FRACTION of the backbone's parameter bytes (`bank.kv_cache_bytes`).
 KV_CACHE_SIZE = 256
 KV_CACHE_FRACTION = 0.05
+# import_peft's input format for an adapter from outside a bank: the raw text, as PEFT feeds it
+PEFT_TEMPLATE = "{input}"
 # learn_task with progress on embeds a large training set this many inputs at a time, under a progress bar
 EMBED_CHUNK = 1024
 # predict / evaluate (classification) with progress=True run this many batches of rows per call, then move their
@@ -1297,7 +1299,7 @@ class PromptBank:
         kind: str | None = None,
         labels: Sequence[str] | None = None,
         label_words: Mapping[str, str] | None = None,
-        template: str = causal.DEFAULT_TEMPLATE,
+        template: str | None = None,
         **train_options,
     ) -> TaskRecord:
         """File a PEFT soft-prompt adapter as new task ``name`` (method ``prompt_tuning``).
@@ -1306,9 +1308,11 @@ class PromptBank:
         ``P_TUNING`` adapter for this bank's causal LM (``task_type`` ``CAUSAL_LM``, one transformer submodule,
         ``token_dim`` = the hidden size). P-Tuning adapters hold the encoder's output embeddings (what PEFT saves),
         so they import as their folded prompt. Pickle files (``adapter_model.bin``) are refused, never loaded.
-        The adapter was trained with some input format: pass the same ``template`` (PEFT's own is the raw text,
-        ``"{input}"``) for the bank's outputs to equal the adapter's. Where the tokenizer starts every text with a
-        BOS token, the template gets it in front, as the tokenizer's ids that PEFT was fed had it
+        The adapter was trained with some input format: ``template`` is that format, for the bank's outputs to equal
+        the adapter's. Default (``None``): when ``folder`` is a task folder of a saved bank (``BANK/tasks/NAME``,
+        where :meth:`save` writes each causal task's PEFT export), that task's own template, and its
+        ``label_words`` unless given; else ``"{input}"``, the raw text PEFT feeds. Where the tokenizer starts every
+        text with a BOS token, the template gets it in front, as the tokenizer's ids that PEFT was fed had it
         (:func:`promptbank.causal.with_bos`).
 
         ``data`` (rows as for :meth:`learn_task`, ``dev`` too) gives the example inputs for the routing keys and
@@ -1319,11 +1323,17 @@ class PromptBank:
         adapter's own. The record's ``imported_from`` names the adapter file, its sha256 and PEFT type. Raises
         :class:`AdapterError` naming the file and the offending value.
         """
-        from .storage import read_peft_adapter
+        from .storage import exported_task, read_peft_adapter
 
         validate_task_name(name)
         if name in self._tasks:
             raise TaskExistsError(f"task {name!r} already exists; remove it first or choose another name")
+        source_words = None
+        if template is None:
+            source = exported_task(folder)  # a saved bank's task: its own input format and label words
+            template = PEFT_TEMPLATE if source is None else source["template"]
+            if source is not None and label_words is None:
+                label_words = source_words = source.get("label_words")
         template = self._task_template(template)  # PEFT users feed the tokenizer's ids, BOS included
         if self.is_encoder:
             raise AdapterError(
@@ -1333,7 +1343,15 @@ class PromptBank:
         tconf = self._train_config(train_options)
         embeddings, info = read_peft_adapter(folder, self.backbone)
         task_data, train_data, dev_data, tconf = self._split_data(data, dev, kind, labels, tconf)
-        words = check_label_words(label_words, task_data.kind, task_data.labels)
+        try:
+            words = check_label_words(label_words, task_data.kind, task_data.labels)
+        except ValueError as e:
+            if source_words is None:
+                raise
+            raise ValueError(
+                f"the label words of the exported task in {folder} do not fit this data: {e}; pass label_words= "
+                "(CLI: --label-words) for this data's labels"
+            ) from None
 
         keys, groups, threshold = self._routing_keys(train_data, dev_data, tconf)
 

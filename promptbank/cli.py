@@ -376,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--template",
         metavar="TEXT",
-        default="{input}",
-        help="how the adapter's inputs were shown to the model, with {input} where the text goes (default: "
-        "%(default)s, the raw text PEFT feeds)",
+        help="how the adapter's inputs were shown to the model, with {input} where the text goes (default: for a "
+        "task folder of a saved bank, BANK/tasks/NAME, that task's own template and label words; else {input}, the "
+        "raw text PEFT feeds)",
     )
     p.set_defaults(func=cmd_import_peft)
 

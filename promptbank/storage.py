@@ -994,6 +994,32 @@ def read_peft_adapter(folder: str | os.PathLike, backbone: Backbone) -> tuple[to
     return torch.from_numpy(embeddings), info
 
 
+def exported_task(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """When ``folder`` is a task folder of a saved bank (``BANK/tasks/NAME``, whose ``adapter_config.json`` +
+    ``adapter_model.safetensors`` are that task's PEFT export), the task's record from the bank's manifest, which
+    holds the input format it was trained with (``template``) and its ``label_words``; else ``None``.
+
+    Raises :class:`AdapterError` when the folder sits in a bank whose manifest cannot be read or does not list the
+    task: its input format is then unknown, and guessing would give wrong outputs silently."""
+    where = Path(folder).absolute()
+    bank = where.parent.parent
+    if where.parent.name != "tasks" or not (bank / MANIFEST).is_file():
+        return None
+    try:
+        record = read_manifest(bank)["tasks"].get(where.name)
+    except PromptBankError as e:
+        raise AdapterError(
+            f"{where}: a task folder of bank {bank}, whose manifest cannot be read ({e}); pass the template the "
+            "adapter was trained with (CLI: --template)"
+        ) from None
+    if record is None:
+        raise AdapterError(
+            f"{where}: bank {bank} lists no task {where.name!r}; pass the template the adapter was trained with "
+            "(CLI: --template)"
+        )
+    return record
+
+
 def _show(value: Any) -> str:
     """``repr`` of a value from a file, cut to 100 characters."""
     text = repr(value)

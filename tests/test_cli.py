@@ -876,6 +876,20 @@ def test_import_peft_files_an_adapter_as_a_task(workdir, model_opts, bank_copy, 
     rc, out, err = run(capsys, "predict", "a storm tonight", "--task", "peft_weather", "--json", "--bank", bank)
     assert rc == 0 and json.loads(out)[0]["output"] in ("storm", "sunny"), err
 
+    # a saved bank's task folder (billing: prompt tuning) imports with that task's own template, no --template
+    rc, out, err = run(
+        capsys,
+        "import-peft",
+        "billing2",
+        str(bank_copy / "tasks" / "billing"),
+        str(workdir / "billing.jsonl"),
+        "--bank",
+        bank,
+    )
+    assert rc == 0, err
+    records = json.loads((bank_copy / "promptbank.json").read_text(encoding="utf-8"))["tasks"]
+    assert records["billing2"]["template"] == records["billing"]["template"] != records["peft_weather"]["template"]
+
     rc, _, err = run(capsys, "import-peft", "x", str(tmp_path / "missing"), data, "--bank", bank)
     assert rc == 1
     assert_one_line_error(err, "adapter folder", "missing not found")

@@ -737,3 +737,53 @@ def test_a_task_changed_during_training_stores_nothing(with_variant, monkeypatch
     with pytest.raises(TaskChangedError, match="'weather' was removed or replaced"):
         bank.learn_variant("weather", "d", WEATHER, num_virtual_tokens=2, **fast_options(max_steps=1))
     assert "weather" not in bank and list(bank.tasks) == ["echo"]
+
+
+def test_a_saved_banks_task_folder_imports_with_its_own_template_and_label_words(tiny_bank, tmp_path):
+    """BANK/tasks/NAME holds the task's PEFT export; importing it needs no --template: the bank's manifest says how
+    the task's inputs were shown (and what its labels are written as), so the import answers like the source."""
+    template, words = "Review: {input}\nVerdict:", {"good": "fine", "bad": "poor"}
+    tiny_bank.learn_task(  # no embedding probe: an import has none, so both answer by the LM's label scores
+        "weather", WEATHER, method="ptuning_mlp", template=template, label_words=words, probe=False,
+        **fast_options(max_steps=3),
+    )  # fmt: skip
+    tiny_bank.save(tmp_path / "src")
+    other = PromptBank(tiny_bank.backbone, tiny_bank.embedder)
+    rec = other.import_peft("weather_copy", tmp_path / "src" / "tasks" / "weather", WEATHER, **fast_options())
+    source = tiny_bank.tasks["weather"]
+    assert rec.template == source.template and rec.label_words == source.label_words == words
+    texts = [ex["text"] for ex in WEATHER[:4]] + ["a storm is coming"]
+    got, want = other.predict(texts, task="weather_copy"), tiny_bank.predict(texts, task="weather")
+    assert [p.output for p in got] == [p.output for p in want]
+    for g, w in zip(got, want):
+        assert g.label_scores.keys() == w.label_scores.keys() == {"good", "bad"}
+        assert g.label_scores == pytest.approx(w.label_scores, abs=1e-4)
+    # the same adapter files outside a bank: PEFT's raw-text format, no label words
+    shutil.copytree(tmp_path / "src" / "tasks" / "weather", tmp_path / "loose")
+    rec = other.import_peft("loose", tmp_path / "loose", WEATHER, **fast_options())
+    assert rec.template.endswith(RAW) and rec.template != source.template and rec.label_words is None
+    # an explicit template wins over the bank's
+    rec = other.import_peft("given", tmp_path / "src" / "tasks" / "weather", WEATHER, template=RAW, **fast_options())
+    assert rec.template.endswith(RAW) and rec.label_words is None
+
+
+def test_a_task_folder_import_refuses_to_guess_the_template(tiny_bank, tmp_path):
+    tiny_bank.learn_task(
+        "weather", WEATHER, num_virtual_tokens=2, label_words={"good": "fine"}, **fast_options(max_steps=1)
+    )
+    tiny_bank.save(tmp_path / "src")
+    other = PromptBank(tiny_bank.backbone, tiny_bank.embedder)
+    folder = tmp_path / "src" / "tasks" / "weather"
+    # the exported task's label words name labels this data does not have
+    with pytest.raises(ValueError, match=r"label words of the exported task in .* do not fit this data"):
+        other.import_peft("fruit", folder, FRUIT, **fast_options())
+    # a folder in a bank that does not list it, or whose manifest is unreadable: no silent guess
+    shutil.copytree(folder, tmp_path / "src" / "tasks" / "stray")
+    with pytest.raises(AdapterError, match=r"lists no task 'stray'; pass the template"):
+        other.import_peft("stray", tmp_path / "src" / "tasks" / "stray", WEATHER)
+    (tmp_path / "src" / "promptbank.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(AdapterError, match=r"manifest cannot be read .*\(CLI: --template\)"):
+        other.import_peft("weather", folder, WEATHER)
+    assert list(other.tasks) == []
+    other.import_peft("weather", folder, WEATHER, template=RAW, **fast_options())  # a template given: no manifest read
+    assert list(other.tasks) == ["weather"]
