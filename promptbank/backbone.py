@@ -348,8 +348,11 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], *, allow_mismatch: bool = False) -> None:
-    """Check that ``actual`` (the backbone at hand) matches ``expected`` (e.g. from a bank).
+def check_fingerprint(
+    expected: dict[str, Any], actual: dict[str, Any], *, allow_mismatch: bool = False, expected_name: str | None = None
+) -> None:
+    """Check that ``actual`` (the backbone at hand) matches ``expected`` (e.g. from a bank, whose backbone's name
+    ``expected_name`` the error then gives).
 
     Every field of ``expected`` is compared; fields only ``actual`` has are ignored (so
     fingerprints written before a field was added still match). On a difference, raise
@@ -367,6 +370,8 @@ def check_fingerprint(expected: dict[str, Any], actual: dict[str, Any], *, allow
     if not diffs:
         return
     message = "Backbone fingerprint mismatch (" + "; ".join(diffs) + ")."
+    if expected_name is not None:
+        message += f" The bank was built on backbone {expected_name!r}."
     if allow_mismatch:
         logger.warning("%s Continuing because allow_mismatch=True.", message)
         return

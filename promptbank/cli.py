@@ -464,6 +464,10 @@ def _load_bank(args: argparse.Namespace, *, create: bool = False) -> PromptBank:
     if hide:
         hf_logging.disable_progress_bar()
     try:
+        if getattr(args, "quiet", False) and _uses_default_model(args, create):
+            from .backbone import ensure_default_model
+
+            ensure_default_model(progress=False)  # first use: pip's download and the conversion bar, silenced
         if create:
             return PromptBank.from_pretrained(backbone=args.backbone, embedder=args.embedder)
         try:
@@ -479,6 +483,21 @@ def _load_bank(args: argparse.Namespace, *, create: bool = False) -> PromptBank:
     finally:
         if hide:
             hf_logging.enable_progress_bar()
+
+
+def _uses_default_model(args: argparse.Namespace, create: bool) -> bool:
+    """Whether the bank at hand runs on the default causal model (converted on first use)."""
+    from .backbone import DEFAULT_BACKBONE
+
+    name = args.backbone
+    if name is None and not create:
+        from .manifest import read_manifest
+
+        try:
+            name = read_manifest(args.bank)["backbone"]["name"]
+        except (PromptBankError, OSError):
+            return False  # the load itself reports what is wrong
+    return name is None or (isinstance(name, str) and name.strip().lower() == DEFAULT_BACKBONE)
 
 
 def _open_bank(args: argparse.Namespace) -> PromptBank:
@@ -699,6 +718,10 @@ def _check_new_task_files(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.bank} exists and is not a bank; choose another --bank")
 
 
+# a learn summary says how few dev rows its dev accuracy rests on below this many
+_FEW_DEV_ROWS = 20
+
+
 def _dev_accuracy(record, encoder: bool) -> str:
     """The task's dev accuracy. A task with an embedding probe scores labels with both; the progress bar showed the
     prompted head's (or, with a label objective, the causal LM's label ranking's) alone, so that one (at the kept
@@ -706,6 +729,9 @@ def _dev_accuracy(record, encoder: bool) -> str:
     if record.kind == "generation":
         return f"answers scored by `promptbank eval {record.name} DATA`"
     text = f"dev accuracy {_fmt(record.dev_accuracy)}"
+    n_dev = getattr(record, "num_dev", None)
+    if record.dev_accuracy is not None and isinstance(n_dev, int) and 0 < n_dev < _FEW_DEV_ROWS:
+        text += f" (on {n_dev} dev row{'s' if n_dev != 1 else ''}: noisy; --dev FILE gives a larger dev set)"
     if not record.train_config.get("probe") or record.dev_accuracy is None:
         return text
     head = next(
@@ -826,9 +852,11 @@ def _learn_variant(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_summary(name: str, record: dict[str, Any], variants: list[str]) -> dict[str, Any]:
+def _task_summary(name: str, record: dict[str, Any], variants: list[str], scorer: str) -> dict[str, Any]:
     """A task's JSON line of ``list --json``, from its manifest record: ``variant`` is the serving prompt's name,
-    ``variants`` all of them (serving first)."""
+    ``variants`` all of them (serving first). ``threshold`` is the stored cosine threshold, the one routing uses
+    when the bank's ``scorer`` is ``"knn"``; the learned router (``"lda"``) recalibrates its thresholds from the keys
+    of all tasks, so there it is ``None`` (``route`` shows them)."""
     prompt_config, train_config = record.get("prompt_config") or {}, record.get("train_config") or {}
     return {
         "name": name,
@@ -846,7 +874,7 @@ def _task_summary(name: str, record: dict[str, Any], variants: list[str]) -> dic
         "best_step": record.get("best_step"),
         "dev_loss": record.get("dev_loss"),
         "dev_accuracy": record.get("dev_accuracy"),
-        "threshold": record.get("threshold"),
+        "threshold": record.get("threshold") if scorer == "knn" else None,
         "warm_start_from": record.get("warm_start_from"),
         "max_input_tokens": train_config.get("max_input_tokens"),
         # tasks stored before the setting existed were cut on the right (bank._truncation_side)
@@ -869,7 +897,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         + [v.get("variant", DEFAULT_VARIANT) for v in stored_variants.get(n, [])]
         for n in names
     }
-    summaries = [_task_summary(n, tasks[n], variants[n]) for n in names]
+    scorer = manifest["index"].get("scorer", "knn")  # banks saved before the learned router route by cosine
+    summaries = [_task_summary(n, tasks[n], variants[n], scorer) for n in names]
     if args.json:
         _print_json(summaries)
         return 0

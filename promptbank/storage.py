@@ -67,7 +67,7 @@ from safetensors.torch import save as _torch_bytes
 from .backbone import Backbone, check_fingerprint, load_backbone
 from .config import TRUNCATION_SIDES
 from .embed import Embedder, load_embedder
-from .errors import AdapterError, BankFormatError, PromptBankError
+from .errors import AdapterError, BackboneMismatchError, BankFormatError, PromptBankError
 from .manifest import (  # noqa: F401 - the manifest's format and torch-free reading, re-exported under storage's names
     DEFAULT_VARIANT,
     FORMAT,
@@ -660,7 +660,12 @@ def load_bank(
             if not models:
                 models.append(_models(manifest, folder, backbone, embedder))
             bb, emb = models[0]
-            check_fingerprint(manifest["backbone"]["fingerprint"], bb.fingerprint, allow_mismatch=allow_mismatch)
+            check_fingerprint(
+                manifest["backbone"]["fingerprint"],
+                bb.fingerprint,
+                allow_mismatch=allow_mismatch,
+                expected_name=manifest["backbone"]["name"],
+            )
             if emb.dim != manifest["embedder"]["dim"]:
                 raise BankFormatError(
                     f"{folder}: bank keys have dim {manifest['embedder']['dim']}, embedder {emb.name!r} gives {emb.dim}"
@@ -718,7 +723,19 @@ def _models(manifest: dict[str, Any], folder: Path, backbone, embedder) -> tuple
     bb_info = manifest["backbone"]
     if backbone is None:
         backbone = bb_info["name"]
-    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, kind=bb_info.get("kind", "causal_lm"))
+    kind = bb_info.get("kind", "causal_lm")
+    try:
+        bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, kind=kind)
+    except BackboneMismatchError:
+        raise
+    except PromptBankError as e:
+        if backbone == bb_info["name"]:
+            raise
+        raise BackboneMismatchError(  # e.g. a causal LM given for a bank built on an encoder
+            f"{folder}: the bank was built on {kind.replace('_', '-')} backbone {bb_info['name']!r}, and "
+            f"{str(backbone)!r} cannot be loaded as one ({e}) The prompts were made for the bank's backbone; leave "
+            "backbone= unset to load it"
+        ) from None
     emb = load_embedder(embedder if embedder is not None else manifest["embedder"]["name"])
     return bb, emb
 

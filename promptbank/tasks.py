@@ -377,6 +377,14 @@ def _resolve_labels(examples: list[Example], label_list: list[str] | None, src: 
             " (pass labels=[...] if the data holds only some of them)",
             source=src,
         )
+    if min_labels >= 2 and len(found) >= _MANY_LABELS and len(found) > len(examples) / 2:
+        longest = max(found, key=len)
+        warnings.warn(
+            f"{src}: {len(found)} distinct labels in {len(examples)} rows (most labels occur once; the longest: "
+            f"{_short(longest)}): is the label column the right one? If the texts and labels are swapped, name "
+            "the columns (columns={'text': ..., 'label': ...}; CLI: --columns text=...,label=...)",
+            stacklevel=3,
+        )
     return found
 
 
@@ -456,7 +464,8 @@ def _infer_kind(row: Any, line: int, src: str) -> TaskKind:
         return "classification"
     raise DataError(
         "cannot infer the task kind: expected fields 'text' and 'label' (classification) or 'input' and "
-        f"'target' (generation); the row has fields: {_field_list(row)}{_columns_hint(_FIELDS['classification'], list(row))}",
+        f"'target' (generation); the row has fields: {_field_list(row)}"
+        f"{_columns_hint(_FIELDS['classification'], list(row), row)}",
         source=src,
         line=line,
     )
@@ -466,15 +475,33 @@ def _field_list(row: dict[str, Any]) -> str:
     return ", ".join(repr(k) for k in row) if row else "(none)"
 
 
-def _columns_hint(fields: Sequence[str], names: Sequence[str]) -> str:
-    """How to name the data's own fields for the missing ``fields``: each paired with the next field of ``names``
-    that is not a known field name (a guess, given as an example), or a placeholder when there are too few."""
+# Training data with at least this many labels, more than half as many as rows, draws a warning (swapped columns?)
+_MANY_LABELS = 10
+_INPUT_FIELDS = {pair[0] for pair in _FIELDS.values()}  # "text", "input": the field that holds the long value
+
+
+def _columns_hint(fields: Sequence[str], names: Sequence[str], sample: Mapping[str, Any] | None = None) -> str:
+    """How to name the data's own fields for the missing ``fields``, as an example mapping.
+
+    With a ``sample`` row the guess is read off its values: the input field (``text`` / ``input``) is the spare
+    column with the longest value, the output field (``label`` / ``target``) the one with the shortest (a label is
+    a short code or word; a text is a sentence or more), and the hint says it is a guess. Without one, or with too
+    few spare columns, it names placeholders: pairing by position would get files with the label column first
+    backwards, and a reversed mapping loads (each text becomes a label) instead of failing."""
     known = {name for pair in _FIELDS.values() for name in pair}
     spare = [str(n) for n in names if n not in known]
-    cols = spare if len(spare) >= len(fields) else ["COLUMN"] * len(fields)
-    mapping = dict(zip(fields, cols))
+    if sample is None or len(spare) < len(fields):
+        mapping = {f: f"{f.upper()}_COLUMN" for f in fields}
+        guess = ""
+    else:
+        by_length = sorted(spare, key=lambda c: len(str(sample.get(c, ""))))  # shortest value first
+        mapping = {}
+        for f in sorted(fields, key=lambda f: f not in _INPUT_FIELDS):  # the input field picks first
+            mapping[f] = by_length.pop() if f in _INPUT_FIELDS else by_length.pop(0)
+        mapping = {f: mapping[f] for f in fields}
+        guess = f" (a guess from {'the first row' if len(mapping) > 1 else 'the row'}: check it)"
     cli = ",".join(f"{f}={c}" for f, c in mapping.items())
-    return f"; if the data names them otherwise, say which: columns={mapping!r} (CLI: --columns {cli})"
+    return f"; if the data names them otherwise, say which, e.g. columns={mapping!r} (CLI: --columns {cli}){guess}"
 
 
 def _make_example(row: Any, line: int, kind: TaskKind, src: str) -> Example:
@@ -486,7 +513,7 @@ def _make_example(row: Any, line: int, kind: TaskKind, src: str) -> Example:
                 lacking = [f for f in (in_field, out_field) if f not in row]
                 raise DataError(
                     f"missing field {name!r} (a {kind} row needs {in_field!r} and {out_field!r}); "
-                    f"the row has fields: {_field_list(row)}{_columns_hint(lacking, list(row))}",
+                    f"the row has fields: {_field_list(row)}{_columns_hint(lacking, list(row), row)}",
                     source=src,
                     line=line,
                 )
@@ -801,7 +828,14 @@ def _parse_csv(
     _check_mapped(mapping, columns, f"the {what} header has no column(s)", "the header has", src, header_line)
     # the header as the fields will be named (the mapping is applied to each row afterwards)
     sources = set(mapping.values())
-    _check_csv_header([c for c in columns if c not in sources] + list(mapping), header_line, kind, src, what)
+    _check_csv_header(
+        [c for c in columns if c not in sources] + list(mapping),
+        header_line,
+        kind,
+        src,
+        what,
+        lambda: _first_csv_row(lines, delimiter, columns, header_line),
+    )
 
     rows: list[tuple[Any, int]] = []
     while True:
@@ -830,8 +864,24 @@ def _parse_csv(
     return rows
 
 
-def _check_csv_header(columns: list[str], line: int, kind: TaskKind | None, src: str, what: str) -> None:
-    """Raise unless the header has both columns of ``kind`` (of either kind when ``kind`` is None)."""
+def _first_csv_row(lines: list[str], delimiter: str, columns: list[str], header_line: int) -> dict[str, str] | None:
+    """The first non-blank data row after the header as ``{column: cell}`` (``None`` when there is none or it
+    cannot be parsed): what a missing-column hint guesses the columns from."""
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        for cells in reader:
+            if reader.line_num > header_line and any(cell.strip() for cell in cells):
+                return dict(zip(columns, cells)) if len(cells) == len(columns) else None
+    except csv.Error:
+        return None
+    return None
+
+
+def _check_csv_header(
+    columns: list[str], line: int, kind: TaskKind | None, src: str, what: str, sample: Any = None
+) -> None:
+    """Raise unless the header has both columns of ``kind`` (of either kind when ``kind`` is None); ``sample``:
+    a callable giving the first data row, for the hint."""
     present = set(columns)
     kinds = _KINDS if kind is None else (kind,)
     if any(all(name in present for name in _FIELDS[k]) for k in kinds):
@@ -843,7 +893,7 @@ def _check_csv_header(columns: list[str], line: int, kind: TaskKind | None, src:
     raise DataError(
         f"the {what} header is missing required column(s) {', '.join(repr(n) for n in missing)} "
         f"(expected {expected}); the header has: {', '.join(repr(c) for c in columns) or '(nothing)'}"
-        f"{_columns_hint(missing, columns)}",
+        f"{_columns_hint(missing, columns, sample() if sample is not None else None)}",
         source=src,
         line=line,
     )

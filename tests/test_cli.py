@@ -4,6 +4,7 @@ remove round trip."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -228,6 +229,20 @@ def test_list_json(learned_bank, capsys):
     assert tasks[1]["method"] == "deep" and tasks[1]["layers"] == [0, 1]
     assert tasks[0]["variants"] == ["main"] and tasks[0]["truncation_side"] == "right"  # auto, for classification
     assert tasks[0]["max_input_tokens"] == 256 and tasks[0]["imported_from"] is None
+    assert tasks[0]["threshold"] is None  # the learned router's thresholds come from all keys: route shows them
+
+
+def test_list_json_gives_the_stored_threshold_of_a_cosine_routed_bank(bank_copy, capsys):
+    from promptbank.storage import manifest_digest
+
+    path = bank_copy / "promptbank.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["index"]["scorer"] = "knn"
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    rc, out, _ = run(capsys, "list", "--json", "--bank", str(bank_copy))
+    stored = manifest["tasks"]["billing"]["threshold"]
+    assert rc == 0 and json.loads(out)[0]["threshold"] == stored and isinstance(stored, float)
 
 
 def test_list_uses_bank_from_environment(learned_bank, monkeypatch, capsys):
@@ -755,6 +770,10 @@ def test_learn_summary_names_the_prompted_heads_dev_accuracy_next_to_the_probed_
     assert _dev_accuracy(rec, True) == "dev accuracy 0.520"
     rec.train_config, rec.dev_accuracy = {"probe": True}, 0.64
     assert _dev_accuracy(rec, True) == "dev accuracy 0.640"  # the same: said once
+    rec.num_dev = 6  # a handful of dev rows: said, since the number then jumps by 17 points per row
+    assert _dev_accuracy(rec, True) == ("dev accuracy 0.640 (on 6 dev rows: noisy; --dev FILE gives a larger dev set)")
+    rec.num_dev = 40
+    assert _dev_accuracy(rec, True) == "dev accuracy 0.640"
 
 
 def test_learn_sets_the_input_and_target_token_caps(workdir, model_opts, tmp_path, capsys):
@@ -1021,5 +1040,54 @@ def test_another_backbone_for_a_bank_says_to_drop_the_option(learned_bank, tmp_p
     argv = ["--backbone", str(tmp_path / "other"), "--embedder", "hashing", "predict", "rain tonight"]
     rc, _, err = run(capsys, *argv, "--bank", str(learned_bank))
     assert rc == 1
-    assert_one_line_error(err, "fingerprint mismatch", "drop --backbone")
+    assert_one_line_error(err, "fingerprint mismatch", "drop --backbone", "The bank was built on backbone")
     assert "allow_mismatch" not in err  # a Python option the CLI does not have
+
+
+def test_a_causal_backbone_for_an_encoder_bank_names_the_banks_backbone(workdir, tmp_path, capsys):
+    from conftest import make_tiny_bert
+
+    from promptbank import PromptBank
+    from promptbank.embed import HashingEmbedder
+
+    bert = make_tiny_bert()
+    bert.model.save_pretrained(tmp_path / "bert")
+    bert.tokenizer.save_pretrained(tmp_path / "bert")
+    bank = PromptBank.from_pretrained(str(tmp_path / "bert"), embedder=HashingEmbedder(dim=128), kind="encoder")
+    bank.learn_task("weather", str(workdir / "weather.jsonl"), max_steps=1, num_virtual_tokens=2)
+    bank.save(tmp_path / "enc_bank")
+    capsys.readouterr()
+    argv = ["--backbone", str(workdir / "tiny"), "--embedder", "hashing", "route", "rain tonight"]
+    rc, _, err = run(capsys, *argv, "--bank", str(tmp_path / "enc_bank"))
+    assert rc == 1
+    assert_one_line_error(
+        err,
+        "the bank was built on encoder backbone",
+        "cannot be loaded as one",
+        "not a BERT-family encoder",
+        "drop --backbone",
+    )
+
+
+def test_quiet_silences_the_default_models_first_use(learned_bank, workdir, monkeypatch, capsys):
+    """--quiet: the default model's one-time download and conversion run without pip's output or a progress bar."""
+    import promptbank.backbone as backbone_mod
+    from promptbank.cli import _uses_default_model
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(cache=None, *, progress=True):
+        calls.append(progress)
+        raise Stop
+
+    monkeypatch.setattr(backbone_mod, "ensure_default_model", fake)
+    ns = argparse.Namespace
+    assert _uses_default_model(ns(backbone=None, bank=str(workdir / "none")), create=True)
+    assert not _uses_default_model(ns(backbone=str(workdir / "tiny"), bank=None), create=True)
+    assert not _uses_default_model(ns(backbone=None, bank=str(learned_bank)), create=False)  # records the tiny model
+    with pytest.raises(Stop):
+        main(["learn", "t", str(workdir / "weather.jsonl"), "--bank", str(workdir / "fresh"), "--quiet"])
+    assert calls == [False]

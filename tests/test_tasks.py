@@ -390,8 +390,23 @@ def test_csv_missing_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"columns=\{'text': 'sentence', 'label': 'rating'\}"):
         load_task_data(p)
     p = write(tmp_path / "one.csv", "sentence\nhi\n")  # too few columns to guess from: a placeholder
-    with pytest.raises(DataError, match=r"--columns text=COLUMN,label=COLUMN\)"):
+    with pytest.raises(DataError, match=r"--columns text=TEXT_COLUMN,label=LABEL_COLUMN\)"):
         load_task_data(p)
+    # the label column first (as in the medical abstracts): the guess goes by the values, not by position, since
+    # the reversed mapping would load, each abstract a label of its own
+    p = write(
+        tmp_path / "med.csv", 'condition_label,medical_abstract\n3,"Tissue changes around loose hip prostheses."\n'
+    )
+    with pytest.raises(
+        DataError,
+        match=r"--columns text=medical_abstract,label=condition_label\) \(a guess from the first row: check it\)",
+    ):
+        load_task_data(p)
+    rows = [{"stars": 5, "review": "Great food, friendly staff."}, {"stars": 1, "review": "Cold and late."}]
+    with pytest.raises(DataError, match=r"columns=\{'text': 'review', 'label': 'stars'\}"):
+        load_task_data(rows)
+    with pytest.raises(DataError, match=r"columns=\{'input': 'question', 'target': 'answer'\}"):
+        load_task_data([{"answer": "Paris", "question": "What is the capital of France?"}], kind="generation")
     p = write(tmp_path / "gen.csv", "input,target\nq,a\n")
     with pytest.raises(DataError, match=r"gen\.csv:1: .*missing required column\(s\) 'text', 'label'"):
         load_task_data(p, kind="classification")
@@ -677,3 +692,18 @@ def test_skip_invalid_still_raises_for_the_whole_data(tmp_path: Path) -> None:
     table.write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(DataError, match="column"):
         load_task_data(table, skip_invalid=True)
+
+
+def test_a_label_per_row_warns_that_the_columns_may_be_swapped(tmp_path: Path) -> None:
+    swapped = [{"text": str(i % 5 + 1), "label": f"abstract number {i} about a condition"} for i in range(20)]
+    with pytest.warns(UserWarning, match=r"20 distinct labels in 20 rows .*is the label column the right one"):
+        data = load_task_data(swapped)
+    assert len(data.labels) == 20  # a warning, not an error: one example per label can be meant
+    ok = [{"text": f"abstract number {i}", "label": str(i % 5 + 1)} for i in range(20)]
+    many = [{"text": f"query {i}", "label": f"intent{i % 12}"} for i in range(36)]  # 12 labels, 3 rows each
+    eval_rows = [{"text": f"q{i}", "label": f"l{i}"} for i in range(12)]  # evaluation data may hold one row per label
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_task_data(ok)
+        load_task_data(many)
+        load_task_data(eval_rows, min_labels=1)
