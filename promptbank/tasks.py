@@ -480,26 +480,49 @@ _MANY_LABELS = 10
 _INPUT_FIELDS = {pair[0] for pair in _FIELDS.values()}  # "text", "input": the field that holds the long value
 
 
+# Words in column names that say which field a column is, for the missing-column hint
+_NAME_HINTS: dict[str, tuple[str, ...]] = {
+    "text": ("text", "sentence", "review", "abstract", "body", "content", "document", "utterance", "comment",
+             "message", "query", "question", "narrative", "description", "title"),
+    "label": ("label", "class", "category", "rating", "star", "sentiment", "intent", "topic", "tag", "condition"),
+    "input": ("input", "question", "prompt", "query", "source", "context", "text", "instruction"),
+    "target": ("target", "answer", "output", "response", "summary", "completion", "reference"),
+}  # fmt: skip
+
+
+def _named_for(column: str, field: str) -> bool:
+    low = column.lower()
+    return any(word in low for word in _NAME_HINTS.get(field, ()))
+
+
 def _columns_hint(fields: Sequence[str], names: Sequence[str], sample: Mapping[str, Any] | None = None) -> str:
     """How to name the data's own fields for the missing ``fields``, as an example mapping.
 
-    With a ``sample`` row the guess is read off its values: the input field (``text`` / ``input``) is the spare
-    column with the longest value, the output field (``label`` / ``target``) the one with the shortest (a label is
-    a short code or word; a text is a sentence or more), and the hint says it is a guess. Without one, or with too
-    few spare columns, it names placeholders: pairing by position would get files with the label column first
-    backwards, and a reversed mapping loads (each text becomes a label) instead of failing."""
+    A spare column whose name says which field it is (``review`` -> text, ``stars`` -> label, ``answer`` ->
+    target; :data:`_NAME_HINTS`) is taken for that field; the rest are guessed from a ``sample`` row's values: the
+    input field (``text`` / ``input``) gets the column with the longest value, the output field (``label`` /
+    ``target``) the one with the shortest (a label is a short code or word; a text is a sentence or more), and the
+    hint says it is a guess. Without a sample, or with too few spare columns, it names placeholders: pairing by
+    position gets files with the label column first backwards, and a reversed mapping loads (each text becomes a
+    label) instead of failing."""
     known = {name for pair in _FIELDS.values() for name in pair}
     spare = [str(n) for n in names if n not in known]
     if sample is None or len(spare) < len(fields):
         mapping = {f: f"{f.upper()}_COLUMN" for f in fields}
         guess = ""
     else:
-        by_length = sorted(spare, key=lambda c: len(str(sample.get(c, ""))))  # shortest value first
+        left = sorted(spare, key=lambda c: len(str(sample.get(c, ""))))  # shortest value first
         mapping = {}
-        for f in sorted(fields, key=lambda f: f not in _INPUT_FIELDS):  # the input field picks first
-            mapping[f] = by_length.pop() if f in _INPUT_FIELDS else by_length.pop(0)
+        for f in fields:  # by name first: a column named for exactly one of the missing fields
+            named = [c for c in left if _named_for(c, f) and not any(_named_for(c, g) for g in fields if g != f)]
+            if named:
+                mapping[f] = named[-1] if f in _INPUT_FIELDS else named[0]
+                left.remove(mapping[f])
+        for f in sorted(fields, key=lambda f: f not in _INPUT_FIELDS):  # then by value: the input field first
+            if f not in mapping:
+                mapping[f] = left.pop() if f in _INPUT_FIELDS else left.pop(0)
         mapping = {f: mapping[f] for f in fields}
-        guess = f" (a guess from {'the first row' if len(mapping) > 1 else 'the row'}: check it)"
+        guess = " (a guess from the column names and the first row's values: check it)"
     cli = ",".join(f"{f}={c}" for f, c in mapping.items())
     return f"; if the data names them otherwise, say which, e.g. columns={mapping!r} (CLI: --columns {cli}){guess}"
 

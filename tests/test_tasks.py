@@ -399,7 +399,7 @@ def test_csv_missing_columns(tmp_path: Path) -> None:
     )
     with pytest.raises(
         DataError,
-        match=r"--columns text=medical_abstract,label=condition_label\) \(a guess from the first row: check it\)",
+        match=r"--columns text=medical_abstract,label=condition_label\) \(a guess from the column names and the",
     ):
         load_task_data(p)
     rows = [{"stars": 5, "review": "Great food, friendly staff."}, {"stars": 1, "review": "Cold and late."}]
@@ -407,6 +407,12 @@ def test_csv_missing_columns(tmp_path: Path) -> None:
         load_task_data(rows)
     with pytest.raises(DataError, match=r"columns=\{'input': 'question', 'target': 'answer'\}"):
         load_task_data([{"answer": "Paris", "question": "What is the capital of France?"}], kind="generation")
+    # a column named for the field wins over value lengths: the label is 'category', not the shorter 'id'
+    with pytest.raises(DataError, match=r"--columns label=category\)"):
+        load_task_data([{"text": "hello there", "category": "greeting", "id": "7"}])
+    # names that say nothing: the values decide (a long answer, a short question)
+    with pytest.raises(DataError, match=r"columns=\{'input': 'b', 'target': 'a'\}"):
+        load_task_data([{"a": "no", "b": "Is the sky green on a clear summer day?"}], kind="generation")
     p = write(tmp_path / "gen.csv", "input,target\nq,a\n")
     with pytest.raises(DataError, match=r"gen\.csv:1: .*missing required column\(s\) 'text', 'label'"):
         load_task_data(p, kind="classification")
